@@ -1,0 +1,219 @@
+"""Learned-AF files (ptAf-RUN-stepNNNN.pt and .csv): writing them from a model, reading them safely,
+and loading them into a model for phase II.
+
+The .pt file is a plain dict of tensors, strings and numbers (loaded with weights_only=True, so a
+shared file cannot run code): the hyperparameters, the knots, and the MLP and attention spline values
+of every layer (values shared across layers are repeated per layer). The .csv file has, for every
+spline (MLP layers, then attention layers; per-channel splines one row per channel), a line of knots
+and a line of values, as published by the original authors.
+"""
+import csv
+import os
+import pickle
+
+import numpy as np
+import torch
+
+from activationFunctions import SPLINE_TYPES, checkUniformKnots
+
+FORMAT = "lm-afs ptAf 1"
+
+
+class AfFileError(Exception):
+    """A learned-AF file that cannot be used; the message is one line for the user."""
+
+
+def atomicWrite(path, writeTo):
+    """Call writeTo(temporaryPath), then rename it to path, so a crash never leaves a half-written file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        writeTo(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def safeTorchLoad(path, what):
+    """torch.load with weights_only=True; every failure becomes one clear line."""
+    if not os.path.isfile(path):
+        raise AfFileError(f"{what} {path!r} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise AfFileError(f"{what} {path!r} holds more than plain tensors and values, refusing to load it "
+                          f"(it could run code): {str(err).splitlines()[0]}") from None
+    except Exception as err:  # torch raises many types for damaged files
+        raise AfFileError(f"{what} {path!r} is not a readable PyTorch file ({type(err).__name__}: "
+                          f"{str(err).splitlines()[0] if str(err) else 'damaged'})") from None
+
+
+def perLayerValues(model, kind):
+    """Values of every layer's spline of one kind ('mlp'/'att'), float32 CPU tensors; [] if that AF is not a spline."""
+    name = model.afMlpName if kind == "mlp" else model.afAttName
+    if name not in SPLINE_TYPES:
+        return []
+    getAf = model.mlpAf if kind == "mlp" else model.attAf
+    return [getAf(layer).values.detach().float().cpu().clone() for layer in range(model.nLayers)]
+
+
+def splineKnots(model):
+    for afs in (model.mlpAfs, model.attAfs):
+        for af in afs:
+            if hasattr(af, "knots"):
+                return af.knots.detach().float().cpu().clone()
+    return None
+
+
+def afFileDict(model, hyperparameters, step):
+    return {
+        "format": FORMAT,
+        "hyperparameters": dict(hyperparameters),
+        "step": int(step),
+        "nLayers": model.nLayers,
+        "afTypeMlp": model.afMlpName,
+        "afTypeAtt": model.afAttName,
+        "knots": splineKnots(model),
+        "mlpValues": perLayerValues(model, "mlp"),
+        "attValues": perLayerValues(model, "att"),
+    }
+
+
+def saveAfFiles(stem, model, hyperparameters, step):
+    """Write stem.pt and stem.csv; returns the two paths."""
+    data = afFileDict(model, hyperparameters, step)
+    atomicWrite(stem + ".pt", lambda tmp: torch.save(data, tmp))
+
+    def writeCsv(tmp):
+        knotsRow = [repr(float(k)) for k in data["knots"].tolist()]
+        with open(tmp, "w", newline="") as f:
+            writer = csv.writer(f)
+            for values in data["mlpValues"] + data["attValues"]:
+                for row in values.reshape(-1, values.shape[-1]).numpy():
+                    writer.writerow(knotsRow)
+                    writer.writerow([str(v) for v in row.astype(np.float32)])
+
+    atomicWrite(stem + ".csv", writeCsv)
+    return stem + ".pt", stem + ".csv"
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading
+
+
+def readAfFile(path):
+    """Read a ptAf .pt or .csv file into {'knots', 'mlpValues', 'attValues', 'afTypeMlp', 'afTypeAtt',
+    'nLayers', 'rows'}; .csv files leave the types and layer count to be inferred (None) and keep 'rows'."""
+    if path.endswith(".csv"):
+        return readAfCsv(path)
+    data = safeTorchLoad(path, "afFileToLoad")
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise AfFileError(f"afFileToLoad {path!r} is not a ptAf file written by trainLmAf.py (no '{FORMAT}' marker)")
+    knots = data["knots"]
+    if knots is None:
+        raise AfFileError(f"afFileToLoad {path!r} holds no spline AFs")
+    try:
+        checkUniformKnots(knots)
+    except ValueError as err:
+        raise AfFileError(f"afFileToLoad {path!r}: {err}") from None
+    return {"knots": knots, "mlpValues": list(data["mlpValues"]), "attValues": list(data["attValues"]),
+            "afTypeMlp": data["afTypeMlp"], "afTypeAtt": data["afTypeAtt"], "nLayers": data["nLayers"], "rows": None}
+
+
+def readAfCsv(path):
+    if not os.path.isfile(path):
+        raise AfFileError(f"afFileToLoad {path!r} does not exist")
+    try:
+        with open(path, newline="") as f:
+            lines = [row for row in csv.reader(f) if row]
+        rows = [np.array([float(v) for v in row], dtype=np.float32) for row in lines]
+    except (ValueError, UnicodeDecodeError, OSError) as err:
+        raise AfFileError(f"afFileToLoad {path!r} is not a CSV of numbers ({err})") from None
+    if not rows or len(rows) % 2:
+        raise AfFileError(f"afFileToLoad {path!r} must hold pairs of lines (knots, values); it has {len(rows)} lines")
+    knots = rows[0]
+    for i in range(0, len(rows), 2):
+        if len(rows[i]) != len(knots) or len(rows[i + 1]) != len(knots) or not np.allclose(rows[i], knots):
+            raise AfFileError(f"afFileToLoad {path!r}: line {i + 1} has other knots than line 1 "
+                              "(every spline must use the same knots)")
+    knots = torch.from_numpy(knots)
+    try:
+        checkUniformKnots(knots)
+    except ValueError as err:
+        raise AfFileError(f"afFileToLoad {path!r}: {err}") from None
+    return {"knots": knots, "mlpValues": None, "attValues": None, "afTypeMlp": None, "afTypeAtt": None,
+            "nLayers": None, "rows": [torch.from_numpy(rows[i + 1]) for i in range(0, len(rows), 2)]}
+
+
+def splitCsvRows(rows, path, nLayers, afMlp, afAtt, channelsMlp, channelsAtt):
+    """Assign a CSV's spline rows to MLP and attention layers as the requested afType expects them;
+    returns (mlpValues, attValues, attentionRowsIgnored)."""
+
+    def rowsPerLayer(name, channels):
+        return 0 if name not in SPLINE_TYPES else channels if name == "splinePerDim" else 1
+
+    def perLayer(start, perLayerCount):
+        layers = [rows[start + i * perLayerCount:start + (i + 1) * perLayerCount] for i in range(nLayers)]
+        return [layer[0] if perLayerCount == 1 else torch.stack(layer) for layer in layers]
+
+    nMlp, nAtt = nLayers * rowsPerLayer(afMlp, channelsMlp), nLayers * rowsPerLayer(afAtt, channelsAtt)
+    # A file from an MLP+attention run may feed an MLP-only phase II: one attention spline per layer follows.
+    attentionIgnored = nAtt == 0 and len(rows) == nMlp + nLayers
+    if len(rows) != nMlp + nAtt and not attentionIgnored:
+        raise AfFileError(f"afFileToLoad {path!r} holds {len(rows)} splines, but --afType '{afMlp};att-{afAtt}' with "
+                          f"{nLayers} layers needs {nMlp + nAtt} (MLP layers first, then attention layers)")
+    mlp = perLayer(0, rowsPerLayer(afMlp, channelsMlp)) if nMlp else []
+    att = perLayer(nMlp, rowsPerLayer(afAtt, channelsAtt)) if nAtt else []
+    return mlp, att, attentionIgnored
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading into a model (phase II)
+
+
+def loadAfsIntoModel(model, path, freeze):
+    """Copy the splines of a ptAf file into the model's AF modules; returns lines to print.
+
+    Raises AfFileError on any mismatch (depth, AF type, per-channel shape, values that differ across
+    layers the model shares one AF between, attention AFs missing)."""
+    data = readAfFile(path)
+    afMlp, afAtt, nLayers = model.afMlpName, model.afAttName, model.nLayers
+    if afMlp not in SPLINE_TYPES and afAtt not in SPLINE_TYPES:
+        raise AfFileError(f"--afFileToLoad needs a spline afType (spline or splinePerDim), got '{afMlp};att-{afAtt}'")
+    notes = []
+    if data["rows"] is not None:
+        channelsMlp = model.mlpAfs[0].channels if afMlp == "splinePerDim" else 1
+        channelsAtt = model.attAfs[0].channels if afAtt == "splinePerDim" else 1
+        mlpValues, attValues, unused = splitCsvRows(data["rows"], path, nLayers, afMlp, afAtt, channelsMlp, channelsAtt)
+        if unused:
+            notes.append("the file's attention AFs are not used (the attention AF is not a spline)")
+    else:
+        if data["nLayers"] != nLayers:
+            raise AfFileError(f"afFileToLoad {path!r} comes from a model with {data['nLayers']} layers, "
+                              f"this one has --nLayers {nLayers}")
+        for kind, wanted, have in (("MLP", afMlp, data["afTypeMlp"]), ("attention", afAtt, data["afTypeAtt"])):
+            if wanted in SPLINE_TYPES and have != wanted:
+                raise AfFileError(f"afFileToLoad {path!r} holds '{have}' {kind} AFs, but --afType asks for '{wanted}'")
+            if wanted not in SPLINE_TYPES and have in SPLINE_TYPES:
+                notes.append(f"the file's {kind} AFs are not used (the {kind} AF is '{wanted}', not a spline)")
+        mlpValues = data["mlpValues"] if afMlp in SPLINE_TYPES else []
+        attValues = data["attValues"] if afAtt in SPLINE_TYPES else []
+    for kind, values, modules, layerIndex in (("MLP", mlpValues, model.mlpAfs, model.mlpAfIndex),
+                                              ("attention", attValues, model.attAfs, model.attAfIndex)):
+        if not values:
+            continue
+        for moduleIndex, module in enumerate(modules):
+            layers = [layer for layer, m in enumerate(layerIndex) if m == moduleIndex]
+            first = values[layers[0]]
+            for layer in layers[1:]:
+                if not torch.equal(values[layer], first):
+                    raise AfFileError(f"afFileToLoad {path!r}: the {kind} AFs of layers {layers[0]} and {layer} differ, "
+                                      "but this model shares one AF between them; use --afLayerSpecific 1")
+            try:
+                module.loadValues(first, data["knots"], freeze=freeze)
+            except ValueError as err:
+                raise AfFileError(f"afFileToLoad {path!r}: {kind} AF of layer {layers[0]}: {err}") from None
+    knots = data["knots"]
+    notes.append(f"loaded AFs from {path}: {knots.numel()} knots in [{float(knots[0]):g}, {float(knots[-1]):g}], "
+                 f"{'frozen' if freeze else 'fine-tuned'}")
+    return notes

@@ -1,0 +1,343 @@
+"""The GPT of LM-AFs, written once for N models stacked along a leading model dimension (N=1: one model).
+
+Every weight tensor has shape [nModels, ...]; a forward pass over the first n models uses the prefix
+views weight[:n] (no copy), so in phase I the models that have not started yet cost nothing, and all
+active models run in one batched pass. Activation-function (AF) modules are not stacked: one module is
+applied to the activations of all models, so its gradient is the sum over the models that ran.
+
+Architecture (modded-nanogpt style): token embedding -> LayerNorm -> U-Net of blocks (encoder blocks
+push their output, decoder blocks add skipWeight * pop) -> RMSNorm -> head (float32 logits).
+Block: x = l0*x + l1*x0; x += attn(rmsNorm(x)); x += mlp(rmsNorm(x)).
+Attention: h = h + af(a*h + b) (unless the attention AF is 'none'); q,k,v; value residual with the
+first block's v; per-head RMS-normalised q,k; rotary; causal + same-document + sliding-window mask.
+MLP: dim -> 4*dim -> AF -> dim.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from activationFunctions import makeActivation
+
+# ----------------------------------------------------------------------------------------------
+# Stacked building blocks
+
+
+def stackedNormal(nModels, *shape, std=0.02):
+    return nn.Parameter(torch.randn(nModels, *shape) * std)
+
+
+def stackedMatmul(x, weight):
+    """x [n, ..., in] @ weight[:n] [n, out, in]^T -> [n, ..., out] (one batched matmul for all models)."""
+    n = x.shape[0]
+    flat = x.reshape(n, -1, x.shape[-1])
+    out = torch.bmm(flat, weight[:n].transpose(1, 2).to(flat.dtype))
+    return out.view(*x.shape[:-1], weight.shape[1])
+
+
+def perModel(param, x):
+    """Broadcast a per-model parameter [N, ...] over activations x [n, B, T, ...]."""
+    n = x.shape[0]
+    p = param[:n]
+    return p.view(n, *([1] * (x.dim() - p.dim())), *p.shape[1:])
+
+
+def rmsNorm(x, weight=None, eps=1e-5):
+    y = F.rms_norm(x, (x.shape[-1],), eps=eps)
+    return y if weight is None else y * perModel(weight, y).to(y.dtype)
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding (base 10000), rotating the two halves of each head dimension."""
+
+    def __init__(self, headDim, base=10000.0):
+        super().__init__()
+        self.register_buffer("invFreq", 1.0 / base ** (torch.arange(0, headDim, 2, dtype=torch.float32) / headDim),
+                             persistent=False)
+
+    def forward(self, x):  # x [nB, T, H, hd]
+        positions = torch.arange(x.shape[1], device=x.device, dtype=torch.float32)
+        angles = torch.outer(positions, self.invFreq)
+        cos, sin = angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]
+        x1, x2 = x.float().chunk(2, dim=-1)
+        return torch.cat((x1 * cos + x2 * sin, -x1 * sin + x2 * cos), dim=-1).type_as(x)
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention masks: causal, same document, sliding window
+
+
+def documentIds(tokens, tokenDocSep):
+    """[..., T] -> document index of each position; a separator starts a new document."""
+    if tokenDocSep < 0:
+        return torch.zeros_like(tokens)
+    return torch.cumsum((tokens == tokenDocSep).to(torch.int32), dim=-1)
+
+
+def denseAttentionMask(docs, contextSize):
+    """Boolean [nB, 1, T, T]: True where query q may attend key k."""
+    T = docs.shape[-1]
+    q = torch.arange(T, device=docs.device)[:, None]
+    k = torch.arange(T, device=docs.device)[None, :]
+    allowed = (k <= q) & (q - k < contextSize)
+    return (allowed[None] & (docs[:, :, None] == docs[:, None, :]))[:, None]
+
+
+def flexBlockMask(docs, contextSize, blockSize):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def maskMod(b, h, q, k):
+        return (k <= q) & (q - k < contextSize) & (docs[b, q] == docs[b, k])
+
+    nB, T = docs.shape
+    return create_block_mask(maskMod, nB, None, T, T, device=docs.device, BLOCK_SIZE=blockSize)
+
+
+class AttentionKernel:
+    """Scaled dot-product attention under the LM-AFs mask, by FlexAttention or by SDPA with a dense mask.
+
+    Both compute the same function; FlexAttention is the fast path on CUDA (it has no CPU backward).
+    """
+
+    def __init__(self, implementation, contextSize, blockSize):
+        if implementation not in ("flex", "sdpa"):
+            raise ValueError(f"attention implementation must be 'flex' or 'sdpa', got {implementation!r}")
+        self.implementation = implementation
+        self.contextSize, self.blockSize = contextSize, blockSize
+        if implementation == "flex":
+            from torch.nn.attention.flex_attention import flex_attention
+            self.flexAttention = torch.compile(flex_attention, dynamic=False) if torch.cuda.is_available() \
+                else flex_attention
+
+    def mask(self, docs):
+        if self.implementation == "flex":
+            return flexBlockMask(docs, self.contextSize, self.blockSize)
+        return denseAttentionMask(docs, self.contextSize)
+
+    def __call__(self, q, k, v, mask):  # [nB, H, T, hd]
+        if self.implementation == "flex":
+            return self.flexAttention(q, k, v, block_mask=mask)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Blocks
+
+
+class Attention(nn.Module):
+    def __init__(self, nModels, dimEmb, nHeads, hasPreAf, zeroInit):
+        super().__init__()
+        self.nHeads, self.headDim = nHeads, dimEmb // nHeads
+        self.hasPreAf = hasPreAf
+        if hasPreAf:  # h + af(a*h + b), a=1, b=0
+            self.afScale = nn.Parameter(torch.ones(nModels))
+            self.afShift = nn.Parameter(torch.zeros(nModels))
+        self.qkv = stackedNormal(nModels, 3 * dimEmb, dimEmb)
+        self.valueLambda = nn.Parameter(torch.full((nModels,), 0.5))
+        self.proj = nn.Parameter(torch.zeros(nModels, dimEmb, dimEmb)) if zeroInit else stackedNormal(nModels, dimEmb, dimEmb)
+        self.rotary = Rotary(self.headDim)
+
+    def forward(self, x, vFirst, af, kernel, mask, stats):  # x [n, B, T, D]
+        n, B, T, D = x.shape
+        if self.hasPreAf:
+            preAf = perModel(self.afScale, x) * x + perModel(self.afShift, x)
+            recordMagnitudes(stats, preAf)
+            x = x + af(preAf)
+        q, k, v = stackedMatmul(x, self.qkv).view(n * B, T, 3 * self.nHeads, self.headDim).chunk(3, dim=2)
+        if vFirst is None:
+            vFirst = v
+        lam = self.valueLambda[:n].repeat_interleave(B).view(n * B, 1, 1, 1).to(v.dtype)
+        v = (1 - lam) * v + lam * vFirst
+        q, k = self.rotary(rmsNorm(q)), self.rotary(rmsNorm(k))
+        y = kernel(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)  # [nB, H, T, hd]
+        y = y.transpose(1, 2).reshape(n, B, T, D)
+        return stackedMatmul(y, self.proj), vFirst
+
+
+class Mlp(nn.Module):
+    def __init__(self, nModels, dimEmb, zeroInit):
+        super().__init__()
+        self.fc = stackedNormal(nModels, 4 * dimEmb, dimEmb)
+        self.proj = nn.Parameter(torch.zeros(nModels, dimEmb, 4 * dimEmb)) if zeroInit \
+            else stackedNormal(nModels, dimEmb, 4 * dimEmb)
+
+    def forward(self, x, af, stats):
+        h = stackedMatmul(x, self.fc)
+        recordMagnitudes(stats, h)
+        return stackedMatmul(af(h), self.proj)
+
+
+class Block(nn.Module):
+    def __init__(self, nModels, dimEmb, nHeads, hasPreAf, zeroInit):
+        super().__init__()
+        self.lambdas = nn.Parameter(torch.tensor([1.0, 0.0]).repeat(nModels, 1))
+        self.attnNorm = nn.Parameter(torch.ones(nModels, dimEmb))
+        self.mlpNorm = nn.Parameter(torch.ones(nModels, dimEmb))
+        self.attn = Attention(nModels, dimEmb, nHeads, hasPreAf, zeroInit)
+        self.mlp = Mlp(nModels, dimEmb, zeroInit)
+
+    def forward(self, x, x0, vFirst, attAf, mlpAf, kernel, mask, attStats, mlpStats):
+        lam = perModel(self.lambdas, x[..., :1])
+        x = lam[..., 0:1] * x + lam[..., 1:2] * x0
+        attnOut, vFirst = self.attn(rmsNorm(x, self.attnNorm), vFirst, attAf, kernel, mask, attStats)
+        x = x + attnOut
+        x = x + self.mlp(rmsNorm(x, self.mlpNorm), mlpAf, mlpStats)
+        return x, vFirst
+
+
+def recordMagnitudes(stats, x):
+    """Append (mean |x|, max |x|) of model 0 to stats when the caller asked for them."""
+    if stats is not None:
+        a = x[0].detach().float().abs()
+        stats.append(torch.stack((a.mean(), a.max())))
+
+
+# ----------------------------------------------------------------------------------------------
+# AF sharing across layers
+
+
+def afLayerGroups(nLayers, afLayerSpecific):
+    """Index of the AF module each layer uses: 0 shared by all; 1 one per layer; 2 first/last own, middle shared."""
+    if afLayerSpecific == 0:
+        return [0] * nLayers
+    if afLayerSpecific == 1:
+        return list(range(nLayers))
+    if afLayerSpecific == 2:
+        if nLayers < 4:
+            raise ValueError(f"afLayerSpecific 2 needs at least 4 layers, got nLayers={nLayers}")
+        return [0] + [1] * (nLayers - 2) + [2]
+    raise ValueError(f"afLayerSpecific must be 0, 1 or 2, got {afLayerSpecific!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# The model
+
+
+class GPT(nn.Module):
+    """nModels GPTs with stacked weights and shared AF modules.
+
+    forward(tokens [n, B, T], targets [n, B, T]) runs models 0..n-1 and returns per-model mean loss [n]
+    and token accuracy [n]; logits(tokens) returns float32 logits [n, B, T, vocab].
+    """
+
+    def __init__(self, vocabSize, nLayers=4, nHeads=4, dimEmb=256, nModels=1, afMlp="gelu", afAtt="linear",
+                 afLayerSpecific=1, afRange=15.0, afNAnchors=64, afInit=0.01, tieEmbeddings=True,
+                 freezeEmbeddings=0, contextSize=1024, tokenDocSep=50256, attention="sdpa", flexBlockSize=32):
+        super().__init__()
+        if dimEmb % nHeads or (dimEmb // nHeads) % 2:
+            raise ValueError(f"dimEmb ({dimEmb}) must be divisible by nHeads ({nHeads}) into an even head size")
+        self.nModels, self.nLayers, self.vocabSize = nModels, nLayers, vocabSize
+        self.tieEmbeddings = tieEmbeddings
+        self.tokenDocSep = tokenDocSep
+        self.afMlpName, self.afAttName = afMlp, afAtt
+        self.kernel = AttentionKernel(attention, contextSize, flexBlockSize)
+        zeroInit = freezeEmbeddings >= 0  # training only embeddings through frozen zero matrices would learn nothing
+
+        self.embed = stackedNormal(nModels, vocabSize, dimEmb)
+        self.embedNormWeight = nn.Parameter(torch.ones(nModels, dimEmb))
+        self.embedNormBias = nn.Parameter(torch.zeros(nModels, dimEmb))
+        hasPreAf = afAtt != "none"
+        self.blocks = nn.ModuleList(Block(nModels, dimEmb, nHeads, hasPreAf, zeroInit) for _ in range(nLayers))
+        self.nEncoder = math.ceil(nLayers / 2)
+        self.skipWeights = nn.Parameter(torch.ones(nModels, nLayers - self.nEncoder))
+        self.finalNorm = nn.Parameter(torch.ones(nModels, dimEmb))
+        if not tieEmbeddings:
+            headFrozen = freezeEmbeddings in (2, 3, -1)
+            if headFrozen:  # a frozen zero head would block all learning: use the embedding's rows, shuffled
+                head = self.embed.detach()[:, torch.randperm(vocabSize)].clone()
+            elif zeroInit:
+                head = torch.zeros(nModels, vocabSize, dimEmb)
+            else:
+                head = torch.randn(nModels, vocabSize, dimEmb) * 0.02
+            self.head = nn.Parameter(head)
+
+        self.mlpAfIndex = afLayerGroups(nLayers, afLayerSpecific)
+        self.attAfIndex = self.mlpAfIndex if hasPreAf else []
+        self.mlpAfs = nn.ModuleList(makeActivation(afMlp, 4 * dimEmb, afNAnchors, afRange, afInit)
+                                    for _ in range(max(self.mlpAfIndex) + 1))
+        self.attAfs = nn.ModuleList(makeActivation(afAtt, dimEmb, afNAnchors, afRange, afInit)
+                                    for _ in range(max(self.attAfIndex) + 1)) if hasPreAf else nn.ModuleList()
+
+    # -- AF access ---------------------------------------------------------------------------
+
+    def mlpAf(self, layer):
+        return self.mlpAfs[self.mlpAfIndex[layer]]
+
+    def attAf(self, layer):
+        return self.attAfs[self.attAfIndex[layer]] if self.attAfIndex else None
+
+    def afParameters(self):
+        return [p for afs in (self.mlpAfs, self.attAfs) for p in afs.parameters()]
+
+    def weightParameters(self):
+        afIds = {id(p) for p in self.afParameters()}
+        return [p for p in self.parameters() if id(p) not in afIds]
+
+    def namedWeightParameters(self):
+        afIds = {id(p) for p in self.afParameters()}
+        return [(name, p) for name, p in self.named_parameters() if id(p) not in afIds]
+
+    def afSiteNames(self):
+        """Names of the AF sites, in the order of the activation statistics: MLP layers, then attention layers."""
+        names = [f"MLP {i}" for i in range(self.nLayers)]
+        return names + [f"att {i}" for i in range(self.nLayers)] if self.attAfIndex else names
+
+    # -- forward ---------------------------------------------------------------------------
+
+    def hidden(self, tokens, stats=None):
+        """Final normalised hidden states [n, B, T, D] of models 0..n-1 for tokens [n, B, T]."""
+        n, B, T = tokens.shape
+        offsets = (torch.arange(n, device=tokens.device) * self.vocabSize).view(n, 1, 1)
+        x = F.embedding(tokens + offsets, self.embed[:n].reshape(n * self.vocabSize, -1))
+        x = F.layer_norm(x, (x.shape[-1],)) * perModel(self.embedNormWeight, x) + perModel(self.embedNormBias, x)
+        x0 = x
+        docs = documentIds(tokens.reshape(n * B, T), self.tokenDocSep)
+        mask = self.kernel.mask(docs)
+        attStats, mlpStats = ([], []) if stats is not None else (None, None)
+        skips, vFirst = [], None
+        for i, block in enumerate(self.blocks):
+            if i >= self.nEncoder:
+                x = x + perModel(self.skipWeights[:, i - self.nEncoder], x[..., 0])[..., None] * skips.pop()
+            x, vFirst = block(x, x0, vFirst, self.attAf(i), self.mlpAf(i), self.kernel, mask, attStats, mlpStats)
+            if i < self.nEncoder:
+                skips.append(x)
+        if stats is not None:
+            stats.extend(mlpStats + attStats)
+        return rmsNorm(x, self.finalNorm)
+
+    def logits(self, tokens):
+        x = self.hidden(tokens)
+        return stackedMatmul(x, self.embed if self.tieEmbeddings else self.head).float()
+
+    def forward(self, tokens, targets, stats=None):
+        """Per-model mean cross-entropy [n] and token accuracy [n]; stats (a list) receives model 0's
+        (mean |x|, max |x|) before every AF when given."""
+        x = self.hidden(tokens, stats)
+        logits = stackedMatmul(x, self.embed if self.tieEmbeddings else self.head).float()
+        n = tokens.shape[0]
+        losses = F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+        accuracy = (logits.argmax(-1) == targets).float()
+        return losses.view(n, -1).mean(1), accuracy.view(n, -1).mean(1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Initialisation of the phase-I copies
+
+
+@torch.no_grad()
+def permuteInitAcrossModels(model, generator):
+    """Give models 1..N-1 a permutation of model 0's elements in every weight (same distribution,
+    different init); the block mixing scalars lambda are left as they are."""
+    for name, p in model.namedWeightParameters():
+        if name.endswith("lambdas"):
+            continue
+        first = p[0].reshape(-1)
+        for m in range(1, p.shape[0]):
+            p[m].view(-1).copy_(first[torch.randperm(first.numel(), generator=generator)])
+
+
+@torch.no_grad()
+def copyInitAcrossModels(model):
+    for _, p in model.namedWeightParameters():
+        p[1:] = p[0]

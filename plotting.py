@@ -1,0 +1,346 @@
+"""Plots of training curves, learned spline AFs and activation magnitudes, plus rebuilding a history from a training log."""
+
+import argparse
+import math
+import os
+import re
+import sys
+import uuid
+
+import numpy as np
+
+# Above this many models, one legend row per model is unreadable, so the colour is explained by a colorbar instead.
+maxLegendModels = 6
+valColor = "blue"
+
+
+def _atomicSave(fig, path):
+    """Render fig as PNG next to path, then os.replace it, so readers never see a half-written file."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    folder = os.path.dirname(os.path.abspath(path))
+    tmpPath = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    # An explicit Agg canvas renders files without ever selecting a global (possibly GUI) backend.
+    FigureCanvasAgg(fig)
+    try:
+        with open(tmpPath, "xb") as f:
+            fig.savefig(f, format="png", dpi=110)
+        os.replace(tmpPath, path)
+    except BaseException:
+        if os.path.exists(tmpPath):
+            os.remove(tmpPath)
+        raise
+
+
+def _makeFigure(figsize):
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=figsize, layout="constrained")
+
+
+def _noData(ax, text):
+    ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", color="grey")
+
+
+def _trainingFigure(history, plotMinLoss, plotMaxLoss, plotMinAcc, plotMaxAcc, title, newFigure):
+    from matplotlib import colormaps
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import BoundaryNorm, ListedColormap
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import MaxNLocator, PercentFormatter
+
+    fig = newFigure((13, 5.2))
+    axLoss, axAcc = fig.subplots(1, 2)
+    byModel = {}
+    for step, modelIndex, loss, acc in history.get("train", []):
+        byModel.setdefault(int(modelIndex), []).append((step, loss, acc))
+    val = list(history.get("val", []))
+    nModels = max(byModel) + 1 if byModel else 0
+    # A sub-range of plasma avoids both black (model 0) and blue (validation), so those two stay distinct.
+    otherColors = colormaps["plasma"](np.linspace(0.3, 0.85, max(nModels - 1, 1)))
+    manyModels = nModels > maxLegendModels
+
+    handles = []
+    # Draw the other models first so model 0 and validation end up on top.
+    for modelIndex in sorted(byModel, key=lambda i: (i == 0, i)):
+        steps, losses, accs = map(np.asarray, zip(*sorted(byModel[modelIndex])))
+        if modelIndex == 0:
+            style = dict(color="black", linewidth=2.2, zorder=3)
+        else:
+            style = dict(color=otherColors[modelIndex - 1], linewidth=0.9, alpha=0.85, zorder=2)
+        # A single logged point is otherwise invisible as a line.
+        marker = "o" if len(steps) == 1 else None
+        label = f"train model {modelIndex}"
+        line, = axLoss.plot(steps, losses, marker=marker, label=label, **style)
+        axAcc.plot(steps, accs, marker=marker, label=label, **style)
+        if modelIndex == 0 or not manyModels:
+            handles.append(line)
+    handles.sort(key=lambda h: int(h.get_label().rsplit(" ", 1)[1]))
+    if val:
+        steps, losses, accs = map(np.asarray, zip(*sorted(val)))
+        style = dict(color=valColor, marker="o", markersize=3.5, linewidth=1.4, zorder=4, label="val (model 0)")
+        handles.append(axLoss.plot(steps, losses, **style)[0])
+        axAcc.plot(steps, accs, **style)
+
+    axLoss.set_ylim(plotMinLoss, plotMaxLoss)
+    axAcc.set_ylim(plotMinAcc, plotMaxAcc)
+    axAcc.yaxis.set_major_formatter(PercentFormatter(xmax=1.0, decimals=0))
+    for ax, name in ((axLoss, "loss"), (axAcc, "token accuracy")):
+        ax.set_title(name)
+        ax.set_xlabel("step")
+        ax.set_ylabel(name)
+        ax.grid(True, alpha=0.3)
+        if not handles:
+            _noData(ax, "no data")
+
+    if manyModels:
+        # Discrete colorbar: one colour band per model index 1..N-1, matching the thin curves exactly.
+        norm = BoundaryNorm(np.arange(0.5, nModels), nModels - 1)
+        colorbar = fig.colorbar(ScalarMappable(norm=norm, cmap=ListedColormap(otherColors)),
+                                ax=[axLoss, axAcc], fraction=0.03, pad=0.01)
+        colorbar.set_label("train model index")
+        colorbar.ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        handles.insert(1, Line2D([], [], color=otherColors[len(otherColors) // 2], linewidth=0.9,
+                                 label=f"train models 1–{nModels - 1} (colorbar)"))
+    if handles:
+        fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 8), frameon=False)
+    if title:
+        fig.suptitle(title, fontweight="bold")
+    return fig
+
+
+def plotTraining(path, history, plotMinLoss=3.0, plotMaxLoss=15.0, plotMinAcc=0.0, plotMaxAcc=0.4, title=""):
+    """Loss and token-accuracy panels over steps: one curve per trained model plus validation of model 0."""
+    fig = _trainingFigure(history, plotMinLoss, plotMaxLoss, plotMinAcc, plotMaxAcc, title, _makeFigure)
+    _atomicSave(fig, path)
+
+
+def _afGridColumns(afs):
+    nMlp = sum(1 for af in afs if af["name"].lower().startswith("mlp"))
+    # One MLP row keeps MLP and attention AFs of the same layer vertically aligned; otherwise fall back to 4 wide.
+    if 2 <= nMlp <= 8:
+        return nMlp
+    return max(1, min(len(afs), 4))
+
+
+def _afsFigure(afs, title, newFigure):
+    ncols = _afGridColumns(afs)
+    nrows = max(1, math.ceil(len(afs) / ncols))
+    fig = newFigure((3.2 * ncols + 0.4, 2.9 * nrows + (0.4 if title else 0.0)))
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax, af in zip(axes, afs):
+        knots = np.asarray(af["knots"], dtype=float)
+        values = np.asarray(af["values"], dtype=float)
+        channels = values.reshape(-1, values.shape[-1])
+        # Constant extrapolation outside the knot range is part of the AF's behaviour, so show a bit of it.
+        margin = 0.1 * (knots[-1] - knots[0]) if len(knots) > 1 else 1.0
+        xs = np.concatenate([[knots[0] - margin], knots, [knots[-1] + margin]])
+        extended = np.concatenate([channels[:, :1], channels, channels[:, -1:]], axis=1)
+        if values.ndim > 1:
+            # Fade individual channels more as there are more of them, so the spread stays visible without a solid blob.
+            alpha = float(np.clip(6.0 / len(channels), 0.04, 0.35))
+            ax.plot(xs, extended.T, color="tab:blue", linewidth=0.6, alpha=alpha)
+        mean = extended.mean(axis=0)
+        ax.plot(xs, mean, color="navy", linewidth=2.0 if values.ndim > 1 else 1.6)
+        ax.plot(knots, mean[1:-1], linestyle="none", marker="o", markersize=2.2, color="navy")
+        # axline does not take part in autoscaling, so the spline, not the identity, sets the y-range.
+        ax.axline((0.0, 0.0), slope=1.0, color="grey", linestyle="--", linewidth=0.8, alpha=0.6)
+        ax.set_xlim(xs[0], xs[-1])
+        ax.set_title(af["name"] + (f"  ({len(channels)} ch)" if values.ndim > 1 else ""), fontsize=10)
+        ax.set_xlabel("input")
+        ax.set_ylabel("output")
+        ax.grid(True, alpha=0.3)
+    for ax in axes[len(afs):]:
+        ax.remove()
+    if not afs:
+        _noData(axes[0], "no AFs")
+    if title:
+        fig.suptitle(title, fontweight="bold")
+    return fig
+
+
+def plotAfs(path, afs, title=""):
+    """Grid of learned spline AFs, one tile per AF (per-channel splines drawn thin around their mean)."""
+    _atomicSave(_afsFigure(afs, title, _makeFigure), path)
+
+
+def _spreadLabels(positions, high, gap):
+    """Shift sorted label positions apart by at least gap, pushing back down if the top label passes high."""
+    spread = list(positions)
+    for i in range(1, len(spread)):
+        spread[i] = max(spread[i], spread[i - 1] + gap)
+    if spread and spread[-1] > high:
+        spread[-1] = high
+        for i in range(len(spread) - 2, -1, -1):
+            spread[i] = min(spread[i], spread[i + 1] - gap)
+    return spread
+
+
+def _activationsFigure(history, layerNames, newFigure):
+    from matplotlib import colormaps
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
+    fig = newFigure((11, 5.5))
+    ax = fig.add_subplot()
+    series = []
+    for key, cmapName, kind in (("actMean", "Blues", "mean"), ("actMax", "Reds", "max")):
+        records = sorted(history.get(key, []), key=lambda r: r[0])
+        if not records:
+            continue
+        steps = np.array([r[0] for r in records], dtype=float)
+        nSites = min(len(r[1]) for r in records)
+        table = np.array([list(r[1])[:nSites] for r in records], dtype=float)
+        # Darkest shade for the first site so the thick reference line is also the most prominent.
+        colors = colormaps[cmapName](np.linspace(0.95, 0.45, max(nSites, 1)))
+        for site in range(nSites):
+            name = layerNames[site] if site < len(layerNames) else f"site {site}"
+            series.append((steps, table[:, site], colors[site], site == 0, f"{name} {kind}"))
+
+    positive = np.concatenate([v[v > 0] for _, v, *_ in series]) if series else np.array([])
+    if positive.size == 0:
+        _noData(ax, "no activation data")
+    else:
+        for steps, values, color, first, label in series:
+            marker = "o" if len(steps) <= 30 else None
+            ax.plot(steps, values, color=color, linewidth=2.4 if first else 1.1, marker=marker, markersize=3,
+                    label=label, zorder=3 if first else 2)
+        ax.set_yscale("log", nonpositive="mask")
+        # Magnitudes often span only one or two decades, where decade-only ticks would leave the axis nearly unlabelled.
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+        low, high = positive.min() / 1.3, positive.max() * 1.3
+        ax.set_ylim(low, high)
+        allSteps = np.concatenate([s for s, *_ in series])
+        ax.set_xlim(allSteps.min(), allSteps.max() if allSteps.max() > allSteps.min() else allSteps.min() + 1)
+        _labelLineEnds(ax, series, math.log10(low), math.log10(high))
+        ax.legend(handles=[Line2D([], [], color=colormaps["Blues"](0.8), label="mean |x|"),
+                           Line2D([], [], color=colormaps["Reds"](0.8), label="max |x|"),
+                           Line2D([], [], color="grey", linewidth=2.4, label="first site (thick)")],
+                  loc="upper left", fontsize=9)
+    ax.set_xlabel("step")
+    ax.set_ylabel("|activation|")
+    ax.set_title("activation magnitude before each AF site")
+    ax.grid(True, which="major", alpha=0.3)
+    return fig
+
+
+def _labelLineEnds(ax, series, logLow, logHigh):
+    """Name each line at the right margin, de-overlapped, with a thin leader to where the line actually ends."""
+    ends = []
+    for steps, values, color, _, label in series:
+        finite = np.flatnonzero(np.isfinite(values) & (values > 0))
+        if finite.size:
+            ends.append((math.log10(values[finite[-1]]), steps[finite[-1]], color, label))
+    ends.sort(key=lambda e: e[0])
+    span = logHigh - logLow
+    gap = min(0.045 * span, span / max(len(ends), 1))
+    placed = _spreadLabels([e[0] for e in ends], logHigh, gap)
+    fontsize = 8 if len(ends) <= 24 else 6
+    for (logY, step, color, label), labelLogY in zip(ends, placed):
+        ax.annotate(label, xy=(step, 10 ** logY), xytext=(1.015, 10 ** labelLogY),
+                    textcoords=ax.get_yaxis_transform(), va="center", fontsize=fontsize, color=color,
+                    annotation_clip=False, arrowprops=dict(arrowstyle="-", color=color, linewidth=0.5, alpha=0.6))
+
+
+def plotActivations(path, history, layerNames):
+    """Mean (blue) and max (red) |x| before each AF site over steps, log scale, lines named at their right end."""
+    _atomicSave(_activationsFigure(history, layerNames, _makeFigure), path)
+
+
+_number = r"([-+]?(?:\d+\.?\d*(?:[eE][-+]?\d+)?|nan|inf))"
+_stepPrefix = r"^\s*Step\s+(\d+)/\d+\s+"
+_valLine = re.compile(_stepPrefix + r"lossVa\s+" + _number + r"\s+accVa\s+" + _number)
+_modelLine = re.compile(_stepPrefix + r"model\s+(\d+)\s+lossTr\s+" + _number + r"\s+accTr\s+" + _number)
+_trainLine = re.compile(_stepPrefix + r"lossTr\s+" + _number + r"\s+accTr\s+" + _number)
+_actLine = re.compile(_stepPrefix + r"Activation magnitudes \(([23])\):\s*(.*)$")
+
+
+def parseLog(path):
+    """Rebuild {'train', 'val', 'actMean', 'actMax'} from a training log's progress lines (accuracy back to fractions)."""
+    # Keyed by (step, model) because model 0's summary line and a per-model line for model 0 describe the same point.
+    train = {}
+    history = {"train": [], "val": [], "actMean": [], "actMax": []}
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if match := _valLine.match(line):
+                step, loss, acc = match.groups()
+                history["val"].append((int(step), float(loss), float(acc) / 100.0))
+            elif match := _modelLine.match(line):
+                step, model, loss, acc = match.groups()
+                train[(int(step), int(model))] = (float(loss), float(acc) / 100.0)
+            elif match := _trainLine.match(line):
+                step, loss, acc = match.groups()
+                train[(int(step), 0)] = (float(loss), float(acc) / 100.0)
+            elif match := _actLine.match(line):
+                step, kind, numbers = match.groups()
+                try:
+                    values = [float(v) for v in numbers.split()]
+                except ValueError:
+                    continue
+                history["actMean" if kind == "2" else "actMax"].append((int(step), values))
+    history["train"] = [(step, model, loss, acc) for (step, model), (loss, acc) in train.items()]
+    return history
+
+
+def runName(logPath):
+    """log-RUN.txt -> RUN; any other file name -> its stem."""
+    stem = os.path.splitext(os.path.basename(logPath))[0]
+    return stem[len("log-"):] if stem.startswith("log-") and len(stem) > len("log-") else stem
+
+
+def hasDisplay():
+    if sys.platform in ("darwin", "win32"):
+        return True
+    return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+
+
+def showFiles(paths):
+    """Show PNG files in a live window, without blocking, when a display exists (else do nothing)."""
+    if not hasDisplay():
+        return
+    import matplotlib.pyplot as plt
+
+    for index, path in enumerate(paths):
+        fig = plt.figure(num=f"LM-AFs {index}", clear=True)
+        fig.figimage(plt.imread(path), resize=True)
+    plt.pause(0.001)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Plot training curves and activation magnitudes from a training log.")
+    parser.add_argument("logFile")
+    parser.add_argument("--outDir", default=None, help="folder for the PNGs (default: the log's folder)")
+    parser.add_argument("--show", action="store_true", help="also open a live window if a display exists")
+    args = parser.parse_args(argv)
+
+    history = parseLog(args.logFile)
+    run = runName(args.logFile)
+    outDir = args.outDir or os.path.dirname(os.path.abspath(args.logFile))
+    os.makedirs(outDir, exist_ok=True)
+    nSites = max((len(v) for _, v in history["actMean"] + history["actMax"]), default=0)
+    # The log does not say which site is which, so use neutral names rather than guess MLP/attention.
+    layerNames = [f"site {i}" for i in range(nSites)]
+    trPath = os.path.join(outDir, f"tr-{run}.png")
+    actPath = os.path.join(outDir, f"act-{run}.png")
+    plotTraining(trPath, history, title=run)
+    plotActivations(actPath, history, layerNames)
+    print(f"wrote {trPath} and {actPath}")
+
+    if args.show:
+        if not hasDisplay():
+            print("--show: no display found (DISPLAY/WAYLAND_DISPLAY unset), wrote the files only")
+            return
+        # pyplot is imported only here, so it can pick an interactive backend for the display that exists.
+        import matplotlib.pyplot as plt
+
+        def newFigure(figsize):
+            return plt.figure(figsize=figsize, layout="constrained")
+
+        _trainingFigure(history, 3.0, 15.0, 0.0, 0.4, run, newFigure)
+        _activationsFigure(history, layerNames, newFigure)
+        plt.show()
+
+
+if __name__ == "__main__":
+    main()

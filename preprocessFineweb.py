@@ -1,0 +1,439 @@
+"""Turns text (FineWeb streamed from the Hugging Face hub, or a local corpus) into the GPT-2 token shards trainLmAf.py reads, or downloads ready-made ones.
+
+    python preprocessFineweb.py "./data-fineweb10B" --n_shards 8            # FineWeb sample-10BT
+    python preprocessFineweb.py "./data-fineweb10B" --n_shards 8 --from_hub # modded-nanogpt's shards
+    python preprocessFineweb.py ./data-mine --input "corpus/*.jsonl" --name mine
+
+Every document becomes <|endoftext|> (50256) followed by its GPT-2 tokens; documents are
+concatenated in order and cut into shards of exactly --shard_size tokens (a document spills into
+the next shard), the last one partial. Shard 0 is validation ({name}_val_000000.bin), the others
+training ({name}_train_000001.bin, ...). Shards are written atomically; a rerun re-tokenizes (the
+only way to know where later shards start) but keeps shards whose contents are already right.
+"""
+import argparse
+import collections
+import glob
+import hashlib
+import json
+import multiprocessing
+import os
+import re
+import sys
+import time
+
+import numpy as np
+from tqdm import tqdm
+
+import tokenShards
+
+FINEWEB_DATASET = "HuggingFaceFW/fineweb"
+FINEWEB_CONFIG = "sample-10BT"
+HUB_SHARDS_REPO = "kjj0/fineweb10B-gpt2"
+DEFAULT_SHARD_SIZE = 10**8
+EOT_ID = 50256  # <|endoftext|>, the document separator
+# tiktoken downloads r50k_base (the GPT-2 vocabulary) from this address and caches it under the sha1 of it
+R50K_URL = "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken"
+R50K_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
+INPUT_TYPES = (".txt", ".jsonl", ".json", ".parquet")
+# Text per worker task: large enough that inter-process traffic is small next to tokenizing,
+# small enough that all workers stay busy and the last task does not dominate.
+CHUNK_CHARS = 1 << 18
+# Tasks queued per worker: keeps workers fed while bounding how much text waits in memory
+# (Pool.imap would read the whole corpus ahead of slow workers).
+TASKS_PER_WORKER = 4
+
+
+class PreprocessError(Exception):
+    """A problem with the input, the vocabulary or the network; the message says what to do."""
+
+
+def firstLine(error):
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
+
+
+# ---------------------------------------------------------------- GPT-2 vocabulary
+
+def loadVocabulary(vocabFile):
+    """Constructor arguments of the GPT-2 tiktoken Encoding and a line saying where the vocabulary came from."""
+    import tiktoken_ext.openai_public as openaiPublic
+
+    if vocabFile:
+        try:
+            with open(vocabFile, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise PreprocessError(f"cannot read --vocab_file {vocabFile} ({e.strerror})") from None
+        if hashlib.sha256(data).hexdigest() != R50K_SHA256:
+            raise PreprocessError(f"--vocab_file {vocabFile} is not the GPT-2 vocabulary (sha256 differs from r50k_base's {R50K_SHA256[:8]}...); pass gpt2.tiktoken / r50k_base.tiktoken")
+        # the .tiktoken format: one "base64(token bytes) rank" per line
+        ranks = {}
+        for line in data.splitlines():
+            if line:
+                token, rank = line.split()
+                ranks[__import__("base64").b64decode(token)] = int(rank)
+        params = {"name": "r50k_base", "pat_str": openaiPublic.r50k_pat_str, "mergeable_ranks": ranks,
+                  "special_tokens": {"<|endoftext|>": EOT_ID}, "explicit_n_vocab": EOT_ID + 1}
+        return params, f"--vocab_file {vocabFile}"
+    cacheDir = os.environ.get("TIKTOKEN_CACHE_DIR", os.environ.get("DATA_GYM_CACHE_DIR"))
+    cachePath = os.path.join(cacheDir or os.path.join(__import__("tempfile").gettempdir(), "data-gym-cache"),
+                             hashlib.sha1(R50K_URL.encode()).hexdigest())
+    wasCached = os.path.exists(cachePath)
+    try:
+        params = openaiPublic.r50k_base()
+    except Exception as e:
+        raise PreprocessError(f"cannot get the GPT-2 vocabulary from tiktoken ({firstLine(e)}); pass --vocab_file PATH to a gpt2.tiktoken file, or copy it to $TIKTOKEN_CACHE_DIR/{os.path.basename(cachePath)}") from None
+    return params, (f"tiktoken cache {cachePath}" if wasCached else f"downloaded by tiktoken from {R50K_URL}")
+
+
+# One tokenizer per process: set by initWorker (the Pool initializer, or called directly when --num_proc 1).
+workerEncoding = None
+
+
+def initWorker(encodingParams):
+    global workerEncoding
+    import tiktoken
+
+    workerEncoding = tiktoken.Encoding(**encodingParams)
+
+
+def tokenizeChunk(texts):
+    """Tokens of a list of documents, each as <|endoftext|> followed by its tokens, as one uint16 array."""
+    ids = []
+    for text in texts:
+        ids.append(EOT_ID)
+        ids.extend(workerEncoding.encode_ordinary(text))
+    tokens = np.array(ids, dtype=np.int64)
+    if tokens.max() > tokenShards.MAX_TOKEN_ID:
+        raise PreprocessError(f"token id {int(tokens.max())} does not fit uint16; the shard format needs a vocabulary of at most 65536 tokens")
+    return tokens.astype(np.uint16)
+
+
+def chunkDocuments(documents):
+    chunk, chars = [], 0
+    for text in documents:
+        chunk.append(text)
+        chars += len(text)
+        if chars >= CHUNK_CHARS:
+            yield chunk
+            chunk, chars = [], 0
+    if chunk:
+        yield chunk
+
+
+def tokenChunks(documents, encodingParams, numProc):
+    """Token arrays of the documents, in document order, tokenized by numProc processes."""
+    if numProc == 1:
+        initWorker(encodingParams)
+        for chunk in chunkDocuments(documents):
+            yield tokenizeChunk(chunk)
+        return
+    # leaving the with-block (also when the consumer stops early) terminates the workers
+    with multiprocessing.Pool(numProc, initializer=initWorker, initargs=(encodingParams,)) as pool:
+        pending = collections.deque()
+        for chunk in chunkDocuments(documents):
+            pending.append(pool.apply_async(tokenizeChunk, (chunk,)))
+            if len(pending) >= numProc * TASKS_PER_WORKER:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+# ---------------------------------------------------------------- document sources
+
+def fineWebDocuments():
+    """Texts of FineWeb sample-10BT, streamed (nothing but the current parquet file is fetched)."""
+    import datasets
+
+    datasets.logging.set_verbosity_error()  # the hub client's retry warnings would bury the one error line
+    where = f"{FINEWEB_DATASET} ({FINEWEB_CONFIG})"
+    try:
+        dataset = datasets.load_dataset(FINEWEB_DATASET, name=FINEWEB_CONFIG, split="train", streaming=True)
+    except Exception as e:
+        raise PreprocessError(f"cannot open {where} on the Hugging Face hub ({firstLine(e)}); check the network, or use --from_hub or --input") from None
+
+    def texts():
+        try:
+            for row in dataset:
+                yield row["text"]
+        except Exception as e:
+            raise PreprocessError(f"streaming {where} from the Hugging Face hub failed ({firstLine(e)}); check the network and re-run (complete shards are kept)") from None
+
+    return texts()
+
+
+def inputFiles(patterns):
+    """The files named by --input, globs expanded (sorted), in the order given."""
+    paths = []
+    for pattern in patterns:
+        if glob.has_magic(pattern):
+            matches = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+            if not matches:
+                raise PreprocessError(f"no files match --input '{pattern}'")
+            paths.extend(matches)
+        elif os.path.isfile(pattern):
+            paths.append(pattern)
+        else:
+            raise PreprocessError(f"--input {pattern} is not a file; give a file or a glob such as 'corpus/*.jsonl'")
+    for path in paths:
+        if not path.endswith(INPUT_TYPES):
+            raise PreprocessError(f"--input file {path} has an unsupported type; use {', '.join(INPUT_TYPES)}")
+    return paths
+
+
+def fieldText(record, textField, where):
+    if not isinstance(record, dict) or textField not in record:
+        fields = ", ".join(map(str, record)) if isinstance(record, dict) else f"a JSON {type(record).__name__}"
+        raise PreprocessError(f"{where}: no field '{textField}' (fields: {fields}); set --text_field")
+    text = record[textField]
+    if not isinstance(text, str):
+        raise PreprocessError(f"{where}: field '{textField}' holds {type(text).__name__}, not text; set --text_field to a text field")
+    return text
+
+
+def jsonLinesTexts(f, path, textField):
+    for lineNumber, line in enumerate(f, 1):
+        if line.strip():
+            where = f"{path} line {lineNumber}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise PreprocessError(f"{where} is not valid JSON ({e.msg}); one JSON object per line is expected") from None
+            yield fieldText(record, textField, where)
+
+
+def fileTexts(path, textField):
+    """Texts of one input file, read incrementally where the format allows."""
+    if path.endswith(".parquet"):
+        import pyarrow.parquet
+
+        parquetFile = pyarrow.parquet.ParquetFile(path)
+        if textField not in parquetFile.schema_arrow.names:
+            raise PreprocessError(f"{path}: no column '{textField}' (columns: {', '.join(parquetFile.schema_arrow.names)}); set --text_field")
+        for batch in parquetFile.iter_batches(columns=[textField], batch_size=1024):
+            for row, text in enumerate(batch.column(0).to_pylist()):
+                if not isinstance(text, str):
+                    raise PreprocessError(f"{path}: column '{textField}' holds {type(text).__name__}, not text; set --text_field to a text column")
+                yield text
+        return
+    with open(path, encoding="utf-8") as f:
+        if path.endswith(".txt"):
+            yield f.read()
+        elif path.endswith(".jsonl"):
+            yield from jsonLinesTexts(f, path, textField)
+        else:
+            # a .json file is either one array of records or JSON lines (as datasets accepts both)
+            start = f.read(1)
+            while start.isspace():
+                start = f.read(1)
+            f.seek(0)
+            if start == "[":
+                try:
+                    records = json.load(f)
+                except json.JSONDecodeError as e:
+                    raise PreprocessError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+                for index, record in enumerate(records):
+                    yield fieldText(record, textField, f"{path} record {index}")
+            else:
+                yield from jsonLinesTexts(f, path, textField)
+
+
+def localDocuments(paths, textField):
+    for path in paths:
+        try:
+            yield from fileTexts(path, textField)
+        except UnicodeDecodeError as e:
+            raise PreprocessError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); convert it to UTF-8") from None
+
+
+# ---------------------------------------------------------------- shards
+
+def shardPath(outDir, name, index):
+    return os.path.join(outDir, f"{name}_{'val' if index == 0 else 'train'}_{index:06d}.bin")
+
+
+def saveShard(path, tokens, overwrite):
+    """Write the shard unless an identical one is already there; True if it was written."""
+    if not overwrite:
+        try:
+            existing = tokenShards.loadShard(path)
+        except tokenShards.ShardError:
+            existing = None  # missing or broken: write it
+        if existing is not None and existing.size == tokens.size and np.array_equal(existing, tokens):
+            return False
+    tokenShards.writeShard(path, tokens)
+    return True
+
+
+def removeLeftovers(outDir, name):
+    """Delete temporary files that an interrupted run left behind (writeShard names them '<shard>.<pid>.tmp')."""
+    for path in sorted(glob.glob(os.path.join(glob.escape(outDir), f"{glob.escape(name)}_*.bin.*.tmp"))):
+        os.remove(path)
+        print(f"removed {path} (left by an interrupted run)")
+
+
+def writeShards(chunks, outDir, name, shardSize, nShards, overwrite):
+    """Cut the token stream into shards; returns (number of shards, total tokens, shards written)."""
+    buffer = np.empty(shardSize, dtype=np.uint16)
+    fill = index = total = written = 0
+
+    def finish(tokens):
+        path = shardPath(outDir, name, index)
+        wrote = saveShard(path, tokens, overwrite)
+        tqdm.write(f"{'wrote' if wrote else 'kept '} {path} ({tokens.size:,} tokens{'' if wrote else ', already complete'})")
+        return wrote
+
+    with tqdm(total=nShards * shardSize if nShards else None, unit="tok", unit_scale=True, mininterval=1) as progress:
+        for chunk in chunks:
+            used = 0
+            while used < chunk.size:
+                take = min(shardSize - fill, chunk.size - used)
+                buffer[fill:fill + take] = chunk[used:used + take]
+                fill += take
+                used += take
+                if fill == shardSize:
+                    written += finish(buffer)
+                    index += 1
+                    fill = 0
+                    if index == nShards:
+                        progress.update(used)
+                        return index, total + used, written
+            total += used
+            progress.update(used)
+        if fill:
+            written += finish(buffer[:fill])
+            index += 1
+    return index, total, written
+
+
+def warnAboutExtraShards(outDir, name, nWritten):
+    """Shards of an earlier, longer run would be read by the trainer's glob as if they belonged to this one."""
+    pattern = re.compile(rf"{re.escape(name)}_(?:val|train)_(\d{{6}})\.bin")
+    extra = sorted(f for f in os.listdir(outDir) if (m := pattern.fullmatch(f)) and int(m.group(1)) >= nWritten)
+    if extra:
+        print(f"note: {len(extra)} shard file(s) beyond this run's last shard are in {outDir} (e.g. {extra[0]}), from an earlier run; delete them if training should not read them", file=sys.stderr)
+
+
+def preprocess(args):
+    encodingParams, source = loadVocabulary(args.vocab_file)
+    print(f"GPT-2 vocabulary: {source}")
+    if args.input:
+        paths = inputFiles(args.input)
+        documents = localDocuments(paths, args.text_field)
+        what = f"{len(paths)} input file(s)"
+    else:
+        documents = fineWebDocuments()
+        what = f"{FINEWEB_DATASET} ({FINEWEB_CONFIG}), streamed"
+    os.makedirs(args.outDir, exist_ok=True)
+    removeLeftovers(args.outDir, args.name)
+    limit = f"at most {args.n_shards}" if args.n_shards else "all"
+    print(f"tokenizing {what} with {args.num_proc} process(es) into {args.outDir}: {limit} shards of {args.shard_size:,} tokens")
+    startTime = time.time()
+    chunks = tokenChunks(documents, encodingParams, args.num_proc)
+    nShards, total, written = writeShards(chunks, args.outDir, args.name, args.shard_size, args.n_shards, args.overwrite)
+    if total == 0:
+        raise PreprocessError(f"the input holds no documents; check --input")
+    seconds = time.time() - startTime
+    print(f"done: {total:,} tokens in {nShards} shard(s) ({written} written, {nShards - written} already complete) in {seconds:.1f} s = {total / max(seconds, 1e-9):,.0f} tokens/s")
+    if nShards == 1:
+        print(f"note: all tokens fit in the validation shard, so there is no training shard; lower --shard_size", file=sys.stderr)
+    warnAboutExtraShards(args.outDir, args.name, nShards)
+
+
+# ---------------------------------------------------------------- ready-made shards
+
+def downloadFromHub(args):
+    """Fetch modded-nanogpt's GPT-2 FineWeb shards (same format) into outDir, checking every header."""
+    from huggingface_hub import hf_hub_download, list_repo_files
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+    from huggingface_hub.utils import logging as hubLogging
+
+    hubLogging.set_verbosity_error()  # the retry warnings would bury the one error line
+    where = f"the Hugging Face hub dataset {HUB_SHARDS_REPO}"
+    if args.n_shards:
+        names = [os.path.basename(shardPath("", "fineweb", i)) for i in range(args.n_shards)]
+    else:
+        try:
+            files = list_repo_files(HUB_SHARDS_REPO, repo_type="dataset")
+        except Exception as e:
+            raise PreprocessError(f"cannot list {where} ({firstLine(e)}); check the network") from None
+        # val (index 0) first, then training shards by index
+        names = sorted((f for f in files if re.fullmatch(r"fineweb_(val|train)_\d{6}\.bin", f)), key=lambda f: f[-10:])
+    os.makedirs(args.outDir, exist_ok=True)
+    for name in names:
+        path = os.path.join(args.outDir, name)
+        if not args.overwrite:
+            try:
+                count = tokenShards.readShardHeader(path)
+                print(f"kept {path} ({count:,} tokens, already complete)")
+                continue
+            except tokenShards.ShardError:
+                pass  # missing or incomplete: download it
+        try:
+            path = hf_hub_download(HUB_SHARDS_REPO, name, repo_type="dataset", local_dir=args.outDir, force_download=args.overwrite)
+        except EntryNotFoundError as e:
+            if isinstance(e, LocalEntryNotFoundError):  # raised when the hub cannot be reached
+                raise PreprocessError(f"cannot download {name} from {where} ({firstLine(e)}); check the network") from None
+            raise PreprocessError(f"{where} has no file {name}; lower --n_shards") from None
+        except Exception as e:
+            raise PreprocessError(f"cannot download {name} from {where} ({firstLine(e)}); check the network") from None
+        print(f"downloaded {path} ({tokenShards.readShardHeader(path):,} tokens)")
+
+
+# ---------------------------------------------------------------- command line
+
+def usableCpus():
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def parseArgs(argv):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("outDir", nargs="?", default="./data-fineweb10B", help="folder the shards are written to")
+    parser.add_argument("--n_shards", type=int, default=None, help="write at most this many shards, validation included (default: all the data)")
+    parser.add_argument("--shard_size", type=int, default=None, help=f"tokens per shard (default {DEFAULT_SHARD_SIZE:,}; not with --from_hub)")
+    parser.add_argument("--num_proc", type=int, default=usableCpus(), help="tokenizer processes")
+    parser.add_argument("--from_hub", action="store_true", help=f"download the ready-made GPT-2 FineWeb shards of {HUB_SHARDS_REPO} instead of tokenizing")
+    parser.add_argument("--input", nargs="+", metavar="PATH_OR_GLOB", help=f"tokenize local files instead of FineWeb: {', '.join(INPUT_TYPES)} (a .txt file is one document)")
+    parser.add_argument("--text_field", default="text", help="field holding the text in .jsonl/.json/.parquet input")
+    parser.add_argument("--name", default="fineweb", help="file-name prefix of the shards: NAME_val_000000.bin, NAME_train_000001.bin, ...")
+    parser.add_argument("--vocab_file", default=None, help="local GPT-2 vocabulary (gpt2.tiktoken / r50k_base.tiktoken) for machines without network")
+    parser.add_argument("--overwrite", action="store_true", help="rewrite shards even when an identical complete one exists")
+    args = parser.parse_args(argv)
+    if args.n_shards is not None and args.n_shards < 1:
+        raise PreprocessError(f"--n_shards must be at least 1, got {args.n_shards}")
+    if args.num_proc < 1:
+        raise PreprocessError(f"--num_proc must be at least 1, got {args.num_proc}")
+    if args.from_hub:
+        for flag, given in (("--input", args.input), ("--shard_size", args.shard_size is not None), ("--name", args.name != "fineweb")):
+            if given:
+                raise PreprocessError(f"{flag} does not apply to --from_hub (the hub holds fixed shards fineweb_*.bin of {DEFAULT_SHARD_SIZE:,} tokens); drop one of them")
+    else:
+        args.shard_size = DEFAULT_SHARD_SIZE if args.shard_size is None else args.shard_size
+        if not 1 <= args.shard_size <= tokenShards.MAX_HEADER_COUNT:
+            raise PreprocessError(f"--shard_size must be between 1 and {tokenShards.MAX_HEADER_COUNT}, got {args.shard_size}")
+        if not re.fullmatch(r"[\w.-]+", args.name):
+            raise PreprocessError(f"--name '{args.name}' must be letters, digits, '_', '-' or '.' (it becomes part of file names)")
+    return args
+
+
+def main(argv=None):
+    try:
+        args = parseArgs(argv)
+        if args.from_hub:
+            downloadFromHub(args)
+        else:
+            preprocess(args)
+    except (PreprocessError, tokenShards.ShardError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted; complete shards are kept, re-run the same command to finish", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""Tests for plotting.py: every writer yields a readable PNG atomically, parseLog round-trips, import stays pyplot-free."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import plotting  # noqa: E402
+
+pngSignature = b"\x89PNG\r\n\x1a\n"
+
+
+def fakeHistory(nModels, nSteps=2000, withVal=True, nSites=8):
+    rng = np.random.default_rng(nModels)
+    train = []
+    for model in range(nModels):
+        # Staggered starts as in phase I: model i only reports after step i*nSteps/nModels.
+        start = model * nSteps // nModels
+        for step in range(start + 100, nSteps + 1, 100):
+            t = step - start
+            train.append((step, model, 5 + 5 * np.exp(-t / 500) + 0.1 * rng.standard_normal(),
+                          0.3 * (1 - np.exp(-t / 600))))
+    val = [(step, 5 + 5 * np.exp(-step / 500), 0.3 * (1 - np.exp(-step / 600)))
+           for step in range(500, nSteps + 1, 500)] if withVal else []
+    actMean = [(step, list(1 + 0.1 * np.arange(nSites) + step / nSteps)) for step in range(200, nSteps + 1, 200)]
+    actMax = [(step, [10 * v for v in values]) for step, values in actMean]
+    return {"train": train, "val": val, "actMean": actMean, "actMax": actMax}
+
+
+def fakeAfs(nMlp, nAtt, channels=None):
+    knots = np.linspace(-15, 15, 64)
+    afs = []
+    for i in range(nMlp + nAtt):
+        curve = np.maximum(knots, 0) + np.sin(knots * (0.5 + 0.1 * i))
+        values = curve if channels is None else curve[None, :] + 0.2 * np.arange(channels)[:, None]
+        afs.append({"name": f"MLP layer {i}" if i < nMlp else f"att layer {i - nMlp}", "knots": knots,
+                    "values": values})
+    return afs
+
+
+def checkPng(path, minWidth=300, minHeight=200):
+    from matplotlib.image import imread
+
+    with open(path, "rb") as f:
+        assert f.read(8) == pngSignature
+    image = imread(path)
+    assert image.shape[0] >= minHeight and image.shape[1] >= minWidth
+    # Something was drawn: a blank canvas would be a single colour.
+    assert image.std() > 0.01
+    # Atomic save leaves only the final file behind.
+    assert not [name for name in os.listdir(os.path.dirname(path)) if name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("nModels", [1, 20])
+@pytest.mark.parametrize("withVal", [True, False])
+def testPlotTraining(tmp_path, nModels, withVal):
+    path = tmp_path / "tr.png"
+    plotting.plotTraining(str(path), fakeHistory(nModels, withVal=withVal), title="run x")
+    checkPng(path, minWidth=800)
+    assert os.listdir(tmp_path) == ["tr.png"]
+
+
+def testPlotTrainingEmpty(tmp_path):
+    path = tmp_path / "tr.png"
+    plotting.plotTraining(str(path), {"train": [], "val": []})
+    checkPng(path)
+
+
+def testPlotTrainingOverwrites(tmp_path):
+    path = tmp_path / "tr.png"
+    plotting.plotTraining(str(path), fakeHistory(1))
+    plotting.plotTraining(str(path), fakeHistory(20), title="second")
+    checkPng(path)
+    assert os.listdir(tmp_path) == ["tr.png"]
+
+
+@pytest.mark.parametrize("nMlp,nAtt,channels,shape", [(4, 4, None, (2, 4)), (1, 1, None, (1, 2)),
+                                                      (4, 4, 16, (2, 4)), (1, 0, 8, (1, 1))])
+def testPlotAfs(tmp_path, nMlp, nAtt, channels, shape):
+    path = tmp_path / "afs.png"
+    afs = fakeAfs(nMlp, nAtt, channels)
+    ncols = plotting._afGridColumns(afs)
+    assert (-(-len(afs) // ncols), ncols) == shape
+    plotting.plotAfs(str(path), afs, title="AFs")
+    checkPng(path, minWidth=250 * shape[1], minHeight=200 * shape[0])
+    assert os.listdir(tmp_path) == ["afs.png"]
+
+
+def testPlotActivations(tmp_path):
+    path = tmp_path / "act.png"
+    names = [f"MLP {i}" for i in range(4)] + [f"att {i}" for i in range(4)]
+    plotting.plotActivations(str(path), fakeHistory(1), names)
+    checkPng(path, minWidth=800)
+    assert os.listdir(tmp_path) == ["act.png"]
+
+
+def testPlotActivationsMeanOnlyAndEmpty(tmp_path):
+    history = fakeHistory(1, nSites=2)
+    history["actMax"] = []
+    plotting.plotActivations(str(tmp_path / "mean.png"), history, ["MLP 0", "att 0"])
+    plotting.plotActivations(str(tmp_path / "empty.png"), {"actMean": [], "actMax": []}, [])
+    checkPng(tmp_path / "mean.png")
+    checkPng(tmp_path / "empty.png")
+    assert sorted(os.listdir(tmp_path)) == ["empty.png", "mean.png"]
+
+
+def writeLog(path, history, nSteps):
+    """Write progress lines in the trainer's exact format, with unrelated lines mixed in."""
+    lines = ["Config: nModels=3 afRange=15", "Phase I"]
+    trainByStep = {}
+    for step, model, loss, acc in history["train"]:
+        trainByStep.setdefault(step, []).append((model, loss, acc))
+    val = {step: (loss, acc) for step, loss, acc in history["val"]}
+    for step in sorted(set(trainByStep) | set(val)):
+        if step in val:
+            loss, acc = val[step]
+            lines.append(f"Step {step}/{nSteps}   lossVa {loss:.4f}   accVa {100 * acc:.1f}")
+        for model, loss, acc in sorted(trainByStep.get(step, [])):
+            if model == 0:
+                lines.append(f"Step {step}/{nSteps}   lossTr {loss:.4f}   accTr {100 * acc:.1f}   47s = 0.03s/step")
+            lines.append(f"Step {step}/{nSteps}   model {model}   lossTr {loss:.4f}   accTr {100 * acc:.1f}")
+    for key, kind in (("actMean", 2), ("actMax", 3)):
+        for step, values in history[key]:
+            lines.append(f"Step {step}/{nSteps}   Activation magnitudes ({kind}): " + " ".join(f"{v:.2f}" for v in values))
+    lines.append("Done.")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def testParseLogRoundTrip(tmp_path):
+    history = {
+        "train": [(100, 0, 9.8765, 0.021), (100, 1, 10.1234, 0.013), (200, 0, 8.5, 0.103), (200, 2, 9.25, 0.05)],
+        "val": [(200, 7.1282, 0.106)],
+        "actMean": [(200, [1.66, 1.25, 0.51, 1.69])],
+        "actMax": [(200, [12.5, 9.75, 3.0, 20.25])],
+    }
+    logPath = tmp_path / "log-myRun.txt"
+    writeLog(logPath, history, 20000)
+    parsed = plotting.parseLog(str(logPath))
+    assert set(parsed) == {"train", "val", "actMean", "actMax"}
+    assert sorted(parsed["train"]) == [pytest.approx(row) for row in sorted(history["train"])]
+    assert parsed["val"] == [pytest.approx(row) for row in history["val"]]
+    for key in ("actMean", "actMax"):
+        assert [s for s, _ in parsed[key]] == [s for s, _ in history[key]]
+        assert [v for _, v in parsed[key]] == [pytest.approx(v) for _, v in history[key]]
+
+
+def testParseLogExactSpecLines(tmp_path):
+    logPath = tmp_path / "log-x.txt"
+    logPath.write_text("Step 501/20000   lossVa 7.1282   accVa 10.6\n"
+                       "Step 601/20000   lossTr 7.1430   accTr 10.3   47s = 0.03s/step\n"
+                       "Step 601/20000   model 3   lossTr 7.2000   accTr 9.8\n"
+                       "Step 20000/20000   Activation magnitudes (2): 1.66 1.25 0.51 1.69\n"
+                       "something else entirely\n")
+    parsed = plotting.parseLog(str(logPath))
+    assert parsed["val"] == [(501, pytest.approx(7.1282), pytest.approx(0.106))]
+    assert sorted(parsed["train"]) == [(601, 0, pytest.approx(7.143), pytest.approx(0.103)),
+                                       (601, 3, pytest.approx(7.2), pytest.approx(0.098))]
+    assert parsed["actMean"] == [(20000, pytest.approx([1.66, 1.25, 0.51, 1.69]))]
+    assert parsed["actMax"] == []
+
+
+def testCliWritesNamedPngs(tmp_path):
+    logPath = tmp_path / "log-myRun.txt"
+    writeLog(logPath, fakeHistory(3, nSites=4), 2000)
+    outDir = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY", "MPLBACKEND")}
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "plotting.py")
+    result = subprocess.run([sys.executable, script, str(logPath), "--outDir", str(outDir), "--show"],
+                            capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert sorted(os.listdir(outDir)) == ["act-myRun.png", "tr-myRun.png"]
+    checkPng(outDir / "tr-myRun.png")
+    checkPng(outDir / "act-myRun.png")
+    if sys.platform not in ("darwin", "win32"):
+        assert "no display" in result.stdout
+
+
+def testImportDoesNotLoadPyplot():
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = "import sys, plotting; assert 'matplotlib.pyplot' not in sys.modules, 'pyplot imported'"
+    result = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
+def testWritersDoNotLoadPyplot(tmp_path):
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = ("import sys, numpy as np, plotting\n"
+            f"plotting.plotTraining({str(tmp_path / 'a.png')!r}, {{'train': [(1, 0, 9.0, 0.1)], 'val': []}})\n"
+            f"plotting.plotAfs({str(tmp_path / 'b.png')!r}, [{{'name': 'MLP 0', 'knots': np.linspace(-1, 1, 5), "
+            "'values': np.zeros(5)}])\n"
+            "assert 'matplotlib.pyplot' not in sys.modules, 'pyplot imported'\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr

@@ -1,0 +1,249 @@
+"""Token shards on disk (the llm.c / modded-nanogpt format) and the training and validation data read from them.
+
+A shard is a header of HEADER_INTS little-endian int32 (MAGIC, VERSION, token count, then zeros)
+followed by the tokens as little-endian uint16. Shards are written atomically and every read
+checks the header against the file size, so a truncated or foreign file is an error that names
+the file and the fix instead of silently feeding garbage to the model.
+
+A training sequence is seqLength+1 consecutive tokens of one shard (inputs, and targets shifted by
+one). Sequence j of a shard starts at token j*seqLength, so a shard of n tokens holds
+(n-1)//seqLength of them.
+"""
+import glob
+import os
+
+import numpy as np
+
+MAGIC = 20240520
+VERSION = 1
+HEADER_INTS = 256
+HEADER_BYTES = HEADER_INTS * 4
+MAX_TOKEN_ID = 65535  # the largest id a uint16 can store
+
+# explicit little-endian so that shards move between machines unchanged
+HEADER_DTYPE = np.dtype("<i4")
+TOKEN_DTYPE = np.dtype("<u2")
+MAX_HEADER_COUNT = 2**31 - 1
+
+# Tags that keep the random streams of one (seed, streamIndex) independent of each other.
+RNG_SHARD_ORDER, RNG_SEQUENCE_ORDER, RNG_TOKEN_ORDER = 0, 1, 2
+FIX_HINT = "re-run preprocessFineweb.py"
+
+
+class ShardError(Exception):
+    """A token file is missing, foreign, truncated or too small; the message names the file and the fix."""
+
+
+def writeShard(path, tokens):
+    """Write tokens as a shard at path, atomically (temporary file in the same folder, then os.replace)."""
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 1 or tokens.size == 0:
+        raise ShardError(f"data file {path}: nothing to write (expected a non-empty 1-D sequence of token ids)")
+    if tokens.size > MAX_HEADER_COUNT:
+        raise ShardError(f"data file {path}: {tokens.size} tokens do not fit one shard (at most {MAX_HEADER_COUNT}); use a smaller --shard_size")
+    if tokens.dtype != TOKEN_DTYPE:
+        if not np.issubdtype(tokens.dtype, np.integer):
+            raise ShardError(f"data file {path}: token ids must be integers, got dtype {tokens.dtype}")
+        low, high = int(tokens.min()), int(tokens.max())
+        if low < 0 or high > MAX_TOKEN_ID:
+            raise ShardError(f"data file {path}: token id {low if low < 0 else high} does not fit uint16 [0, {MAX_TOKEN_ID}]; use a tokenizer with at most 65536 tokens")
+        tokens = tokens.astype(TOKEN_DTYPE)
+    header = np.zeros(HEADER_INTS, dtype=HEADER_DTYPE)
+    header[:3] = (MAGIC, VERSION, tokens.size)
+    # the pid keeps two concurrent writers apart; the suffix keeps '*.bin' globs from matching a partial file
+    tmpPath = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmpPath, "wb") as f:
+            f.write(header.tobytes())
+            f.write(tokens.tobytes())
+            f.flush()
+            # without fsync a crash right after the rename could leave an empty file under the final name
+            os.fsync(f.fileno())
+        os.replace(tmpPath, path)
+    finally:
+        if os.path.exists(tmpPath):
+            os.remove(tmpPath)
+
+
+def readShardHeader(path):
+    """Check the header of the shard at path against its size and return its token count."""
+    try:
+        fileBytes = os.path.getsize(path)
+        with open(path, "rb") as f:
+            headerBytes = f.read(HEADER_BYTES)
+    except FileNotFoundError:
+        raise ShardError(f"data file {path} does not exist; {FIX_HINT}") from None
+    except IsADirectoryError:
+        raise ShardError(f"data file {path} is a folder, not a token file; check the file pattern") from None
+    except OSError as e:
+        raise ShardError(f"data file {path} cannot be read ({e.strerror}); check its permissions") from None
+    if len(headerBytes) < HEADER_BYTES:
+        raise ShardError(f"data file {path} holds {fileBytes} bytes, less than the {HEADER_BYTES}-byte header (truncated or not a token file); {FIX_HINT}")
+    magic, version, count = (int(v) for v in np.frombuffer(headerBytes, dtype=HEADER_DTYPE)[:3])
+    if magic != MAGIC:
+        raise ShardError(f"data file {path} is not a token shard (magic number {magic}, expected {MAGIC}); {FIX_HINT}")
+    if version != VERSION:
+        raise ShardError(f"data file {path} has shard format version {version}, this program reads version {VERSION}; {FIX_HINT}")
+    heldBytes = fileBytes - HEADER_BYTES
+    if heldBytes != count * TOKEN_DTYPE.itemsize:
+        raise ShardError(f"data file {path}: header says {count} tokens but the file holds {heldBytes // TOKEN_DTYPE.itemsize}; {FIX_HINT}")
+    return count
+
+
+def loadShard(path):
+    """Return the tokens of the shard at path as a read-only uint16 array (a memory map), after checking the header."""
+    count = readShardHeader(path)
+    if count == 0:
+        # mmap cannot map zero bytes
+        empty = np.empty(0, dtype=TOKEN_DTYPE)
+        empty.flags.writeable = False
+        return empty
+    return np.memmap(path, dtype=TOKEN_DTYPE, mode="r", offset=HEADER_BYTES, shape=(count,))
+
+
+def listShards(pattern, flag=""):
+    """Sorted paths matching the glob pattern, each with a valid non-empty header; flag (e.g. '--filesTokensTr') names the option in errors."""
+    origin = f" ({flag})" if flag else ""
+    paths = sorted(glob.glob(pattern))
+    if not paths:
+        raise ShardError(f"no token files match '{pattern}'{origin}; run preprocessFineweb.py first or fix the pattern")
+    for path in paths:
+        if readShardHeader(path) == 0:
+            raise ShardError(f"data file {path}{origin} holds no tokens; {FIX_HINT} or remove the file")
+    return paths
+
+
+def maxTokenId(files, chunkTokens=1 << 24):
+    """Largest token id in the files (-1 when they hold no tokens), read in chunks so memory stays bounded."""
+    largest = -1
+    for path in files:
+        tokens = loadShard(path)
+        for start in range(0, tokens.size, chunkTokens):
+            largest = max(largest, int(tokens[start:start + chunkTokens].max()))
+    return largest
+
+
+def sequencesInShard(nTokens, seqLength):
+    """How many sequences of seqLength+1 tokens, starting at multiples of seqLength, fit in nTokens tokens."""
+    return max(nTokens - 1, 0) // seqLength
+
+
+def checkSeqLength(seqLength):
+    if int(seqLength) != seqLength or seqLength < 1:
+        raise ValueError(f"seqLength must be a positive integer, got {seqLength!r}")
+    return int(seqLength)
+
+
+def seedWords(seed):
+    # SeedSequence takes non-negative integers only; wrapping keeps negative seeds usable and distinct
+    return int(seed) % 2**64
+
+
+class TokenStream:
+    """An endless, reproducible stream of training sequences over a list of shards.
+
+    The sequence handed out at a given position is a pure function of (files, seqLength, seed,
+    streamIndex, shuffle, position), so resuming only needs `position` (see state_dict).
+    Per epoch e the shard order and, lazily per shard, the order of its sequences come from
+    generators seeded with (seed, streamIndex, e, ...); only the current epoch's and the current
+    shard's orders are kept.
+    shuffle = 0: shards in file order starting at shard streamIndex mod nShards, sequences in order;
+    1: shard order and sequence order shuffled every epoch (the epoch still starts at shard
+    streamIndex mod nShards, so streams start on different shards); 2: as 1 and the seqLength+1
+    tokens of each sequence are permuted too (a control experiment without word order).
+    nShards counts only shards that hold at least one sequence.
+    """
+
+    def __init__(self, files, seqLength, seed, streamIndex, shuffle):
+        if shuffle not in (0, 1, 2):
+            raise ValueError(f"shuffle must be 0, 1 or 2, got {shuffle!r}")
+        if not files:
+            raise ShardError("no training token files given; run preprocessFineweb.py first")
+        self.seqLength = checkSeqLength(seqLength)
+        self.seed = seedWords(seed)
+        self.streamIndex = int(streamIndex)
+        self.shuffle = shuffle
+        shards = [loadShard(path) for path in files]
+        self.nTokens = sum(int(s.size) for s in shards)
+        counts = [sequencesInShard(s.size, self.seqLength) for s in shards]
+        self.shards = [s for s, c in zip(shards, counts) if c > 0]
+        self.shardSequences = np.array([c for c in counts if c > 0], dtype=np.int64)
+        if not self.shards:
+            largest = max(int(s.size) for s in shards)
+            raise ShardError(f"the training data is shorter than seqLength+1 = {self.seqLength + 1} tokens in every file (largest file: {largest} tokens); lower --seqLength or use more data per shard")
+        self.sequencesPerEpoch = int(self.shardSequences.sum())
+        self.position = 0
+        self.cachedEpoch = None  # epoch whose shard order and cumulative counts are cached
+        self.cachedSlot = None  # (epoch, slot) whose sequence permutation is cached
+
+    def epochPlan(self, epoch):
+        """Shard order of an epoch and the cumulative sequence counts along it (cached)."""
+        if self.cachedEpoch != epoch:
+            nShards = len(self.shards)
+            start = self.streamIndex % nShards
+            if self.shuffle == 0:
+                order = np.arange(nShards)
+            else:
+                rng = np.random.default_rng([self.seed, self.streamIndex, RNG_SHARD_ORDER, epoch])
+                order = rng.permutation(nShards)
+                # rotate so the first shard is `start`: streams with different indices then begin on different shards
+                start = int(np.flatnonzero(order == start)[0])
+            self.order = np.roll(order, -start)
+            self.cumulative = np.cumsum(self.shardSequences[self.order])
+            self.cachedEpoch = epoch
+        return self.order, self.cumulative
+
+    def sequenceIndex(self, epoch, slot, local):
+        """Index inside its shard of the local-th sequence read from the shard at `slot` of the epoch's order."""
+        if self.shuffle == 0:
+            return local
+        if self.cachedSlot != (epoch, slot):
+            rng = np.random.default_rng([self.seed, self.streamIndex, RNG_SEQUENCE_ORDER, epoch, slot])
+            self.permutation = rng.permutation(int(self.shardSequences[self.order[slot]]))
+            self.cachedSlot = (epoch, slot)
+        return int(self.permutation[local])
+
+    def next(self):
+        """The next sequence: int64 array of seqLength+1 consecutive tokens of one shard."""
+        epoch, offset = divmod(self.position, self.sequencesPerEpoch)
+        order, cumulative = self.epochPlan(epoch)
+        slot = int(np.searchsorted(cumulative, offset, side="right"))
+        local = offset - (int(cumulative[slot - 1]) if slot > 0 else 0)
+        start = self.sequenceIndex(epoch, slot, local) * self.seqLength
+        sequence = np.array(self.shards[order[slot]][start:start + self.seqLength + 1], dtype=np.int64)
+        if self.shuffle == 2:
+            rng = np.random.default_rng([self.seed, self.streamIndex, RNG_TOKEN_ORDER, self.position])
+            sequence = rng.permutation(sequence)
+        self.position += 1
+        return sequence
+
+    def state_dict(self):
+        return {"position": self.position}
+
+    def load_state_dict(self, state):
+        position = int(state["position"])
+        if position < 0:
+            raise ValueError(f"stream position must be >= 0, got {position}")
+        self.position = position
+
+
+def validationSequences(files, seqLength, nTokens):
+    """The first nTokens tokens of the files (in file order) as int64 [nSeq, seqLength+1] sequences with stride seqLength, none crossing a file boundary."""
+    seqLength = checkSeqLength(seqLength)
+    budget = int(nTokens)
+    if budget < 1:
+        raise ValueError(f"nTokens must be a positive integer, got {nTokens!r}")
+    pieces = []
+    for path in files:
+        if budget == 0:
+            break
+        tokens = loadShard(path)
+        used = min(int(tokens.size), budget)
+        budget -= used
+        nSeq = sequencesInShard(used, seqLength)
+        if nSeq:
+            starts = np.arange(nSeq)[:, None] * seqLength
+            pieces.append(np.asarray(tokens[:used])[starts + np.arange(seqLength + 1)].astype(np.int64))
+    if not pieces:
+        raise ShardError(f"the first {int(nTokens)} validation tokens of {len(files)} file(s) hold no sequence of seqLength+1 = {seqLength + 1} tokens; raise --nTokensVa, lower --seqLength or use more validation data")
+    return np.concatenate(pieces)

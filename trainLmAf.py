@@ -1,0 +1,847 @@
+"""Train GPT-style language models with learned (spline) or fixed activation functions: flags -> run.
+
+Phase I (--nModels N > 1): N models trained side by side, sharing their activation functions (AFs),
+all active models in one batched pass. Phase II (--afFileToLoad): a fresh model with AFs loaded from
+phase I, frozen when --afLr 0. See README.md for the commands and SPEC of every flag (--help).
+"""
+import argparse
+import dataclasses
+import datetime
+import fcntl
+import math
+import os
+import platform
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from activationFunctions import FIXED_TYPES, SPLINE_TYPES
+from afFiles import AfFileError, atomicWrite, loadAfsIntoModel, perLayerValues, safeTorchLoad, saveAfFiles, splineKnots
+from model import GPT, copyInitAcrossModels, permuteInitAcrossModels
+from stackedAdam import StackedAdam
+from tokenShards import ShardError, TokenStream, listShards, maxTokenId, readShardHeader, validationSequences
+
+CHECKPOINT_FORMAT = "lm-afs checkpoint 1"
+
+# ----------------------------------------------------------------------------------------------
+# Hyperparameters (every field is a --flag of the same name)
+
+
+def flag(default, help, choices=None):
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class Hyperparameters:
+    runName: str = flag("", "file-name stem of every output; empty: the current time yymmddHHMM")
+    seed: int = flag(0, "seeds python, numpy and torch (CPU and CUDA)")
+    plotMinAcc: float = flag(0.0, "lower y-limit of the accuracy panel")
+    plotMaxAcc: float = flag(0.4, "upper y-limit of the accuracy panel")
+    plotMinLoss: float = flag(3.0, "lower y-limit of the loss panel")
+    plotMaxLoss: float = flag(15.0, "upper y-limit of the loss panel")
+    shuffleTrData: int = flag(1, "0: sequences in order; 1: shuffled order; 2: also shuffle tokens inside each "
+                                 "sequence (control experiment)", (0, 1, 2))
+    tokenDocSep: int = flag(50256, "document separator token (<|endoftext|>); -1: none")
+    nLayers: int = flag(4, "transformer blocks")
+    nHeads: int = flag(4, "attention heads")
+    dimEmb: int = flag(256, "embedding width")
+    tieEmbeddings: bool = flag(True, "output head shares the input embedding matrix")
+    lr: float = flag(0.0006, "Adam learning rate of all non-AF weights")
+    freezeEmbeddings: int = flag(0, "1: freeze input embedding; 2: freeze output head; 3: both; -1/-2/-3: train ONLY "
+                                    "those (plus AFs if afLr != 0)", (-3, -2, -1, 0, 1, 2, 3))
+    batchSize: int = flag(1, "gradient-accumulation steps per optimizer step (each one sequence)")
+    seqLength: int = flag(4096, "tokens per sequence")
+    contextSize: int = flag(1024, "attention window (sliding, inside the sequence); <= seqLength")
+    nSteps: int = flag(20000, "optimizer steps")
+    nStepsWarmup: int = flag(2000, "LR warmup steps")
+    nStepsCooldown: int = flag(10000, "LR cooldown steps (trap); warmup + cooldown < nSteps")
+    lrSchedule: str = flag("trap", "trap: warmup, flat, linear cooldown; warmup: warmup then flat; cos: warmup then "
+                                   "cosine", ("trap", "warmup", "cos"))
+    wtDecay: float = flag(0.0, "decoupled weight decay")
+    nModels: int = flag(1, ">1: phase-I multi-model training with shared AFs")
+    staggeredStarts: int = flag(2, "nModels>1. 0: all start at step 0; 1: model i starts at round(i*nSteps/nModels) "
+                                   "on the global LR schedule; 2: same starts, each model's schedule starts at its own "
+                                   "start step", (0, 1, 2))
+    sameDataAcrossModels: bool = flag(False, "all models see the same batch each step")
+    sameInitAcrossModels: bool = flag(False, "all models start from identical weights")
+    adamB1: float = flag(0.8, "Adam beta1 of the weights")
+    adamB2: float = flag(0.95, "Adam beta2 of the weights")
+    gradientClipping: float = flag(0.0, ">0: clip each model's global gradient norm (and the AFs') to this")
+    afType: str = flag("gelu;att-linear", "'MLP;att-ATT': MLP AF and pre-QKV attention AF, from "
+                                          "linear, gelu, relu, relu2, spline, splinePerDim (attention also: none); "
+                                          "'MLP' alone means att-linear")
+    afLayerSpecific: int = flag(1, "0: one AF shared by all layers; 1: one per layer; 2: first and last layers own "
+                                   "theirs, middle layers share one (needs >= 4 layers)", (0, 1, 2))
+    afRange: float = flag(15.0, "spline knots span [-afRange, afRange]")
+    afNAnchors: int = flag(64, "number of spline knots")
+    afInit: float = flag(0.01, "initial knot values (constant); -1: identity")
+    afLr: float = flag(0.1, ">0: Adam on AF values; <0: plain SGD with LR |afLr|; 0: AFs frozen")
+    afAdamB1: float = flag(0.99, "Adam beta1 of the AF values")
+    afAdamB2: float = flag(0.999, "Adam beta2 of the AF values")
+    afFileToLoad: str = flag("", "ptAf file (.pt or .csv) from phase I to load the AFs from")
+    dirResults: str = flag("./results-fineweb10B", "where logs, plots and checkpoints go")
+    filesTokensTr: str = flag("./data-fineweb10B/fineweb_train_*.bin", "glob of training token shards")
+    filesTokensVa: str = flag("./data-fineweb10B/fineweb_val_*.bin", "glob of validation token shards; empty: none")
+    nTokensVa: int = flag(10 * 1024 * 1024, "validation tokens per evaluation (always the same first tokens)")
+    valEvery: int = flag(500, "validate every N steps, at the first and the last; 0: only at the end; -1: never")
+    saveModelEvery: int = flag(-1, "model checkpoint every N steps; 0: only at the end; -1: never")
+    saveAfEvery: int = flag(0, "AF checkpoint every N steps; 0: only at the end; -1: never (forced when afLr=0)")
+    plotEvery: int = flag(200, "print progress and refresh plots every N steps")
+    plottingLevel: int = flag(2, "0: no plots; 1: loss/acc + AF shapes; 2: + activation magnitudes; "
+                                 "3: + max magnitudes and per-parameter magnitudes printed", (0, 1, 2, 3))
+    dtype: str = flag("float32", "float32, or bfloat16 (mixed precision; weights and spline knots stay float32)",
+                      ("float32", "bfloat16"))
+    flexBlockSize: int = flag(32, "FlexAttention tile size (speed/memory only)")
+    device: str = flag("auto", "auto: CUDA if present, else CPU", ("auto", "cuda", "cpu"))
+    plotShow: bool = flag(False, "also show the plots in a live window (only when a display exists)")
+    resumeFrom: str = flag("", "pt-RUN-stepNNNN.pt checkpoint (from --saveModelEvery or an interrupt) to continue")
+
+
+class ConfigError(Exception):
+    """Bad flags or inputs; the message is one line for the user."""
+
+
+def parseBool(text):
+    if text in ("1", "true", "True"):
+        return True
+    if text in ("0", "false", "False"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected 1/0/true/false/True/False, got {text!r}")
+
+
+def buildParser():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(Hyperparameters):
+        kind = parseBool if f.type in (bool, "bool") else {"int": int, "float": float, "str": str}.get(f.type, f.type)
+        parser.add_argument(f"--{f.name}", type=kind, default=f.default, help=f.metadata["help"],
+                            choices=f.metadata["choices"], metavar=f.name.upper() if f.metadata["choices"] is None
+                            else None)
+    return parser
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f"error: {message}\n")
+
+
+def parseArgs(argv=None):
+    parser = buildParser()
+    parser.__class__ = OneLineErrorParser
+    args = parser.parse_args(argv)
+    given = {a.dest for a in parser._actions if any(opt in (argv if argv is not None else sys.argv[1:])
+                                                     or any(x.startswith(opt + "=") for x in (argv or sys.argv[1:]))
+                                                     for opt in a.option_strings)}
+    return Hyperparameters(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Hyperparameters)}), given
+
+
+def splitAfType(afType):
+    """'MLP;att-ATT' -> (MLP, ATT); 'MLP' -> (MLP, 'linear')."""
+    parts = afType.split(";")
+    mlp = parts[0].strip()
+    if len(parts) == 1:
+        return mlp, "linear"
+    if len(parts) != 2 or not parts[1].strip().startswith("att-"):
+        raise ConfigError(f"--afType {afType!r} must look like 'MLP' or 'MLP;att-ATT' (e.g. 'spline;att-spline')")
+    return mlp, parts[1].strip()[len("att-"):]
+
+
+def isLearnableAf(name):
+    return name in SPLINE_TYPES
+
+
+def validate(hp):
+    """Check every flag; apply the forced values of SPEC §2. Raises ConfigError."""
+    mlp, att = splitAfType(hp.afType)
+    mlpChoices, attChoices = SPLINE_TYPES + FIXED_TYPES, SPLINE_TYPES + FIXED_TYPES + ("none",)
+    if mlp not in mlpChoices:
+        raise ConfigError(f"--afType: unknown MLP activation {mlp!r}; choose from {', '.join(mlpChoices)}")
+    if att not in attChoices:
+        raise ConfigError(f"--afType: unknown attention activation 'att-{att}'; choose att-X with X from "
+                          f"{', '.join(attChoices)}")
+    positive = ("nLayers", "nHeads", "dimEmb", "batchSize", "seqLength", "contextSize", "nSteps", "nModels",
+                "nTokensVa", "plotEvery", "flexBlockSize")
+    for name in positive:
+        if getattr(hp, name) < 1:
+            raise ConfigError(f"--{name} must be >= 1, got {getattr(hp, name)}")
+    for name in ("nStepsWarmup", "nStepsCooldown"):
+        if getattr(hp, name) < 0:
+            raise ConfigError(f"--{name} must be >= 0, got {getattr(hp, name)}")
+    if hp.dimEmb % hp.nHeads or (hp.dimEmb // hp.nHeads) % 2:
+        raise ConfigError(f"--dimEmb {hp.dimEmb} must split into --nHeads {hp.nHeads} heads of even size")
+    if hp.contextSize > hp.seqLength:
+        raise ConfigError(f"--contextSize {hp.contextSize} must be <= --seqLength {hp.seqLength}")
+    if hp.nStepsWarmup + hp.nStepsCooldown >= hp.nSteps:
+        raise ConfigError(f"--nStepsWarmup + --nStepsCooldown ({hp.nStepsWarmup} + {hp.nStepsCooldown}) must be "
+                          f"< --nSteps {hp.nSteps}")
+    if hp.tieEmbeddings and hp.freezeEmbeddings in (1, 2, -1, -2):
+        raise ConfigError(f"--freezeEmbeddings {hp.freezeEmbeddings} freezes one of two tied embeddings; use 3/-3 "
+                          "or --tieEmbeddings 0")
+    if hp.afLayerSpecific == 2 and hp.nLayers < 4:
+        raise ConfigError(f"--afLayerSpecific 2 needs --nLayers >= 4, got {hp.nLayers}")
+    if hp.afNAnchors < 2 or not hp.afRange > 0:
+        raise ConfigError(f"--afNAnchors must be >= 2 and --afRange > 0, got {hp.afNAnchors} and {hp.afRange}")
+    if os.sep in hp.runName or (os.altsep and os.altsep in hp.runName):
+        raise ConfigError(f"--runName {hp.runName!r} must not contain a path separator (use --dirResults)")
+    if hp.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda asked for, but PyTorch sees no CUDA GPU (use --device cpu)")
+    if hp.afFileToLoad and not (mlp in SPLINE_TYPES or att in SPLINE_TYPES):
+        raise ConfigError(f"--afFileToLoad needs a spline afType (spline or splinePerDim), got {hp.afType!r}")
+    if not hp.filesTokensTr:
+        raise ConfigError("--filesTokensTr is empty: give the glob of the training token shards")
+    forced = []
+    if not (isLearnableAf(mlp) or isLearnableAf(att)) and (hp.afLr != 0 or hp.afLayerSpecific != 0):
+        hp.afLr, hp.afLayerSpecific = 0.0, 0
+        forced.append("afLr=0 and afLayerSpecific=0 (no learnable AF)")
+    if hp.afLr == 0 and hp.saveAfEvery != -1:
+        hp.saveAfEvery = -1
+        forced.append("saveAfEvery=-1 (AFs frozen)")
+    if not hp.runName:
+        hp.runName = datetime.datetime.now().strftime("%y%m%d%H%M")
+    return forced
+
+
+# ----------------------------------------------------------------------------------------------
+# Learning-rate schedules and staggered starts
+
+
+def lrFactor(step, nSteps, nWarmup, nCooldown, schedule):
+    """Multiplier of the base LR at 0-based step `step` of a run of nSteps steps."""
+    warm = min(1.0, (step + 1) / nWarmup) if nWarmup > 0 else 1.0
+    if schedule == "warmup":
+        return warm
+    if schedule == "cos":
+        if step < nWarmup:
+            return warm
+        progress = min(1.0, (step - nWarmup) / max(1, nSteps - nWarmup))
+        return 5e-4 + 0.5 * (1 - 5e-4) * (1 + math.cos(math.pi * progress))
+    if step >= nSteps:
+        return 0.05
+    cool = min(1.0, (nSteps - step) / nCooldown) if nCooldown > 0 else 1.0
+    return min(warm, cool)
+
+
+def modelStartSteps(hp):
+    if hp.nModels == 1 or hp.staggeredStarts == 0:
+        return [0] * hp.nModels
+    return [round(i * hp.nSteps / hp.nModels) for i in range(hp.nModels)]
+
+
+def modelLrFactors(hp, step, startSteps):
+    """Per-model LR multipliers at a global step: the global schedule, or (staggeredStarts 2) each model's
+    own schedule starting at its start step and ending with the run."""
+    if hp.staggeredStarts == 2 and hp.nModels > 1:
+        return [lrFactor(step - s, hp.nSteps - s, hp.nStepsWarmup, hp.nStepsCooldown, hp.lrSchedule)
+                for s in startSteps]
+    return [lrFactor(step, hp.nSteps, hp.nStepsWarmup, hp.nStepsCooldown, hp.lrSchedule)] * hp.nModels
+
+
+def activeModels(step, startSteps):
+    """Number of models started by this step; they are always models 0..n-1 (start steps increase)."""
+    return sum(1 for s in startSteps if s <= step)
+
+
+# ----------------------------------------------------------------------------------------------
+# Log file (terminal + file, with a lock so two processes cannot write one log)
+
+
+class RunLog:
+    def __init__(self, path):
+        self.path = path
+        self.file = open(path, "a")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.close()
+            raise ConfigError(f"another process is writing {path}; wait for it or choose another --runName") from None
+        self.progressBar = None
+
+    def __call__(self, line="", terminal=True):
+        self.file.write(line + "\n")
+        self.file.flush()
+        if terminal:
+            if self.progressBar is not None:
+                self.progressBar.write(line)
+            else:
+                print(line, flush=True)
+
+    def close(self):
+        self.file.close()
+
+
+def finalLineWritten(logPath, nSteps):
+    if not os.path.isfile(logPath):
+        return False
+    prefix = f"Step {nSteps}/{nSteps} "
+    with open(logPath, errors="replace") as f:
+        return any(line.startswith(prefix) for line in f)
+
+
+# ----------------------------------------------------------------------------------------------
+# Setup
+
+
+def pickDevice(hp):
+    if hp.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(hp.device)
+
+
+def seedEverything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def roundUpVocab(maxId):
+    return (maxId + 1 + 127) // 128 * 128
+
+
+def buildModel(hp, vocabSize, device, nModels=None):
+    """The stacked GPT for these hyperparameters (a dict or Hyperparameters), on device."""
+    get = hp.get if isinstance(hp, dict) else lambda name, default=None: getattr(hp, name, default)
+    mlp, att = splitAfType(get("afType"))
+    return GPT(vocabSize=vocabSize, nLayers=get("nLayers"), nHeads=get("nHeads"), dimEmb=get("dimEmb"),
+               nModels=nModels or get("nModels"), afMlp=mlp, afAtt=att, afLayerSpecific=get("afLayerSpecific"),
+               afRange=get("afRange"), afNAnchors=get("afNAnchors"), afInit=get("afInit"),
+               tieEmbeddings=get("tieEmbeddings"), freezeEmbeddings=get("freezeEmbeddings"),
+               contextSize=get("contextSize"), tokenDocSep=get("tokenDocSep"),
+               attention="flex" if torch.device(device).type == "cuda" else "sdpa",
+               flexBlockSize=get("flexBlockSize")).to(device)
+
+
+def frozenParameters(model, freezeEmbeddings):
+    """Parameters that freezeEmbeddings keeps fixed (weights only; AFs are governed by afLr)."""
+    embed = [model.embed]
+    head = [] if model.tieEmbeddings else [model.head]
+    if freezeEmbeddings in (1, 2, 3):
+        return {1: embed, 2: head, 3: embed + head}[freezeEmbeddings]
+    if freezeEmbeddings < 0:
+        keep = {-1: embed, -2: head, -3: embed + head}[freezeEmbeddings]
+        keepIds = {id(p) for p in keep}
+        return [p for p in model.weightParameters() if id(p) not in keepIds]
+    return []
+
+
+def libraryInfo(device):
+    lines = [f"python {platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}, "
+             f"platform {platform.platform()}"]
+    if device.type == "cuda":
+        lines.append(f"device: {torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})")
+    else:
+        lines.append(f"device: CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)")
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+        if commit:
+            lines.append(f"git commit {commit}")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return lines
+
+
+def parameterReport(model, nModels):
+    """Lines with per-tensor and total parameter counts, per model (stacked tensors divided by nModels)."""
+    lines, trainable, frozen = [], 0, 0
+    afIds = {id(p) for p in model.afParameters()}
+    for name, p in model.named_parameters():
+        perModel = p.numel() if id(p) in afIds else p.numel() // nModels
+        shape = tuple(p.shape) if id(p) in afIds else tuple(p.shape[1:])
+        state = "trainable" if p.requires_grad else "frozen"
+        lines.append(f"  {name:40s} {str(shape):20s} {perModel:>12,} {state}{' (AF, shared)' if id(p) in afIds else ''}")
+        if p.requires_grad:
+            trainable += perModel
+        else:
+            frozen += perModel
+    return lines, trainable, frozen
+
+
+# ----------------------------------------------------------------------------------------------
+# Training run
+
+
+class Interrupted(Exception):
+    pass
+
+
+class Trainer:
+    """One training run: data, model, optimizers, loop, outputs. Built by setup(), run by train()."""
+
+    def __init__(self, hp, given=frozenset()):
+        self.hp, self.given = hp, given
+        self.stopSignal = None
+
+    # -- setup -------------------------------------------------------------------------------
+
+    def setup(self):
+        hp = self.hp
+        resume = None
+        if hp.resumeFrom:
+            resume = self.loadResumeCheckpoint()
+        forced = validate(hp)
+        self.paths()
+        if finalLineWritten(self.logPath, hp.nSteps):
+            self.alreadyComplete = True
+            return self
+        self.alreadyComplete = False
+        self.device = pickDevice(hp)
+        self.afMlp, self.afAtt = splitAfType(hp.afType)
+        seedEverything(hp.seed)
+
+        self.trFiles = listShards(hp.filesTokensTr, "--filesTokensTr")
+        self.vaFiles = listShards(hp.filesTokensVa, "--filesTokensVa") if hp.filesTokensVa else []
+        for path in self.trFiles + self.vaFiles:
+            readShardHeader(path)
+        self.vocabSize = resume["vocabSize"] if resume else roundUpVocab(maxTokenId(self.trFiles + self.vaFiles))
+        self.streams = [TokenStream(self.trFiles, hp.seqLength, hp.seed, i, hp.shuffleTrData)
+                        for i in range(1 if hp.sameDataAcrossModels else hp.nModels)]
+        self.vaSequences = validationSequences(self.vaFiles, hp.seqLength, hp.nTokensVa) if self.vaFiles else None
+
+        self.model = buildModel(hp, self.vocabSize, self.device)
+        self.afNotes = []
+        if hp.afFileToLoad and not resume:
+            self.afNotes = loadAfsIntoModel(self.model, hp.afFileToLoad, freeze=hp.afLr == 0)
+            self.model.to(self.device)
+        if hp.nModels > 1 and not resume:
+            if hp.sameInitAcrossModels:
+                copyInitAcrossModels(self.model)
+            else:
+                permuteInitAcrossModels(self.model, torch.Generator().manual_seed(hp.seed))
+        for p in frozenParameters(self.model, hp.freezeEmbeddings):
+            p.requires_grad_(False)
+        for p in self.model.afParameters():
+            p.requires_grad_(hp.afLr != 0)
+        self.buildOptimizers()
+        self.startSteps = modelStartSteps(hp)
+        self.step = 0
+        self.history = {"train": [], "val": [], "actMean": [], "actMax": []}
+        self.trainSeconds = 0.0
+        if resume:
+            self.restore(resume)
+        self.compiled = torch.compile(self.model) if self.device.type == "cuda" else self.model
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=hp.dtype == "bfloat16")
+        self.forced = forced
+        return self
+
+    def paths(self):
+        hp = self.hp
+        self.logPath = os.path.join(hp.dirResults, f"log-{hp.runName}.txt")
+
+    def buildOptimizers(self):
+        hp = self.hp
+        weights = [p for p in self.model.weightParameters() if p.requires_grad]
+        self.optimizer = StackedAdam(weights, hp.nModels, betas=(hp.adamB1, hp.adamB2), weightDecay=hp.wtDecay)
+        afParams = [p for p in self.model.afParameters() if p.requires_grad]
+        if not afParams:
+            self.afOptimizer = None
+        elif hp.afLr > 0:
+            self.afOptimizer = torch.optim.Adam(afParams, lr=hp.afLr, betas=(hp.afAdamB1, hp.afAdamB2))
+        else:
+            self.afOptimizer = torch.optim.SGD(afParams, lr=-hp.afLr)
+
+    # -- checkpoints -------------------------------------------------------------------------
+
+    def checkpointDict(self):
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "hyperparameters": dataclasses.asdict(self.hp),
+            "step": self.step,
+            "vocabSize": self.vocabSize,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "afOptimizer": self.afOptimizer.state_dict() if self.afOptimizer else None,
+            "dataPositions": [s.state_dict() for s in self.streams],
+            "history": self.history,
+            "trainSeconds": self.trainSeconds,
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].copy(),
+                    "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else []},
+            "knots": splineKnots(self.model),
+            "afValuesMlp": perLayerValues(self.model, "mlp"),
+            "afValuesAtt": perLayerValues(self.model, "att"),
+        }
+
+    def loadResumeCheckpoint(self):
+        path = self.hp.resumeFrom
+        try:
+            ckpt = safeTorchLoad(path, "--resumeFrom")
+        except AfFileError as err:
+            raise ConfigError(str(err)) from None
+        if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+            raise ConfigError(f"--resumeFrom {path!r} is not a model checkpoint (pt-RUN-stepNNNN.pt) of trainLmAf.py")
+        saved = ckpt["hyperparameters"]
+        for name, value in saved.items():
+            if name != "resumeFrom" and name not in self.given and hasattr(self.hp, name):
+                setattr(self.hp, name, value)
+        return ckpt
+
+    def restore(self, ckpt):
+        self.model.load_state_dict(ckpt["model"])
+        self.model.to(self.device)
+        self.buildOptimizers()
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.afOptimizer and ckpt["afOptimizer"]:
+            self.afOptimizer.load_state_dict(ckpt["afOptimizer"])
+        for stream, state in zip(self.streams, ckpt["dataPositions"]):
+            stream.load_state_dict(state)
+        self.history = ckpt["history"]
+        self.step = ckpt["step"]
+        self.trainSeconds = ckpt["trainSeconds"]
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if self.device.type == "cuda" and ckpt["rng"]["cuda"]:
+            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+
+    def saveCheckpoint(self):
+        path = os.path.join(self.hp.dirResults, f"pt-{self.hp.runName}-step{self.step:04d}.pt")
+        atomicWrite(path, lambda tmp: torch.save(self.checkpointDict(), tmp))
+        return path
+
+    def saveAfs(self):
+        stem = os.path.join(self.hp.dirResults, f"ptAf-{self.hp.runName}-step{self.step:04d}")
+        return saveAfFiles(stem, self.model, dataclasses.asdict(self.hp), self.step)
+
+    # -- header ------------------------------------------------------------------------------
+
+    def printHeader(self):
+        hp, log = self.hp, self.log
+        log(f"==== trainLmAf.py  {datetime.datetime.now():%Y-%m-%d %H:%M:%S}  run '{hp.runName}'")
+        log("command: " + " ".join(sys.argv))
+        log("Hyperparameters:")
+        for f in dataclasses.fields(hp):
+            log(f"  {f.name} = {getattr(hp, f.name)!r}")
+        for note in self.forced:
+            log(f"Forced: {note}")
+        for line in libraryInfo(self.device):
+            log(line)
+        nTr = sum(readShardHeader(p) for p in self.trFiles)
+        log(f"Training data: {len(self.trFiles)} files, {nTr:,} tokens ({hp.filesTokensTr})")
+        if self.vaFiles:
+            nVa = self.vaSequences.shape[0] * hp.seqLength
+            log(f"Validation data: {len(self.vaFiles)} files, {nVa:,} tokens used per evaluation "
+                f"({self.vaSequences.shape[0]} sequences; {hp.filesTokensVa})")
+        else:
+            log("Validation data: none (--filesTokensVa is empty)")
+        log(f"Vocabulary size: {self.vocabSize:,} (max token id + 1, rounded up to a multiple of 128)")
+        tokensPerModel = hp.nSteps * hp.batchSize * hp.seqLength
+        log(f"Projected training tokens per model: {tokensPerModel:,} = {tokensPerModel / max(1, nTr):.2f} epochs")
+        lines, trainable, frozen = parameterReport(self.model, hp.nModels)
+        log("Parameters per model (AF parameters are shared by all models):")
+        for line in lines:
+            log(line, terminal=hp.plottingLevel >= 3)
+        log(f"Parameters per model: {trainable:,} trainable, {frozen:,} frozen, {trainable + frozen:,} total")
+        log(f"Tokens per parameter: {tokensPerModel / max(1, trainable + frozen):.2f}")
+        log(f"Optimizer (weights): {self.optimizer.describe()}, lr={hp.lr}, schedule {hp.lrSchedule}")
+        if self.afOptimizer:
+            log(f"Optimizer (AFs): {type(self.afOptimizer).__name__} lr={abs(hp.afLr)}"
+                + (f" betas=({hp.afAdamB1}, {hp.afAdamB2})" if hp.afLr > 0 else "")
+                + f", {sum(p.numel() for p in self.model.afParameters()):,} AF parameters")
+        else:
+            log("Optimizer (AFs): none (AFs fixed or frozen)")
+        for note in self.afNotes:
+            log(note)
+        if hp.nModels > 1:
+            log(f"Phase I: {hp.nModels} models, start steps {self.startSteps}")
+
+    # -- one step ----------------------------------------------------------------------------
+
+    def nextBatch(self, nActive):
+        """Tokens [nActive, seqLength+1] for one accumulation step: one sequence per active model."""
+        if self.hp.sameDataAcrossModels:
+            rows = [self.streams[0].next()] * nActive
+        else:
+            rows = [self.streams[i].next() for i in range(nActive)]
+        batch = torch.from_numpy(np.stack(rows))
+        if self.device.type == "cuda":
+            batch = batch.pin_memory().to(self.device, non_blocking=True)
+        return batch[:, None, :]  # [n, B=1, T+1]
+
+    def trainStep(self):
+        hp, step = self.hp, self.step
+        nActive = activeModels(step, self.startSteps)
+        lossSum = torch.zeros(nActive, device=self.device)
+        accSum = torch.zeros(nActive, device=self.device)
+        for _ in range(hp.batchSize):
+            tokens = self.nextBatch(nActive)
+            with self.autocast:
+                losses, accuracies = self.compiled(tokens[..., :-1], tokens[..., 1:])
+            (losses.sum() / hp.batchSize).backward()
+            lossSum += losses.detach()
+            accSum += accuracies.detach()
+        afParams = [p for p in self.model.afParameters() if p.grad is not None]
+        for p in afParams:  # the AF gradient is the average over the models that ran
+            p.grad /= nActive
+        if hp.gradientClipping > 0:
+            self.clipGradients(nActive, afParams)
+        factors = modelLrFactors(hp, step, self.startSteps)
+        self.optimizer.step(nActive, [hp.lr * f for f in factors])
+        self.optimizer.zero_grad()
+        if self.afOptimizer:
+            afFactor = lrFactor(step, hp.nSteps, hp.nStepsWarmup, hp.nStepsCooldown, hp.lrSchedule)
+            for group in self.afOptimizer.param_groups:
+                group["lr"] = abs(hp.afLr) * afFactor
+            self.afOptimizer.step()
+            self.afOptimizer.zero_grad(set_to_none=True)
+        return nActive, lossSum / hp.batchSize, accSum / hp.batchSize
+
+    @torch.no_grad()
+    def clipGradients(self, nActive, afParams):
+        grads = [p.grad[:nActive] for p in self.optimizer.params if p.grad is not None]
+        if grads:
+            sq = sum(g.float().pow(2).reshape(nActive, -1).sum(1) for g in grads)
+            scale = (self.hp.gradientClipping / (sq.sqrt() + 1e-6)).clamp(max=1.0)
+            for g in grads:
+                g.mul_(scale.view(-1, *([1] * (g.dim() - 1))).to(g.dtype))
+        if afParams:
+            torch.nn.utils.clip_grad_norm_(afParams, self.hp.gradientClipping)
+
+    # -- evaluation --------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def validate(self):
+        """Mean loss and accuracy of model 0 over the validation sequences."""
+        seqs = self.vaSequences
+        perForward = max(1, min(len(seqs), 16384 // self.hp.seqLength))
+        totalLoss = totalAcc = 0.0
+        for start in range(0, len(seqs), perForward):
+            chunk = torch.from_numpy(seqs[start:start + perForward]).to(self.device)[None]
+            with self.autocast:
+                losses, accs = self.compiled(chunk[..., :-1], chunk[..., 1:])
+            totalLoss += float(losses[0]) * chunk.shape[1]
+            totalAcc += float(accs[0]) * chunk.shape[1]
+        return totalLoss / len(seqs), totalAcc / len(seqs)
+
+    @torch.no_grad()
+    def activationMagnitudes(self):
+        """Mean and max |x| before every AF of model 0, on the first validation (or a training) sequence."""
+        if self.vaSequences is not None:
+            tokens = torch.from_numpy(self.vaSequences[:1]).to(self.device)[None]
+        else:
+            tokens = torch.from_numpy(TokenStream(self.trFiles, self.hp.seqLength, self.hp.seed, 0, 0).next()
+                                      ).to(self.device)[None, None]
+        stats = []
+        with self.autocast:
+            self.model(tokens[..., :-1], tokens[..., 1:], stats=stats)
+        stats = torch.stack(stats).cpu()
+        return stats[:, 0].tolist(), stats[:, 1].tolist()
+
+    # -- outputs -----------------------------------------------------------------------------
+
+    def refreshPlots(self):
+        import plotting
+        hp, stepTag = self.hp, f"step{self.step:06d}"
+        made = []
+        if hp.plottingLevel >= 1:
+            lastVal = self.history["val"][-1] if self.history["val"] else None
+            suffix = f"-lossVa{lastVal[1]:.4f}" if lastVal else ""
+            made.append(("tr", f"tr-{hp.runName}-{stepTag}{suffix}.png"))
+            plotting.plotTraining(os.path.join(hp.dirResults, made[-1][1]), self.history, hp.plotMinLoss,
+                                  hp.plotMaxLoss, hp.plotMinAcc, hp.plotMaxAcc, title=hp.runName)
+            afs = self.afTiles()
+            if afs:
+                made.append(("af", f"af-{hp.runName}-{stepTag}.png"))
+                plotting.plotAfs(os.path.join(hp.dirResults, made[-1][1]), afs, title=hp.runName)
+        if hp.plottingLevel >= 2 and self.history["actMean"]:
+            made.append(("act", f"act-{hp.runName}-{stepTag}.png"))
+            plotting.plotActivations(os.path.join(hp.dirResults, made[-1][1]), self.history, self.model.afSiteNames())
+        self.removeOlderPlots({name for _, name in made}, {kind for kind, _ in made})
+        if hp.plotShow:
+            plotting.showFiles([os.path.join(hp.dirResults, name) for _, name in made])
+
+    def removeOlderPlots(self, keep, kinds):
+        """One current file per figure: older refreshes of this run's figures are removed."""
+        pattern = re.compile(rf"^({'|'.join(kinds)})-{re.escape(self.hp.runName)}-step\d{{6}}.*\.png$")
+        for name in os.listdir(self.hp.dirResults):
+            if pattern.match(name) and name not in keep:
+                os.remove(os.path.join(self.hp.dirResults, name))
+
+    def afTiles(self):
+        tiles = []
+        for kind, modules, index in (("MLP", self.model.mlpAfs, self.model.mlpAfIndex),
+                                     ("att", self.model.attAfs, self.model.attAfIndex)):
+            for m, module in enumerate(modules):
+                if not hasattr(module, "knots"):
+                    continue
+                layers = [i for i, j in enumerate(index) if j == m]
+                where = "all layers" if len(layers) == len(index) and len(index) > 1 else \
+                    "layer " + ",".join(map(str, layers)) if len(layers) <= 2 else f"layers {layers[0]}-{layers[-1]}"
+                tiles.append({"name": f"{kind} ({where})", "knots": module.knots.cpu().numpy(),
+                              "values": module.values.detach().float().cpu().numpy()})
+        return tiles
+
+    def isDue(self, every, step):
+        """Whether an every-N output is due after `step` steps are complete (0: only at the end)."""
+        if every < 0:
+            return False
+        return step == self.hp.nSteps or (every > 0 and step % every == 0)
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def train(self):
+        from tqdm import tqdm
+
+        hp = self.hp
+        os.makedirs(hp.dirResults, exist_ok=True)
+        self.log = RunLog(self.logPath)
+        if self.step:
+            self.log(f"==== resuming from {hp.resumeFrom} at step {self.step}")
+        self.printHeader()
+        bar = tqdm(total=hp.nSteps, initial=self.step, desc=hp.runName, unit="step", dynamic_ncols=True,
+                   disable=None, file=sys.stderr)
+        self.log.progressBar = bar
+        windowLoss = torch.zeros(hp.nModels, device=self.device)
+        windowAcc = torch.zeros(hp.nModels, device=self.device)
+        windowCount = torch.zeros(hp.nModels, device=self.device)
+        windowStart, windowSteps = time.perf_counter(), 0
+        previousLosses = None
+        self.installSignalHandlers()
+        try:
+            while self.step < hp.nSteps:
+                t0 = time.perf_counter()
+                nActive, losses, accs = self.trainStep()
+                if previousLosses is not None:
+                    self.checkFinite(*previousLosses)
+                previousLosses = (losses, self.step)
+                self.step += 1
+                windowLoss[:nActive] += losses
+                windowAcc[:nActive] += accs
+                windowCount[:nActive] += 1
+                windowSteps += 1
+                self.trainSeconds += time.perf_counter() - t0
+                bar.update(1)
+                if self.step == 6 and self.device.type == "cuda":
+                    self.log(f"Step {self.step}/{hp.nSteps}   Peak CUDA memory usage: "
+                             f"{torch.cuda.max_memory_allocated(self.device) / 1e9:.3f} GB")
+                if self.step == hp.nSteps or (self.step - 1) % hp.plotEvery == 0:
+                    self.checkFinite(losses, self.step - 1)
+                    self.reportTraining(windowLoss, windowAcc, windowCount, windowStart, windowSteps, bar)
+                    windowLoss.zero_(), windowAcc.zero_(), windowCount.zero_()
+                    windowStart, windowSteps = time.perf_counter(), 0
+                self.periodicOutputs()
+                if self.stopSignal is not None:
+                    raise Interrupted()
+            bar.close()
+            self.log.progressBar = None
+        except Interrupted:
+            bar.close()
+            self.log.progressBar = None
+            self.saveOnInterrupt()
+            return 128 + self.stopSignal
+        finally:
+            self.restoreSignalHandlers()
+            self.log.close()
+        return 0
+
+    def reportTraining(self, windowLoss, windowAcc, windowCount, windowStart, windowSteps, bar):
+        hp = self.hp
+        count = windowCount.clamp(min=1).cpu()
+        loss, acc = (windowLoss.cpu() / count).tolist(), (windowAcc.cpu() / count).tolist()
+        elapsed = time.perf_counter() - windowStart
+        self.log(f"Step {self.step}/{hp.nSteps}   lossTr {loss[0]:.4f}   accTr {100 * acc[0]:.1f}   "
+                 f"{self.trainSeconds:.0f}s = {elapsed / max(1, windowSteps):.2f}s/step")
+        for m in range(hp.nModels):
+            if windowCount[m] > 0:
+                self.history["train"].append((self.step, m, loss[m], acc[m]))
+                if m > 0:
+                    self.log(f"Step {self.step}/{hp.nSteps}   model {m}   lossTr {loss[m]:.4f}   accTr {100 * acc[m]:.1f}",
+                             terminal=False)
+        bar.set_postfix(lossTr=f"{loss[0]:.3f}")
+
+    def periodicOutputs(self):
+        hp, step = self.hp, self.step
+        first = step == 1
+        if self.vaSequences is not None and hp.valEvery >= 0 and (
+                step == hp.nSteps or (hp.valEvery > 0 and (step - 1) % hp.valEvery == 0)):
+            lossVa, accVa = self.validate()
+            self.history["val"].append((step, lossVa, accVa))
+            self.log(f"Step {step}/{hp.nSteps}   lossVa {lossVa:.4f}   accVa {100 * accVa:.1f}")
+        if hp.plottingLevel >= 2 and (step == hp.nSteps or first or (step - 1) % hp.plotEvery == 0):
+            means, maxima = self.activationMagnitudes()
+            self.history["actMean"].append((step, means))
+            self.history["actMax"].append((step, maxima))
+            if step == hp.nSteps or hp.plottingLevel >= 3:
+                self.log(f"Step {step}/{hp.nSteps}   Activation magnitudes (2): " + " ".join(f"{v:.2f}" for v in means))
+            if hp.plottingLevel >= 3:
+                self.log(f"Step {step}/{hp.nSteps}   Activation magnitudes (3): " + " ".join(f"{v:.2f}" for v in maxima))
+                self.logParameterMagnitudes()
+        if self.isDue(hp.saveAfEvery, step) and self.afOptimizer:
+            self.saveAfs()
+        if self.isDue(hp.saveModelEvery, step):
+            self.saveCheckpoint()
+        if hp.plottingLevel >= 1 and (step == hp.nSteps or (step - 1) % hp.plotEvery == 0):
+            self.refreshPlots()
+
+    def logParameterMagnitudes(self):
+        for name, p in self.model.named_parameters():
+            self.log(f"Step {self.step}/{self.hp.nSteps}   |{name}| mean {p.detach()[0].float().abs().mean():.4f}",
+                     terminal=False)
+
+    def checkFinite(self, losses, step):
+        bad = (~torch.isfinite(losses)).nonzero().flatten().tolist()
+        if bad:
+            raise NonFiniteLoss(step + 1, bad[0])
+
+    # -- interrupts --------------------------------------------------------------------------
+
+    def installSignalHandlers(self):
+        def handler(signum, frame):
+            if self.stopSignal is not None:
+                os._exit(128 + signum)  # second signal: stop at once
+            self.stopSignal = signum
+            self.log(f"Received {signal.Signals(signum).name}: finishing step {self.step + 1}, then saving "
+                     "(send it again to stop at once)")
+        self.previousHandlers = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def restoreSignalHandlers(self):
+        for s, h in getattr(self, "previousHandlers", {}).items():
+            signal.signal(s, h)
+
+    def saveOnInterrupt(self):
+        path = self.saveCheckpoint()
+        if self.afOptimizer:
+            self.saveAfs()
+        if self.hp.plottingLevel >= 1:
+            self.refreshPlots()
+        self.log(f"Stopped at step {self.step}/{self.hp.nSteps}; checkpoint {path}")
+        self.log(f"Resume with: python {os.path.basename(__file__)} --resumeFrom {path}")
+
+
+class NonFiniteLoss(Exception):
+    def __init__(self, step, modelIndex):
+        super().__init__(f"non-finite training loss at step {step} in model {modelIndex}; lower --lr or --afLr, "
+                         "or enable --gradientClipping")
+        self.step, self.modelIndex = step, modelIndex
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry point
+
+
+def main(argv=None):
+    hp, given = parseArgs(argv)
+    trainer = Trainer(hp, given)
+    try:
+        trainer.setup()
+        if trainer.alreadyComplete:
+            print(f"Run '{hp.runName}' already complete ({trainer.logPath} holds its final step); nothing to do.")
+            return 0
+        return trainer.train()
+    except (ConfigError, ShardError, AfFileError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except NonFiniteLoss as err:
+        trainer.step = err.step - 1
+        message = f"error: {err}"
+        if getattr(trainer, "afOptimizer", None):
+            message += f"; last AFs saved in {trainer.saveAfs()[0]}"
+        print(message, file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())
