@@ -225,6 +225,7 @@ class GPT(nn.Module):
                  afLayerSpecific=1, afRange=15.0, afNAnchors=64, afInit=0.01, tieEmbeddings=True,
                  freezeEmbeddings=0, contextSize=1024, tokenDocSep=50256, attention="sdpa", flexBlockSize=32):
         super().__init__()
+        self.config = {name: value for name, value in locals().items() if name not in ("self", "__class__")}
         if dimEmb % nHeads or (dimEmb // nHeads) % 2:
             raise ValueError(f"dimEmb ({dimEmb}) must be divisible by nHeads ({nHeads}) into an even head size")
         self.nModels, self.nLayers, self.vocabSize = nModels, nLayers, vocabSize
@@ -282,6 +283,17 @@ class GPT(nn.Module):
         """Names of the AF sites, in the order of the activation statistics: MLP layers, then attention layers."""
         names = [f"MLP {i}" for i in range(self.nLayers)]
         return names + [f"att {i}" for i in range(self.nLayers)] if self.attAfIndex else names
+
+    def singleModel(self, index):
+        """Model `index` alone, as an N=1 GPT holding a copy of its weights and sharing these AF modules."""
+        single = GPT(**{**self.config, "nModels": 1})
+        device = self.embed.device
+        with torch.no_grad():
+            for (name, p), (_, q) in zip(self.namedWeightParameters(), single.namedWeightParameters()):
+                q.copy_(p[index:index + 1])
+                q.requires_grad_(p.requires_grad)
+        single.mlpAfs, single.attAfs = self.mlpAfs, self.attAfs
+        return single.to(device)
 
     # -- forward ---------------------------------------------------------------------------
 

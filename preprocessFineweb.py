@@ -11,6 +11,7 @@ training ({name}_train_000001.bin, ...). Shards are written atomically; a rerun 
 only way to know where later shards start) but keeps shards whose contents are already right.
 """
 import argparse
+import base64
 import collections
 import glob
 import hashlib
@@ -18,7 +19,9 @@ import json
 import multiprocessing
 import os
 import re
+import signal
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -47,9 +50,20 @@ class PreprocessError(Exception):
     """A problem with the input, the vocabulary or the network; the message says what to do."""
 
 
-def firstLine(error):
+def describe(error, limit=120):
+    """The error's type and the start of its message, short enough for a one-line report."""
     text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
+    text = text.splitlines()[0] if text else ""
+    if len(text) > limit:
+        text = text[:limit].rstrip() + "..."
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def quietHubClients():
+    # the hub client's retry warnings would bury the one error line
+    from huggingface_hub.utils import logging as hubLogging
+
+    hubLogging.set_verbosity_error()
 
 
 # ---------------------------------------------------------------- GPT-2 vocabulary
@@ -71,22 +85,22 @@ def loadVocabulary(vocabFile):
         for line in data.splitlines():
             if line:
                 token, rank = line.split()
-                ranks[__import__("base64").b64decode(token)] = int(rank)
+                ranks[base64.b64decode(token)] = int(rank)
         params = {"name": "r50k_base", "pat_str": openaiPublic.r50k_pat_str, "mergeable_ranks": ranks,
                   "special_tokens": {"<|endoftext|>": EOT_ID}, "explicit_n_vocab": EOT_ID + 1}
         return params, f"--vocab_file {vocabFile}"
     cacheDir = os.environ.get("TIKTOKEN_CACHE_DIR", os.environ.get("DATA_GYM_CACHE_DIR"))
-    cachePath = os.path.join(cacheDir or os.path.join(__import__("tempfile").gettempdir(), "data-gym-cache"),
+    cachePath = os.path.join(cacheDir or os.path.join(tempfile.gettempdir(), "data-gym-cache"),
                              hashlib.sha1(R50K_URL.encode()).hexdigest())
     wasCached = os.path.exists(cachePath)
     try:
         params = openaiPublic.r50k_base()
     except Exception as e:
-        raise PreprocessError(f"cannot get the GPT-2 vocabulary from tiktoken ({firstLine(e)}); pass --vocab_file PATH to a gpt2.tiktoken file, or copy it to $TIKTOKEN_CACHE_DIR/{os.path.basename(cachePath)}") from None
+        raise PreprocessError(f"cannot get the GPT-2 vocabulary from tiktoken ({describe(e)}); pass --vocab_file PATH to a gpt2.tiktoken file, or copy it to $TIKTOKEN_CACHE_DIR/{os.path.basename(cachePath)}") from None
     return params, (f"tiktoken cache {cachePath}" if wasCached else f"downloaded by tiktoken from {R50K_URL}")
 
 
-# One tokenizer per process: set by initWorker (the Pool initializer, or called directly when --num_proc 1).
+# One tokenizer per process: set by initWorker (called directly when --num_proc 1, else via initPoolWorker).
 workerEncoding = None
 
 
@@ -95,6 +109,13 @@ def initWorker(encodingParams):
     import tiktoken
 
     workerEncoding = tiktoken.Encoding(**encodingParams)
+
+
+def initPoolWorker(encodingParams):
+    # Ctrl-C reaches the whole process group; the main process handles it and terminates the pool,
+    # so workers ignore it instead of each printing a traceback
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    initWorker(encodingParams)
 
 
 def tokenizeChunk(texts):
@@ -121,22 +142,27 @@ def chunkDocuments(documents):
         yield chunk
 
 
-def tokenChunks(documents, encodingParams, numProc):
-    """Token arrays of the documents, in document order, tokenized by numProc processes."""
+def startTokenizers(encodingParams, numProc):
+    """A pool of numProc tokenizer processes, or None when this process tokenizes (numProc 1)."""
     if numProc == 1:
         initWorker(encodingParams)
+        return None
+    return multiprocessing.Pool(numProc, initializer=initPoolWorker, initargs=(encodingParams,))
+
+
+def tokenChunks(documents, pool, numProc):
+    """Token arrays of the documents, in document order."""
+    if pool is None:
         for chunk in chunkDocuments(documents):
             yield tokenizeChunk(chunk)
         return
-    # leaving the with-block (also when the consumer stops early) terminates the workers
-    with multiprocessing.Pool(numProc, initializer=initWorker, initargs=(encodingParams,)) as pool:
-        pending = collections.deque()
-        for chunk in chunkDocuments(documents):
-            pending.append(pool.apply_async(tokenizeChunk, (chunk,)))
-            if len(pending) >= numProc * TASKS_PER_WORKER:
-                yield pending.popleft().get()
-        while pending:
+    pending = collections.deque()
+    for chunk in chunkDocuments(documents):
+        pending.append(pool.apply_async(tokenizeChunk, (chunk,)))
+        if len(pending) >= numProc * TASKS_PER_WORKER:
             yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
 
 
 # ---------------------------------------------------------------- document sources
@@ -145,19 +171,20 @@ def fineWebDocuments():
     """Texts of FineWeb sample-10BT, streamed (nothing but the current parquet file is fetched)."""
     import datasets
 
-    datasets.logging.set_verbosity_error()  # the hub client's retry warnings would bury the one error line
+    quietHubClients()
+    datasets.logging.set_verbosity_error()
     where = f"{FINEWEB_DATASET} ({FINEWEB_CONFIG})"
     try:
         dataset = datasets.load_dataset(FINEWEB_DATASET, name=FINEWEB_CONFIG, split="train", streaming=True)
     except Exception as e:
-        raise PreprocessError(f"cannot open {where} on the Hugging Face hub ({firstLine(e)}); check the network, or use --from_hub or --input") from None
+        raise PreprocessError(f"cannot open {where} on the Hugging Face hub ({describe(e)}); check the network, or use --from_hub or --input") from None
 
     def texts():
         try:
             for row in dataset:
                 yield row["text"]
         except Exception as e:
-            raise PreprocessError(f"streaming {where} from the Hugging Face hub failed ({firstLine(e)}); check the network and re-run (complete shards are kept)") from None
+            raise PreprocessError(f"streaming {where} from the Hugging Face hub failed ({describe(e)}); check the network and re-run (complete shards are kept)") from None
 
     return texts()
 
@@ -211,7 +238,7 @@ def fileTexts(path, textField):
         if textField not in parquetFile.schema_arrow.names:
             raise PreprocessError(f"{path}: no column '{textField}' (columns: {', '.join(parquetFile.schema_arrow.names)}); set --text_field")
         for batch in parquetFile.iter_batches(columns=[textField], batch_size=1024):
-            for row, text in enumerate(batch.column(0).to_pylist()):
+            for text in batch.column(0).to_pylist():
                 if not isinstance(text, str):
                     raise PreprocessError(f"{path}: column '{textField}' holds {type(text).__name__}, not text; set --text_field to a text column")
                 yield text
@@ -315,28 +342,34 @@ def warnAboutExtraShards(outDir, name, nWritten):
 
 
 def preprocess(args):
+    paths = inputFiles(args.input) if args.input else None
     encodingParams, source = loadVocabulary(args.vocab_file)
     print(f"GPT-2 vocabulary: {source}")
-    if args.input:
-        paths = inputFiles(args.input)
-        documents = localDocuments(paths, args.text_field)
-        what = f"{len(paths)} input file(s)"
-    else:
-        documents = fineWebDocuments()
-        what = f"{FINEWEB_DATASET} ({FINEWEB_CONFIG}), streamed"
     os.makedirs(args.outDir, exist_ok=True)
     removeLeftovers(args.outDir, args.name)
-    limit = f"at most {args.n_shards}" if args.n_shards else "all"
-    print(f"tokenizing {what} with {args.num_proc} process(es) into {args.outDir}: {limit} shards of {args.shard_size:,} tokens")
-    startTime = time.time()
-    chunks = tokenChunks(documents, encodingParams, args.num_proc)
-    nShards, total, written = writeShards(chunks, args.outDir, args.name, args.shard_size, args.n_shards, args.overwrite)
+    # the pool is forked before the dataset client starts its threads: forking a threaded process can deadlock
+    pool = startTokenizers(encodingParams, args.num_proc)
+    try:
+        if paths:
+            documents = localDocuments(paths, args.text_field)
+            what = f"{len(paths)} input file(s)"
+        else:
+            documents = fineWebDocuments()
+            what = f"{FINEWEB_DATASET} ({FINEWEB_CONFIG}), streamed"
+        limit = f"at most {args.n_shards}" if args.n_shards else "all"
+        print(f"tokenizing {what} with {args.num_proc} process(es) into {args.outDir}: {limit} shards of {args.shard_size:,} tokens")
+        startTime = time.time()
+        chunks = tokenChunks(documents, pool, args.num_proc)
+        nShards, total, written = writeShards(chunks, args.outDir, args.name, args.shard_size, args.n_shards, args.overwrite)
+        seconds = time.time() - startTime
+    finally:
+        if pool is not None:
+            pool.terminate()
     if total == 0:
-        raise PreprocessError(f"the input holds no documents; check --input")
-    seconds = time.time() - startTime
+        raise PreprocessError("the input holds no documents")
     print(f"done: {total:,} tokens in {nShards} shard(s) ({written} written, {nShards - written} already complete) in {seconds:.1f} s = {total / max(seconds, 1e-9):,.0f} tokens/s")
     if nShards == 1:
-        print(f"note: all tokens fit in the validation shard, so there is no training shard; lower --shard_size", file=sys.stderr)
+        print("note: all tokens fit in the validation shard, so there is no training shard; lower --shard_size", file=sys.stderr)
     warnAboutExtraShards(args.outDir, args.name, nShards)
 
 
@@ -346,9 +379,8 @@ def downloadFromHub(args):
     """Fetch modded-nanogpt's GPT-2 FineWeb shards (same format) into outDir, checking every header."""
     from huggingface_hub import hf_hub_download, list_repo_files
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
-    from huggingface_hub.utils import logging as hubLogging
 
-    hubLogging.set_verbosity_error()  # the retry warnings would bury the one error line
+    quietHubClients()
     where = f"the Hugging Face hub dataset {HUB_SHARDS_REPO}"
     if args.n_shards:
         names = [os.path.basename(shardPath("", "fineweb", i)) for i in range(args.n_shards)]
@@ -356,7 +388,7 @@ def downloadFromHub(args):
         try:
             files = list_repo_files(HUB_SHARDS_REPO, repo_type="dataset")
         except Exception as e:
-            raise PreprocessError(f"cannot list {where} ({firstLine(e)}); check the network") from None
+            raise PreprocessError(f"cannot list {where} ({describe(e)}); check the network") from None
         # val (index 0) first, then training shards by index
         names = sorted((f for f in files if re.fullmatch(r"fineweb_(val|train)_\d{6}\.bin", f)), key=lambda f: f[-10:])
     os.makedirs(args.outDir, exist_ok=True)
@@ -373,10 +405,10 @@ def downloadFromHub(args):
             path = hf_hub_download(HUB_SHARDS_REPO, name, repo_type="dataset", local_dir=args.outDir, force_download=args.overwrite)
         except EntryNotFoundError as e:
             if isinstance(e, LocalEntryNotFoundError):  # raised when the hub cannot be reached
-                raise PreprocessError(f"cannot download {name} from {where} ({firstLine(e)}); check the network") from None
+                raise PreprocessError(f"cannot download {name} from {where} ({describe(e)}); check the network") from None
             raise PreprocessError(f"{where} has no file {name}; lower --n_shards") from None
         except Exception as e:
-            raise PreprocessError(f"cannot download {name} from {where} ({firstLine(e)}); check the network") from None
+            raise PreprocessError(f"cannot download {name} from {where} ({describe(e)}); check the network") from None
         print(f"downloaded {path} ({tokenShards.readShardHeader(path):,} tokens)")
 
 
@@ -423,10 +455,7 @@ def main(argv=None):
             downloadFromHub(args)
         else:
             preprocess(args)
-    except (PreprocessError, tokenShards.ShardError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:
+    except (PreprocessError, tokenShards.ShardError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

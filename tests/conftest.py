@@ -1,0 +1,54 @@
+"""Shared fixtures: tiny token shards and a helper to run trainLmAf.py at tiny sizes."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_DATA = os.path.join(os.path.dirname(REPO), "shared", "data")
+sys.path.insert(0, REPO)
+
+from tokenShards import writeShard  # noqa: E402
+
+SEP = 50256
+
+
+def randomDocuments(rng, nTokens, vocab=500):
+    """Token ids with a separator before each document of random length."""
+    tokens = []
+    while len(tokens) < nTokens:
+        tokens.append(SEP)
+        tokens.extend(rng.integers(0, vocab, rng.integers(5, 60)).tolist())
+    return np.array(tokens[:nTokens])
+
+
+@pytest.fixture(scope="session")
+def tinyData(tmp_path_factory):
+    """A folder with one validation and two training shards of random documents."""
+    folder = tmp_path_factory.mktemp("tinyData")
+    rng = np.random.default_rng(0)
+    writeShard(str(folder / "fineweb_val_000000.bin"), randomDocuments(rng, 3000))
+    writeShard(str(folder / "fineweb_train_000001.bin"), randomDocuments(rng, 6000))
+    writeShard(str(folder / "fineweb_train_000002.bin"), randomDocuments(rng, 5000))
+    return folder
+
+
+def tinyFlags(dataDir, resultsDir, **overrides):
+    """Flags of a tiny run (2 layers x 32) on the tiny shards; overrides replace or add flags."""
+    flags = {"filesTokensTr": f"{dataDir}/fineweb_train_*.bin", "filesTokensVa": f"{dataDir}/fineweb_val_*.bin",
+             "dirResults": str(resultsDir), "nLayers": 2, "nHeads": 2, "dimEmb": 32, "seqLength": 32,
+             "contextSize": 16, "nSteps": 8, "nStepsWarmup": 2, "nStepsCooldown": 3, "valEvery": 4, "plotEvery": 4,
+             "nTokensVa": 256, "plottingLevel": 0}
+    flags.update(overrides)
+    argv = []
+    for name, value in flags.items():
+        argv += [f"--{name}", str(value)]
+    return argv
+
+
+def runTrainer(argv, timeout=300):
+    """Run trainLmAf.py in a subprocess; returns the CompletedProcess (text)."""
+    return subprocess.run([sys.executable, os.path.join(REPO, "trainLmAf.py")] + argv, capture_output=True,
+                          text=True, timeout=timeout, cwd=REPO)

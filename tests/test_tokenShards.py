@@ -1,0 +1,215 @@
+"""Token shards: the on-disk format, every ShardError case, TokenStream order/determinism/resume, validation sequences."""
+import os
+
+import numpy as np
+import pytest
+
+from tokenShards import (HEADER_INTS, MAGIC, VERSION, ShardError, TokenStream, listShards, loadShard, maxTokenId,
+                         readShardHeader, validationSequences, writeShard)
+
+
+def rawShard(path, header, tokens):
+    """A shard written byte by byte, so that broken ones can be made."""
+    full = np.zeros(HEADER_INTS, dtype="<i4")
+    full[:len(header)] = header
+    with open(path, "wb") as f:
+        f.write(full.tobytes())
+        f.write(np.asarray(tokens, dtype="<u2").tobytes())
+    return str(path)
+
+
+def labelledShards(folder, sizes):
+    """Shards whose token k of shard s is s*10000 + k, so every window tells where it came from."""
+    paths = []
+    for s, size in enumerate(sizes):
+        path = str(folder / f"data_train_{s:06d}.bin")
+        writeShard(path, s * 10000 + np.arange(size))
+        paths.append(path)
+    return paths
+
+
+def origin(sequence):
+    """(shard, sequence index) of a window of labelled tokens, for seqLength 10."""
+    shard, offset = divmod(int(sequence[0]), 10000)
+    assert offset % 10 == 0
+    np.testing.assert_array_equal(sequence, sequence[0] + np.arange(len(sequence)))
+    return shard, offset // 10
+
+
+# ---------------------------------------------------------------- format
+
+def testRoundTripAndExactHeader(tmp_path):
+    path = str(tmp_path / "a.bin")
+    tokens = np.array([0, 1, 50256, 65535, 7])
+    writeShard(path, tokens)
+    assert os.listdir(tmp_path) == ["a.bin"]  # no temporary file left behind
+    header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
+    assert header[:3].tolist() == [MAGIC, VERSION, 5] and not header[3:].any()
+    assert os.path.getsize(path) == HEADER_INTS * 4 + 2 * 5
+    assert readShardHeader(path) == 5
+    loaded = loadShard(path)
+    assert loaded.dtype == np.uint16 and loaded.tolist() == tokens.tolist()
+    with pytest.raises(ValueError):
+        loaded[0] = 3  # read-only
+
+
+@pytest.mark.parametrize("bad", [[1, -1], [65536], [0.5]])
+def testWriteShardRejectsIdsOutsideUint16(tmp_path, bad):
+    path = str(tmp_path / "a.bin")
+    with pytest.raises(ShardError, match="a.bin"):
+        writeShard(path, bad)
+    assert os.listdir(tmp_path) == []
+
+
+def testWriteShardReplacesAtomically(tmp_path):
+    path = str(tmp_path / "a.bin")
+    writeShard(path, [1, 2, 3])
+    writeShard(path, [4, 5])
+    assert loadShard(path).tolist() == [4, 5]
+    assert os.listdir(tmp_path) == ["a.bin"]
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "does not exist"),
+    ("short", "less than the 1024-byte header"),
+    ("magic", "magic number 12345"),
+    ("version", "format version 7"),
+    ("truncated", "header says 1000 tokens but the file holds 800; re-run preprocessFineweb.py"),
+    ("longer", "header says 10 tokens but the file holds 12"),
+])
+def testReadShardHeaderErrors(tmp_path, case, message):
+    path = str(tmp_path / "x.bin")
+    if case == "short":
+        with open(path, "wb") as f:
+            f.write(b"\0" * 10)
+    elif case == "magic":
+        rawShard(path, [12345, VERSION, 3], [1, 2, 3])
+    elif case == "version":
+        rawShard(path, [MAGIC, 7, 3], [1, 2, 3])
+    elif case == "truncated":
+        rawShard(path, [MAGIC, VERSION, 1000], np.zeros(800))
+    elif case == "longer":
+        rawShard(path, [MAGIC, VERSION, 10], np.zeros(12))
+    with pytest.raises(ShardError, match=message) as error:
+        readShardHeader(path)
+    assert path in str(error.value) and "\n" not in str(error.value)
+    if case != "missing":
+        with pytest.raises(ShardError):
+            loadShard(path)
+
+
+def testListShards(tmp_path):
+    for name in ["d_train_000002.bin", "d_train_000001.bin", "d_val_000000.bin"]:
+        writeShard(str(tmp_path / name), [1, 2])
+    assert [os.path.basename(p) for p in listShards(str(tmp_path / "d_train_*.bin"))] == [
+        "d_train_000001.bin", "d_train_000002.bin"]
+    pattern = str(tmp_path / "nothing_*.bin")
+    with pytest.raises(ShardError, match=r"no token files match '.*nothing_\*\.bin' \(--filesTokensTr\); run preprocessFineweb.py"):
+        listShards(pattern, "--filesTokensTr")
+    rawShard(tmp_path / "d_train_000003.bin", [MAGIC, VERSION, 0], [])
+    with pytest.raises(ShardError, match="d_train_000003.bin.*holds no tokens"):
+        listShards(str(tmp_path / "d_train_*.bin"))
+    rawShard(tmp_path / "d_train_000003.bin", [MAGIC, VERSION, 5], [1])
+    with pytest.raises(ShardError, match="header says 5 tokens"):
+        listShards(str(tmp_path / "d_train_*.bin"))
+
+
+def testMaxTokenIdReadsInChunks(tmp_path):
+    rng = np.random.default_rng(0)
+    a, b = rng.integers(0, 1000, 777), rng.integers(0, 50000, 1001)
+    writeShard(str(tmp_path / "a.bin"), a)
+    writeShard(str(tmp_path / "b.bin"), b)
+    files = [str(tmp_path / "a.bin"), str(tmp_path / "b.bin")]
+    assert maxTokenId(files, chunkTokens=100) == max(a.max(), b.max())
+    assert maxTokenId(files[:1]) == a.max()
+
+
+# ---------------------------------------------------------------- training stream
+
+def testShuffle0ReadsInOrderFromTheStreamsShard(tmp_path):
+    files = labelledShards(tmp_path, [45, 31, 5, 21])  # 4, 3, 0 (skipped), 2 sequences of 10+1 tokens
+    stream = TokenStream(files, 10, seed=0, streamIndex=1, shuffle=0)
+    assert stream.sequencesPerEpoch == 9 and stream.nTokens == 102
+    seen = [origin(stream.next()) for _ in range(18)]
+    epoch = [(1, 0), (1, 1), (1, 2), (3, 0), (3, 1), (0, 0), (0, 1), (0, 2), (0, 3)]
+    assert seen == epoch + epoch
+    assert stream.position == 18
+
+
+@pytest.mark.parametrize("shuffle", [0, 1])
+def testEveryEpochReadsEverySequenceOnce(tmp_path, shuffle):
+    files = labelledShards(tmp_path, [101, 57, 11, 9, 40])
+    stream = TokenStream(files, 10, seed=3, streamIndex=2, shuffle=shuffle)
+    expected = sorted((s, j) for s, n in enumerate([10, 5, 1, 0, 3]) for j in range(n))
+    epochs = [[origin(stream.next()) for _ in range(stream.sequencesPerEpoch)] for _ in range(3)]
+    for epoch in epochs:
+        assert sorted(epoch) == expected
+        # one shard at a time: the shard changes only when all its sequences were read
+        shards = [s for s, _ in epoch]
+        assert len([i for i in range(1, len(shards)) if shards[i] != shards[i - 1]]) == 3
+    if shuffle:
+        assert epochs[0] != epochs[1] != epochs[2]
+
+
+def testStreamsDifferAndAreReproducible(tmp_path):
+    files = labelledShards(tmp_path, [61, 61, 61])
+
+    def firstSequences(seed, streamIndex, n=12):
+        stream = TokenStream(files, 10, seed=seed, streamIndex=streamIndex, shuffle=1)
+        return [origin(stream.next()) for _ in range(n)]
+
+    assert firstSequences(5, 0) == firstSequences(5, 0)
+    assert [firstSequences(5, i)[0][0] for i in range(3)] == [0, 1, 2]  # different starting shards
+    assert firstSequences(5, 0) != firstSequences(5, 3)  # same starting shard, other order
+    assert firstSequences(5, 0) != firstSequences(6, 0)
+
+
+@pytest.mark.parametrize("shuffle", [0, 1, 2])
+def testResumeFromPosition(tmp_path, shuffle):
+    files = labelledShards(tmp_path, [95, 41, 23])
+    original = TokenStream(files, 10, seed=1, streamIndex=4, shuffle=shuffle)
+    for _ in range(17):  # past the end of the first epoch (13 sequences)
+        original.next()
+    state = original.state_dict()
+    assert state == {"position": 17}
+    resumed = TokenStream(files, 10, seed=1, streamIndex=4, shuffle=shuffle)
+    resumed.load_state_dict(state)
+    for _ in range(30):
+        np.testing.assert_array_equal(resumed.next(), original.next())
+    # a fresh stream that jumps there gives the same as one that walked there
+    jumped = TokenStream(files, 10, seed=1, streamIndex=4, shuffle=shuffle)
+    jumped.position = 5
+    walked = TokenStream(files, 10, seed=1, streamIndex=4, shuffle=shuffle)
+    for _ in range(5):
+        walked.next()
+    np.testing.assert_array_equal(jumped.next(), walked.next())
+
+
+def testShuffle2PermutesTokensInsideEachSequence(tmp_path):
+    files = labelledShards(tmp_path, [95, 41])
+    ordered = TokenStream(files, 10, seed=2, streamIndex=0, shuffle=1)
+    scrambled = TokenStream(files, 10, seed=2, streamIndex=0, shuffle=2)
+    for _ in range(6):
+        a, b = ordered.next(), scrambled.next()
+        assert b.dtype == np.int64 and b.shape == (11,)
+        assert sorted(a.tolist()) == sorted(b.tolist()) and a.tolist() != b.tolist()
+
+
+def testStreamTooShortData(tmp_path):
+    files = labelledShards(tmp_path, [8, 10])
+    with pytest.raises(ShardError, match=r"shorter than seqLength\+1 = 11 tokens.*lower --seqLength"):
+        TokenStream(files, 10, seed=0, streamIndex=0, shuffle=1)
+    assert TokenStream(files, 9, seed=0, streamIndex=0, shuffle=1).sequencesPerEpoch == 1
+
+
+# ---------------------------------------------------------------- validation
+
+def testValidationSequencesUseTheFirstTokensOnly(tmp_path):
+    files = labelledShards(tmp_path, [100, 55, 80])
+    sequences = validationSequences(files, 10, 130)  # 100 tokens of shard 0 (9 sequences) + 30 of shard 1 (2)
+    assert sequences.dtype == np.int64 and sequences.shape == (11, 11)
+    assert [origin(s) for s in sequences] == [(0, j) for j in range(9)] + [(1, 0), (1, 1)]
+    assert validationSequences(files, 10, 10**6).shape == (9 + 5 + 7, 11)
+    assert validationSequences(files, 10, 11).shape == (1, 11)
+    with pytest.raises(ShardError, match=r"first 10 validation tokens.*seqLength\+1 = 11"):
+        validationSequences(files, 10, 10)
