@@ -10,6 +10,7 @@ and a line of values, as published by the original authors.
 import csv
 import os
 import pickle
+import warnings
 
 import numpy as np
 import torch
@@ -39,13 +40,15 @@ def safeTorchLoad(path, what):
     if not os.path.isfile(path):
         raise AfFileError(f"{what} {path!r} does not exist")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise AfFileError(f"{what} {path!r} holds more than plain tensors and values, refusing to load it "
-                          f"(it could run code): {str(err).splitlines()[0]}") from None
-    except Exception as err:  # torch raises many types for damaged files
-        raise AfFileError(f"{what} {path!r} is not a readable PyTorch file ({type(err).__name__}: "
-                          f"{str(err).splitlines()[0] if str(err) else 'damaged'})") from None
+        with warnings.catch_warnings():  # torch warns about pickle protocols on stderr; the error line says it all
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise AfFileError(f"{what} {path!r} holds objects other than plain tensors and values; refusing to load it "
+                          "(unpickling them could run code)") from None
+    except Exception:  # torch raises many types for damaged files
+        raise AfFileError(f"{what} {path!r} is not a readable PyTorch file (damaged, truncated or another format)"
+                          ) from None
 
 
 def perLayerValues(model, kind):

@@ -25,6 +25,8 @@ import tempfile
 import time
 
 import numpy as np
+import tiktoken
+import tiktoken_ext.openai_public as openaiPublic
 from tqdm import tqdm
 
 import tokenShards
@@ -68,31 +70,46 @@ def quietHubClients():
 
 # ---------------------------------------------------------------- GPT-2 vocabulary
 
-def loadVocabulary(vocabFile):
-    """Constructor arguments of the GPT-2 tiktoken Encoding and a line saying where the vocabulary came from."""
-    import tiktoken_ext.openai_public as openaiPublic
+def localVocabularyFiles():
+    """Copies of the vocabulary that may ship beside the code: shared/data/ inside or next to the checkout."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    return [os.path.join(folder, "shared", "data", "gpt2.tiktoken") for folder in (here, os.path.dirname(here))]
 
+
+def vocabularyFromFile(path, origin):
+    """Encoding arguments from a .tiktoken file, refused unless it is byte for byte GPT-2's."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise PreprocessError(f"cannot read {origin} {path} ({e.strerror})") from None
+    if hashlib.sha256(data).hexdigest() != R50K_SHA256:
+        raise PreprocessError(f"{origin} {path} is not the GPT-2 vocabulary (its sha256 is not r50k_base's {R50K_SHA256[:8]}...); pass gpt2.tiktoken / r50k_base.tiktoken")
+    # the .tiktoken format: one "base64(token bytes) rank" per line
+    ranks = {}
+    for line in data.splitlines():
+        if line:
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+    return {"name": "r50k_base", "pat_str": openaiPublic.r50k_pat_str, "mergeable_ranks": ranks,
+            "special_tokens": {"<|endoftext|>": EOT_ID}, "explicit_n_vocab": EOT_ID + 1}
+
+
+def loadVocabulary(vocabFile):
+    """Constructor arguments of the GPT-2 tiktoken Encoding and a line saying where the vocabulary came from.
+
+    In order: --vocab_file; tiktoken's cache; a copy in shared/data/ (no network needed); tiktoken's download.
+    """
     if vocabFile:
-        try:
-            with open(vocabFile, "rb") as f:
-                data = f.read()
-        except OSError as e:
-            raise PreprocessError(f"cannot read --vocab_file {vocabFile} ({e.strerror})") from None
-        if hashlib.sha256(data).hexdigest() != R50K_SHA256:
-            raise PreprocessError(f"--vocab_file {vocabFile} is not the GPT-2 vocabulary (sha256 differs from r50k_base's {R50K_SHA256[:8]}...); pass gpt2.tiktoken / r50k_base.tiktoken")
-        # the .tiktoken format: one "base64(token bytes) rank" per line
-        ranks = {}
-        for line in data.splitlines():
-            if line:
-                token, rank = line.split()
-                ranks[base64.b64decode(token)] = int(rank)
-        params = {"name": "r50k_base", "pat_str": openaiPublic.r50k_pat_str, "mergeable_ranks": ranks,
-                  "special_tokens": {"<|endoftext|>": EOT_ID}, "explicit_n_vocab": EOT_ID + 1}
-        return params, f"--vocab_file {vocabFile}"
+        return vocabularyFromFile(vocabFile, "--vocab_file"), f"--vocab_file {vocabFile}"
     cacheDir = os.environ.get("TIKTOKEN_CACHE_DIR", os.environ.get("DATA_GYM_CACHE_DIR"))
     cachePath = os.path.join(cacheDir or os.path.join(tempfile.gettempdir(), "data-gym-cache"),
                              hashlib.sha1(R50K_URL.encode()).hexdigest())
-    wasCached = os.path.exists(cachePath)
+    wasCached = cacheDir != "" and os.path.exists(cachePath)  # tiktoken reads "" as "no cache"
+    if not wasCached:
+        for path in localVocabularyFiles():
+            if os.path.exists(path):
+                return vocabularyFromFile(path, "vocabulary file"), f"local copy {path}"
     try:
         params = openaiPublic.r50k_base()
     except Exception as e:
@@ -106,8 +123,6 @@ workerEncoding = None
 
 def initWorker(encodingParams):
     global workerEncoding
-    import tiktoken
-
     workerEncoding = tiktoken.Encoding(**encodingParams)
 
 
@@ -168,8 +183,8 @@ def tokenChunks(documents, pool, numProc):
 # ---------------------------------------------------------------- document sources
 
 def fineWebDocuments():
-    """Texts of FineWeb sample-10BT, streamed (nothing but the current parquet file is fetched)."""
-    import datasets
+    """Texts of FineWeb sample-10BT, streamed: documents are tokenized as they arrive, nothing is stored on disk first."""
+    import datasets  # imported here: it takes seconds and only this path needs it
 
     quietHubClients()
     datasets.logging.set_verbosity_error()
@@ -310,7 +325,8 @@ def writeShards(chunks, outDir, name, shardSize, nShards, overwrite):
         tqdm.write(f"{'wrote' if wrote else 'kept '} {path} ({tokens.size:,} tokens{'' if wrote else ', already complete'})")
         return wrote
 
-    with tqdm(total=nShards * shardSize if nShards else None, unit="tok", unit_scale=True, mininterval=1) as progress:
+    # disable=None: a bar on a terminal only; logs and pipes get the per-shard lines without carriage-return noise
+    with tqdm(total=nShards * shardSize if nShards else None, unit="tok", unit_scale=True, mininterval=1, disable=None) as progress:
         for chunk in chunks:
             used = 0
             while used < chunk.size:

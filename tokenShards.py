@@ -134,7 +134,7 @@ def checkSeqLength(seqLength):
     return int(seqLength)
 
 
-def seedWords(seed):
+def nonNegativeSeed(seed):
     # SeedSequence takes non-negative integers only; wrapping keeps negative seeds usable and distinct
     return int(seed) % 2**64
 
@@ -146,7 +146,8 @@ class TokenStream:
     streamIndex, shuffle, position), so resuming only needs `position` (see state_dict).
     Per epoch e the shard order and, lazily per shard, the order of its sequences come from
     generators seeded with (seed, streamIndex, e, ...); only the current epoch's and the current
-    shard's orders are kept.
+    shard's orders are kept, and only the current shard is mapped (a memory map holds a file
+    descriptor, and 20 streams over 100 shards would otherwise hold 2000 of them).
     shuffle = 0: shards in file order starting at shard streamIndex mod nShards, sequences in order;
     1: shard order and sequence order shuffled every epoch (the epoch still starts at shard
     streamIndex mod nShards, so streams start on different shards); 2: as 1 and the seqLength+1
@@ -160,26 +161,27 @@ class TokenStream:
         if not files:
             raise ShardError("no training token files given; run preprocessFineweb.py first")
         self.seqLength = checkSeqLength(seqLength)
-        self.seed = seedWords(seed)
+        self.seed = nonNegativeSeed(seed)
         self.streamIndex = int(streamIndex)
         self.shuffle = shuffle
-        shards = [loadShard(path) for path in files]
-        self.nTokens = sum(int(s.size) for s in shards)
-        counts = [sequencesInShard(s.size, self.seqLength) for s in shards]
-        self.shards = [s for s, c in zip(shards, counts) if c > 0]
-        self.shardSequences = np.array([c for c in counts if c > 0], dtype=np.int64)
-        if not self.shards:
-            largest = max(int(s.size) for s in shards)
-            raise ShardError(f"the training data is shorter than seqLength+1 = {self.seqLength + 1} tokens in every file (largest file: {largest} tokens); lower --seqLength or use more data per shard")
+        sizes = [readShardHeader(path) for path in files]
+        self.nTokens = sum(sizes)
+        counts = [sequencesInShard(size, self.seqLength) for size in sizes]
+        self.files = [path for path, count in zip(files, counts) if count > 0]
+        self.sizes = [size for size, count in zip(sizes, counts) if count > 0]
+        self.shardSequences = np.array([count for count in counts if count > 0], dtype=np.int64)
+        if not self.files:
+            raise ShardError(f"the training data is shorter than seqLength+1 = {self.seqLength + 1} tokens in every file (largest file: {max(sizes)} tokens); lower --seqLength or use more data per shard")
         self.sequencesPerEpoch = int(self.shardSequences.sum())
         self.position = 0
-        self.cachedEpoch = None  # epoch whose shard order and cumulative counts are cached
-        self.cachedSlot = None  # (epoch, slot) whose sequence permutation is cached
+        self.cachedEpoch = self.order = self.cumulative = None  # the shard order of cachedEpoch, its running counts
+        self.cachedSlot = self.permutation = None  # (epoch, slot) and the sequence order of that shard
+        self.mappedShard = self.tokens = None  # index (into self.files) of the mapped shard, its tokens
 
     def epochPlan(self, epoch):
         """Shard order of an epoch and the cumulative sequence counts along it (cached)."""
         if self.cachedEpoch != epoch:
-            nShards = len(self.shards)
+            nShards = len(self.files)
             start = self.streamIndex % nShards
             if self.shuffle == 0:
                 order = np.arange(nShards)
@@ -210,7 +212,12 @@ class TokenStream:
         slot = int(np.searchsorted(cumulative, offset, side="right"))
         local = offset - (int(cumulative[slot - 1]) if slot > 0 else 0)
         start = self.sequenceIndex(epoch, slot, local) * self.seqLength
-        sequence = np.array(self.shards[order[slot]][start:start + self.seqLength + 1], dtype=np.int64)
+        if self.mappedShard != order[slot]:
+            self.tokens = loadShard(self.files[order[slot]])
+            self.mappedShard = order[slot]
+            if self.tokens.size != self.sizes[self.mappedShard]:
+                raise ShardError(f"data file {self.files[self.mappedShard]} changed while in use ({self.sizes[self.mappedShard]} tokens at the start, {self.tokens.size} now); restart the run once the data is final")
+        sequence = np.array(self.tokens[start:start + self.seqLength + 1], dtype=np.int64)
         if self.shuffle == 2:
             rng = np.random.default_rng([self.seed, self.streamIndex, RNG_TOKEN_ORDER, self.position])
             sequence = rng.permutation(sequence)
@@ -242,8 +249,9 @@ def validationSequences(files, seqLength, nTokens):
         budget -= used
         nSeq = sequencesInShard(used, seqLength)
         if nSeq:
-            starts = np.arange(nSeq)[:, None] * seqLength
-            pieces.append(np.asarray(tokens[:used])[starts + np.arange(seqLength + 1)].astype(np.int64))
+            # overlapping windows as a view (no copy) of which every seqLength-th is a sequence
+            windows = np.lib.stride_tricks.sliding_window_view(tokens[:used], seqLength + 1)
+            pieces.append(windows[::seqLength][:nSeq].astype(np.int64))
     if not pieces:
         raise ShardError(f"the first {int(nTokens)} validation tokens of {len(files)} file(s) hold no sequence of seqLength+1 = {seqLength + 1} tokens; raise --nTokensVa, lower --seqLength or use more validation data")
     return np.concatenate(pieces)

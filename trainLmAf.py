@@ -460,7 +460,7 @@ class Trainer:
             "dataPositions": [s.state_dict() for s in self.streams],
             "history": self.history,
             "trainSeconds": self.trainSeconds,
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].copy(),
+            "rng": {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(np.random.get_state()[1].copy()),
                     "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else []},
             "knots": splineKnots(self.model),
             "afValuesMlp": perLayerValues(self.model, "mlp"),

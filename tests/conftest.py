@@ -3,8 +3,12 @@ import os
 import subprocess
 import sys
 
-import numpy as np
-import pytest
+# Tiny models run faster on one thread, and it keeps timings sane when other processes share the cores;
+# set before torch is imported so the subprocesses the tests start inherit it too.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.path.join(os.path.dirname(REPO), "shared", "data")

@@ -179,6 +179,17 @@ def testTiktokenCacheGivesTheSameIdsAsVocabFile(cleanRun, corpus, tiktokenCache,
     np.testing.assert_array_equal(concatenated(tmp_path), concatenated(outDir))
 
 
+def testLocalCopyIsUsedWhenTiktokenHasNoCache(cleanRun, corpus, vocabFile, tmp_path):
+    # the fixture found the vocabulary in shared/data/ inside or next to the checkout, where the script looks too
+    outDir, _ = cleanRun
+    emptyCache = tmp_path / "emptyCache"
+    emptyCache.mkdir()
+    result = run(tmp_path / "out", "--input", corpus["path"], "--shard_size", SHARD, "--num_proc", 1,
+                 env={"TIKTOKEN_CACHE_DIR": str(emptyCache)})
+    assert f"local copy {vocabFile}" in result.stdout
+    np.testing.assert_array_equal(concatenated(tmp_path / "out"), concatenated(outDir))
+
+
 def testTxtJsonAndParquetInputs(reference, vocabFile, tmp_path):
     documents = makeDocuments(seed=1, n=12)
     corpusDir = tmp_path / "in"
@@ -273,3 +284,40 @@ def testUnreachableHubIsOneLine(args, fragment, vocabFile, tmp_path):
     # offline mode makes the hub clients fail at once, as an unreachable network does after its retries
     result = run(tmp_path, *args, vocabFile=vocabFile, env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}, check=False)
     assertOneErrorLine(result, fragment, "check the network")
+
+
+def testFromHubDownloadsChecksAndSkips(tmp_path, monkeypatch):
+    """--from_hub with the hub replaced by a local fake: file names, header checks, skipping complete files."""
+    import huggingface_hub
+
+    import preprocessFineweb
+    from tokenShards import ShardError, writeShard
+
+    calls = []
+
+    def fakeDownload(repoId, filename, repo_type, local_dir, force_download):
+        calls.append(filename)
+        assert (repoId, repo_type) == ("kjj0/fineweb10B-gpt2", "dataset")
+        path = os.path.join(local_dir, filename)
+        writeShard(path, np.arange(100 + len(calls)))
+        return path
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fakeDownload)
+    args = preprocessFineweb.parseArgs([str(tmp_path), "--from_hub", "--n_shards", "3"])
+    preprocessFineweb.downloadFromHub(args)
+    assert calls == ["fineweb_val_000000.bin", "fineweb_train_000001.bin", "fineweb_train_000002.bin"]
+    with open(tmp_path / "fineweb_train_000001.bin", "r+b") as f:
+        f.truncate(4 * HEADER_INTS + 10)
+    preprocessFineweb.downloadFromHub(args)
+    assert calls[3:] == ["fineweb_train_000001.bin"]  # only the broken file is fetched again
+
+    def brokenDownload(repoId, filename, repo_type, local_dir, force_download):
+        path = os.path.join(local_dir, filename)
+        with open(path, "wb") as f:
+            f.write(b"<html>not a shard</html>")
+        return path
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", brokenDownload)
+    os.remove(tmp_path / "fineweb_val_000000.bin")
+    with pytest.raises(ShardError, match="fineweb_val_000000.bin"):
+        preprocessFineweb.downloadFromHub(args)

@@ -213,3 +213,13 @@ def testValidationSequencesUseTheFirstTokensOnly(tmp_path):
     assert validationSequences(files, 10, 11).shape == (1, 11)
     with pytest.raises(ShardError, match=r"first 10 validation tokens.*seqLength\+1 = 11"):
         validationSequences(files, 10, 10)
+
+
+def testStreamNoticesAShardRewrittenWhileInUse(tmp_path):
+    files = labelledShards(tmp_path, [41, 41])
+    stream = TokenStream(files, 10, seed=0, streamIndex=0, shuffle=0)
+    stream.next()
+    writeShard(files[1], np.arange(30))
+    with pytest.raises(ShardError, match="changed while in use"):
+        for _ in range(8):
+            stream.next()

@@ -1,0 +1,101 @@
+"""Turning a model checkpoint of trainLmAf.py (pt-RUN-stepNNNN.pt) back into a runnable model, with the GPT-2 tokenizer it reads."""
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+import afFiles
+import trainLmAf
+
+
+# trainLmAf.py checkpoints hold numpy's RNG state, a uint32 array, which weights_only=True refuses unless
+# these are allowlisted; they rebuild a plain numeric array and cannot run code.
+NUMPY_RNG_STATE_GLOBALS = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, np.dtypes.UInt32DType]
+
+
+class LoadError(Exception):
+    """A model file or vocabulary that cannot be used; the message is one line for the user."""
+
+
+@dataclass
+class TrainedModel:
+    model: torch.nn.Module  # one N=1 GPT in eval mode on its device
+    hyperparameters: dict
+    step: int
+    modelId: int
+    nModels: int
+    vocabSize: int
+
+    def describe(self, path):
+        return (f"model {path}: step {self.step}, model {self.modelId} of {self.nModels}, "
+                f"{self.hyperparameters['nLayers']} layers x {self.hyperparameters['dimEmb']}, "
+                f"afType {self.hyperparameters['afType']!r}, contextSize {self.hyperparameters['contextSize']}, "
+                f"vocabSize {self.vocabSize}")
+
+
+def pickDevice():
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def readCheckpoint(path):
+    """The checkpoint dict at path (loaded with weights_only=True); LoadError for anything else."""
+    try:
+        with torch.serialization.safe_globals(NUMPY_RNG_STATE_GLOBALS):
+            checkpoint = afFiles.safeTorchLoad(path, "--modelFile")
+    except afFiles.AfFileError as err:
+        raise LoadError(str(err)) from None
+    marker = checkpoint.get("format") if isinstance(checkpoint, dict) else None
+    if marker == afFiles.FORMAT:
+        raise LoadError(f"--modelFile {path!r} is a ptAf file: it holds only the activation functions, not the model; "
+                        "give a model checkpoint pt-RUN-stepNNNN.pt (trainLmAf.py writes them with --saveModelEvery)")
+    if marker != trainLmAf.CHECKPOINT_FORMAT:
+        raise LoadError(f"--modelFile {path!r} is not a model checkpoint of trainLmAf.py (no "
+                        f"'{trainLmAf.CHECKPOINT_FORMAT}' marker); give a pt-RUN-stepNNNN.pt file")
+    missing = [key for key in ("hyperparameters", "vocabSize", "model", "step") if key not in checkpoint]
+    if missing:
+        raise LoadError(f"--modelFile {path!r} is an incomplete checkpoint (no {', '.join(missing)})")
+    return checkpoint
+
+
+def loadModel(path, modelId, device):
+    """Model modelId (None: 0) of the checkpoint at path, rebuilt from the hyperparameters stored in it."""
+    checkpoint = readCheckpoint(path)
+    hyperparameters = checkpoint["hyperparameters"]
+    nModels = hyperparameters.get("nModels", 1)
+    modelId = 0 if modelId is None else modelId
+    if not 0 <= modelId < nModels:
+        raise LoadError(f"--modelId {modelId}: {path!r} holds {nModels} model(s), numbered 0 to {nModels - 1}")
+    try:
+        # Built on the CPU, so attention is SDPA with a dense mask on every device: FlexAttention (what
+        # buildModel picks on CUDA) would recompile for every new batch shape, and those vary here.
+        stacked = trainLmAf.buildModel(hyperparameters, checkpoint["vocabSize"], "cpu")
+        stacked.load_state_dict(checkpoint["model"])
+    except (trainLmAf.ConfigError, RuntimeError, ValueError, KeyError, TypeError, AttributeError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise LoadError(f"--modelFile {path!r}: its weights do not match the model its hyperparameters "
+                        f"describe ({reason})") from None
+    model = stacked if nModels == 1 else stacked.singleModel(modelId)
+    model.requires_grad_(False)
+    return TrainedModel(model.to(device).eval(), hyperparameters, int(checkpoint["step"]), modelId,
+                        nModels, int(checkpoint["vocabSize"]))
+
+
+def gpt2Encoding(vocabFile):
+    """The GPT-2 tiktoken Encoding, from vocabFile (a .tiktoken file) or, when None, tiktoken's cache or download."""
+    import tiktoken
+
+    from preprocessFineweb import PreprocessError, loadVocabulary
+
+    try:
+        params, _ = loadVocabulary(vocabFile)
+    except PreprocessError as err:
+        raise LoadError(str(err)) from None
+    return tiktoken.Encoding(**params)
+
+
+def checkTokensFit(tokens, vocabSize, what):
+    """LoadError when a token id is beyond the model's vocabulary (a model trained on data that never held it)."""
+    largest = max(tokens, default=-1)
+    if largest >= vocabSize:
+        raise LoadError(f"{what} holds token id {largest}, but the model knows only ids below {vocabSize} "
+                        "(its training data never held a larger one)")
