@@ -43,7 +43,8 @@ def _splineCoordinates(x, nKnots, knotMin, invStep):
     """Interval index i (int64), weight w and the in-range mask of every element (w in float32, or float64)."""
     uRaw = (x.to(_computeDtype(x)) - knotMin) * invStep
     u = uRaw.clamp(0.0, nKnots - 1)
-    index = u.floor().clamp_(max=nKnots - 2)
+    # A NaN input gets a valid index (no out-of-bounds gather) and a NaN weight, so NaN propagates.
+    index = torch.nan_to_num(u, nan=0.0).floor().clamp_(max=nKnots - 2)
     weight = u - index
     inside = (uRaw >= 0) & (uRaw <= nKnots - 1)
     return index.long(), weight, inside

@@ -1,16 +1,10 @@
 """Turning a model checkpoint of trainLmAf.py (pt-RUN-stepNNNN.pt) back into a runnable model, with the GPT-2 tokenizer it reads."""
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 import afFiles
 import trainLmAf
-
-
-# trainLmAf.py checkpoints hold numpy's RNG state, a uint32 array, which weights_only=True refuses unless
-# these are allowlisted; they rebuild a plain numeric array and cannot run code.
-NUMPY_RNG_STATE_GLOBALS = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, np.dtypes.UInt32DType]
 
 
 class LoadError(Exception):
@@ -40,8 +34,7 @@ def pickDevice():
 def readCheckpoint(path):
     """The checkpoint dict at path (loaded with weights_only=True); LoadError for anything else."""
     try:
-        with torch.serialization.safe_globals(NUMPY_RNG_STATE_GLOBALS):
-            checkpoint = afFiles.safeTorchLoad(path, "--modelFile")
+        checkpoint = afFiles.safeTorchLoad(path, "--modelFile")
     except afFiles.AfFileError as err:
         raise LoadError(str(err)) from None
     marker = checkpoint.get("format") if isinstance(checkpoint, dict) else None

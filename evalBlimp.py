@@ -251,10 +251,10 @@ def plotAccuracies(path, setRows, fieldRows, overall, title):
     ax.set_xlabel("accuracy (%): grammatical sentence more probable")
     ax.tick_params(axis="x", labeltop=True, top=True)
     ax.grid(axis="x", alpha=0.3)
-    handles = [Patch(color=colorOf[row["field"]], label=f"{row['field']}: {row['accuracy']:.1f} "
+    handles = [Patch(color=colorOf[row["field"]], label=f"{row['field']}  {row['accuracy']:.1f}% "
                                                            f"({row['nSets']} sets)") for row in fieldRows]
     handles.append(ax.plot([], [], color="black", linestyle="--", linewidth=1, label=f"chance ({CHANCE:.0f}%)")[0])
-    fig.legend(handles=handles, loc="outside upper center", ncols=min(3, len(handles)), fontsize=9)
+    fig.legend(handles=handles, loc="outside lower center", ncols=min(3, len(handles)), fontsize=9)
     fig.suptitle(f"BLiMP  {title}\noverall {overall['accuracy']:.1f}%  ({overall['nPairs']} pairs, "
                  f"{overall['nSets']} sets)", fontsize=11)
     atomicWrite(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))

@@ -435,15 +435,15 @@ def usableCpus():
 
 
 def parseArgs(argv):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("outDir", nargs="?", default="./data-fineweb10B", help="folder the shards are written to")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("outDir", nargs="?", default="./data-fineweb10B", help="folder the shards are written to (default: ./data-fineweb10B)")
     parser.add_argument("--n_shards", type=int, default=None, help="write at most this many shards, validation included (default: all the data)")
     parser.add_argument("--shard_size", type=int, default=None, help=f"tokens per shard (default {DEFAULT_SHARD_SIZE:,}; not with --from_hub)")
-    parser.add_argument("--num_proc", type=int, default=usableCpus(), help="tokenizer processes")
+    parser.add_argument("--num_proc", type=int, default=usableCpus(), help="tokenizer processes (default: all usable cores)")
     parser.add_argument("--from_hub", action="store_true", help=f"download the ready-made GPT-2 FineWeb shards of {HUB_SHARDS_REPO} instead of tokenizing")
-    parser.add_argument("--input", nargs="+", metavar="PATH_OR_GLOB", help=f"tokenize local files instead of FineWeb: {', '.join(INPUT_TYPES)} (a .txt file is one document)")
-    parser.add_argument("--text_field", default="text", help="field holding the text in .jsonl/.json/.parquet input")
-    parser.add_argument("--name", default="fineweb", help="file-name prefix of the shards: NAME_val_000000.bin, NAME_train_000001.bin, ...")
+    parser.add_argument("--input", action="append", metavar="PATH_OR_GLOB", help=f"tokenize local files instead of FineWeb: {', '.join(INPUT_TYPES)} (a .txt file is one document); quote globs; repeat the flag for more")
+    parser.add_argument("--text_field", default="text", help="field holding the text in .jsonl/.json/.parquet input (default: text)")
+    parser.add_argument("--name", default="fineweb", help="file-name prefix of the shards: NAME_val_000000.bin, NAME_train_000001.bin, ... (default: fineweb)")
     parser.add_argument("--vocab_file", default=None, help="local GPT-2 vocabulary (gpt2.tiktoken / r50k_base.tiktoken) for machines without network")
     parser.add_argument("--overwrite", action="store_true", help="rewrite shards even when an identical complete one exists")
     args = parser.parse_args(argv)

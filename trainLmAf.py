@@ -387,7 +387,7 @@ class Trainer:
             resume = self.loadResumeCheckpoint()
         forced = validate(hp)
         self.paths()
-        if finalLineWritten(self.logPath, hp.nSteps):
+        if not resume and finalLineWritten(self.logPath, hp.nSteps):
             self.alreadyComplete = True
             return self
         self.alreadyComplete = False
@@ -423,6 +423,7 @@ class Trainer:
         self.step = 0
         self.history = {"train": [], "val": [], "actMean": [], "actMax": []}
         self.trainSeconds = 0.0
+        self.window = self.newWindow()
         if resume:
             self.restore(resume)
         self.compiled = torch.compile(self.model) if self.device.type == "cuda" else self.model
@@ -460,6 +461,7 @@ class Trainer:
             "dataPositions": [s.state_dict() for s in self.streams],
             "history": self.history,
             "trainSeconds": self.trainSeconds,
+            "window": {k: v.cpu() if torch.is_tensor(v) else v for k, v in self.window.items()},
             "rng": {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(np.random.get_state()[1].copy()),
                     "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else []},
             "knots": splineKnots(self.model),
@@ -493,6 +495,7 @@ class Trainer:
         self.history = ckpt["history"]
         self.step = ckpt["step"]
         self.trainSeconds = ckpt["trainSeconds"]
+        self.window = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in ckpt["window"].items()}
         torch.set_rng_state(ckpt["rng"]["torch"])
         if self.device.type == "cuda" and ckpt["rng"]["cuda"]:
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
@@ -694,63 +697,70 @@ class Trainer:
         bar = tqdm(total=hp.nSteps, initial=self.step, desc=hp.runName, unit="step", dynamic_ncols=True,
                    disable=None, file=sys.stderr)
         self.log.progressBar = bar
-        windowLoss = torch.zeros(hp.nModels, device=self.device)
-        windowAcc = torch.zeros(hp.nModels, device=self.device)
-        windowCount = torch.zeros(hp.nModels, device=self.device)
-        windowStart, windowSteps = time.perf_counter(), 0
-        previousLosses = None
+        windowStart = time.perf_counter()
+        pending = None  # (losses, step, AF values before that step): checked one step late to avoid a GPU sync
         self.installSignalHandlers()
         try:
             while self.step < hp.nSteps:
                 t0 = time.perf_counter()
+                afBefore = [p.detach().clone() for p in self.model.afParameters()]
                 nActive, losses, accs = self.trainStep()
-                if previousLosses is not None:
-                    self.checkFinite(*previousLosses)
-                previousLosses = (losses, self.step)
+                if pending is not None:
+                    self.checkFinite(*pending)
+                pending = (losses, self.step, afBefore)
                 self.step += 1
-                windowLoss[:nActive] += losses
-                windowAcc[:nActive] += accs
-                windowCount[:nActive] += 1
-                windowSteps += 1
+                self.window["loss"][:nActive] += losses
+                self.window["acc"][:nActive] += accs
+                self.window["count"][:nActive] += 1
+                self.window["steps"] += 1
                 self.trainSeconds += time.perf_counter() - t0
                 bar.update(1)
                 if self.step == 6 and self.device.type == "cuda":
                     self.log(f"Step {self.step}/{hp.nSteps}   Peak CUDA memory usage: "
                              f"{torch.cuda.max_memory_allocated(self.device) / 1e9:.3f} GB")
                 if self.step == hp.nSteps or (self.step - 1) % hp.plotEvery == 0:
-                    self.checkFinite(losses, self.step - 1)
-                    self.reportTraining(windowLoss, windowAcc, windowCount, windowStart, windowSteps, bar)
-                    windowLoss.zero_(), windowAcc.zero_(), windowCount.zero_()
-                    windowStart, windowSteps = time.perf_counter(), 0
+                    self.checkFinite(*pending)
+                    self.reportTraining(time.perf_counter() - windowStart, bar)
+                    windowStart = time.perf_counter()
                 self.periodicOutputs()
                 if self.stopSignal is not None:
                     raise Interrupted()
-            bar.close()
-            self.log.progressBar = None
         except Interrupted:
-            bar.close()
-            self.log.progressBar = None
+            self.closeBar(bar)
             self.saveOnInterrupt()
             return 128 + self.stopSignal
+        except NonFiniteLoss as err:
+            self.closeBar(bar)
+            self.saveLastGoodAfs(err, pending)
+            raise
         finally:
+            self.closeBar(bar)
             self.restoreSignalHandlers()
             self.log.close()
         return 0
 
-    def reportTraining(self, windowLoss, windowAcc, windowCount, windowStart, windowSteps, bar):
-        hp = self.hp
-        count = windowCount.clamp(min=1).cpu()
-        loss, acc = (windowLoss.cpu() / count).tolist(), (windowAcc.cpu() / count).tolist()
-        elapsed = time.perf_counter() - windowStart
+    def closeBar(self, bar):
+        bar.close()
+        self.log.progressBar = None
+
+    def newWindow(self):
+        zeros = torch.zeros(self.hp.nModels, device=self.device)
+        return {"loss": zeros, "acc": zeros.clone(), "count": zeros.clone(), "steps": 0}
+
+    def reportTraining(self, elapsed, bar):
+        hp, window = self.hp, self.window
+        count = window["count"].clamp(min=1).cpu()
+        loss, acc = (window["loss"].cpu() / count).tolist(), (window["acc"].cpu() / count).tolist()
         self.log(f"Step {self.step}/{hp.nSteps}   lossTr {loss[0]:.4f}   accTr {100 * acc[0]:.1f}   "
-                 f"{self.trainSeconds:.0f}s = {elapsed / max(1, windowSteps):.2f}s/step")
+                 f"{self.trainSeconds:.0f}s = {elapsed / max(1, window['steps']):.2f}s/step")
         for m in range(hp.nModels):
-            if windowCount[m] > 0:
+            if window["count"][m] > 0:
                 self.history["train"].append((self.step, m, loss[m], acc[m]))
                 if m > 0:
                     self.log(f"Step {self.step}/{hp.nSteps}   model {m}   lossTr {loss[m]:.4f}   accTr {100 * acc[m]:.1f}",
                              terminal=False)
         bar.set_postfix(lossTr=f"{loss[0]:.3f}")
+        self.window = self.newWindow()
 
     def periodicOutputs(self):
         hp, step = self.hp, self.step
@@ -781,10 +791,21 @@ class Trainer:
             self.log(f"Step {self.step}/{self.hp.nSteps}   |{name}| mean {p.detach()[0].float().abs().mean():.4f}",
                      terminal=False)
 
-    def checkFinite(self, losses, step):
+    def checkFinite(self, losses, step, afBefore):
         bad = (~torch.isfinite(losses)).nonzero().flatten().tolist()
         if bad:
             raise NonFiniteLoss(step + 1, bad[0])
+
+    def saveLastGoodAfs(self, err, pending):
+        """Write the AF values as they were before the step whose loss was not finite."""
+        if not self.afOptimizer or pending is None:
+            return
+        _, failedStep, afBefore = pending
+        with torch.no_grad():
+            for p, good in zip(self.model.afParameters(), afBefore):
+                p.copy_(good)
+        self.step = failedStep
+        err.afFile = self.saveAfs()[0]
 
     # -- interrupts --------------------------------------------------------------------------
 
@@ -816,6 +837,7 @@ class NonFiniteLoss(Exception):
         super().__init__(f"non-finite training loss at step {step} in model {modelIndex}; lower --lr or --afLr, "
                          "or enable --gradientClipping")
         self.step, self.modelIndex = step, modelIndex
+        self.afFile = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -835,12 +857,12 @@ def main(argv=None):
         print(f"error: {err}", file=sys.stderr)
         return 2
     except NonFiniteLoss as err:
-        trainer.step = err.step - 1
-        message = f"error: {err}"
-        if getattr(trainer, "afOptimizer", None):
-            message += f"; last AFs saved in {trainer.saveAfs()[0]}"
-        print(message, file=sys.stderr)
+        saved = f"; AF values before that step saved in {err.afFile}" if err.afFile else ""
+        print(f"error: {err}{saved}", file=sys.stderr)
         return 3
+    except KeyboardInterrupt:
+        print("error: interrupted before training started; nothing was written", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

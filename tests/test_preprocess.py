@@ -206,7 +206,7 @@ def testTxtJsonAndParquetInputs(reference, vocabFile, tmp_path):
     run(tmp_path / "txt", "--input", str(corpusDir / "*.txt"), "--shard_size", 50, "--name", "mine", "--num_proc", 2, vocabFile=vocabFile)
     np.testing.assert_array_equal(concatenated(tmp_path / "txt", "mine"), referenceTokens(reference, txtOrder))
     assert shardFiles(tmp_path / "txt", "mine")[0].endswith("mine_val_000000.bin")
-    run(tmp_path / "mixed", "--input", str(corpusDir / "array.json"), str(corpusDir / "z.parquet"), "--text_field", "body",
+    run(tmp_path / "mixed", "--input", str(corpusDir / "array.json"), "--input", str(corpusDir / "z.parquet"), "--text_field", "body",
         "--shard_size", 50, "--num_proc", 1, vocabFile=vocabFile)
     np.testing.assert_array_equal(concatenated(tmp_path / "mixed"), referenceTokens(reference, documents[4:]))
 

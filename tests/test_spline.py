@@ -130,3 +130,12 @@ def testImportableWithTorchAlone():
             "print(bad); sys.exit(1 if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def testNanPropagatesWithoutBadIndexing():
+    spline = Spline(nKnots=8, knotRange=2.0)
+    x = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.5], requires_grad=True)
+    y = spline(x)
+    assert torch.isnan(y[0]) and torch.isfinite(y[1:]).all()
+    y.sum().backward()
+    assert torch.isfinite(x.grad).all()

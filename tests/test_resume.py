@@ -1,0 +1,75 @@
+"""Long runs: exact resume from a checkpoint, SIGINT then resume, and a non-finite loss stopping the run."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+
+from conftest import REPO, runTrainer, tinyFlags
+
+
+def phase1Flags(tinyData, results, **overrides):
+    flags = dict(seed=1234, nModels=3, staggeredStarts=1, afLayerSpecific=0, afType="spline;att-spline", afLr=0.1,
+                 runName="long", nSteps=40, nStepsWarmup=4, nStepsCooldown=10, valEvery=10, plotEvery=10,
+                 plottingLevel=1, shuffleTrData=2)
+    flags.update(overrides)
+    return tinyFlags(tinyData, results, **flags)
+
+
+def finalLines(logPath, nSteps):
+    lines = open(logPath).read().splitlines()
+    return [line for line in lines if line.startswith(f"Step {nSteps}/{nSteps} ") and "s/step" not in line]
+
+
+def testResumeEndsOnTheSameLines(tinyData, tmp_path):
+    full = runTrainer(phase1Flags(tinyData, tmp_path / "full", saveModelEvery=20))
+    assert full.returncode == 0, full.stderr
+    checkpoint = tmp_path / "full" / "pt-long-step0020.pt"
+    data = torch.load(checkpoint, weights_only=True)
+    assert data["step"] == 20 and len(data["dataPositions"]) == 3 and data["history"]["val"]
+    resumed = runTrainer(["--resumeFrom", str(checkpoint), "--dirResults", str(tmp_path / "resumed")])
+    assert resumed.returncode == 0, resumed.stderr
+    expected = finalLines(tmp_path / "full" / "log-long.txt", 40)
+    assert expected and finalLines(tmp_path / "resumed" / "log-long.txt", 40) == expected
+    trainLines = [line for line in open(tmp_path / "resumed" / "log-long.txt") if line.startswith("Step 40/40   lossTr")]
+    fullTrain = [line for line in open(tmp_path / "full" / "log-long.txt") if line.startswith("Step 40/40   lossTr")]
+    assert trainLines[0].split("   ")[:3] == fullTrain[0].split("   ")[:3]
+    # Resuming in the run's own folder continues the run even though its log already holds the final line.
+    again = runTrainer(["--resumeFrom", str(checkpoint)])
+    assert again.returncode == 0 and "already complete" not in again.stdout
+
+
+def testInterruptThenResume(tinyData, tmp_path):
+    argv = phase1Flags(tinyData, tmp_path / "run", nSteps=400, nStepsCooldown=100, valEvery=100, plotEvery=1)
+    process = subprocess.Popen([sys.executable, os.path.join(REPO, "trainLmAf.py")] + argv, cwd=REPO,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "run" / "log-long.txt"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.exists() and "Step 3/400   lossTr" in log.read_text()):
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGINT, err
+    resumeLine = [line for line in out.splitlines() if line.startswith("Resume with: ")]
+    assert resumeLine, out[-2000:]
+    checkpoint = resumeLine[0].split("--resumeFrom ")[1]
+    step = torch.load(checkpoint, weights_only=True)["step"]
+    assert 3 <= step < 400
+    assert any(name.startswith(f"ptAf-long-step{step:04d}") for name in os.listdir(tmp_path / "run"))
+    resumed = runTrainer(["--resumeFrom", checkpoint, "--nSteps", str(step + 2), "--nStepsWarmup", "0",
+                          "--nStepsCooldown", "1"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"Step {step + 2}/{step + 2}   lossTr" in log.read_text()
+
+
+def testNonFiniteLossStopsWithOneLine(tinyData, tmp_path):
+    result = runTrainer(tinyFlags(tinyData, tmp_path, afType="spline;att-spline", afLr=1e30, lr=1e30, nSteps=8,
+                                  runName="nan"))
+    assert result.returncode == 3
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "non-finite training loss at step" in lines[0] and "in model 0" in lines[0]
+    saved = lines[0].split("saved in ")[1]
+    values = torch.load(saved, weights_only=True)["mlpValues"][0]
+    assert torch.isfinite(values).all()

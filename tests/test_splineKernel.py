@@ -1,0 +1,197 @@
+"""Checks the Triton spline kernels in splineKernel.py against a PyTorch reference of the spline activation."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="Triton is not importable, so the spline kernels cannot run")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from splineKernel import splineBackwardTriton, splineForwardTriton  # noqa: E402
+
+
+def splineReference(x, values, knotMin, knotStep):
+    """Spline activation in plain PyTorch; its gradients come from autograd."""
+    numKnots = values.numel()
+    u = ((x.float() - knotMin) * (1.0 / knotStep)).clamp(0, numKnots - 1)
+    i = u.detach().floor().clamp(max=numKnots - 2).long()
+    w = u - i
+    return (values[i] + w * (values[i + 1] - values[i])).to(x.dtype)
+
+
+# name, knots, knotMin, knotMax, dtype, shape, layout of x and gradOut
+CASES = [
+    ("k64-fp32-ragged", 64, -4.0, 4.0, torch.float32, (4099,), "contiguous"),
+    ("k64-bf16-3d", 64, -4.0, 4.0, torch.bfloat16, (3, 37, 41), "contiguous"),
+    ("k17-fp32-transposed", 17, -1.3, 2.1, torch.float32, (70, 96), "transposed"),
+    ("k17-bf16-strided", 17, -1.3, 2.1, torch.bfloat16, (50, 130), "strided"),
+    ("k256-fp32", 256, -4.0, 4.0, torch.float32, (2500,), "contiguous"),
+    ("k2-bf16", 2, -0.5, 0.5, torch.bfloat16, (777,), "contiguous"),
+    ("k64-fp32-empty", 64, -4.0, 4.0, torch.float32, (0, 5), "contiguous"),
+]
+
+# The kernels run under TRITON_INTERPRET=1, which Triton reads at import, so they run in a child process that
+# loads the inputs, calls both kernels and saves the outputs (torch.save keeps the non-contiguous views).
+RUNNER = """
+import sys, torch
+from splineKernel import splineBackwardTriton, splineForwardTriton
+results = []
+for case in torch.load(sys.argv[1]):
+    invStep = 1.0 / case["knotStep"]
+    y = splineForwardTriton(case["x"], case["values"], case["knotMin"], invStep)
+    gradX, gradValues = splineBackwardTriton(case["gradOut"], case["x"], case["values"], case["knotMin"], invStep)
+    results.append({"y": y, "gradX": gradX, "gradValues": gradValues, "xContiguous": case["x"].is_contiguous()})
+torch.save(results, sys.argv[2])
+"""
+
+
+def makeInput(numKnots, knotMin, knotMax, dtype, shape, layout, generator):
+    """x mixes in-range and out-of-range values, far outliers, exact knots and exact range ends."""
+    numel = 1
+    for size in shape:
+        numel *= size
+    halfRange = (knotMax - knotMin) / 2
+    centre = (knotMin + knotMax) / 2
+    x = centre + 1.5 * halfRange * (2 * torch.rand(numel, generator=generator) - 1)
+    knotStep = (knotMax - knotMin) / (numKnots - 1)
+    specials = torch.cat([
+        knotMin + knotStep * torch.arange(numKnots, dtype=torch.float32),
+        torch.tensor([knotMin, knotMax, -1e4, 1e4, -1e30, 1e30, 0.0]),
+    ])
+    count = min(numel, specials.numel())
+    x[torch.randperm(numel, generator=generator)[:count]] = specials[:count]
+    x = x.reshape(shape).to(dtype)
+    if layout == "transposed":
+        return x.t().contiguous().t()
+    if layout == "strided":
+        wide = torch.zeros(shape[0], 2 * shape[1], dtype=dtype)
+        wide[:, ::2] = x
+        return wide[:, ::2]
+    return x
+
+
+def buildCases():
+    generator = torch.Generator().manual_seed(1234)
+    cases = []
+    for name, numKnots, knotMin, knotMax, dtype, shape, layout in CASES:
+        x = makeInput(numKnots, knotMin, knotMax, dtype, shape, layout, generator)
+        gradOut = torch.randn(x.shape, generator=generator).to(dtype)
+        if layout != "contiguous":
+            gradOut = gradOut.t().contiguous().t()
+        cases.append({
+            "name": name, "x": x, "gradOut": gradOut, "values": torch.randn(numKnots, generator=generator),
+            "knotMin": knotMin, "knotStep": (knotMax - knotMin) / (numKnots - 1), "layout": layout,
+        })
+    return cases
+
+
+@pytest.fixture(scope="module")
+def interpretedRuns(tmp_path_factory):
+    cases = buildCases()
+    workDir = tmp_path_factory.mktemp("splineKernel")
+    inputPath, outputPath = workDir / "cases.pt", workDir / "results.pt"
+    torch.save(cases, inputPath)
+    env = {**os.environ, "TRITON_INTERPRET": "1", "TRITON_DEFAULT_FP_FUSION": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-c", RUNNER, str(inputPath), str(outputPath)], env=env, cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"interpreted kernels failed:\n{done.stdout}\n{done.stderr}"
+    return {case["name"]: (case, result) for case, result in zip(cases, torch.load(outputPath))}
+
+
+def referenceRun(case):
+    x = case["x"].detach().clone().requires_grad_()
+    values = case["values"].clone().requires_grad_()
+    y = splineReference(x, values, case["knotMin"], case["knotStep"])
+    gradX, gradValues = torch.autograd.grad(y, (x, values), case["gradOut"])
+    # the same knot sums taken over |gradOut| bound what summation order can change in each knot gradient
+    absMass, = torch.autograd.grad(splineReference(case["x"], values, case["knotMin"], case["knotStep"]), values,
+                                   case["gradOut"].abs())
+    return y.detach(), gradX, gradValues, absMass
+
+
+def assertMatches(case, y, gradX, gradValues):
+    refY, refGradX, refGradValues, absMass = referenceRun(case)
+    if case["x"].dtype == torch.bfloat16:
+        # both sides round the same float32 value to bf16, but the interpreter truncates where GPUs round to
+        # nearest, so one bf16 ulp (at most 2**-7 relative) may separate them
+        rtol, atol = 2.0 ** -7, 1e-6
+    else:
+        # same float32 expressions in the same order; GPU FMA contraction of v0 + w*(v1-v0) moves y by ~1 ulp
+        rtol, atol = 1e-5, 1e-5
+    assert y.shape == case["x"].shape and y.dtype == case["x"].dtype
+    assert gradX.shape == case["x"].shape and gradX.dtype == case["x"].dtype
+    torch.testing.assert_close(y, refY, rtol=rtol, atol=atol)
+    torch.testing.assert_close(gradX, refGradX, rtol=rtol, atol=atol)
+    # knot gradients are float32 sums of float32 terms in another order (per-program partials, then atomics):
+    # rounding differs by a few ulp of the summed magnitudes, far below one misplaced term
+    assert gradValues.dtype == torch.float32
+    assert torch.all((gradValues - refGradValues).abs() <= 2e-5 * absMass + 1e-6), (gradValues, refGradValues)
+
+
+@pytest.mark.parametrize("name", [case[0] for case in CASES])
+def test_interpretedKernelsMatchReference(interpretedRuns, name):
+    case, result = interpretedRuns[name]
+    assert result["xContiguous"] == (case["layout"] == "contiguous")
+    assertMatches(case, result["y"], result["gradX"], result["gradValues"])
+
+
+def test_rejectsBadValues():
+    x = torch.zeros(4)
+    with pytest.raises(ValueError):
+        splineForwardTriton(x, torch.zeros(8, dtype=torch.float64), -1.0, 1.0)
+    with pytest.raises(ValueError):
+        splineForwardTriton(x, torch.zeros(1), -1.0, 1.0)
+    with pytest.raises(ValueError):
+        splineBackwardTriton(x, x, torch.zeros(8), -1.0, 1.0, backend="gluon")
+
+
+def test_kernelsCompileForHopper():
+    """The interpreter does not compile; this builds every kernel for sm_90 with the bundled ptxas."""
+    import splineKernel
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    try:
+        from triton.experimental.gluon._runtime import GluonASTSource
+    except ImportError:
+        GluonASTSource = None
+    target = GPUTarget("cuda", 90, 32)
+    options = {"num_warps": 4, "enable_fp_fusion": True}
+    for dtype, numKnots in (("bf16", 64), ("fp32", 17)):
+        knotsPadded = triton.next_power_of_2(numKnots)
+        forwardSignature = {"xPtr": f"*{dtype}", "valuesPtr": "*fp32", "yPtr": f"*{dtype}", "n": "i32",
+                            "knotMin": "fp32", "invStep": "fp32", "K": "constexpr", "BLOCK": "constexpr"}
+        triton.compile(ASTSource(splineKernel._splineForwardKernel, forwardSignature, {"K": numKnots, "BLOCK": 2048}),
+                       target=target, options=options)
+        backwardSignature = {"gradOutPtr": f"*{dtype}", "xPtr": f"*{dtype}", "valuesPtr": "*fp32",
+                             "gradXPtr": f"*{dtype}", "gradValuesPtr": "*fp32", "n": "i32", "knotMin": "fp32",
+                             "invStep": "fp32", "K": "constexpr", "KP": "constexpr"}
+        triton.compile(ASTSource(splineKernel._splineBackwardKernel, {**backwardSignature, "SUB": "constexpr"},
+                                 {"K": numKnots, "KP": knotsPadded, "SUB": 128}), target=target, options=options)
+        if GluonASTSource is None or splineKernel.gluon is None:
+            continue
+        compiled = triton.compile(
+            GluonASTSource(splineKernel._splineBackwardGluonKernel, {**backwardSignature, "VEC": "constexpr"},
+                           {"K": numKnots, "KP": knotsPadded, "VEC": 8}), target=target, options=options)
+        assert compiled.metadata.shared >= knotsPadded * 32 * 4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", ["gluon", "tl"])
+@pytest.mark.parametrize("name", ["k64-bf16-3d", "k17-fp32-transposed", "k256-fp32"])
+def test_gpuKernelsMatchReference(backend, name):
+    case = next(c for c in buildCases() if c["name"] == name)
+    case = {**case, **{key: case[key].cuda() for key in ("x", "gradOut", "values")}}
+    invStep = 1.0 / case["knotStep"]
+    y = splineForwardTriton(case["x"], case["values"], case["knotMin"], invStep)
+    gradX, gradValues = splineBackwardTriton(case["gradOut"], case["x"], case["values"], case["knotMin"], invStep,
+                                             backend=backend)
+    assertMatches(case, y, gradX, gradValues)
