@@ -15,7 +15,6 @@ import glob
 import json
 import os
 import sys
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +33,7 @@ class BlimpError(Exception):
     """BLiMP data that cannot be read; the message is one line for the user."""
 
 
-@dataclass
+@dataclasses.dataclass
 class BlimpSet:
     uid: str
     field: str
@@ -93,6 +92,8 @@ def readLocalSets(blimpDir, limit):
     sets = {}
     for path in paths:
         setsFromRecords(jsonLines(path), limit, sets)
+    if not sets:
+        raise BlimpError(f"the .jsonl files in --blimpDir {blimpDir!r} hold no BLiMP pairs (all lines are blank)")
     return sortedSets(sets.values())
 
 
@@ -105,9 +106,7 @@ def readHubSets(limit):
         sets = {}
         for config in tqdm(configs, desc=f"reading {HUB_DATASET}", unit="set", disable=None):
             split = datasets.load_dataset(HUB_DATASET, config, split="train")
-            if limit is not None:
-                split = split.select(range(min(limit, len(split))))
-            sets.update(setsFromRecords(((f"{HUB_DATASET}/{config} row {i}", row) for i, row in enumerate(split)), limit))
+            setsFromRecords(((f"{HUB_DATASET}/{config} row {i}", row) for i, row in enumerate(split)), limit, sets)
     except BlimpError:
         raise
     except Exception as err:  # no network, hub or datasets errors: all mean "use local files"
@@ -189,7 +188,7 @@ def aggregate(sets, correct):
         total["nSets"] += 1
     overall = {"nPairs": len(correct), "nCorrect": sum(correct), "nSets": len(setRows)}
     for row in setRows + list(fieldRows.values()) + [overall]:
-        row["accuracy"] = 100.0 * row["nCorrect"] / row["nPairs"] if row["nPairs"] else float("nan")
+        row["accuracy"] = 100.0 * row["nCorrect"] / row["nPairs"]
     return setRows, sorted(fieldRows.values(), key=lambda r: r["field"]), overall
 
 

@@ -284,16 +284,19 @@ class GPT(nn.Module):
         names = [f"MLP {i}" for i in range(self.nLayers)]
         return names + [f"att {i}" for i in range(self.nLayers)] if self.attAfIndex else names
 
-    def singleModel(self, index):
-        """Model `index` alone, as an N=1 GPT holding a copy of its weights and sharing these AF modules."""
-        single = GPT(**{**self.config, "nModels": 1})
-        device = self.embed.device
+    def subModels(self, start, stop):
+        """Models start..stop-1 as a GPT of their own (copies of their weights) sharing these AF modules."""
+        part = GPT(**{**self.config, "nModels": stop - start})
         with torch.no_grad():
-            for (name, p), (_, q) in zip(self.namedWeightParameters(), single.namedWeightParameters()):
-                q.copy_(p[index:index + 1])
+            for (_, p), (_, q) in zip(self.namedWeightParameters(), part.namedWeightParameters()):
+                q.copy_(p[start:stop])
                 q.requires_grad_(p.requires_grad)
-        single.mlpAfs, single.attAfs = self.mlpAfs, self.attAfs
-        return single.to(device)
+        part.mlpAfs, part.attAfs = self.mlpAfs, self.attAfs
+        return part.to(self.embed.device)
+
+    def singleModel(self, index):
+        """Model `index` alone: the N=1 case."""
+        return self.subModels(index, index + 1)
 
     # -- forward ---------------------------------------------------------------------------
 

@@ -13,11 +13,13 @@ except ImportError:  # Triton builds without Gluon keep the portable tl backward
     gluon = None
 
 MAX_KNOTS = 256
+_INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _NUM_WARPS = 4
 _FORWARD_BLOCK = 2048  # 16 elements per thread: two 16-byte vector loads of bf16 per thread
 _GLUON_VEC = 8  # elements per thread per tile: one 16-byte bf16 load of x and of gradOut
 _ONE_HOT_ENTRIES = 8192  # [SUB, KP] one-hot tile size of the tl backward: 64 fp32 registers per thread at 4 warps
-_HIST_SMEM_BUDGET = 160 * 1024  # shared memory the co-resident Gluon programs of one SM may use for histograms
+_HIST_SMEM_BUDGET = 160 * 1024  # of an H100 SM's 228 KB, what co-resident Gluon programs' histograms may take
+# 8 programs x 4 warps keep enough loads in flight to stream at HBM bandwidth and fit the register file (~56/thread)
 _MAX_PROGRAMS_PER_SM = 8
 _INTERPRETER_PROGRAMS = 4  # few programs on CPU so every program runs the persistent loop several times
 
@@ -25,10 +27,11 @@ _INTERPRETER_PROGRAMS = 4  # few programs on CPU so every program runs the persi
 @triton.jit
 def _locate(x, knotMin, invStep, K: tl.constexpr):
     uRaw = (x - knotMin) * invStep
-    # maximum/minimum return the non-NaN operand on GPU, so NaN inputs land on knot 0 instead of reading out of bounds
-    u = tl.minimum(tl.maximum(uRaw, 0.0), K - 1.0)
-    # u >= 0, so truncation is floor
-    i = tl.minimum(u.to(tl.int32), K - 2)
+    # a NaN input keeps a NaN weight, so NaN reaches y and the knot gradients as in the PyTorch fallback...
+    u = tl.clamp(uRaw, 0.0, K - 1.0, propagate_nan=tl.PropagateNan.ALL)
+    # ...while its index comes from maximum, which returns the non-NaN operand: knot 0, never an out-of-range gather.
+    # Truncation is floor because the clamped u is >= 0.
+    i = tl.minimum(tl.maximum(u, 0.0).to(tl.int32), K - 2)
     return uRaw, i, u - i.to(tl.float32)
 
 
@@ -67,7 +70,7 @@ def _splineBackwardKernel(gradOutPtr, xPtr, valuesPtr, gradXPtr, gradValuesPtr, 
     knotSums = tl.zeros([KP], dtype=tl.float32)
     # persistent loop: each program folds many sub-tiles into one [KP] partial sum, so atomics scale with programs
     for tile in range(tl.program_id(0), tl.cdiv(n, SUB), tl.num_programs(0)):
-        base = tl.cast(tile, tl.int64) * SUB
+        base = tl.cast(tile, tl.int64) * SUB  # tl.cast: the interpreter hands the loop index over as a Python int
         i, left, right = _tileGradients(gradOutPtr + base, xPtr + base, valuesPtr, gradXPtr + base, lanes,
                                         lanes < n - base, knotMin, invStep, K)
         knotSums += tl.sum(tl.where(i[:, None] == knots[None, :], left[:, None], 0.0)
@@ -90,24 +93,31 @@ if gluon is not None:
                                          gl.zeros([KP * 32], gl.float32, gl.BlockedLayout([1], [32], [NW], [0])))
         gl.barrier()
         lanes = gl.arange(0, TILE, layout=elementLayout)
-        column = (lanes // VEC) % 32
+        column = (lanes // VEC) % 32  # the lane that holds each element under elementLayout
         for tile in range(gl.program_id(0), gl.cdiv(n, TILE), gl.num_programs(0)):
             base = tile.to(gl.int64) * TILE
             i, left, right = _tileGradients(gradOutPtr + base, xPtr + base, valuesPtr, gradXPtr + base, lanes,
                                             lanes < n - base, knotMin, invStep, K)
             slot = i * 32 + column
-            hist.atomic_scatter_add(left, slot, 0)
-            hist.atomic_scatter_add(right, slot + 32, 0)
+            # both shares in one scatter (right: same lane column, next knot's row), because the compiler fences
+            # every shared-memory scatter with a CTA barrier: one scatter per tile is one barrier per tile
+            shares = gl.join(left, right).reshape([2 * TILE])
+            hist.atomic_scatter_add(shares, gl.join(slot, slot + 32).reshape([2 * TILE]), 0)
         gl.barrier()
         knots = gl.arange(0, KP, layout=gl.SliceLayout(1, rowLayout))
         knotSums = gl.sum(hist.reshape([KP, 32]).load(rowLayout), axis=1)
         gl.atomic_add(gradValuesPtr + knots, knotSums, mask=knots < K)
 
 
-def _checkValues(values: torch.Tensor) -> torch.Tensor:
+def _checkInputs(x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    # float64 would silently lose precision in the float32 kernels: it belongs on the PyTorch path
+    if x.dtype not in _INPUT_DTYPES:
+        raise ValueError(f"x must be float32, bfloat16 or float16, got {x.dtype}")
     if values.dim() != 1 or values.dtype != torch.float32 or not 2 <= values.numel() <= MAX_KNOTS:
         raise ValueError(f"values must be a float32 vector of 2..{MAX_KNOTS} knots, got {values.dtype} "
                          f"{tuple(values.shape)}")
+    if values.device != x.device:
+        raise ValueError(f"values on {values.device} but x on {x.device}")
     return values.contiguous()
 
 
@@ -122,13 +132,15 @@ def _programCount(device: torch.device, tiles: int, perSm: int) -> int:
     return min(tiles, _smCount(device.index if device.index is not None else torch.cuda.current_device()) * perSm)
 
 
-def _gluonUsable(x: torch.Tensor) -> bool:
-    return gluon is not None and x.is_cuda and torch.version.hip is None and not triton.knobs.runtime.interpret
+def backwardBackends(device: torch.device) -> tuple[str, ...]:
+    """Backward implementations that can run on device, fastest first."""
+    gluonRuns = gluon is not None and device.type == "cuda" and torch.version.hip is None
+    return ("gluon", "tl") if gluonRuns and not triton.knobs.runtime.interpret else ("tl",)
 
 
 def splineForwardTriton(x: torch.Tensor, values: torch.Tensor, knotMin: float, invStep: float) -> torch.Tensor:
-    """Spline activation of x (float32 or bfloat16, any shape); returns y with x's shape and dtype."""
-    values = _checkValues(values)
+    """Spline activation of x (float32, bfloat16 or float16, any shape); returns y with x's shape and dtype."""
+    values = _checkInputs(x, values)
     xFlat = x.contiguous().view(-1)
     y = torch.empty_like(xFlat)
     n = xFlat.numel()
@@ -146,13 +158,14 @@ def splineBackwardTriton(gradOut: torch.Tensor, x: torch.Tensor, values: torch.T
     backend: "gluon" (shared-memory histogram, NVIDIA GPUs) or "tl" (portable one-hot reduction, also the one the
     Triton interpreter runs); None picks gluon where it can run.
     """
-    values = _checkValues(values)
-    if gradOut.shape != x.shape:
-        raise ValueError(f"gradOut shape {tuple(gradOut.shape)} differs from x shape {tuple(x.shape)}")
-    if backend is None:
-        backend = "gluon" if _gluonUsable(x) else "tl"
-    if backend not in ("gluon", "tl") or (backend == "gluon" and not _gluonUsable(x)):
-        raise ValueError(f"backend {backend!r} cannot run on {x.device}")
+    values = _checkInputs(x, values)
+    if gradOut.shape != x.shape or gradOut.dtype not in _INPUT_DTYPES or gradOut.device != x.device:
+        raise ValueError(f"gradOut ({gradOut.dtype} {tuple(gradOut.shape)} on {gradOut.device}) does not fit x "
+                         f"({x.dtype} {tuple(x.shape)} on {x.device})")
+    backends = backwardBackends(x.device)
+    backend = backends[0] if backend is None else backend
+    if backend not in backends:
+        raise ValueError(f"backend {backend!r} cannot run on {x.device}; available: {backends}")
     gradOutFlat = gradOut.contiguous().view(-1)
     xFlat = x.contiguous().view(-1)
     gradX = torch.empty_like(xFlat)

@@ -50,12 +50,13 @@ class StackedAdam:
     def state_dict(self):
         return {"expAvg": list(self.expAvg), "expAvgSq": list(self.expAvgSq), "stepCounts": self.stepCounts.clone()}
 
-    def load_state_dict(self, state):
+    def load_state_dict(self, state, models=slice(None)):
+        """Load a state saved for all models; `models` picks this optimizer's slice of them (a distributed rank's)."""
         if len(state["expAvg"]) != len(self.params):
             raise ValueError("optimizer state does not match the model's trainable parameters")
         for dst, src in zip(self.expAvg + self.expAvgSq, state["expAvg"] + state["expAvgSq"]):
-            dst.copy_(src)
-        self.stepCounts.copy_(state["stepCounts"])
+            dst.copy_(src[models])
+        self.stepCounts.copy_(state["stepCounts"][models])
 
     def describe(self):
         nParams = sum(p.numel() for p in self.params)

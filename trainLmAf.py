@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from activationFunctions import FIXED_TYPES, SPLINE_TYPES
+from distributed import Distributed
 from afFiles import AfFileError, atomicWrite, loadAfsIntoModel, perLayerValues, safeTorchLoad, saveAfFiles, splineKnots
 from model import GPT, copyInitAcrossModels, permuteInitAcrossModels
 from stackedAdam import StackedAdam
@@ -253,17 +254,23 @@ def activeModels(step, startSteps):
 
 
 class RunLog:
+    """Lines to the terminal and the log file; RunLog(None) (a non-main torchrun process) writes nothing."""
+
     def __init__(self, path):
         self.path = path
-        self.file = open(path, "a")
+        self.progressBar = None
+        self.file = open(path, "a") if path else None
+        if path is None:
+            return
         try:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self.file.close()
             raise ConfigError(f"another process is writing {path}; wait for it or choose another --runName") from None
-        self.progressBar = None
 
     def __call__(self, line="", terminal=True):
+        if self.file is None:
+            return
         self.file.write(line + "\n")
         self.file.flush()
         if terminal:
@@ -273,7 +280,8 @@ class RunLog:
                 print(line, flush=True)
 
     def close(self):
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
 
 
 def finalLineWritten(logPath, nSteps):
@@ -391,7 +399,14 @@ class Trainer:
             self.alreadyComplete = True
             return self
         self.alreadyComplete = False
-        self.device = pickDevice(hp)
+        self.dist = Distributed()
+        if self.dist.enabled and hp.nModels > 1 and hp.nModels < self.dist.worldSize:
+            raise ConfigError(f"--nModels {hp.nModels} is fewer than the {self.dist.worldSize} processes; "
+                              "give every process at least one model")
+        self.device = self.dist.start(pickDevice(hp))
+        self.dataParallel = self.dist.enabled and hp.nModels == 1
+        self.firstModel, self.stopModel = self.dist.modelRange(hp.nModels)
+        self.nLocal = self.stopModel - self.firstModel
         self.afMlp, self.afAtt = splitAfType(hp.afType)
         seedEverything(hp.seed)
 
@@ -400,20 +415,24 @@ class Trainer:
         for path in self.trFiles + self.vaFiles:
             readShardHeader(path)
         self.vocabSize = resume["vocabSize"] if resume else roundUpVocab(maxTokenId(self.trFiles + self.vaFiles))
-        self.streams = [TokenStream(self.trFiles, hp.seqLength, hp.seed, i, hp.shuffleTrData)
-                        for i in range(1 if hp.sameDataAcrossModels else hp.nModels)]
+        streamIndices = [0] if hp.sameDataAcrossModels or self.dataParallel else range(self.firstModel, self.stopModel)
+        self.streams = [TokenStream(self.trFiles, hp.seqLength, hp.seed, i, hp.shuffleTrData) for i in streamIndices]
         self.vaSequences = validationSequences(self.vaFiles, hp.seqLength, hp.nTokensVa) if self.vaFiles else None
 
-        self.model = buildModel(hp, self.vocabSize, self.device)
+        # Every rank builds all N models from the same seed and keeps its own block: the same init as one process.
+        model = buildModel(hp, self.vocabSize, self.device)
         self.afNotes = []
-        if hp.afFileToLoad and not resume:
-            self.afNotes = loadAfsIntoModel(self.model, hp.afFileToLoad, freeze=hp.afLr == 0)
-            self.model.to(self.device)
+        if resume:
+            model.load_state_dict(resume["model"])
+        elif hp.afFileToLoad:
+            self.afNotes = loadAfsIntoModel(model, hp.afFileToLoad, freeze=hp.afLr == 0)
+            model.to(self.device)
         if hp.nModels > 1 and not resume:
             if hp.sameInitAcrossModels:
-                copyInitAcrossModels(self.model)
+                copyInitAcrossModels(model)
             else:
-                permuteInitAcrossModels(self.model, torch.Generator().manual_seed(hp.seed))
+                permuteInitAcrossModels(model, torch.Generator().manual_seed(hp.seed))
+        self.model = model if self.nLocal == model.nModels else model.subModels(self.firstModel, self.stopModel)
         for p in frozenParameters(self.model, hp.freezeEmbeddings):
             p.requires_grad_(False)
         for p in self.model.afParameters():
@@ -438,7 +457,7 @@ class Trainer:
     def buildOptimizers(self):
         hp = self.hp
         weights = [p for p in self.model.weightParameters() if p.requires_grad]
-        self.optimizer = StackedAdam(weights, hp.nModels, betas=(hp.adamB1, hp.adamB2), weightDecay=hp.wtDecay)
+        self.optimizer = StackedAdam(weights, self.nLocal, betas=(hp.adamB1, hp.adamB2), weightDecay=hp.wtDecay)
         afParams = [p for p in self.model.afParameters() if p.requires_grad]
         if not afParams:
             self.afOptimizer = None
@@ -449,19 +468,47 @@ class Trainer:
 
     # -- checkpoints -------------------------------------------------------------------------
 
+    def localState(self):
+        """What differs between ranks: this rank's models' weights, optimizer state, data positions, window."""
+        weightNames = [name for name, _ in self.model.namedWeightParameters()]
+        state = self.model.state_dict()
+        return {"weights": {name: state[name].cpu() for name in weightNames},
+                "optimizer": {k: [t.cpu() for t in v] if isinstance(v, list) else v.cpu()
+                              for k, v in self.optimizer.state_dict().items()},
+                "dataPositions": [s.state_dict() for s in self.streams],
+                "window": {k: v.cpu() if torch.is_tensor(v) else v for k, v in self.window.items()}}
+
     def checkpointDict(self):
+        """The whole run's state on the main rank (gathered from all ranks under torchrun); None elsewhere."""
+        parts = self.dist.gatherToMain(self.localState())
+        if not self.dist.isMain:
+            return None
+        if self.dataParallel:
+            parts = parts[:1]  # every rank holds the same model and reads the same (strided) stream
+
+        def cat(tensors):
+            return torch.cat(tensors) if len(tensors) > 1 else tensors[0]
+
+        model = self.model.state_dict()
+        for name in parts[0]["weights"]:
+            model[name] = cat([p["weights"][name] for p in parts])
+        optimizer = {key: [cat([p["optimizer"][key][i] for p in parts]) for i in range(len(parts[0]["optimizer"][key]))]
+                     for key in ("expAvg", "expAvgSq")}
+        optimizer["stepCounts"] = cat([p["optimizer"]["stepCounts"] for p in parts])
+        window = {key: cat([p["window"][key] for p in parts]) for key in ("loss", "acc", "count")}
+        window["steps"] = parts[0]["window"]["steps"]
         return {
             "format": CHECKPOINT_FORMAT,
             "hyperparameters": dataclasses.asdict(self.hp),
             "step": self.step,
             "vocabSize": self.vocabSize,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": model,
+            "optimizer": optimizer,
             "afOptimizer": self.afOptimizer.state_dict() if self.afOptimizer else None,
-            "dataPositions": [s.state_dict() for s in self.streams],
+            "dataPositions": [position for p in parts for position in p["dataPositions"]],
             "history": self.history,
             "trainSeconds": self.trainSeconds,
-            "window": {k: v.cpu() if torch.is_tensor(v) else v for k, v in self.window.items()},
+            "window": window,
             "rng": {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(np.random.get_state()[1].copy()),
                     "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else []},
             "knots": splineKnots(self.model),
@@ -484,25 +531,32 @@ class Trainer:
         return ckpt
 
     def restore(self, ckpt):
-        self.model.load_state_dict(ckpt["model"])
-        self.model.to(self.device)
-        self.buildOptimizers()
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        """Continue from a checkpoint (the model weights were loaded before this rank took its block)."""
+        mine = slice(self.firstModel, self.stopModel)
+        self.optimizer.load_state_dict(ckpt["optimizer"], models=slice(None) if self.dataParallel else mine)
         if self.afOptimizer and ckpt["afOptimizer"]:
             self.afOptimizer.load_state_dict(ckpt["afOptimizer"])
-        for stream, state in zip(self.streams, ckpt["dataPositions"]):
+        positions = ckpt["dataPositions"] if len(self.streams) == 1 else ckpt["dataPositions"][mine]
+        for stream, state in zip(self.streams, positions):
             stream.load_state_dict(state)
         self.history = ckpt["history"]
         self.step = ckpt["step"]
         self.trainSeconds = ckpt["trainSeconds"]
-        self.window = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in ckpt["window"].items()}
+        window = ckpt["window"]
+        self.window = {key: window[key][:self.nLocal] if self.dataParallel else window[key][mine]
+                       for key in ("loss", "acc", "count")}
+        self.window = {key: value.to(self.device) for key, value in self.window.items()}
+        self.window["steps"] = window["steps"]
         torch.set_rng_state(ckpt["rng"]["torch"])
         if self.device.type == "cuda" and ckpt["rng"]["cuda"]:
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
 
     def saveCheckpoint(self):
+        """Write pt-RUN-stepNNNN.pt (a collective under torchrun: every rank must call it)."""
         path = os.path.join(self.hp.dirResults, f"pt-{self.hp.runName}-step{self.step:04d}.pt")
-        atomicWrite(path, lambda tmp: torch.save(self.checkpointDict(), tmp))
+        state = self.checkpointDict()
+        if state is not None:
+            atomicWrite(path, lambda tmp: torch.save(state, tmp))
         return path
 
     def saveAfs(self):
@@ -554,36 +608,40 @@ class Trainer:
     # -- one step ----------------------------------------------------------------------------
 
     def nextBatch(self, nActive):
-        """Tokens [nActive, seqLength+1] for one accumulation step: one sequence per active model."""
-        if self.hp.sameDataAcrossModels:
+        """Tokens [nActive, 1, seqLength+1] for one accumulation step: one sequence per active model."""
+        if self.dataParallel:  # rank r takes sequence r of every worldSize consecutive ones: one process's order
+            rows = [[self.streams[0].next() for _ in range(self.dist.worldSize)][self.dist.rank]]
+        elif self.hp.sameDataAcrossModels:
             rows = [self.streams[0].next()] * nActive
         else:
             rows = [self.streams[i].next() for i in range(nActive)]
         batch = torch.from_numpy(np.stack(rows))
         if self.device.type == "cuda":
             batch = batch.pin_memory().to(self.device, non_blocking=True)
-        return batch[:, None, :]  # [n, B=1, T+1]
+        return batch[:, None, :]
 
     def trainStep(self):
+        """One optimizer step of the active models of this process; returns (nActive, losses, accuracies)."""
         hp, step = self.hp, self.step
-        nActive = activeModels(step, self.startSteps)
+        nActiveAll = activeModels(step, self.startSteps)
+        nActive = 1 if self.dataParallel else max(0, min(nActiveAll, self.stopModel) - self.firstModel)
         lossSum = torch.zeros(nActive, device=self.device)
         accSum = torch.zeros(nActive, device=self.device)
-        for _ in range(hp.batchSize):
+        for _ in range(hp.batchSize if nActive else 0):
             tokens = self.nextBatch(nActive)
             with self.autocast:
                 losses, accuracies = self.compiled(tokens[..., :-1], tokens[..., 1:])
             (losses.sum() / hp.batchSize).backward()
             lossSum += losses.detach()
             accSum += accuracies.detach()
-        afParams = [p for p in self.model.afParameters() if p.grad is not None]
-        for p in afParams:  # the AF gradient is the average over the models that ran
-            p.grad /= nActive
+        afParams = [p for p in self.model.afParameters() if p.requires_grad]
+        self.reduceGradients(afParams, nActive, nActiveAll)
         if hp.gradientClipping > 0:
             self.clipGradients(nActive, afParams)
-        factors = modelLrFactors(hp, step, self.startSteps)
-        self.optimizer.step(nActive, [hp.lr * f for f in factors])
-        self.optimizer.zero_grad()
+        if nActive:
+            factors = modelLrFactors(hp, step, self.startSteps)[self.firstModel:self.stopModel]
+            self.optimizer.step(nActive, [hp.lr * f for f in factors])
+            self.optimizer.zero_grad()
         if self.afOptimizer:
             afFactor = lrFactor(step, hp.nSteps, hp.nStepsWarmup, hp.nStepsCooldown, hp.lrSchedule)
             for group in self.afOptimizer.param_groups:
@@ -593,9 +651,26 @@ class Trainer:
         return nActive, lossSum / hp.batchSize, accSum / hp.batchSize
 
     @torch.no_grad()
+    def reduceGradients(self, afParams, nActive, nActiveAll):
+        """AF gradient: the average over the models that ran, on all processes; data parallel: average all."""
+        if not self.dist.enabled:
+            for p in afParams:
+                if p.grad is not None:
+                    p.grad /= nActive
+            return
+        shared = afParams + ([p for p in self.optimizer.params] if self.dataParallel else [])
+        for p in shared:
+            if p.grad is None:  # a process whose models have not started still takes part in the sum
+                p.grad = torch.zeros_like(p)
+        self.dist.sumInPlace([p.grad for p in shared])
+        divisor = self.dist.worldSize if self.dataParallel else nActiveAll
+        for p in shared:
+            p.grad /= divisor
+
+    @torch.no_grad()
     def clipGradients(self, nActive, afParams):
         grads = [p.grad[:nActive] for p in self.optimizer.params if p.grad is not None]
-        if grads:
+        if grads and nActive:
             sq = sum(g.float().pow(2).reshape(nActive, -1).sum(1) for g in grads)
             scale = (self.hp.gradientClipping / (sq.sqrt() + 1e-6)).clamp(max=1.0)
             for g in grads:
@@ -689,13 +764,14 @@ class Trainer:
         from tqdm import tqdm
 
         hp = self.hp
-        os.makedirs(hp.dirResults, exist_ok=True)
-        self.log = RunLog(self.logPath)
+        if self.dist.isMain:
+            os.makedirs(hp.dirResults, exist_ok=True)
+        self.log = RunLog(self.logPath if self.dist.isMain else None)
         if self.step:
             self.log(f"==== resuming from {hp.resumeFrom} at step {self.step}")
         self.printHeader()
         bar = tqdm(total=hp.nSteps, initial=self.step, desc=hp.runName, unit="step", dynamic_ncols=True,
-                   disable=None, file=sys.stderr)
+                   disable=None if self.dist.isMain else True, file=sys.stderr)
         self.log.progressBar = bar
         windowStart = time.perf_counter()
         pending = None  # (losses, step, AF values before that step): checked one step late to avoid a GPU sync
@@ -708,6 +784,8 @@ class Trainer:
                 if pending is not None:
                     self.checkFinite(*pending)
                 pending = (losses, self.step, afBefore)
+                if self.dist.enabled:
+                    self.agreeAcrossProcesses(losses)
                 self.step += 1
                 self.window["loss"][:nActive] += losses
                 self.window["acc"][:nActive] += accs
@@ -744,17 +822,22 @@ class Trainer:
         self.log.progressBar = None
 
     def newWindow(self):
-        zeros = torch.zeros(self.hp.nModels, device=self.device)
+        zeros = torch.zeros(self.nLocal, device=self.device)
         return {"loss": zeros, "acc": zeros.clone(), "count": zeros.clone(), "steps": 0}
 
     def reportTraining(self, elapsed, bar):
+        """Print model 0's training loss/accuracy since the last report (and every model's to the log)."""
         hp, window = self.hp, self.window
-        count = window["count"].clamp(min=1).cpu()
-        loss, acc = (window["loss"].cpu() / count).tolist(), (window["acc"].cpu() / count).tolist()
+        totals = torch.zeros(3, hp.nModels, device=self.device)
+        for row, key in enumerate(("loss", "acc", "count")):
+            totals[row, self.firstModel:self.stopModel] = window[key]
+        self.dist.sumInPlace([totals])
+        count = totals[2].clamp(min=1).cpu()
+        loss, acc = (totals[0].cpu() / count).tolist(), (totals[1].cpu() / count).tolist()
         self.log(f"Step {self.step}/{hp.nSteps}   lossTr {loss[0]:.4f}   accTr {100 * acc[0]:.1f}   "
                  f"{self.trainSeconds:.0f}s = {elapsed / max(1, window['steps']):.2f}s/step")
         for m in range(hp.nModels):
-            if window["count"][m] > 0:
+            if totals[2, m] > 0:
                 self.history["train"].append((self.step, m, loss[m], acc[m]))
                 if m > 0:
                     self.log(f"Step {self.step}/{hp.nSteps}   model {m}   lossTr {loss[m]:.4f}   accTr {100 * acc[m]:.1f}",
@@ -762,15 +845,26 @@ class Trainer:
         bar.set_postfix(lossTr=f"{loss[0]:.3f}")
         self.window = self.newWindow()
 
+    def agreeAcrossProcesses(self, losses):
+        """Under torchrun every process must stop at the same step: share the stop signal and non-finite losses."""
+        bad = (~torch.isfinite(losses)).nonzero().flatten().tolist()
+        flags = torch.tensor([self.stopSignal or 0, self.firstModel + bad[0] + 1 if bad else 0], device=self.device)
+        self.dist.maxInPlace(flags)
+        if flags[0]:
+            self.stopSignal = int(flags[0])
+        if flags[1]:
+            raise NonFiniteLoss(self.step + 1, int(flags[1]) - 1)
+
     def periodicOutputs(self):
         hp, step = self.hp, self.step
+        main = self.dist.isMain
         first = step == 1
-        if self.vaSequences is not None and hp.valEvery >= 0 and (
+        if main and self.vaSequences is not None and hp.valEvery >= 0 and (
                 step == hp.nSteps or (hp.valEvery > 0 and (step - 1) % hp.valEvery == 0)):
             lossVa, accVa = self.validate()
             self.history["val"].append((step, lossVa, accVa))
             self.log(f"Step {step}/{hp.nSteps}   lossVa {lossVa:.4f}   accVa {100 * accVa:.1f}")
-        if hp.plottingLevel >= 2 and (step == hp.nSteps or first or (step - 1) % hp.plotEvery == 0):
+        if main and hp.plottingLevel >= 2 and (step == hp.nSteps or first or (step - 1) % hp.plotEvery == 0):
             means, maxima = self.activationMagnitudes()
             self.history["actMean"].append((step, means))
             self.history["actMax"].append((step, maxima))
@@ -779,11 +873,11 @@ class Trainer:
             if hp.plottingLevel >= 3:
                 self.log(f"Step {step}/{hp.nSteps}   Activation magnitudes (3): " + " ".join(f"{v:.2f}" for v in maxima))
                 self.logParameterMagnitudes()
-        if self.isDue(hp.saveAfEvery, step) and self.afOptimizer:
+        if main and self.isDue(hp.saveAfEvery, step) and self.afOptimizer:
             self.saveAfs()
         if self.isDue(hp.saveModelEvery, step):
             self.saveCheckpoint()
-        if hp.plottingLevel >= 1 and (step == hp.nSteps or (step - 1) % hp.plotEvery == 0):
+        if main and hp.plottingLevel >= 1 and (step == hp.nSteps or (step - 1) % hp.plotEvery == 0):
             self.refreshPlots()
 
     def logParameterMagnitudes(self):
@@ -794,11 +888,11 @@ class Trainer:
     def checkFinite(self, losses, step, afBefore):
         bad = (~torch.isfinite(losses)).nonzero().flatten().tolist()
         if bad:
-            raise NonFiniteLoss(step + 1, bad[0])
+            raise NonFiniteLoss(step + 1, self.firstModel + bad[0])
 
     def saveLastGoodAfs(self, err, pending):
         """Write the AF values as they were before the step whose loss was not finite."""
-        if not self.afOptimizer or pending is None:
+        if not self.afOptimizer or pending is None or not self.dist.isMain:
             return
         _, failedStep, afBefore = pending
         with torch.no_grad():
@@ -824,6 +918,8 @@ class Trainer:
 
     def saveOnInterrupt(self):
         path = self.saveCheckpoint()
+        if not self.dist.isMain:
+            return
         if self.afOptimizer:
             self.saveAfs()
         if self.hp.plottingLevel >= 1:
@@ -863,6 +959,9 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("error: interrupted before training started; nothing was written", file=sys.stderr)
         return 130
+    finally:
+        if getattr(trainer, "dist", None) is not None:
+            trainer.dist.close()
 
 
 if __name__ == "__main__":

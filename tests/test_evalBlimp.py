@@ -154,6 +154,9 @@ def testBadBlimpRecordsNameTheLine(tmp_path, content, words):
 def testBlimpDirWithoutJsonlFiles(tmp_path):
     with pytest.raises(evalBlimp.BlimpError, match="no .jsonl files"):
         evalBlimp.readLocalSets(str(tmp_path), None)
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    with pytest.raises(evalBlimp.BlimpError, match="hold no BLiMP pairs"):
+        evalBlimp.readLocalSets(str(tmp_path), None)
     with pytest.raises(evalBlimp.BlimpError, match="not a folder"):
         evalBlimp.readLocalSets(str(tmp_path / "absent"), None)
 
@@ -203,11 +206,18 @@ def testBadModelFileIsOneErrorLine(runs, capsys, case):
 
 
 def testCommandLineErrorsHaveNoTraceback(runs):
-    path = runs["bad"]["ptAf"][0]
-    done = subprocess.run([sys.executable, os.path.join(REPO, "evalBlimp.py"), "--modelFile", path, "--blimpDir",
-                           BLIMP_SAMPLE], capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, os.path.join(REPO, "evalBlimp.py"), "--modelFile", runs["bad"]["ptAf"][0],
+                           "--blimpDir", BLIMP_SAMPLE], capture_output=True, text=True, timeout=120)
     assert done.returncode == 1 and done.stdout == ""
     assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1, done.stderr
-    done = subprocess.run([sys.executable, os.path.join(REPO, "evalBlimp.py"), "--modelFile", path, "--blimpDir",
-                           BLIMP_SAMPLE, "--limit", "0"], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2 and done.stderr == "error: --limit must be at least 1, got 0\n"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--limit", "0"], "--limit must be at least 1, got 0"),
+    (["--batchSize", "-2"], "--batchSize must be at least 1, got -2"),
+    (["--modelId", "-1"], "--modelId must be >= 0, got -1"),
+])
+def testBadFlagsAreOneErrorLine(capsys, flags, message):
+    with pytest.raises(SystemExit) as exited:
+        evalBlimp.main(["--modelFile", "pt-x-step0001.pt", "--blimpDir", BLIMP_SAMPLE] + flags)
+    assert exited.value.code == 2 and capsys.readouterr().err == f"error: {message}\n"

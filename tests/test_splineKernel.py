@@ -18,23 +18,24 @@ from splineKernel import splineBackwardTriton, splineForwardTriton  # noqa: E402
 
 
 def splineReference(x, values, knotMin, knotStep):
-    """Spline activation in plain PyTorch; its gradients come from autograd."""
+    """Spline activation in plain PyTorch; its gradients come from autograd. NaN inputs give NaN (index 0)."""
     numKnots = values.numel()
     u = ((x.float() - knotMin) * (1.0 / knotStep)).clamp(0, numKnots - 1)
-    i = u.detach().floor().clamp(max=numKnots - 2).long()
+    i = torch.nan_to_num(u.detach(), nan=0.0).floor().clamp(max=numKnots - 2).long()
     w = u - i
     return (values[i] + w * (values[i + 1] - values[i])).to(x.dtype)
 
 
-# name, knots, knotMin, knotMax, dtype, shape, layout of x and gradOut
+# name, knots, knotMin, knotMax, dtype, shape, layout of x and gradOut, whether x holds NaNs
 CASES = [
-    ("k64-fp32-ragged", 64, -4.0, 4.0, torch.float32, (4099,), "contiguous"),
-    ("k64-bf16-3d", 64, -4.0, 4.0, torch.bfloat16, (3, 37, 41), "contiguous"),
-    ("k17-fp32-transposed", 17, -1.3, 2.1, torch.float32, (70, 96), "transposed"),
-    ("k17-bf16-strided", 17, -1.3, 2.1, torch.bfloat16, (50, 130), "strided"),
-    ("k256-fp32", 256, -4.0, 4.0, torch.float32, (2500,), "contiguous"),
-    ("k2-bf16", 2, -0.5, 0.5, torch.bfloat16, (777,), "contiguous"),
-    ("k64-fp32-empty", 64, -4.0, 4.0, torch.float32, (0, 5), "contiguous"),
+    ("k64-fp32-ragged", 64, -4.0, 4.0, torch.float32, (4099,), "contiguous", False),
+    ("k64-bf16-3d", 64, -4.0, 4.0, torch.bfloat16, (3, 37, 41), "contiguous", False),
+    ("k17-fp32-transposed", 17, -1.3, 2.1, torch.float32, (70, 96), "transposed", False),
+    ("k17-bf16-strided", 17, -1.3, 2.1, torch.bfloat16, (50, 130), "strided", False),
+    ("k256-fp32", 256, -4.0, 4.0, torch.float32, (2500,), "contiguous", False),
+    ("k2-bf16", 2, -0.5, 0.5, torch.bfloat16, (777,), "contiguous", False),
+    ("k8-bf16-nan", 8, -2.0, 2.0, torch.bfloat16, (300,), "contiguous", True),
+    ("k64-fp32-empty", 64, -4.0, 4.0, torch.float32, (0, 5), "contiguous", False),
 ]
 
 # The kernels run under TRITON_INTERPRET=1, which Triton reads at import, so they run in a child process that
@@ -52,8 +53,8 @@ torch.save(results, sys.argv[2])
 """
 
 
-def makeInput(numKnots, knotMin, knotMax, dtype, shape, layout, generator):
-    """x mixes in-range and out-of-range values, far outliers, exact knots and exact range ends."""
+def makeInput(numKnots, knotMin, knotMax, dtype, shape, layout, withNaN, generator):
+    """x mixes in-range and out-of-range values, far outliers, infinities, exact knots and exact range ends."""
     numel = 1
     for size in shape:
         numel *= size
@@ -63,7 +64,8 @@ def makeInput(numKnots, knotMin, knotMax, dtype, shape, layout, generator):
     knotStep = (knotMax - knotMin) / (numKnots - 1)
     specials = torch.cat([
         knotMin + knotStep * torch.arange(numKnots, dtype=torch.float32),
-        torch.tensor([knotMin, knotMax, -1e4, 1e4, -1e30, 1e30, 0.0]),
+        torch.tensor([knotMin, knotMax, -1e4, 1e4, -1e30, 1e30, -float("inf"), float("inf"), 0.0]),
+        torch.full((5 if withNaN else 0,), float("nan")),
     ])
     count = min(numel, specials.numel())
     x[torch.randperm(numel, generator=generator)[:count]] = specials[:count]
@@ -80,8 +82,8 @@ def makeInput(numKnots, knotMin, knotMax, dtype, shape, layout, generator):
 def buildCases():
     generator = torch.Generator().manual_seed(1234)
     cases = []
-    for name, numKnots, knotMin, knotMax, dtype, shape, layout in CASES:
-        x = makeInput(numKnots, knotMin, knotMax, dtype, shape, layout, generator)
+    for name, numKnots, knotMin, knotMax, dtype, shape, layout, withNaN in CASES:
+        x = makeInput(numKnots, knotMin, knotMax, dtype, shape, layout, withNaN, generator)
         gradOut = torch.randn(x.shape, generator=generator).to(dtype)
         if layout != "contiguous":
             gradOut = gradOut.t().contiguous().t()
@@ -98,7 +100,7 @@ def interpretedRuns(tmp_path_factory):
     workDir = tmp_path_factory.mktemp("splineKernel")
     inputPath, outputPath = workDir / "cases.pt", workDir / "results.pt"
     torch.save(cases, inputPath)
-    env = {**os.environ, "TRITON_INTERPRET": "1", "TRITON_DEFAULT_FP_FUSION": "1",
+    env = {**os.environ, "TRITON_INTERPRET": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
     done = subprocess.run([sys.executable, "-c", RUNNER, str(inputPath), str(outputPath)], env=env, cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=300)
@@ -128,12 +130,15 @@ def assertMatches(case, y, gradX, gradValues):
         rtol, atol = 1e-5, 1e-5
     assert y.shape == case["x"].shape and y.dtype == case["x"].dtype
     assert gradX.shape == case["x"].shape and gradX.dtype == case["x"].dtype
-    torch.testing.assert_close(y, refY, rtol=rtol, atol=atol)
+    torch.testing.assert_close(y, refY, rtol=rtol, atol=atol, equal_nan=True)
     torch.testing.assert_close(gradX, refGradX, rtol=rtol, atol=atol)
     # knot gradients are float32 sums of float32 terms in another order (per-program partials, then atomics):
     # rounding differs by a few ulp of the summed magnitudes, far below one misplaced term
     assert gradValues.dtype == torch.float32
-    assert torch.all((gradValues - refGradValues).abs() <= 2e-5 * absMass + 1e-6), (gradValues, refGradValues)
+    assert torch.equal(gradValues.isnan(), refGradValues.isnan())
+    finite = ~refGradValues.isnan()
+    error = (gradValues - refGradValues)[finite].abs()
+    assert torch.all(error <= 2e-5 * absMass[finite] + 1e-6), (gradValues, refGradValues)
 
 
 @pytest.mark.parametrize("name", [case[0] for case in CASES])
@@ -143,45 +148,61 @@ def test_interpretedKernelsMatchReference(interpretedRuns, name):
     assertMatches(case, result["y"], result["gradX"], result["gradValues"])
 
 
-def test_rejectsBadValues():
+def test_rejectsBadInputs():
     x = torch.zeros(4)
     with pytest.raises(ValueError):
         splineForwardTriton(x, torch.zeros(8, dtype=torch.float64), -1.0, 1.0)
     with pytest.raises(ValueError):
         splineForwardTriton(x, torch.zeros(1), -1.0, 1.0)
     with pytest.raises(ValueError):
+        splineForwardTriton(x.double(), torch.zeros(8), -1.0, 1.0)
+    with pytest.raises(ValueError):
+        splineBackwardTriton(x[:3], x, torch.zeros(8), -1.0, 1.0)
+    with pytest.raises(ValueError):
         splineBackwardTriton(x, x, torch.zeros(8), -1.0, 1.0, backend="gluon")
 
 
-def test_kernelsCompileForHopper():
-    """The interpreter does not compile; this builds every kernel for sm_90 with the bundled ptxas."""
-    import splineKernel
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    try:
+# Compiles (without running) every kernel for sm_90 with the ptxas bundled with Triton, in a child process so
+# the interpreter flag of other runs cannot leak in; prints the Gluon kernel's shared memory per knot count.
+COMPILER = """
+import triton
+import splineKernel
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+target = GPUTarget("cuda", 90, 32)
+options = {"num_warps": 4, "enable_fp_fusion": True}
+for dtype, numKnots in (("bf16", 64), ("fp32", 17)):
+    knotsPadded = triton.next_power_of_2(numKnots)
+    forwardSignature = {"xPtr": f"*{dtype}", "valuesPtr": "*fp32", "yPtr": f"*{dtype}", "n": "i32",
+                        "knotMin": "fp32", "invStep": "fp32", "K": "constexpr", "BLOCK": "constexpr"}
+    triton.compile(ASTSource(splineKernel._splineForwardKernel, forwardSignature, {"K": numKnots, "BLOCK": 2048}),
+                   target=target, options=options)
+    backwardSignature = {"gradOutPtr": f"*{dtype}", "xPtr": f"*{dtype}", "valuesPtr": "*fp32",
+                         "gradXPtr": f"*{dtype}", "gradValuesPtr": "*fp32", "n": "i32", "knotMin": "fp32",
+                         "invStep": "fp32", "K": "constexpr", "KP": "constexpr"}
+    triton.compile(ASTSource(splineKernel._splineBackwardKernel, {**backwardSignature, "SUB": "constexpr"},
+                             {"K": numKnots, "KP": knotsPadded, "SUB": 128}), target=target, options=options)
+    if splineKernel.gluon is not None:
         from triton.experimental.gluon._runtime import GluonASTSource
-    except ImportError:
-        GluonASTSource = None
-    target = GPUTarget("cuda", 90, 32)
-    options = {"num_warps": 4, "enable_fp_fusion": True}
-    for dtype, numKnots in (("bf16", 64), ("fp32", 17)):
-        knotsPadded = triton.next_power_of_2(numKnots)
-        forwardSignature = {"xPtr": f"*{dtype}", "valuesPtr": "*fp32", "yPtr": f"*{dtype}", "n": "i32",
-                            "knotMin": "fp32", "invStep": "fp32", "K": "constexpr", "BLOCK": "constexpr"}
-        triton.compile(ASTSource(splineKernel._splineForwardKernel, forwardSignature, {"K": numKnots, "BLOCK": 2048}),
-                       target=target, options=options)
-        backwardSignature = {"gradOutPtr": f"*{dtype}", "xPtr": f"*{dtype}", "valuesPtr": "*fp32",
-                             "gradXPtr": f"*{dtype}", "gradValuesPtr": "*fp32", "n": "i32", "knotMin": "fp32",
-                             "invStep": "fp32", "K": "constexpr", "KP": "constexpr"}
-        triton.compile(ASTSource(splineKernel._splineBackwardKernel, {**backwardSignature, "SUB": "constexpr"},
-                                 {"K": numKnots, "KP": knotsPadded, "SUB": 128}), target=target, options=options)
-        if GluonASTSource is None or splineKernel.gluon is None:
-            continue
         compiled = triton.compile(
             GluonASTSource(splineKernel._splineBackwardGluonKernel, {**backwardSignature, "VEC": "constexpr"},
                            {"K": numKnots, "KP": knotsPadded, "VEC": 8}), target=target, options=options)
-        assert compiled.metadata.shared >= knotsPadded * 32 * 4
+        print("gluonShared", knotsPadded, compiled.metadata.shared)
+"""
+
+
+def test_kernelsCompileForHopper():
+    """The interpreter never compiles, so this checks that every kernel builds for an H100."""
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    done = subprocess.run([sys.executable, "-c", COMPILER], env=env, cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, f"compiling for sm_90 failed:\n{done.stdout}\n{done.stderr}"
+    for line in done.stdout.splitlines():
+        if line.startswith("gluonShared"):
+            _, knotsPadded, shared = line.split()
+            # the per-program histogram: one float32 column per lane for every padded knot
+            assert int(shared) >= int(knotsPadded) * 32 * 4
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
