@@ -86,21 +86,36 @@ def splineBackwardTorch(gradOut, x, values, knotMin, invStep):
     return gradX, gradValues.view(values.shape).to(values.dtype)
 
 
+_tritonBroken = []  # the first failure of the Triton path, after which the PyTorch path is used
+
+
 def _tritonUsable(x, values):
-    if not x.is_cuda or values.dim() != 1:
+    if _tritonBroken or not x.is_cuda or values.dim() != 1 or values.dtype != torch.float32:
+        return False
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return False
     try:
-        import splineKernel  # noqa: F401  (optional: Triton is only needed on CUDA)
+        import splineKernel  # optional: Triton is only needed on CUDA
     except ImportError:
         return False
-    return True
+    return values.numel() <= splineKernel.MAX_KNOTS
+
+
+def _disableTriton(err):
+    """A Triton version the kernels were not written for must not stop training: warn once, use PyTorch."""
+    import warnings
+    _tritonBroken.append(err)
+    warnings.warn(f"spline Triton kernel failed ({type(err).__name__}: {err}); using the PyTorch implementation")
 
 
 @torch.library.custom_op("lmafs::spline_forward", mutates_args=())
 def _splineForwardOp(x: torch.Tensor, values: torch.Tensor, knotMin: float, invStep: float) -> torch.Tensor:
     if _tritonUsable(x, values):
         from splineKernel import splineForwardTriton
-        return splineForwardTriton(x, values, knotMin, invStep)
+        try:
+            return splineForwardTriton(x, values, knotMin, invStep)
+        except Exception as err:  # compile errors of other Triton versions have many types
+            _disableTriton(err)
     return splineForwardTorch(x, values, knotMin, invStep)
 
 
@@ -114,8 +129,11 @@ def _splineBackwardOp(gradOut: torch.Tensor, x: torch.Tensor, values: torch.Tens
                       invStep: float) -> tuple[torch.Tensor, torch.Tensor]:
     if _tritonUsable(x, values):
         from splineKernel import splineBackwardTriton
-        gradX, gradValues = splineBackwardTriton(gradOut, x, values, knotMin, invStep)
-        return gradX, gradValues.to(values.dtype)
+        try:
+            gradX, gradValues = splineBackwardTriton(gradOut, x, values, knotMin, invStep)
+            return gradX, gradValues.to(values.dtype)
+        except Exception as err:
+            _disableTriton(err)
     return splineBackwardTorch(gradOut, x, values, knotMin, invStep)
 
 

@@ -14,16 +14,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from activationFunctions import splineReference  # noqa: E402
 from splineKernel import splineBackwardTriton, splineForwardTriton  # noqa: E402
-
-
-def splineReference(x, values, knotMin, knotStep):
-    """Spline activation in plain PyTorch; its gradients come from autograd. NaN inputs give NaN (index 0)."""
-    numKnots = values.numel()
-    u = ((x.float() - knotMin) * (1.0 / knotStep)).clamp(0, numKnots - 1)
-    i = torch.nan_to_num(u.detach(), nan=0.0).floor().clamp(max=numKnots - 2).long()
-    w = u - i
-    return (values[i] + w * (values[i + 1] - values[i])).to(x.dtype)
 
 
 # name, knots, knotMin, knotMax, dtype, shape, layout of x and gradOut, whether x holds NaNs
