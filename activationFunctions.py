@@ -21,13 +21,20 @@ or init = -1: values = knot positions, i.e. the identity on [-R, R].
 The interpolation is computed in float32 whatever the input dtype; the output has the input's dtype.
 On CUDA the forward and backward run as Triton kernels (splineKernel.py) when Triton is present;
 elsewhere as the PyTorch code below, which the kernels are tested against.
+
+Besides the spline: fixed AFs (FIXED_TYPES), elementwise AFs with a few trained parameters
+(LEARNABLE_TYPES) and the token-adaptive mixture `moa` (MLP only); each class names its formula and paper.
 """
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 SPLINE_TYPES = ("spline", "splinePerDim")
-FIXED_TYPES = ("linear", "gelu", "relu", "relu2")
+FIXED_TYPES = ("linear", "gelu", "relu", "relu2", "silu", "tanh", "elu", "selu", "softplus")
+# Elementwise AFs with a few trained parameters (besides the splines); usable in the MLP and before QKV.
+LEARNABLE_TYPES = ("prelu", "swish", "lgelu", "crrelu", "rational", "polyrelu", "polynorm", "la")
+# AFs that read the MLP's input as well as its hidden activations, so they exist only inside the MLP.
+MLP_INPUT_TYPES = ("moa",)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -303,21 +310,216 @@ class ReLU2(nn.Module):
         return F.relu(x).square()
 
 
-def makeActivation(name, channels, nKnots=64, knotRange=15.0, init=0.01):
-    """The AF module called `name` for inputs with `channels` channels in the last dim."""
+class SiLU(nn.Module):
+    """x * sigmoid(x) (SiLU, Elfwing et al. 2018)."""
+
+    def forward(self, x):
+        return F.silu(x)
+
+
+class Tanh(nn.Module):
+    """tanh(x) (hyperbolic tangent, LeCun et al. 1998)."""
+
+    def forward(self, x):
+        return torch.tanh(x)
+
+
+class ELU(nn.Module):
+    """x for x > 0, exp(x) - 1 otherwise (ELU, Clevert et al. 2016)."""
+
+    def forward(self, x):
+        return F.elu(x)
+
+
+class SELU(nn.Module):
+    """lambda * (x if x > 0 else alpha * (exp(x) - 1)), lambda 1.0507, alpha 1.6733 (SELU, Klambauer et al. 2017)."""
+
+    def forward(self, x):
+        return F.selu(x)
+
+
+class Softplus(nn.Module):
+    """log(1 + exp(x)) (Softplus, Dugas et al. 2001)."""
+
+    def forward(self, x):
+        return F.softplus(x)
+
+
+# ----------------------------------------------------------------------------------------------
+# Learnable elementwise AFs (a few parameters each; shared like the spline)
+
+
+class PReLU(nn.Module):
+    """max(0, x) + a_c * min(0, x), one slope a_c per channel of the last dim, init 0.25 (PReLU, He et al. 2015)."""
+
+    def __init__(self, channels, init=0.25):
+        super().__init__()
+        if channels is None or channels < 1:
+            raise ValueError(f"prelu needs channels >= 1 (one slope per channel), got {channels!r}")
+        self.channels = channels
+        self.slope = nn.Parameter(torch.full((channels,), float(init)))
+
+    def forward(self, x):  # x [..., C]
+        return torch.where(x >= 0, x, self.slope.to(x.dtype) * x)
+
+
+class Swish(nn.Module):
+    """x * sigmoid(beta * x), learnable beta init 1 (Swish, Ramachandran et al. 2017)."""
+
+    def __init__(self):
+        super().__init__()
+        self.beta = nn.Parameter(torch.ones(()))
+
+    def forward(self, x):
+        return x * torch.sigmoid(self.beta.to(x.dtype) * x)
+
+
+class LGELU(nn.Module):
+    """alpha * GELU(beta * x), learnable output and input scales, init 1 (GELU: Hendrycks & Gimpel 2016)."""
+
+    def __init__(self):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.ones(()))
+        self.beta = nn.Parameter(torch.ones(()))
+
+    def forward(self, x):
+        return self.alpha.to(x.dtype) * F.gelu(self.beta.to(x.dtype) * x)
+
+
+class CRReLU(nn.Module):
+    """relu(x) + eps * x * exp(-x^2 / 2), learnable eps init 0.01 (CRReLU, Sun et al. 2024, entropy-based AF search)."""
+
+    def __init__(self, init=0.01):
+        super().__init__()
+        self.eps = nn.Parameter(torch.tensor(float(init)))
+
+    def forward(self, x):
+        return F.relu(x) + self.eps.to(x.dtype) * x * torch.exp(-0.5 * x.square())
+
+
+class Rational(nn.Module):
+    """P(x) / (1 + |b1 x + ... + b4 x^4|), P of degree 5, init close to GELU (Pade AU, Molina et al. 2020)."""
+
+    # Least-squares fit of this form to GELU on [-12, 12] (max error 0.025; 0.011 on [-3, 3]). A fit on [-3, 3] only
+    # turns back down beyond |x| = 4, where MLP pre-activations do go; this one keeps GELU's shape out there.
+    geluNumerator = (6.8536e-3, 0.5, 0.38955, 0.10359, 1.1182e-2, 4.1854e-4)
+    geluDenominator = (0.0, 0.20718, 0.0, 8.3707e-4)
+
+    def __init__(self):
+        super().__init__()
+        self.numerator = nn.Parameter(torch.tensor(self.geluNumerator))
+        self.denominator = nn.Parameter(torch.tensor(self.geluDenominator))
+
+    def forward(self, x):
+        # float32 at least: x^5 in bfloat16 loses the cancellations between the terms
+        xc = x.to(_computeDtype(x))
+        a, b = self.numerator.to(xc.dtype), self.denominator.to(xc.dtype)
+        p = a[5]
+        for k in range(4, -1, -1):  # Horner
+            p = p * xc + a[k]
+        q = b[3]
+        for k in range(2, -1, -1):
+            q = q * xc + b[k]
+        return (p / (1.0 + (q * xc).abs())).to(x.dtype)
+
+
+class PolyReLU(nn.Module):
+    """a0 + a1 relu(x) + a2 relu(x)^2 + a3 relu(x)^3, init a = (0, 1/3, 1/3, 1/3) (PolyCom, Zhuo et al. 2025)."""
+
+    def __init__(self):
+        super().__init__()
+        self.coefficients = nn.Parameter(torch.tensor([0.0, 1 / 3, 1 / 3, 1 / 3]))
+
+    def forward(self, x):
+        r = F.relu(x)
+        a = self.coefficients.to(x.dtype)
+        return a[0] + r * (a[1] + r * (a[2] + r * a[3]))
+
+
+class PolyNorm(nn.Module):
+    """a0 + sum_i a_i x^i / rms(x^i), i = 1..3, rms over a token's channels, init a = (0, 1/3, 1/3, 1/3) (PolyCom)."""
+
+    def __init__(self, eps=1e-6):
+        super().__init__()
+        self.coefficients = nn.Parameter(torch.tensor([0.0, 1 / 3, 1 / 3, 1 / 3]))
+        self.eps = eps
+
+    def forward(self, x):  # x [..., C]: the normalisation is over the last dim, so its shape is per token
+        xc = x.to(_computeDtype(x))
+        a = self.coefficients.to(xc.dtype)
+        y = a[0]
+        for i in range(1, 4):
+            y = y + a[i] * F.rms_norm(xc ** i, (x.shape[-1],), eps=self.eps)
+        return y.to(x.dtype)
+
+
+# The dictionary that `la` and `moa` mix; the order fixes the meaning of their weights.
+MIX_DICTIONARY = ("relu", "gelu", "silu", "tanh", "identity")
+
+
+def dictionaryActivations(x):
+    return F.relu(x), F.gelu(x), F.silu(x), torch.tanh(x), x
+
+
+class LearnableActivation(nn.Module):
+    """sum_j w_j phi_j(x), phi = (relu, gelu, silu, tanh, identity), w init 1/5 (LA, Token-Adaptive Mixing of AFs, 2025)."""
+
+    def __init__(self):
+        super().__init__()
+        # The uniform start equals MoA's start (its zero gate gives 1/5 each), so LA and MoA differ only by the gate.
+        self.weights = nn.Parameter(torch.full((len(MIX_DICTIONARY),), 1.0 / len(MIX_DICTIONARY)))
+
+    def forward(self, x):
+        w = self.weights.to(x.dtype)
+        y = 0.0
+        for j, phi in enumerate(dictionaryActivations(x)):
+            y = y + w[j] * phi
+        return y
+
+
+class MixtureOfActivations(nn.Module):
+    """sum_j g_j(u) phi_j(x), g = softmax(W u + c) from the token's MLP input u, W and c init 0 (MoA, same paper)."""
+
+    def __init__(self, inputDim):
+        super().__init__()
+        if inputDim is None or inputDim < 1:
+            raise ValueError(f"moa needs inputDim >= 1 (the width of the MLP input its gate reads), got {inputDim!r}")
+        self.inputDim = inputDim
+        # A zero gate starts as the uniform mixture; its gradient is not zero, so the tokens' gates still diverge.
+        self.gateWeight = nn.Parameter(torch.zeros(len(MIX_DICTIONARY), inputDim))
+        self.gateBias = nn.Parameter(torch.zeros(len(MIX_DICTIONARY)))
+
+    def forward(self, x, mlpInput):  # x [..., H] hidden activations, mlpInput [..., D] the same tokens' MLP input
+        logits = F.linear(mlpInput.to(self.gateWeight.dtype), self.gateWeight, self.gateBias)
+        gates = torch.softmax(logits.float(), dim=-1).to(x.dtype)  # [..., 5]
+        y = 0.0
+        for j, phi in enumerate(dictionaryActivations(x)):
+            y = y + gates[..., j:j + 1] * phi
+        return y
+
+
+_PLAIN_AFS = {"linear": nn.Identity, "gelu": nn.GELU, "relu": nn.ReLU, "relu2": ReLU2, "silu": SiLU, "tanh": Tanh,
+              "elu": ELU, "selu": SELU, "softplus": Softplus, "swish": Swish, "lgelu": LGELU, "crrelu": CRReLU,
+              "rational": Rational, "polyrelu": PolyReLU, "polynorm": PolyNorm, "la": LearnableActivation}
+
+
+def makeActivation(name, channels, nKnots=64, knotRange=15.0, init=0.01, inputDim=None):
+    """The AF module called `name` for inputs with `channels` channels in the last dim.
+
+    inputDim: width of the MLP input, read by the gate of `moa` (called as af(hidden, mlpInput)).
+    """
     if name == "spline":
         return Spline(nKnots=nKnots, knotRange=knotRange, init=init)
     if name == "splinePerDim":
         return SplinePerDim(channels, nKnots=nKnots, knotRange=knotRange, init=init)
-    if name == "linear":
-        return nn.Identity()
-    if name == "gelu":
-        return nn.GELU()
-    if name == "relu":
-        return nn.ReLU()
-    if name == "relu2":
-        return ReLU2()
-    raise ValueError(f"unknown activation {name!r}; known: {', '.join(SPLINE_TYPES + FIXED_TYPES)}")
+    if name == "prelu":
+        return PReLU(channels)
+    if name == "moa":
+        return MixtureOfActivations(inputDim)
+    if name in _PLAIN_AFS:
+        return _PLAIN_AFS[name]()
+    known = SPLINE_TYPES + FIXED_TYPES + LEARNABLE_TYPES + MLP_INPUT_TYPES
+    raise ValueError(f"unknown activation {name!r}; known: {', '.join(known)}")
 
 
 def isLearnable(module):
@@ -325,13 +527,23 @@ def isLearnable(module):
 
 
 def evaluateOnGrid(module, nPoints=1001, xMin=-5.0, xMax=5.0):
-    """(xs, ys) of any 1-D AF module on a grid (splines choose their own range)."""
+    """(xs, ys) of any 1-D AF module on a grid (splines choose their own range); ys [C, nPoints] for per-channel AFs.
+
+    polynorm normalises over a token's channels, so its curve here is that of the grid taken as one token.
+    """
     if isinstance(module, Spline):
         return module.evaluateOnGrid(nPoints)
-    xs = torch.linspace(xMin, xMax, nPoints)
+    device = next(module.parameters(), torch.empty(0)).device
+    xs = torch.linspace(xMin, xMax, nPoints, device=device)
+    channels = getattr(module, "channels", None)
     with torch.no_grad():
-        return xs, module(xs)
+        if channels is None:
+            return xs, module(xs)
+        return xs, module(xs[:, None].expand(nPoints, channels).contiguous()).t()
 
 
-__all__ = ["Spline", "SplinePerDim", "ReLU2", "makeActivation", "splineActivation", "splineReference",
-           "uniformKnots", "checkUniformKnots", "isLearnable", "evaluateOnGrid", "SPLINE_TYPES", "FIXED_TYPES"] 
+__all__ = ["Spline", "SplinePerDim", "ReLU2", "SiLU", "Tanh", "ELU", "SELU", "Softplus", "PReLU", "Swish", "LGELU",
+           "CRReLU", "Rational", "PolyReLU", "PolyNorm", "LearnableActivation", "MixtureOfActivations",
+           "makeActivation", "splineActivation", "splineReference", "uniformKnots", "checkUniformKnots", "isLearnable",
+           "evaluateOnGrid", "dictionaryActivations", "SPLINE_TYPES", "FIXED_TYPES", "LEARNABLE_TYPES",
+           "MLP_INPUT_TYPES", "MIX_DICTIONARY"]

@@ -10,7 +10,8 @@ push their output, decoder blocks add skipWeight * pop) -> RMSNorm -> head (floa
 Block: x = l0*x + l1*x0; x += attn(rmsNorm(x)); x += mlp(rmsNorm(x)).
 Attention: h = h + af(a*h + b) (unless the attention AF is 'none'); q,k,v; value residual with the
 first block's v; per-head RMS-normalised q,k; rotary; causal + same-document + sliding-window mask.
-MLP: dim -> 4*dim -> AF -> dim.
+MLP: dim -> 4*dim -> AF -> dim; or gated (geglu/swiglu/reglu: af(x Wg) * (x Wv), parameter-matched width),
+or two KAN layers (kan).
 """
 import math
 
@@ -18,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from activationFunctions import makeActivation
+from activationFunctions import MLP_INPUT_TYPES, makeActivation
 
 # ----------------------------------------------------------------------------------------------
 # Stacked building blocks
@@ -156,8 +157,11 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-    def __init__(self, nModels, dimEmb, zeroInit):
+    """dim -> 4*dim -> af -> dim; afTakesInput: the AF also reads the MLP input (af(h, x), as `moa` does)."""
+
+    def __init__(self, nModels, dimEmb, zeroInit, afTakesInput=False):
         super().__init__()
+        self.afTakesInput = afTakesInput
         self.fc = stackedNormal(nModels, 4 * dimEmb, dimEmb)
         self.proj = nn.Parameter(torch.zeros(nModels, dimEmb, 4 * dimEmb)) if zeroInit \
             else stackedNormal(nModels, dimEmb, 4 * dimEmb)
@@ -165,17 +169,113 @@ class Mlp(nn.Module):
     def forward(self, x, af, stats):
         h = stackedMatmul(x, self.fc)
         recordMagnitudes(stats, h)
-        return stackedMatmul(af(h), self.proj)
+        return stackedMatmul(af(h, x) if self.afTakesInput else af(h), self.proj)
+
+
+def gatedHiddenWidth(dimEmb):
+    """Hidden width of a gated MLP with the plain MLP's parameter count: 3*D*H ~ 8*D^2, H a multiple of 64."""
+    return max(64, round(8 * dimEmb / 3 / 64) * 64)
+
+
+class GatedMlp(nn.Module):
+    """dim -> (gate, value) -> af(gate) * value -> dim (GLU variants, Shazeer 2020); af is GELU/SiLU/ReLU for
+    GEGLU/SwiGLU/ReGLU. Two input projections stored as one [2H, D] matrix so both take one matmul."""
+
+    def __init__(self, nModels, dimEmb, hidden, zeroInit):
+        super().__init__()
+        self.fc = stackedNormal(nModels, 2 * hidden, dimEmb)
+        self.proj = nn.Parameter(torch.zeros(nModels, dimEmb, hidden)) if zeroInit \
+            else stackedNormal(nModels, dimEmb, hidden)
+
+    def forward(self, x, af, stats):
+        gate, value = stackedMatmul(x, self.fc).chunk(2, dim=-1)  # [n, B, T, H] each
+        recordMagnitudes(stats, gate)
+        return stackedMatmul(af(gate) * value, self.proj)
+
+
+def bSplineBasis(x, grid, order):
+    """[..., in] -> [..., in, len(grid) - 1 - order]: B-spline basis of degree `order` on the knots `grid`
+    (Cox-de Boor recursion from the interval indicators); zero outside [grid[0], grid[-1])."""
+    x = x.unsqueeze(-1)
+    bases = ((x >= grid[:-1]) & (x < grid[1:])).to(x.dtype)
+    for p in range(1, order + 1):
+        left = (x - grid[:-(p + 1)]) / (grid[p:-1] - grid[:-(p + 1)]) * bases[..., :-1]
+        right = (grid[p + 1:] - x) / (grid[p + 1:] - grid[1:-p]) * bases[..., 1:]
+        bases = left + right
+    return bases
+
+
+class KanLayer(nn.Module):
+    """in -> out KAN layer (Liu et al. 2024) for nModels stacked models: a learned function per edge,
+    y_o = sum_i baseWeight[o, i] * silu(x_i) + sum_i sum_j splineWeight[o, i, j] * B_j(x_i),
+    B_j the gridSize + splineOrder B-splines of a uniform grid on [-gridRange, gridRange] (extended by
+    splineOrder knots each side, so every point of the range is covered by a full set of bases)."""
+
+    def __init__(self, nModels, inDim, outDim, gridSize, splineOrder, gridRange, zeroInit):
+        super().__init__()
+        step = 2.0 * gridRange / gridSize
+        knots = torch.arange(-splineOrder, gridSize + splineOrder + 1, dtype=torch.float32) * step - gridRange
+        self.register_buffer("grid", knots)
+        self.splineOrder = splineOrder
+        nBases = gridSize + splineOrder
+        if zeroInit:
+            self.baseWeight = nn.Parameter(torch.zeros(nModels, outDim, inDim))
+            self.splineWeight = nn.Parameter(torch.zeros(nModels, outDim, inDim * nBases))
+        else:
+            self.baseWeight = stackedNormal(nModels, outDim, inDim)
+            self.splineWeight = stackedNormal(nModels, outDim, inDim * nBases)
+
+    def forward(self, x, af):  # x [n, B, T, in]; af: the base branch's function (SiLU)
+        # The basis is built in float32 at least: the recursion divides by knot spacings.
+        bases = bSplineBasis(x.to(torch.promote_types(x.dtype, torch.float32)), self.grid, self.splineOrder)
+        bases = bases.to(x.dtype).flatten(-2)  # [n, B, T, in * nBases], input-major like splineWeight's columns
+        return stackedMatmul(af(x), self.baseWeight) + stackedMatmul(bases, self.splineWeight)
+
+
+def kanHiddenWidth(dimEmb, gridSize, splineOrder):
+    """Hidden width of a KAN MLP with about the plain MLP's parameters: 2*D*H*(G+k+1) ~ 8*D^2, H a multiple of 16."""
+    return max(16, round(4 * dimEmb / (gridSize + splineOrder + 1) / 16) * 16)
+
+
+class KanMlp(nn.Module):
+    """The MLP as two KAN layers dim -> hidden -> dim; the second starts at zero like the plain MLP's projection.
+    Inputs are RMS-normalised, so the grid [-2, 2] covers ~95% of them; the SiLU branch carries the rest."""
+
+    def __init__(self, nModels, dimEmb, hidden, gridSize, splineOrder, zeroInit, gridRange=2.0):
+        super().__init__()
+        self.fc = KanLayer(nModels, dimEmb, hidden, gridSize, splineOrder, gridRange, zeroInit=False)
+        self.proj = KanLayer(nModels, hidden, dimEmb, gridSize, splineOrder, gridRange, zeroInit)
+
+    def forward(self, x, af, stats):
+        h = self.fc(x, af)
+        recordMagnitudes(stats, h)
+        return self.proj(h, af)
+
+
+# The AF module each MLP variant applies: the gate's function (gated MLPs) or the KAN base branch's.
+MLP_VARIANT_AFS = {"geglu": "gelu", "swiglu": "silu", "reglu": "relu", "kan": "silu"}
+
+
+def makeMlp(afMlp, nModels, dimEmb, zeroInit, kanGridSize=5, kanSplineOrder=3):
+    """The MLP that afMlp asks for: gated (geglu/swiglu/reglu), KAN (kan) or the plain one."""
+    if afMlp in ("geglu", "swiglu", "reglu"):
+        return GatedMlp(nModels, dimEmb, gatedHiddenWidth(dimEmb), zeroInit)
+    if afMlp == "kan":
+        if kanGridSize < 1 or kanSplineOrder < 0:
+            raise ValueError(f"kan needs gridSize >= 1 and splineOrder >= 0, got {kanGridSize} and {kanSplineOrder}")
+        return KanMlp(nModels, dimEmb, kanHiddenWidth(dimEmb, kanGridSize, kanSplineOrder), kanGridSize,
+                      kanSplineOrder, zeroInit)
+    return Mlp(nModels, dimEmb, zeroInit, afTakesInput=afMlp in MLP_INPUT_TYPES)
 
 
 class Block(nn.Module):
-    def __init__(self, nModels, dimEmb, nHeads, hasPreAf, zeroInit):
+    def __init__(self, nModels, dimEmb, nHeads, hasPreAf, zeroInit, mlp):
         super().__init__()
         self.lambdas = nn.Parameter(torch.tensor([1.0, 0.0]).repeat(nModels, 1))
         self.attnNorm = nn.Parameter(torch.ones(nModels, dimEmb))
         self.mlpNorm = nn.Parameter(torch.ones(nModels, dimEmb))
         self.attn = Attention(nModels, dimEmb, nHeads, hasPreAf, zeroInit)
-        self.mlp = Mlp(nModels, dimEmb, zeroInit)
+        self.mlp = mlp
 
     def forward(self, x, x0, vFirst, attAf, mlpAf, kernel, mask, attStats, mlpStats):
         lam = perModel(self.lambdas, x[..., :1])
@@ -223,7 +323,8 @@ class GPT(nn.Module):
 
     def __init__(self, vocabSize, nLayers=4, nHeads=4, dimEmb=256, nModels=1, afMlp="gelu", afAtt="linear",
                  afLayerSpecific=1, afRange=15.0, afNAnchors=64, afInit=0.01, tieEmbeddings=True,
-                 freezeEmbeddings=0, contextSize=1024, tokenDocSep=50256, attention="sdpa", flexBlockSize=32):
+                 freezeEmbeddings=0, contextSize=1024, tokenDocSep=50256, attention="sdpa", flexBlockSize=32,
+                 kanGridSize=5, kanSplineOrder=3):
         super().__init__()
         self.config = {name: value for name, value in locals().items() if name not in ("self", "__class__")}
         if dimEmb % nHeads or (dimEmb // nHeads) % 2:
@@ -239,7 +340,9 @@ class GPT(nn.Module):
         self.embedNormWeight = nn.Parameter(torch.ones(nModels, dimEmb))
         self.embedNormBias = nn.Parameter(torch.zeros(nModels, dimEmb))
         hasPreAf = afAtt != "none"
-        self.blocks = nn.ModuleList(Block(nModels, dimEmb, nHeads, hasPreAf, zeroInit) for _ in range(nLayers))
+        self.blocks = nn.ModuleList(
+            Block(nModels, dimEmb, nHeads, hasPreAf, zeroInit,
+                  makeMlp(afMlp, nModels, dimEmb, zeroInit, kanGridSize, kanSplineOrder)) for _ in range(nLayers))
         self.nEncoder = math.ceil(nLayers / 2)
         self.skipWeights = nn.Parameter(torch.ones(nModels, nLayers - self.nEncoder))
         self.finalNorm = nn.Parameter(torch.ones(nModels, dimEmb))
@@ -255,7 +358,8 @@ class GPT(nn.Module):
 
         self.mlpAfIndex = afLayerGroups(nLayers, afLayerSpecific)
         self.attAfIndex = self.mlpAfIndex if hasPreAf else []
-        self.mlpAfs = nn.ModuleList(makeActivation(afMlp, 4 * dimEmb, afNAnchors, afRange, afInit)
+        mlpAfName = MLP_VARIANT_AFS.get(afMlp, afMlp)
+        self.mlpAfs = nn.ModuleList(makeActivation(mlpAfName, 4 * dimEmb, afNAnchors, afRange, afInit, inputDim=dimEmb)
                                     for _ in range(max(self.mlpAfIndex) + 1))
         self.attAfs = nn.ModuleList(makeActivation(afAtt, dimEmb, afNAnchors, afRange, afInit)
                                     for _ in range(max(self.attAfIndex) + 1)) if hasPreAf else nn.ModuleList()

@@ -132,17 +132,20 @@ def _afsFigure(afs, title, newFigure):
         knots = np.asarray(af["knots"], dtype=float)
         values = np.asarray(af["values"], dtype=float)
         channels = values.reshape(-1, values.shape[-1])
+        # A sampled curve ("curve": True, a non-spline AF) has no knots to mark and is not constant outside its grid.
+        curve = af.get("curve", False)
         # Constant extrapolation outside the knot range is part of the AF's behaviour, so show a bit of it.
         margin = 0.1 * (knots[-1] - knots[0]) if len(knots) > 1 else 1.0
-        xs = np.concatenate([[knots[0] - margin], knots, [knots[-1] + margin]])
-        extended = np.concatenate([channels[:, :1], channels, channels[:, -1:]], axis=1)
+        xs = knots if curve else np.concatenate([[knots[0] - margin], knots, [knots[-1] + margin]])
+        extended = channels if curve else np.concatenate([channels[:, :1], channels, channels[:, -1:]], axis=1)
         if values.ndim > 1:
             # Fade individual channels more as there are more of them, so the spread stays visible without a solid blob.
             alpha = float(np.clip(6.0 / len(channels), 0.04, 0.35))
             ax.plot(xs, extended.T, color="tab:blue", linewidth=0.6, alpha=alpha)
         mean = extended.mean(axis=0)
         ax.plot(xs, mean, color="navy", linewidth=2.0 if values.ndim > 1 else 1.6)
-        ax.plot(knots, mean[1:-1], linestyle="none", marker="o", markersize=2.2, color="navy")
+        if not curve:
+            ax.plot(knots, mean[1:-1], linestyle="none", marker="o", markersize=2.2, color="navy")
         # axline does not take part in autoscaling, so the spline, not the identity, sets the y-range.
         ax.axline((0.0, 0.0), slope=1.0, color="grey", linestyle="--", linewidth=0.8, alpha=0.6)
         ax.set_xlim(xs[0], xs[-1])
@@ -160,7 +163,8 @@ def _afsFigure(afs, title, newFigure):
 
 
 def plotAfs(path, afs, title=""):
-    """Grid of learned spline AFs, one tile per AF (per-channel splines drawn thin around their mean)."""
+    """Grid of learned AFs, one tile per AF (per-channel ones drawn thin around their mean); each af is
+    {'name', 'knots', 'values'} for a spline, plus 'curve': True for another AF sampled on a grid."""
     _atomicSave(_afsFigure(afs, title, _makeFigure), path)
 
 

@@ -44,8 +44,9 @@ class StackedAdam:
                 w.mul_(decay.view(shape))
             m.lerp_(g, 1 - beta1)
             v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-            denom = (v.sqrt() / bias2Sqrt.view(shape)).add_(self.eps)
-            w.addcdiv_(m * stepSize.view(shape), denom, value=-1)
+            # w -= stepSize * m / (sqrt(v) / sqrt(bias2) + eps), with one temporary
+            denom = v.sqrt().div_(bias2Sqrt.view(shape)).add_(self.eps).div_(stepSize.view(shape))
+            w.addcdiv_(m, denom, value=-1)
 
     def state_dict(self):
         return {"expAvg": list(self.expAvg), "expAvgSq": list(self.expAvgSq), "stepCounts": self.stepCounts.clone()}

@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from activationFunctions import FIXED_TYPES, SPLINE_TYPES
+from activationFunctions import FIXED_TYPES, LEARNABLE_TYPES, MLP_INPUT_TYPES, SPLINE_TYPES, evaluateOnGrid, isLearnable
 from distributed import Distributed
 from afFiles import AfFileError, atomicWrite, loadAfsIntoModel, perLayerValues, safeTorchLoad, saveAfFiles, splineKnots
-from model import GPT, copyInitAcrossModels, permuteInitAcrossModels
+from model import GPT, MLP_VARIANT_AFS, copyInitAcrossModels, permuteInitAcrossModels
 from stackedAdam import StackedAdam
 from tokenShards import ShardError, TokenStream, listShards, maxTokenId, readShardHeader, validationSequences
 
@@ -75,9 +75,11 @@ class Hyperparameters:
     adamB1: float = flag(0.8, "Adam beta1 of the weights")
     adamB2: float = flag(0.95, "Adam beta2 of the weights")
     gradientClipping: float = flag(0.0, ">0: clip each model's global gradient norm (and the AFs') to this")
-    afType: str = flag("gelu;att-linear", "'MLP;att-ATT': MLP AF and pre-QKV attention AF, from "
-                                          "linear, gelu, relu, relu2, spline, splinePerDim (attention also: none); "
-                                          "'MLP' alone means att-linear")
+    afType: str = flag("gelu;att-linear", "'MLP;att-ATT': MLP AF and pre-QKV attention AF. Splines: spline, "
+                                          "splinePerDim; fixed: linear, gelu, relu, relu2, silu, tanh, elu, selu, "
+                                          "softplus; learnable: prelu, swish, lgelu, crrelu, rational, polyrelu, "
+                                          "polynorm, la; MLP only: moa, geglu, swiglu, reglu, kan; attention also: "
+                                          "none. 'MLP' alone means att-linear")
     afLayerSpecific: int = flag(1, "0: one AF shared by all layers; 1: one per layer; 2: first and last layers own "
                                    "theirs, middle layers share one (needs >= 4 layers)", (0, 1, 2))
     afRange: float = flag(15.0, "spline knots span [-afRange, afRange]")
@@ -86,6 +88,8 @@ class Hyperparameters:
     afLr: float = flag(0.1, ">0: Adam on AF values; <0: plain SGD with LR |afLr|; 0: AFs frozen")
     afAdamB1: float = flag(0.99, "Adam beta1 of the AF values")
     afAdamB2: float = flag(0.999, "Adam beta2 of the AF values")
+    kanGridSize: int = flag(5, "afType kan: grid intervals of each edge's B-spline")
+    kanSplineOrder: int = flag(3, "afType kan: degree of the B-splines")
     afFileToLoad: str = flag("", "ptAf file (.pt or .csv) from phase I to load the AFs from")
     dirResults: str = flag("./results-fineweb10B", "where logs, plots and checkpoints go")
     filesTokensTr: str = flag("./data-fineweb10B/fineweb_train_*.bin", "glob of training token shards")
@@ -155,15 +159,21 @@ def splitAfType(afType):
 
 
 def isLearnableAf(name):
-    return name in SPLINE_TYPES
+    """Whether the AF has parameters of its own (trained with afLr); gated and KAN MLPs' are ordinary weights."""
+    return name in SPLINE_TYPES + LEARNABLE_TYPES + MLP_INPUT_TYPES
 
 
 def validate(hp):
     """Check every flag; apply the forced values of SPEC §2. Raises ConfigError."""
     mlp, att = splitAfType(hp.afType)
-    mlpChoices, attChoices = SPLINE_TYPES + FIXED_TYPES, SPLINE_TYPES + FIXED_TYPES + ("none",)
+    attChoices = SPLINE_TYPES + FIXED_TYPES + LEARNABLE_TYPES + ("none",)
+    mlpOnly = MLP_INPUT_TYPES + tuple(MLP_VARIANT_AFS)
+    mlpChoices = attChoices[:-1] + mlpOnly
     if mlp not in mlpChoices:
         raise ConfigError(f"--afType: unknown MLP activation {mlp!r}; choose from {', '.join(mlpChoices)}")
+    if att in mlpOnly:
+        raise ConfigError(f"--afType: 'att-{att}' exists only in the MLP (it reshapes or gates the MLP); before QKV "
+                          f"choose from {', '.join(attChoices)}")
     if att not in attChoices:
         raise ConfigError(f"--afType: unknown attention activation 'att-{att}'; choose att-X with X from "
                           f"{', '.join(attChoices)}")
@@ -189,6 +199,9 @@ def validate(hp):
         raise ConfigError(f"--afLayerSpecific 2 needs --nLayers >= 4, got {hp.nLayers}")
     if hp.afNAnchors < 2 or not hp.afRange > 0:
         raise ConfigError(f"--afNAnchors must be >= 2 and --afRange > 0, got {hp.afNAnchors} and {hp.afRange}")
+    if hp.kanGridSize < 1 or hp.kanSplineOrder < 0:
+        raise ConfigError(f"--kanGridSize must be >= 1 and --kanSplineOrder >= 0, got {hp.kanGridSize} and "
+                          f"{hp.kanSplineOrder}")
     if os.sep in hp.runName or (os.altsep and os.altsep in hp.runName):
         raise ConfigError(f"--runName {hp.runName!r} must not contain a path separator (use --dirResults)")
     if hp.device == "cuda" and not torch.cuda.is_available():
@@ -204,6 +217,9 @@ def validate(hp):
     if hp.afLr == 0 and hp.saveAfEvery != -1:
         hp.saveAfEvery = -1
         forced.append("saveAfEvery=-1 (AFs frozen)")
+    elif mlp not in SPLINE_TYPES and att not in SPLINE_TYPES and hp.saveAfEvery != -1:
+        hp.saveAfEvery = -1
+        forced.append("saveAfEvery=-1 (ptAf files hold splines; other learned AFs are in the model checkpoint)")
     if not hp.runName:
         hp.runName = datetime.datetime.now().strftime("%y%m%d%H%M")
     return forced
@@ -322,7 +338,8 @@ def buildModel(hp, vocabSize, device, nModels=None):
                tieEmbeddings=get("tieEmbeddings"), freezeEmbeddings=get("freezeEmbeddings"),
                contextSize=get("contextSize"), tokenDocSep=get("tokenDocSep"),
                attention="flex" if torch.device(device).type == "cuda" else "sdpa",
-               flexBlockSize=get("flexBlockSize")).to(device)
+               flexBlockSize=get("flexBlockSize"), kanGridSize=get("kanGridSize", 5),
+               kanSplineOrder=get("kanSplineOrder", 3)).to(device)
 
 
 def frozenParameters(model, freezeEmbeddings):
@@ -560,6 +577,9 @@ class Trainer:
         return path
 
     def saveAfs(self):
+        """Write ptAf-RUN-stepNNNN.pt/.csv; (None, None) without splines (other learned AFs are in pt-RUN files)."""
+        if splineKnots(self.model) is None:
+            return None, None
         stem = os.path.join(self.hp.dirResults, f"ptAf-{self.hp.runName}-step{self.step:04d}")
         return saveAfFiles(stem, self.model, dataclasses.asdict(self.hp), self.step)
 
@@ -740,16 +760,23 @@ class Trainer:
 
     def afTiles(self):
         tiles = []
-        for kind, modules, index in (("MLP", self.model.mlpAfs, self.model.mlpAfIndex),
-                                     ("att", self.model.attAfs, self.model.attAfIndex)):
+        for kind, afName, modules, index in (("MLP", self.model.afMlpName, self.model.mlpAfs, self.model.mlpAfIndex),
+                                             ("att", self.model.afAttName, self.model.attAfs, self.model.attAfIndex)):
             for m, module in enumerate(modules):
-                if not hasattr(module, "knots"):
+                isSpline = hasattr(module, "knots")
+                # Fixed AFs have nothing learned to show; moa's curve differs from token to token.
+                if not isSpline and (not isLearnable(module) or afName in MLP_INPUT_TYPES):
                     continue
                 layers = [i for i, j in enumerate(index) if j == m]
                 where = "all layers" if len(layers) == len(index) and len(index) > 1 else \
                     "layer " + ",".join(map(str, layers)) if len(layers) <= 2 else f"layers {layers[0]}-{layers[-1]}"
-                tiles.append({"name": f"{kind} ({where})", "knots": module.knots.cpu().numpy(),
-                              "values": module.values.detach().float().cpu().numpy()})
+                if isSpline:
+                    tiles.append({"name": f"{kind} ({where})", "knots": module.knots.cpu().numpy(),
+                                  "values": module.values.detach().float().cpu().numpy()})
+                else:  # sampled on a grid: plotted as a curve, without knot dots or constant extrapolation
+                    xs, ys = evaluateOnGrid(module)
+                    tiles.append({"name": f"{kind} {afName} ({where})", "knots": xs.cpu().numpy(),
+                                  "values": ys.float().cpu().numpy(), "curve": True})
         return tiles
 
     def isDue(self, every, step):

@@ -13,9 +13,9 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="to
 
 
 def torchrun(argv):
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                os.path.join(REPO, "trainLmAf.py")] + argv
-    return subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO)
+    return subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=REPO)
 
 
 def lastLines(path, nSteps):

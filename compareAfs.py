@@ -1,0 +1,358 @@
+"""Compare activation functions under identical conditions: a trainLmAf.py run per (AF, seed), a table and a plot.
+
+    python compareAfs.py --afTypes gelu,relu,prelu,swiglu,spline --seeds 0,1,2 [any trainLmAf.py flags]
+
+Every run gets the same trainLmAf.py flags except --afType, --seed and --runName (NAME-AF-sSEED), so data order,
+steps and seeds are identical across AFs. Each run is a trainLmAf.py subprocess (the training code itself, no second
+loop), so one AF that crashes does not stop the others. The results are read back from the runs' logs and written
+to dirResults as compare-NAME.md (parameters, final validation loss and accuracy as mean ± std over seeds, tokens/s)
+and compare-NAME.png (validation curves). The exit status is 1 when any run failed (they are named), 2 for bad flags.
+
+A run whose log already holds its final step is not trained again (trainLmAf.py's "already complete"), so a
+comparison that was stopped continues where it stopped; use another --name for new settings.
+
+--splinePhases 2: an AF with a spline is first trained in phase I (--splineModels models sharing it, the given
+--afLr), then in phase II from phase I's ptAf file with --afLr 0; the table reports phase II.
+
+Every learnable AF gets the same --afLr. The spline's default 0.1 bends `rational` into spikes within a few hundred
+steps (its coefficients multiply x^5); about 0.01 keeps it smooth.
+"""
+import argparse
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+import trainLmAf
+from activationFunctions import SPLINE_TYPES
+from afFiles import atomicWrite
+
+TRAINER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "trainLmAf.py")
+# Flags the comparison sets per run; given by the user they would make the runs differ or collide.
+PER_RUN_FLAGS = ("afType", "seed", "runName", "resumeFrom", "afFileToLoad")
+
+_header = re.compile(r"^==== trainLmAf\.py ")
+_params = re.compile(r"^Parameters per model: ([\d,]+) trainable, ([\d,]+) frozen, ([\d,]+) total")
+_valLine = re.compile(r"^Step (\d+)/(\d+)\s+lossVa\s+(\S+)\s+accVa\s+(\S+)")
+_trainLine = re.compile(r"^Step (\d+)/(\d+)\s+lossTr\s+\S+\s+accTr\s+\S+\s+(\d+)s = ")
+
+
+class CompareError(Exception):
+    """Bad comparison flags; the message is one line for the user."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Flags and the list of runs
+
+
+def parseArgs(argv):
+    """(comparison options, the trainLmAf.py flags given, their Hyperparameters)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False,
+                                     epilog="Every other flag goes to each trainLmAf.py run unchanged "
+                                            "(python trainLmAf.py --help lists them).")
+    parser.add_argument("--afTypes", required=True,
+                        help="comma-separated afType values, e.g. gelu,relu,prelu,swiglu,'spline;att-spline'")
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds; every AF is trained once per seed")
+    parser.add_argument("--name", default="cmp", help="comparison name: runs NAME-AF-sSEED, outputs compare-NAME.*")
+    parser.add_argument("--splinePhases", type=int, choices=(1, 2), default=1,
+                        help="2: spline AFs are learned in phase I, then frozen in phase II (reported)")
+    parser.add_argument("--splineModels", type=int, default=4, help="--splinePhases 2: models in phase I")
+    args, trainerArgv = parser.parse_known_args(argv)
+    hp, given = trainLmAf.parseArgs(trainerArgv)
+    clash = [name for name in PER_RUN_FLAGS if name in given]
+    if clash:
+        raise CompareError(f"--{clash[0]} is set per run by compareAfs.py; use --afTypes, --seeds or --name instead")
+    args.afTypes = [af.strip() for af in args.afTypes.split(",") if af.strip()]
+    if not args.afTypes or len(set(args.afTypes)) != len(args.afTypes):
+        raise CompareError(f"--afTypes needs distinct afType values separated by commas, got {args.afTypes}")
+    try:
+        args.seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        raise CompareError(f"--seeds must be integers separated by commas, got {args.seeds!r}") from None
+    if len(set(args.seeds)) != len(args.seeds):
+        raise CompareError(f"--seeds must be distinct, got {args.seeds}")
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", args.name):
+        raise CompareError(f"--name {args.name!r} may hold only letters, digits and _ . -")
+    if args.splineModels < 1:
+        raise CompareError(f"--splineModels must be >= 1, got {args.splineModels}")
+    if not hp.filesTokensVa or hp.valEvery < 0:
+        raise CompareError("the comparison reports validation loss: give --filesTokensVa and --valEvery >= 0")
+    return args, trainerArgv, hp
+
+
+def isSplineAf(afType):
+    return any(part in SPLINE_TYPES for part in trainLmAf.splitAfType(afType))
+
+
+def slug(afType):
+    """afType as a piece of a file name: 'spline;att-spline' -> 'spline_att-spline'."""
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", afType.replace(";", "_"))
+
+
+def planRuns(args, trainerArgv, hp):
+    """One dict per trainLmAf.py run, in order; a phase-II run names the phase-I run it loads."""
+    runs = []
+    for af in args.afTypes:
+        for seed in args.seeds:
+            runName = f"{args.name}-{slug(af)}-s{seed}"
+            argv = trainerArgv + ["--afType", af, "--seed", str(seed)]
+            if args.splinePhases == 2 and isSplineAf(af):
+                phase1 = {"af": af, "seed": seed, "runName": runName + "-phase1", "phase": 1, "reported": False,
+                          "argv": argv + ["--runName", runName + "-phase1", "--nModels", str(args.splineModels),
+                                          "--saveAfEvery", "0"]}
+                afFile = os.path.join(hp.dirResults, f"ptAf-{phase1['runName']}-step{hp.nSteps:04d}.pt")
+                runs.append(phase1)
+                runs.append({"af": af, "seed": seed, "runName": runName, "phase": 2, "reported": True, "after": phase1,
+                             "argv": argv + ["--runName", runName, "--afLr", "0", "--afFileToLoad", afFile]})
+            else:
+                runs.append({"af": af, "seed": seed, "runName": runName, "phase": None, "reported": True,
+                             "argv": argv + ["--runName", runName]})
+    return runs
+
+
+def checkRuns(runs, args):
+    """Validate every run's flags before any training starts, so a typo costs seconds, not hours."""
+    for run in runs:
+        hp, _ = trainLmAf.parseArgs(run["argv"])
+        if run["phase"] == 2:
+            hp.afFileToLoad = ""  # the file appears only once phase I has run
+        try:
+            trainLmAf.validate(hp)
+        except trainLmAf.ConfigError as err:
+            raise CompareError(f"{run['runName']}: {err}") from None
+        if run["phase"] == 1 and hp.afLr == 0:
+            raise CompareError("--splinePhases 2 learns the splines in phase I: --afLr must not be 0")
+
+
+# ----------------------------------------------------------------------------------------------
+# Running and reading back
+
+
+def trainedTokens(hp):
+    """Tokens all models of a run train on (staggered phase-I models start late)."""
+    return hp.batchSize * hp.seqLength * sum(hp.nSteps - start for start in trainLmAf.modelStartSteps(hp))
+
+
+def readLog(path, nSteps):
+    """Params, validation curve and training seconds of the last run written to a log (None where missing)."""
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = f.read().splitlines()
+    starts = [i for i, line in enumerate(lines) if _header.match(line)]
+    result = {"params": None, "val": [], "trainSeconds": None, "complete": False}
+    for line in lines[starts[-1] if starts else 0:]:
+        if match := _params.match(line):
+            result["params"] = int(match.group(3).replace(",", ""))
+        elif match := _valLine.match(line):
+            result["val"].append((int(match.group(1)), float(match.group(3)), float(match.group(4)) / 100))
+        elif match := _trainLine.match(line):
+            result["trainSeconds"] = float(match.group(3))
+        if line.startswith(f"Step {nSteps}/{nSteps} "):
+            result["complete"] = True
+    return result
+
+
+def runOne(run, index, total, hp):
+    """Train one run in a subprocess; fills run['result'] or run['failure']."""
+    if run["phase"] == 2 and "failure" in run["after"]:
+        run["failure"] = f"its phase I {run['after']['runName']} failed"
+        print(f"[{index}/{total}] {run['runName']}: skipped, {run['failure']}", flush=True)
+        return
+    print(f"[{index}/{total}] {run['runName']}: trainLmAf.py {shlex.join(run['argv'])}", flush=True)
+    start = time.perf_counter()
+    # stderr is kept to name the cause of a failure; stdout (the run's progress lines) goes to the terminal.
+    proc = subprocess.run([sys.executable, TRAINER] + run["argv"], stderr=subprocess.PIPE, text=True)
+    wall = time.perf_counter() - start
+    if proc.stderr:
+        sys.stderr.write(proc.stderr)
+    runHp, _ = trainLmAf.parseArgs(run["argv"])
+    result = readLog(os.path.join(hp.dirResults, f"log-{run['runName']}.txt"), runHp.nSteps)
+    lastError = next((line for line in reversed(proc.stderr.splitlines()) if line.strip()), "")
+    if proc.returncode != 0:
+        run["failure"] = f"exit code {proc.returncode}" + (f": {lastError}" if lastError else "")
+    elif result is None or not result["complete"] or not result["val"]:
+        run["failure"] = "its log holds no final step or no validation result"
+    else:
+        # The log's total is in whole seconds: from 20 s on that is within 2.5%; shorter runs use their wall time.
+        trainSeconds = result["trainSeconds"] or 0.0
+        seconds, approx = (trainSeconds, False) if trainSeconds >= 20 else (wall, True)
+        result["tokensPerSecond"] = trainedTokens(runHp) / max(seconds, 1e-9)
+        result["approxSpeed"] = approx
+        run["result"] = result
+    status = run.get("failure") or f"val loss {run['result']['val'][-1][1]:.4f}"
+    print(f"[{index}/{total}] {run['runName']}: {'FAILED, ' if 'failure' in run else ''}{status} ({wall:.0f} s)",
+          flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Table and plot
+
+
+def meanStd(values):
+    values = np.asarray(values, dtype=float)
+    return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else None
+
+
+def formatMeanStd(values, digits):
+    mean, std = meanStd(values)
+    return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
+
+
+def summarize(runs, afTypes, splinePhases):
+    """One row per AF over its reported runs that succeeded."""
+    rows = []
+    for af in afTypes:
+        mine = [r for r in runs if r["af"] == af and r["reported"]]
+        done = [r["result"] for r in mine if "result" in r]
+        label = af + (" (phase II)" if splinePhases == 2 and isSplineAf(af) else "")
+        row = {"af": af, "label": label, "nRuns": len(mine), "nDone": len(done), "runs": done}
+        if done:
+            row.update(params=done[0]["params"], loss=[d["val"][-1][1] for d in done],
+                       acc=[100 * d["val"][-1][2] for d in done], speed=[d["tokensPerSecond"] for d in done],
+                       approxSpeed=any(d["approxSpeed"] for d in done))
+        rows.append(row)
+    return rows
+
+
+def markdownTable(rows, args, trainerArgv, hp, failures):
+    finished = [row for row in rows if row["nDone"]]
+    best = min((meanStd(row["loss"])[0] for row in finished), default=None)
+    baseline = meanStd(rows[0]["loss"])[0] if rows[0]["nDone"] else None
+    lines = [f"# Activation-function comparison `{args.name}`", "",
+             f"Every run: `trainLmAf.py {shlex.join(trainerArgv)}` plus its `--afType`, `--seed` and `--runName`; "
+             f"seeds {', '.join(map(str, args.seeds))}; {hp.nSteps} steps. Validation loss and accuracy of model 0 "
+             "at the last step, mean ± std over seeds; Δ loss against the first AF; parameters per model "
+             "(embeddings included).", "",
+             "| AF | params | val loss | Δ loss | val acc (%) | tokens/s | seeds |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        if not row["nDone"]:
+            lines.append(f"| {row['label']} | – | failed | – | – | – | 0/{row['nRuns']} |")
+            continue
+        loss = formatMeanStd(row["loss"], 4)
+        meanLoss = meanStd(row["loss"])[0]
+        if meanLoss == best and len(finished) > 1:
+            loss = f"**{loss}**"
+        delta = f"{meanLoss - baseline:+.4f}" if baseline is not None else "–"
+        speed = f"{'~' if row['approxSpeed'] else ''}{meanStd(row['speed'])[0]:,.0f}"
+        lines.append(f"| {row['label']} | {row['params']:,} | {loss} | {delta} | {formatMeanStd(row['acc'], 2)} | "
+                     f"{speed} | {row['nDone']}/{row['nRuns']} |")
+    if any(row.get("approxSpeed") for row in rows):
+        lines += ["", "~ training took under 20 s, too short for the log's whole seconds: tokens/s over the run's "
+                      "wall time, start-up and validation included."]
+    if args.splinePhases == 2:
+        lines += ["", f"Phase II rows: splines learned by {args.splineModels} models in phase I "
+                      "(runs NAME-AF-sSEED-phase1), then loaded frozen (--afLr 0)."]
+    if failures:
+        lines += ["", "Failed runs:"] + [f"- `{name}`: {why}" for name, why in failures]
+    return "\n".join(lines) + "\n"
+
+
+def plotComparison(path, rows, title):
+    """Validation loss over steps, one colour per AF: each seed thin, the mean over seeds thick; right panel
+    zooms on the last third of training, where the AFs' differences are small next to the early drop."""
+    from matplotlib import colormaps
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(13, 5.4), layout="constrained")
+    FigureCanvasAgg(fig)
+    axFull, axZoom = fig.subplots(1, 2)
+    colors = colormaps["tab10" if len(rows) <= 10 else "tab20"].colors
+    lastStep = max((d["val"][-1][0] for row in rows for d in row["runs"]), default=1)
+    zoomFrom = lastStep * 2 / 3
+    bounds = {"full": [], "zoom": []}
+    for i, row in enumerate(rows):
+        if not row["nDone"]:
+            continue
+        color = colors[i % len(colors)]
+        curves = [np.asarray([(s, loss) for s, loss, _ in d["val"]]) for d in row["runs"]]
+        length = min(len(c) for c in curves)
+        steps = curves[0][:length, 0]
+        mean = np.mean([c[:length, 1] for c in curves], axis=0)
+        marker = "o" if length <= 30 else None
+        label = f"{row['label']}: {formatMeanStd(row['loss'], 4)}"
+        for ax in (axFull, axZoom):
+            if len(curves) > 1:
+                for c in curves:
+                    ax.plot(c[:, 0], c[:, 1], color=color, linewidth=0.8, alpha=0.45)
+            ax.plot(steps, mean, color=color, linewidth=2.2, marker=marker, markersize=3.5,
+                    label=label if ax is axFull else None)
+        # The first evaluation (step 1, near log(vocab)) would squash everything else, so it sets no limits.
+        later = np.concatenate([c[1:, 1] if len(c) > 2 else c[:, 1] for c in curves])
+        bounds["full"].append((later.min(), later.max()))
+        tail = np.concatenate([c[c[:, 0] >= zoomFrom, 1] for c in curves])
+        bounds["zoom"].append((tail.min(), tail.max()) if tail.size else (later.min(), later.max()))
+    for ax, key, name in ((axFull, "full", "validation loss"),
+                          (axZoom, "zoom", "validation loss, last third of training")):
+        if bounds[key]:
+            low, high = min(b[0] for b in bounds[key]), max(b[1] for b in bounds[key])
+            pad = 0.08 * (high - low) if high > low else 0.05
+            ax.set_ylim(low - pad, high + pad)
+        else:
+            ax.text(0.5, 0.5, "no finished runs", transform=ax.transAxes, ha="center", va="center", color="grey")
+        ax.set_title(name)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.grid(True, alpha=0.3)
+    axZoom.set_xlim(zoomFrom - 0.02 * lastStep, lastStep * 1.02)
+    if axFull.get_legend_handles_labels()[0]:
+        fig.legend(loc="outside lower center", ncols=min(4, sum(1 for r in rows if r["nDone"])), frameon=False,
+                   title="AF: final val loss (mean ± std over seeds); thin lines: single seeds")
+    fig.suptitle(title, fontweight="bold")
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            fig.savefig(f, format="png", dpi=110)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def writeText(path, text):
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry point
+
+
+def main(argv=None):
+    try:
+        args, trainerArgv, hp = parseArgs(sys.argv[1:] if argv is None else argv)
+        runs = planRuns(args, trainerArgv, hp)
+        checkRuns(runs, args)
+    except CompareError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    os.makedirs(hp.dirResults, exist_ok=True)
+    try:
+        for index, run in enumerate(runs, 1):
+            runOne(run, index, len(runs), hp)
+    except KeyboardInterrupt:
+        print("interrupted: run the same command again to continue (finished runs are kept)", file=sys.stderr)
+        return 130
+    failures = [(run["runName"], run["failure"]) for run in runs if "failure" in run]
+    rows = summarize(runs, args.afTypes, args.splinePhases)
+    stem = os.path.join(hp.dirResults, f"compare-{args.name}")
+    table = markdownTable(rows, args, trainerArgv, hp, failures)
+    atomicWrite(stem + ".md", lambda tmp: writeText(tmp, table))
+    plotComparison(stem + ".png", rows, f"{args.name}: {len(args.afTypes)} AFs x {len(args.seeds)} seeds")
+    print(table)
+    print(f"wrote {stem}.md and {stem}.png")
+    if failures:
+        print(f"error: {len(failures)} of {len(runs)} runs failed: {', '.join(name for name, _ in failures)}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

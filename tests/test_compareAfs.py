@@ -1,0 +1,135 @@
+"""compareAfs.py: a 2-AF x 1-seed comparison on tiny data writes the table and the plot; failed runs are named and
+give a non-zero exit; bad flags stop before any training; spline phases I -> II; logs are read back correctly."""
+import os
+
+import pytest
+
+import compareAfs
+from conftest import tinyFlags
+
+pngSignature = b"\x89PNG\r\n\x1a\n"
+
+
+def trainerFlags(dataDir, resultsDir, **overrides):
+    return tinyFlags(dataDir, resultsDir, **{"nSteps": 6, "nStepsWarmup": 1, "nStepsCooldown": 2, "valEvery": 3,
+                                             **overrides})
+
+
+def tableRows(path):
+    with open(path) as f:
+        return [line for line in f.read().splitlines() if line.startswith("| ") and not line.startswith("| AF")]
+
+
+def checkPng(path):
+    from matplotlib.image import imread
+
+    with open(path, "rb") as f:
+        assert f.read(8) == pngSignature
+    image = imread(path)
+    assert image.shape[0] > 300 and image.shape[1] > 600 and image.std() > 0.01
+
+
+def testTwoAfsOneSeed(tinyData, tmp_path, capfd):
+    argv = ["--afTypes", "gelu,swiglu", "--seeds", "0", "--name", "t"] + trainerFlags(tinyData, tmp_path)
+    assert compareAfs.main(argv) == 0, capfd.readouterr().err
+    rows = tableRows(tmp_path / "compare-t.md")
+    assert [row.split("|")[1].strip() for row in rows] == ["gelu", "swiglu"]
+    for row in rows:
+        cells = [c.strip() for c in row.split("|")[1:-1]]
+        params, loss, acc, seeds = int(cells[1].replace(",", "")), float(cells[2].strip("*")), float(cells[4]), cells[6]
+        assert params > 0 and 0 < loss < 20 and 0 <= acc <= 100 and seeds == "1/1"
+        assert float(cells[5].lstrip("~").replace(",", "")) > 0  # tokens/s
+    # gated MLP: 3*D*64 = 6,144 per layer instead of 8*D^2 = 8,192 at dimEmb 32, 2 layers
+    gelu, swiglu = (int(row.split("|")[2].strip().replace(",", "")) for row in rows)
+    assert gelu - swiglu == 2 * (8192 - 6144)
+    checkPng(tmp_path / "compare-t.png")
+    for af in ("gelu", "swiglu"):
+        assert os.path.isfile(tmp_path / f"log-t-{af}-s0.txt")
+    # Run again: the finished runs are reused, not trained again.
+    assert compareAfs.main(argv) == 0
+    assert capfd.readouterr().out.count("already complete") == 2  # printed by the trainLmAf.py subprocesses
+
+
+def testFailedRunsAreNamedAndExitNonZero(tinyData, tmp_path, capsys, monkeypatch):
+    # A stand-in trainer that fails for relu and runs the real one otherwise.
+    fake = tmp_path / "fakeTrainer.py"
+    fake.write_text("import runpy, sys\n"
+                    "if 'relu' in sys.argv or 'f-spline-s0-phase1' in sys.argv:\n"
+                    "    sys.exit('error: boom in relu')\n"
+                    f"sys.argv[0] = {compareAfs.TRAINER!r}\n"
+                    f"sys.path.insert(0, {os.path.dirname(compareAfs.TRAINER)!r})\n"
+                    f"runpy.run_path({compareAfs.TRAINER!r}, run_name='__main__')\n")
+    monkeypatch.setattr(compareAfs, "TRAINER", str(fake))
+    argv = ["--afTypes", "gelu,relu,spline", "--splinePhases", "2", "--name", "f"] + trainerFlags(tinyData, tmp_path)
+    assert compareAfs.main(argv) == 1
+    out, err = capsys.readouterr()
+    assert "3 of 4 runs failed: f-relu-s0, f-spline-s0-phase1, f-spline-s0" in err
+    assert "f-spline-s0: skipped, its phase I f-spline-s0-phase1 failed" in out
+    with open(tmp_path / "compare-f.md") as f:
+        table = f.read()
+    assert "| relu | – | failed |" in table and "`f-relu-s0`: exit code 1: error: boom in relu" in table
+    assert "| spline (phase II) | – | failed |" in table
+    assert tableRows(tmp_path / "compare-f.md")[0].startswith("| gelu |")
+    checkPng(tmp_path / "compare-f.png")
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--seed", "3"], "--seed is set per run"),
+    (["--afType", "gelu"], "--afType is set per run"),
+    (["--filesTokensVa", ""], "reports validation loss"),
+])
+def testFlagsClashingWithTheComparison(extra, message, tinyData, tmp_path, capsys):
+    argv = ["--afTypes", "gelu"] + trainerFlags(tinyData, tmp_path) + extra
+    assert compareAfs.main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not os.listdir(tmp_path)
+
+
+def testEveryRunIsValidatedBeforeTraining(tinyData, tmp_path, capsys):
+    argv = ["--afTypes", "gelu,gelu;att-geglu"] + trainerFlags(tinyData, tmp_path)
+    assert compareAfs.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "cmp-gelu_att-geglu-s0: --afType: 'att-geglu' exists only in the MLP" in err
+    assert not os.listdir(tmp_path)
+    assert compareAfs.main(["--afTypes", "gelu,gelu"] + trainerFlags(tinyData, tmp_path)) == 2
+
+
+def testSplinePhasesRunPhaseOneThenTwo(tinyData, tmp_path, capsys):
+    argv = ["--afTypes", "spline", "--splinePhases", "2", "--splineModels", "2", "--name", "s"] \
+        + trainerFlags(tinyData, tmp_path)
+    args, trainerArgv, hp = compareAfs.parseArgs(argv)
+    phase1, phase2 = compareAfs.planRuns(args, trainerArgv, hp)
+    assert phase1["runName"] == "s-spline-s0-phase1" and phase1["argv"][-6:] == [
+        "--runName", "s-spline-s0-phase1", "--nModels", "2", "--saveAfEvery", "0"]
+    assert phase2["argv"][-4:] == ["--afLr", "0", "--afFileToLoad",
+                                   os.path.join(str(tmp_path), "ptAf-s-spline-s0-phase1-step0006.pt")]
+    assert compareAfs.main(argv) == 0, capsys.readouterr().err
+    rows = tableRows(tmp_path / "compare-s.md")
+    assert len(rows) == 1 and rows[0].startswith("| spline (phase II) |")
+    with open(tmp_path / "log-s-spline-s0.txt") as f:
+        assert "frozen" in f.read()
+    assert compareAfs.main(argv + ["--afLr", "0"]) == 2
+    assert "--afLr must not be 0" in capsys.readouterr().err
+
+
+def testReadLogTakesTheLastRun(tmp_path):
+    log = tmp_path / "log-x.txt"
+    log.write_text("==== trainLmAf.py  2024-01-01 00:00:00  run 'x'\n"
+                   "Parameters per model: 10 trainable, 0 frozen, 10 total\n"
+                   "Step 1/4   lossVa 9.0000   accVa 1.0\n"
+                   "Step 2/4   lossTr 8.0000   accTr 2.0   3s = 1.50s/step\n"
+                   "==== trainLmAf.py  2024-01-01 00:01:00  run 'x'\n"
+                   "Parameters per model: 1,234 trainable, 5 frozen, 1,239 total\n"
+                   "Step 1/4   lossVa 8.5000   accVa 1.5\n"
+                   "Step 4/4   lossTr 7.0000   accTr 3.0   42s = 10.00s/step\n"
+                   "Step 4/4   lossVa 7.2500   accVa 4.0\n")
+    result = compareAfs.readLog(str(log), 4)
+    assert result == {"params": 1239, "val": [(1, 8.5, 0.015), (4, 7.25, 0.04)], "trainSeconds": 42.0,
+                      "complete": True}
+    assert compareAfs.readLog(str(tmp_path / "missing.txt"), 4) is None
+
+
+def testSlug():
+    assert compareAfs.slug("spline;att-spline") == "spline_att-spline"
+    assert compareAfs.slug("gelu") == "gelu"
+    assert compareAfs.isSplineAf("gelu;att-splinePerDim") and not compareAfs.isSplineAf("prelu")
