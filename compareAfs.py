@@ -21,6 +21,7 @@ import argparse
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -174,7 +175,10 @@ def runOne(run, index, total, hp):
     result = readLog(os.path.join(hp.dirResults, f"log-{run['runName']}.txt"), runHp.nSteps)
     lastError = next((line for line in reversed(proc.stderr.splitlines()) if line.strip()), "")
     if proc.returncode != 0:
-        run["failure"] = f"exit code {proc.returncode}" + (f": {lastError}" if lastError else "")
+        # trainLmAf.py exits 128 + N after saving on signal N; subprocess reports a signal that killed it as -N.
+        signalNumber = proc.returncode - 128 if proc.returncode > 128 else -proc.returncode
+        killedBy = f" ({signal.Signals(signalNumber).name})" if signalNumber in set(signal.Signals) else ""
+        run["failure"] = f"exit code {proc.returncode}{killedBy}" + (f": {lastError}" if lastError else "")
     elif result is None or not result["complete"] or not result["val"]:
         run["failure"] = "its log holds no final step or no validation result"
     else:

@@ -433,11 +433,64 @@ class GPT(nn.Module):
         """Per-model mean cross-entropy [n] and token accuracy [n]; stats (a list) receives model 0's
         (mean |x|, max |x|) before every AF when given."""
         x = self.hidden(tokens, stats)
-        logits = stackedMatmul(x, self.embed if self.tieEmbeddings else self.head).float()
+        head = self.embed if self.tieEmbeddings else self.head
         n = tokens.shape[0]
-        losses = F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
-        accuracy = (logits.argmax(-1) == targets).float()
-        return losses.view(n, -1).mean(1), accuracy.view(n, -1).mean(1)
+        return linearCrossEntropy(x.reshape(n, -1, x.shape[-1]), head[:n], targets.reshape(n, -1))
+
+
+# ----------------------------------------------------------------------------------------------
+# Output head + loss without materialising every model's logits
+
+
+LOSS_CHUNK_ROWS = 4096
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy and accuracy of logits = x @ weight^T (float32), per model.
+
+    The logits of all models at once would be n x rows x vocab floats (16 GB for 20 models of 4096
+    tokens), three times over with softmax and its gradient. Here they exist one chunk of rows at a
+    time: the forward pass also computes the gradients w.r.t. x and weight, which backward scales.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, needGrad):  # x [n, N, D], weight [n, V, D], targets [n, N]
+        n, rows, _ = x.shape
+        losses = torch.zeros(n, dtype=torch.float32, device=x.device)
+        correct = torch.zeros(n, dtype=torch.float32, device=x.device)
+        gradX = torch.empty(x.shape, dtype=torch.float32, device=x.device) if needGrad else None
+        gradW = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if needGrad else None
+        for m in range(n):
+            w = weight[m]
+            for start in range(0, rows, LOSS_CHUNK_ROWS):
+                xs, t = x[m, start:start + LOSS_CHUNK_ROWS], targets[m, start:start + LOSS_CHUNK_ROWS]
+                logits = (xs @ w.t()).float()  # [c, V]; autocast picks the matmul dtype
+                logSumExp = torch.logsumexp(logits, dim=-1)
+                losses[m] += (logSumExp - logits.gather(1, t[:, None]).squeeze(1)).sum()
+                correct[m] += (logits.argmax(-1) == t).sum()
+                if needGrad:
+                    probs = logits.sub_(logSumExp[:, None]).exp_()
+                    probs[torch.arange(len(t), device=t.device), t] -= 1.0
+                    probs /= rows
+                    g = probs.to(xs.dtype if xs.dtype == w.dtype else torch.float32)
+                    gradX[m, start:start + LOSS_CHUNK_ROWS] = g @ w.to(g.dtype)
+                    gradW[m] += g.t() @ xs.to(g.dtype)
+        ctx.save_for_backward(gradX, gradW)
+        ctx.dtypes = (x.dtype, weight.dtype)
+        return losses / rows, correct / rows
+
+    @staticmethod
+    def backward(ctx, gradLoss, gradAccuracy):
+        gradX, gradW = ctx.saved_tensors
+        scale = gradLoss.float().view(-1, 1, 1)
+        return (gradX * scale).to(ctx.dtypes[0]), (gradW * scale).to(ctx.dtypes[1]), None, None
+
+
+@torch.compiler.disable
+def linearCrossEntropy(x, weight, targets):
+    """(losses [n], accuracies [n]) of logits x @ weight^T against targets, computed chunk by chunk."""
+    needGrad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    return LinearCrossEntropy.apply(x, weight, targets, needGrad)
 
 
 # ----------------------------------------------------------------------------------------------

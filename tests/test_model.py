@@ -121,3 +121,25 @@ def testLossFallsOnAnOverfitBatch():
         loss.sum().backward()
         optimizer.step()
     assert float(loss.detach()) < 0.5 * first
+
+
+def testChunkedLossEqualsPlainCrossEntropy(monkeypatch):
+    import model
+    monkeypatch.setattr(model, "LOSS_CHUNK_ROWS", 5)  # several chunks per model
+    torch.manual_seed(0)
+    x = torch.randn(3, 12, 8, requires_grad=True)
+    weight = torch.randn(3, 20, 8, requires_grad=True)
+    targets = torch.randint(0, 20, (3, 12))
+    losses, accuracies = model.linearCrossEntropy(x, weight, targets)
+    logits = torch.bmm(x, weight.transpose(1, 2))
+    reference = torch.nn.functional.cross_entropy(logits.reshape(-1, 20), targets.reshape(-1),
+                                                  reduction="none").view(3, -1).mean(1)
+    torch.testing.assert_close(losses, reference)
+    torch.testing.assert_close(accuracies, (logits.argmax(-1) == targets).float().mean(1))
+    upstream = torch.randn(3)
+    got = torch.autograd.grad((losses * upstream).sum(), (x, weight))
+    expected = torch.autograd.grad((reference * upstream).sum(), (x, weight))
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-4)
+    with torch.no_grad():
+        torch.testing.assert_close(model.linearCrossEntropy(x, weight, targets)[0], reference.detach())
