@@ -29,18 +29,23 @@ def stackedNormal(nModels, *shape, std=0.02):
     return nn.Parameter(torch.randn(nModels, *shape) * std)
 
 
+def firstModels(param, n):
+    """param[:n], or param itself when all models run: autograd then adds no zero-filled slice gradient."""
+    return param if n == param.shape[0] else param[:n]
+
+
 def stackedMatmul(x, weight):
     """x [n, ..., in] @ weight[:n] [n, out, in]^T -> [n, ..., out] (one batched matmul for all models)."""
     n = x.shape[0]
     flat = x.reshape(n, -1, x.shape[-1])
-    out = torch.bmm(flat, weight[:n].transpose(1, 2).to(flat.dtype))
+    out = torch.bmm(flat, firstModels(weight, n).transpose(1, 2).to(flat.dtype))
     return out.view(*x.shape[:-1], weight.shape[1])
 
 
 def perModel(param, x):
     """Broadcast a per-model parameter [N, ...] over activations x [n, B, T, ...]."""
     n = x.shape[0]
-    p = param[:n]
+    p = firstModels(param, n)
     return p.view(n, *([1] * (x.dim() - p.dim())), *p.shape[1:])
 
 
@@ -148,7 +153,7 @@ class Attention(nn.Module):
         q, k, v = stackedMatmul(x, self.qkv).view(n * B, T, 3 * self.nHeads, self.headDim).chunk(3, dim=2)
         if vFirst is None:
             vFirst = v
-        lam = self.valueLambda[:n].repeat_interleave(B).view(n * B, 1, 1, 1).to(v.dtype)
+        lam = firstModels(self.valueLambda, n).repeat_interleave(B).view(n * B, 1, 1, 1).to(v.dtype)
         v = (1 - lam) * v + lam * vFirst
         q, k = self.rotary(rmsNorm(q)), self.rotary(rmsNorm(k))
         y = kernel(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)  # [nB, H, T, hd]
@@ -408,7 +413,7 @@ class GPT(nn.Module):
         """Final normalised hidden states [n, B, T, D] of models 0..n-1 for tokens [n, B, T]."""
         n, B, T = tokens.shape
         offsets = (torch.arange(n, device=tokens.device) * self.vocabSize).view(n, 1, 1)
-        x = F.embedding(tokens + offsets, self.embed[:n].reshape(n * self.vocabSize, -1))
+        x = F.embedding(tokens + offsets, firstModels(self.embed, n).reshape(n * self.vocabSize, -1))
         x = F.layer_norm(x, (x.shape[-1],)) * perModel(self.embedNormWeight, x) + perModel(self.embedNormBias, x)
         x0 = x
         docs = documentIds(tokens.reshape(n * B, T), self.tokenDocSep)
@@ -435,7 +440,7 @@ class GPT(nn.Module):
         x = self.hidden(tokens, stats)
         head = self.embed if self.tieEmbeddings else self.head
         n = tokens.shape[0]
-        return linearCrossEntropy(x.reshape(n, -1, x.shape[-1]), head[:n], targets.reshape(n, -1))
+        return linearCrossEntropy(x.reshape(n, -1, x.shape[-1]), firstModels(head, n), targets.reshape(n, -1))
 
 
 # ----------------------------------------------------------------------------------------------
