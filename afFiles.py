@@ -110,8 +110,10 @@ def readAfFile(path):
     if path.endswith(".csv"):
         return readAfCsv(path)
     data = safeTorchLoad(path, "afFileToLoad")
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise AfFileError(f"afFileToLoad {path!r} is not a ptAf file written by trainLmAf.py (no '{FORMAT}' marker)")
+    if isinstance(data, dict) and data.get("format") != FORMAT:
+        data = interpretOtherAfDict(data, path)
+    if not isinstance(data, dict):
+        raise AfFileError(f"afFileToLoad {path!r} is not a ptAf file (expected a dict of knots and spline values)")
     knots = data["knots"]
     if knots is None:
         raise AfFileError(f"afFileToLoad {path!r} holds no spline AFs")
@@ -121,6 +123,44 @@ def readAfFile(path):
         raise AfFileError(f"afFileToLoad {path!r}: {err}") from None
     return {"knots": knots, "mlpValues": list(data["mlpValues"]), "attValues": list(data["attValues"]),
             "afTypeMlp": data["afTypeMlp"], "afTypeAtt": data["afTypeAtt"], "nLayers": data["nLayers"], "rows": None}
+
+
+def interpretOtherAfDict(data, path):
+    """A ptAf dict saved by other code (e.g. the original research code): find the knots and the per-layer
+    MLP and attention values by their key names ('knot'/'anchor', 'mlp', 'att')."""
+    def find(*words, exclude=()):
+        for key, value in data.items():
+            name = str(key).lower()
+            if any(w in name for w in words) and not any(e in name for e in exclude):
+                return value
+        return None
+
+    def asLayers(value):
+        if value is None:
+            return []
+        if torch.is_tensor(value):
+            return [value.float()] if value.dim() == 1 else [v.float() for v in value]
+        if isinstance(value, (list, tuple)):
+            return [torch.as_tensor(v).float() for v in value]
+        raise AfFileError(f"afFileToLoad {path!r}: cannot read spline values of type {type(value).__name__}")
+
+    hyperparameters = find("hyperparam", "config", "hp") if isinstance(find("hyperparam", "config", "hp"), dict) else {}
+    knots = find("knot", "anchor", exclude=("value", "mlp", "att"))
+    if knots is None and {"afRange", "afNAnchors"} <= set(hyperparameters):
+        knots = torch.linspace(-hyperparameters["afRange"], hyperparameters["afRange"], hyperparameters["afNAnchors"])
+    mlp = asLayers(find("mlp", exclude=("knot", "anchor")))
+    att = asLayers(find("att", exclude=("knot", "anchor")))
+    if knots is None or not mlp + att:
+        raise AfFileError(f"afFileToLoad {path!r} has no recognisable knots and spline values "
+                          f"(keys: {', '.join(map(str, data))})")
+    knots = torch.as_tensor(knots).float().reshape(-1)
+
+    def kind(values):
+        return None if not values else "splinePerDim" if values[0].dim() == 2 else "spline"
+
+    nLayers = hyperparameters.get("nLayers", len(mlp) or len(att))
+    return {"format": FORMAT, "knots": knots, "mlpValues": mlp, "attValues": att, "afTypeMlp": kind(mlp),
+            "afTypeAtt": kind(att), "nLayers": nLayers}
 
 
 def readAfCsv(path):
@@ -160,6 +200,10 @@ def splitCsvRows(rows, path, nLayers, afMlp, afAtt, channelsMlp, channelsAtt):
         return [layer[0] if perLayerCount == 1 else torch.stack(layer) for layer in layers]
 
     nMlp, nAtt = nLayers * rowsPerLayer(afMlp, channelsMlp), nLayers * rowsPerLayer(afAtt, channelsAtt)
+    sharedKinds = [name for name in (afMlp, afAtt) if name == "spline"]
+    if len(rows) == len(sharedKinds) and len(sharedKinds) == (afMlp in SPLINE_TYPES) + (afAtt in SPLINE_TYPES):
+        # one spline per kind, shared by all layers: the loader copies it into every layer
+        return rows[:1] if afMlp == "spline" else [], rows[-1:] if afAtt == "spline" else [], False
     # A file from an MLP+attention run may feed an MLP-only phase II: one attention spline per layer follows.
     attentionIgnored = nAtt == 0 and len(rows) == nMlp + nLayers
     if len(rows) != nMlp + nAtt and not attentionIgnored:
@@ -205,6 +249,10 @@ def loadAfsIntoModel(model, path, freeze):
                                               ("attention", attValues, model.attAfs, model.attAfIndex)):
         if not values:
             continue
+        if len(values) == 1:  # one spline shared by all layers, stored once
+            values = values * nLayers
+        if len(values) != nLayers:
+            raise AfFileError(f"afFileToLoad {path!r} holds {len(values)} {kind} AFs for a model with --nLayers {nLayers}")
         for moduleIndex, module in enumerate(modules):
             layers = [layer for layer, m in enumerate(layerIndex) if m == moduleIndex]
             first = values[layers[0]]

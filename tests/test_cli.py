@@ -205,3 +205,19 @@ def testBadInputHasNoTraceback(tinyData, tmp_path):
     assert result.returncode != 0
     assert result.stderr.strip().startswith("error: ") and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def testPhase2LoadsAPtAfDictFromOtherCode(tinyData, tmp_path, capsys):
+    """A plain dict as the original research code might save it: other key names, one shared spline each."""
+    knots = torch.linspace(-15, 15, 64)
+    mlp, att = torch.randn(64), torch.randn(64)
+    path = tmp_path / "ptAf-other.pt"
+    torch.save({"hyperparameters": {"nLayers": 2, "afRange": 15.0, "afNAnchors": 64}, "afKnots": knots,
+                "afValuesMlp": [mlp], "afValuesAtt": [att]}, path)
+    argv = tinyFlags(tinyData, tmp_path, afLayerSpecific=1, afType="spline;att-spline", afLr=0, runName="other",
+                     nSteps=2, nStepsWarmup=0, nStepsCooldown=1, afFileToLoad=str(path), saveModelEvery=0)
+    code, out, err = runMain(argv, capsys)
+    assert code == 0, err
+    checkpoint = torch.load(tmp_path / "pt-other-step0002.pt", weights_only=True)
+    assert all(torch.equal(v, mlp) for v in checkpoint["afValuesMlp"])
+    assert all(torch.equal(v, att) for v in checkpoint["afValuesAtt"])
