@@ -1,4 +1,5 @@
 """Turning a model checkpoint of trainLmAf.py (pt-RUN-stepNNNN.pt) back into a runnable model, with the GPT-2 tokenizer it reads."""
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -9,6 +10,19 @@ import trainLmAf
 
 class LoadError(Exception):
     """A model file or vocabulary that cannot be used; the message is one line for the user."""
+
+
+def exitCode(work, userErrors=(LoadError,)):
+    """Run work(); a user error or Ctrl-C becomes one line on stderr and a non-zero exit code, not a traceback."""
+    try:
+        work()
+    except userErrors as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    return 0
 
 
 @dataclass

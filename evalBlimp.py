@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from afFiles import atomicWrite
-from checkpoints import LoadError, checkTokensFit, gpt2Encoding, loadModel, pickDevice
+from checkpoints import LoadError, checkTokensFit, exitCode, gpt2Encoding, loadModel, pickDevice
 from trainLmAf import OneLineErrorParser
 
 HUB_DATASET = "nyu-mll/blimp"
@@ -322,18 +322,7 @@ def evaluate(args):
 
 def main(argv=None):
     args = parseArgs(argv)
-    try:
-        evaluate(args)
-    except (LoadError, BlimpError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except OSError as err:
-        print(f"error: cannot write the results next to the model ({err.strerror}: {err.filename})", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
-    return 0
+    return exitCode(lambda: evaluate(args), (LoadError, BlimpError, OSError))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import sys
 import torch
 from tqdm import tqdm
 
-from checkpoints import LoadError, checkTokensFit, gpt2Encoding, loadModel, pickDevice
+from checkpoints import checkTokensFit, exitCode, gpt2Encoding, loadModel, pickDevice
 from trainLmAf import OneLineErrorParser
 
 
@@ -92,15 +92,7 @@ def generate(args):
 
 def main(argv=None):
     args = parseArgs(argv)
-    try:
-        generate(args)
-    except LoadError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
-    return 0
+    return exitCode(lambda: generate(args))
 
 
 if __name__ == "__main__":

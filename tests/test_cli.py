@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import SHARED_DATA, runTrainer, tinyFlags
-from tokenShards import HEADER_INTS, MAGIC, writeShard
+from tokenShards import HEADER_INTS, MAGIC
 from trainLmAf import buildParser, main
 
 UPSTREAM_CSV = glob.glob(os.path.join(SHARED_DATA, "ptAf-upstream-*.csv"))
