@@ -12,6 +12,20 @@ class LoadError(Exception):
     """A model file or vocabulary that cannot be used; the message is one line for the user."""
 
 
+def addModelArguments(parser):
+    """--modelFile, --modelId and --vocab_file, shared by the scripts that load a trained model."""
+    parser.add_argument("--modelFile", required=True, help="model checkpoint pt-RUN-stepNNNN.pt (from --saveModelEvery)")
+    parser.add_argument("--modelId", type=int, default=None,
+                        help="which model of a phase-I checkpoint to use (default: model 0)")
+    parser.add_argument("--vocab_file", default=None,
+                        help="local GPT-2 vocabulary (gpt2.tiktoken / r50k_base.tiktoken) for machines without network")
+
+
+def checkModelArguments(parser, args):
+    if args.modelId is not None and args.modelId < 0:
+        parser.error(f"--modelId must be >= 0, got {args.modelId}")
+
+
 def exitCode(work, userErrors=(LoadError,)):
     """Run work(); a user error or Ctrl-C becomes one line on stderr and a non-zero exit code, not a traceback."""
     try:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from afFiles import atomicWrite
-from checkpoints import LoadError, checkTokensFit, exitCode, gpt2Encoding, loadModel, pickDevice
+from checkpoints import LoadError, addModelArguments, checkModelArguments, checkTokensFit, exitCode, gpt2Encoding, loadModel, pickDevice
 from trainLmAf import OneLineErrorParser
 
 HUB_DATASET = "nyu-mll/blimp"
@@ -279,22 +279,17 @@ def outputStem(modelFile, trained, limit):
 def parseArgs(argv):
     parser = OneLineErrorParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--modelFile", required=True, help="model checkpoint pt-RUN-stepNNNN.pt (from --saveModelEvery)")
+    addModelArguments(parser)
     parser.add_argument("--blimpDir", required=True,
                         help="folder of BLiMP .jsonl files (one per set), or 'hf' for the hub dataset nyu-mll/blimp")
     parser.add_argument("--limit", type=int, default=None, help="score at most this many pairs per set (default: all)")
-    parser.add_argument("--modelId", type=int, default=None,
-                        help="which model of a phase-I checkpoint to score (default: model 0)")
     parser.add_argument("--batchSize", type=int, default=None,
                         help="sentences per forward pass (default: 256 on a GPU, 32 on the CPU)")
-    parser.add_argument("--vocab_file", default=None,
-                        help="local GPT-2 vocabulary (gpt2.tiktoken / r50k_base.tiktoken) for machines without network")
     args = parser.parse_args(argv)
     for name in ("limit", "batchSize"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
-    if args.modelId is not None and args.modelId < 0:
-        parser.error(f"--modelId must be >= 0, got {args.modelId}")
+    checkModelArguments(parser, args)
     return args
 
 

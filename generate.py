@@ -13,7 +13,7 @@ import sys
 import torch
 from tqdm import tqdm
 
-from checkpoints import checkTokensFit, exitCode, gpt2Encoding, loadModel, pickDevice
+from checkpoints import addModelArguments, checkModelArguments, checkTokensFit, exitCode, gpt2Encoding, loadModel, pickDevice
 from trainLmAf import OneLineErrorParser
 
 
@@ -47,16 +47,12 @@ def sampleTokens(model, tokens, maxNewTokens, window, temperature, topK, stopTok
 def parseArgs(argv):
     parser = OneLineErrorParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--modelFile", required=True, help="model checkpoint pt-RUN-stepNNNN.pt (from --saveModelEvery)")
+    addModelArguments(parser)
     parser.add_argument("--prompt", default="", help="text to continue (empty: start a new document)")
     parser.add_argument("--maxNewTokens", type=int, default=100, help="tokens to write at most")
     parser.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0: always the most likely token")
     parser.add_argument("--topK", type=int, default=50, help="sample among the K most likely tokens; 0: among all")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampling (same seed, same text on one device)")
-    parser.add_argument("--modelId", type=int, default=None,
-                        help="which model of a phase-I checkpoint to use (default: model 0)")
-    parser.add_argument("--vocab_file", default=None,
-                        help="local GPT-2 vocabulary (gpt2.tiktoken / r50k_base.tiktoken) for machines without network")
     args = parser.parse_args(argv)
     if args.maxNewTokens < 1:
         parser.error(f"--maxNewTokens must be at least 1, got {args.maxNewTokens}")
@@ -64,8 +60,7 @@ def parseArgs(argv):
         parser.error(f"--temperature must be >= 0, got {args.temperature}")
     if args.topK < 0:
         parser.error(f"--topK must be >= 0, got {args.topK}")
-    if args.modelId is not None and args.modelId < 0:
-        parser.error(f"--modelId must be >= 0, got {args.modelId}")
+    checkModelArguments(parser, args)
     return args
 
 
