@@ -5,7 +5,7 @@ views weight[:n] (no copy), so in phase I the models that have not started yet c
 active models run in one batched pass. Activation-function (AF) modules are not stacked: one module is
 applied to the activations of all models, so its gradient is the sum over the models that ran.
 
-Architecture (modded-nanogpt style): token embedding -> LayerNorm -> U-Net of blocks (encoder blocks
+Architecture (modded-nanogpt style; attention kernels and masks in attention.py): token embedding -> LayerNorm -> U-Net of blocks (encoder blocks
 push their output, decoder blocks add skipWeight * pop) -> RMSNorm -> head (float32 logits).
 Block: x = l0*x + l1*x0; x += attn(rmsNorm(x)); x += mlp(rmsNorm(x)).
 Attention: h = h + af(a*h + b) (unless the attention AF is 'none'); q,k,v; value residual with the
@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from activationFunctions import MLP_INPUT_TYPES, makeActivation
+from attention import AttentionKernel, documentIds
 
 # ----------------------------------------------------------------------------------------------
 # Stacked building blocks
@@ -68,63 +69,6 @@ class Rotary(nn.Module):
         cos, sin = angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]
         x1, x2 = x.float().chunk(2, dim=-1)
         return torch.cat((x1 * cos + x2 * sin, -x1 * sin + x2 * cos), dim=-1).type_as(x)
-
-
-# ----------------------------------------------------------------------------------------------
-# Attention masks: causal, same document, sliding window
-
-
-def documentIds(tokens, tokenDocSep):
-    """[..., T] -> document index of each position; a separator starts a new document."""
-    if tokenDocSep < 0:
-        return torch.zeros_like(tokens)
-    return torch.cumsum((tokens == tokenDocSep).to(torch.int32), dim=-1)
-
-
-def denseAttentionMask(docs, contextSize):
-    """Boolean [nB, 1, T, T]: True where query q may attend key k."""
-    T = docs.shape[-1]
-    q = torch.arange(T, device=docs.device)[:, None]
-    k = torch.arange(T, device=docs.device)[None, :]
-    allowed = (k <= q) & (q - k < contextSize)
-    return (allowed[None] & (docs[:, :, None] == docs[:, None, :]))[:, None]
-
-
-def flexBlockMask(docs, contextSize, blockSize):
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    def maskMod(b, h, q, k):
-        return (k <= q) & (q - k < contextSize) & (docs[b, q] == docs[b, k])
-
-    nB, T = docs.shape
-    return create_block_mask(maskMod, nB, None, T, T, device=docs.device, BLOCK_SIZE=blockSize)
-
-
-class AttentionKernel:
-    """Scaled dot-product attention under the LM-AFs mask, by FlexAttention or by SDPA with a dense mask.
-
-    Both compute the same function; FlexAttention is the fast path on CUDA (it has no CPU backward).
-    """
-
-    def __init__(self, implementation, contextSize, blockSize):
-        if implementation not in ("flex", "sdpa"):
-            raise ValueError(f"attention implementation must be 'flex' or 'sdpa', got {implementation!r}")
-        self.implementation = implementation
-        self.contextSize, self.blockSize = contextSize, blockSize
-        if implementation == "flex":
-            from torch.nn.attention.flex_attention import flex_attention
-            self.flexAttention = torch.compile(flex_attention, dynamic=False) if torch.cuda.is_available() \
-                else flex_attention
-
-    def mask(self, docs):
-        if self.implementation == "flex":
-            return flexBlockMask(docs, self.contextSize, self.blockSize)
-        return denseAttentionMask(docs, self.contextSize)
-
-    def __call__(self, q, k, v, mask):  # [nB, H, T, hd]
-        if self.implementation == "flex":
-            return self.flexAttention(q, k, v, block_mask=mask)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from model import GPT, afLayerGroups, denseAttentionMask, documentIds, permuteInitAcrossModels
+from attention import denseAttentionMask, documentIds
+from model import GPT, afLayerGroups, permuteInitAcrossModels
 
 
 def tinyGpt(**kwargs):
