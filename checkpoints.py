@@ -18,7 +18,8 @@ def addModelArguments(parser):
     parser.add_argument("--modelId", type=int, default=None,
                         help="which model of a phase-I checkpoint to use (default: model 0)")
     parser.add_argument("--vocab_file", default=None,
-                        help="local GPT-2 vocabulary (gpt2.tiktoken / r50k_base.tiktoken) for machines without network")
+                        help="GPT-2 vocabulary file (r50k_base.tiktoken / gpt2.tiktoken) to use instead of tiktoken's "
+                             "cache and the shipped vocab/r50k_base.tiktoken")
 
 
 def checkModelArguments(parser, args):
@@ -102,16 +103,17 @@ def loadModel(path, modelId, device):
 
 
 def gpt2Encoding(vocabFile):
-    """The GPT-2 tiktoken Encoding, from vocabFile (a .tiktoken file) or, when None, tiktoken's cache or download."""
+    """The GPT-2 tiktoken Encoding and where its vocabulary came from: vocabFile (a .tiktoken file) or, when None,
+    tiktoken's cache, the copy shipped in vocab/, or tiktoken's download (as preprocessFineweb.py finds it)."""
     import tiktoken
 
     from preprocessFineweb import PreprocessError, loadVocabulary
 
     try:
-        params, _ = loadVocabulary(vocabFile)
+        params, source = loadVocabulary(vocabFile)
     except PreprocessError as err:
         raise LoadError(str(err)) from None
-    return tiktoken.Encoding(**params)
+    return tiktoken.Encoding(**params), source
 
 
 def checkTokensFit(tokens, vocabSize, what):

@@ -297,7 +297,8 @@ def evaluate(args):
     device = pickDevice()
     trained = loadModel(args.modelFile, args.modelId, device)
     print(trained.describe(args.modelFile) + f", device {device.type}")
-    encoding = gpt2Encoding(args.vocab_file)
+    encoding, vocabSource = gpt2Encoding(args.vocab_file)
+    print(f"GPT-2 vocabulary: {vocabSource}")
     sets = readHubSets(args.limit) if args.blimpDir == "hf" else readLocalSets(args.blimpDir, args.limit)
     nPairs = sum(len(s.pairs) for s in sets)
     print(f"BLiMP: {len(sets)} sets, {nPairs} pairs from {args.blimpDir}"

@@ -68,7 +68,8 @@ def generate(args):
     device = pickDevice()
     trained = loadModel(args.modelFile, args.modelId, device)
     print(trained.describe(args.modelFile) + f", device {device.type}", file=sys.stderr)
-    encoding = gpt2Encoding(args.vocab_file)
+    encoding, vocabSource = gpt2Encoding(args.vocab_file)
+    print(f"GPT-2 vocabulary: {vocabSource}", file=sys.stderr)
     promptTokens = [encoding.eot_token] + encoding.encode_ordinary(args.prompt)
     checkTokensFit(promptTokens, trained.vocabSize, "--prompt")
     hp = trained.hyperparameters

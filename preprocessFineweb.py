@@ -39,6 +39,8 @@ EOT_ID = 50256  # <|endoftext|>, the document separator
 # tiktoken downloads r50k_base (the GPT-2 vocabulary) from this address and caches it under the sha1 of it
 R50K_URL = "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken"
 R50K_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
+# The same file, committed with the code (vocab/README.md: origin, licence), so that no network is needed
+SHIPPED_VOCAB_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "vocab", "r50k_base.tiktoken")
 INPUT_TYPES = (".txt", ".jsonl", ".json", ".parquet")
 # Text per worker task: large enough that inter-process traffic is small next to tokenizing,
 # small enough that all workers stay busy and the last task does not dominate.
@@ -70,10 +72,20 @@ def quietHubClients():
 
 # ---------------------------------------------------------------- GPT-2 vocabulary
 
-def localVocabularyFiles():
-    """Copies of the vocabulary that may ship beside the code: shared/data/ inside or next to the checkout."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    return [os.path.join(folder, "shared", "data", "gpt2.tiktoken") for folder in (here, os.path.dirname(here))]
+def tiktokenCachePath():
+    """Where tiktoken caches its download of r50k_base, computed as tiktoken.load does; None when its cache is off."""
+    cacheDir = os.environ.get("TIKTOKEN_CACHE_DIR", os.environ.get("DATA_GYM_CACHE_DIR"))
+    if cacheDir == "":  # tiktoken reads "" as "no cache"
+        return None
+    return os.path.join(cacheDir or os.path.join(tempfile.gettempdir(), "data-gym-cache"), hashlib.sha1(R50K_URL.encode()).hexdigest())
+
+
+def isGpt2Vocabulary(path):
+    try:
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest() == R50K_SHA256
+    except OSError:
+        return False
 
 
 def vocabularyFromFile(path, origin):
@@ -84,7 +96,7 @@ def vocabularyFromFile(path, origin):
     except OSError as e:
         raise PreprocessError(f"cannot read {origin} {path} ({e.strerror})") from None
     if hashlib.sha256(data).hexdigest() != R50K_SHA256:
-        raise PreprocessError(f"{origin} {path} is not the GPT-2 vocabulary (its sha256 is not r50k_base's {R50K_SHA256[:8]}...); pass gpt2.tiktoken / r50k_base.tiktoken")
+        raise PreprocessError(f"{origin} {path} is not the GPT-2 vocabulary (its sha256 is not r50k_base's {R50K_SHA256[:8]}...)")
     # the .tiktoken format: one "base64(token bytes) rank" per line
     ranks = {}
     for line in data.splitlines():
@@ -98,23 +110,27 @@ def vocabularyFromFile(path, origin):
 def loadVocabulary(vocabFile):
     """Constructor arguments of the GPT-2 tiktoken Encoding and a line saying where the vocabulary came from.
 
-    In order: --vocab_file; tiktoken's cache; a copy in shared/data/ (no network needed); tiktoken's download.
+    In order: --vocab_file; tiktoken's cache; the copy shipped in vocab/ (no network needed); tiktoken's
+    download, the last resort for a checkout whose copy is missing or damaged.
     """
     if vocabFile:
-        return vocabularyFromFile(vocabFile, "--vocab_file"), f"--vocab_file {vocabFile}"
-    cacheDir = os.environ.get("TIKTOKEN_CACHE_DIR", os.environ.get("DATA_GYM_CACHE_DIR"))
-    cachePath = os.path.join(cacheDir or os.path.join(tempfile.gettempdir(), "data-gym-cache"),
-                             hashlib.sha1(R50K_URL.encode()).hexdigest())
-    wasCached = cacheDir != "" and os.path.exists(cachePath)  # tiktoken reads "" as "no cache"
-    if not wasCached:
-        for path in localVocabularyFiles():
-            if os.path.exists(path):
-                return vocabularyFromFile(path, "vocabulary file"), f"local copy {path}"
+        try:
+            return vocabularyFromFile(vocabFile, "--vocab_file"), f"--vocab_file {vocabFile}"
+        except PreprocessError as e:
+            raise PreprocessError(f"{e}; give a copy of r50k_base.tiktoken (gpt2.tiktoken), or leave out --vocab_file to use {SHIPPED_VOCAB_FILE}") from None
+    cachePath = tiktokenCachePath()
+    # only a correct cache entry: tiktoken would delete a damaged one and download, which needs the network
+    if cachePath and isGpt2Vocabulary(cachePath):
+        return openaiPublic.r50k_base(), f"tiktoken cache {cachePath}"
+    try:
+        return vocabularyFromFile(SHIPPED_VOCAB_FILE, "shipped copy"), f"shipped copy {SHIPPED_VOCAB_FILE}"
+    except PreprocessError as e:
+        shippedProblem = e
     try:
         params = openaiPublic.r50k_base()
     except Exception as e:
-        raise PreprocessError(f"cannot get the GPT-2 vocabulary from tiktoken ({describe(e)}); pass --vocab_file PATH to a gpt2.tiktoken file, or copy it to $TIKTOKEN_CACHE_DIR/{os.path.basename(cachePath)}") from None
-    return params, (f"tiktoken cache {cachePath}" if wasCached else f"downloaded by tiktoken from {R50K_URL}")
+        raise PreprocessError(f"cannot get the GPT-2 vocabulary: {shippedProblem}, and tiktoken cannot download it ({describe(e)}); restore the shipped copy (git checkout -- vocab/r50k_base.tiktoken) or pass --vocab_file PATH to a copy of r50k_base.tiktoken") from None
+    return params, f"downloaded by tiktoken from {R50K_URL} (the shipped copy is unusable: {shippedProblem})"
 
 
 # One tokenizer per process: set by initWorker (called directly when --num_proc 1, else via initPoolWorker).
@@ -444,7 +460,7 @@ def parseArgs(argv):
     parser.add_argument("--input", action="append", metavar="PATH_OR_GLOB", help=f"tokenize local files instead of FineWeb: {', '.join(INPUT_TYPES)} (a .txt file is one document); quote globs; repeat the flag for more")
     parser.add_argument("--text_field", default="text", help="field holding the text in .jsonl/.json/.parquet input (default: text)")
     parser.add_argument("--name", default="fineweb", help="file-name prefix of the shards: NAME_val_000000.bin, NAME_train_000001.bin, ... (default: fineweb)")
-    parser.add_argument("--vocab_file", default=None, help="local GPT-2 vocabulary (gpt2.tiktoken / r50k_base.tiktoken) for machines without network")
+    parser.add_argument("--vocab_file", default=None, help="GPT-2 vocabulary file (r50k_base.tiktoken / gpt2.tiktoken) to use instead of tiktoken's cache and the shipped vocab/r50k_base.tiktoken")
     parser.add_argument("--overwrite", action="store_true", help="rewrite shards even when an identical complete one exists")
     args = parser.parse_args(argv)
     if args.n_shards is not None and args.n_shards < 1:

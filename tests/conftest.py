@@ -1,5 +1,6 @@
-"""Shared fixtures: tiny token shards and a helper to run trainLmAf.py at tiny sizes."""
+"""Shared fixtures: tiny token shards, a helper to run trainLmAf.py at tiny sizes, and a machine without network."""
 import os
+import socket
 import subprocess
 import sys
 
@@ -37,6 +38,27 @@ def tinyData(tmp_path_factory):
     writeShard(str(folder / "fineweb_train_000001.bin"), randomDocuments(rng, 6000))
     writeShard(str(folder / "fineweb_train_000002.bin"), randomDocuments(rng, 5000))
     return folder
+
+
+@pytest.fixture(scope="session")
+def noNetworkEnv(tmp_path_factory):
+    """Environment variables of a fresh machine without network: tiktoken's cache is empty and every HTTP(S)
+    request goes to a closed local port, so it fails at once (as tiktoken's download does offline)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closedPort = probe.getsockname()[1]
+    proxy = f"http://127.0.0.1:{closedPort}"
+    env = {"TIKTOKEN_CACHE_DIR": str(tmp_path_factory.mktemp("emptyTiktokenCache")), "NO_PROXY": "", "no_proxy": ""}
+    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        env[name] = proxy
+    return env
+
+
+@pytest.fixture
+def offline(monkeypatch, noNetworkEnv):
+    """noNetworkEnv in this process, for the test's duration."""
+    for name, value in noNetworkEnv.items():
+        monkeypatch.setenv(name, value)
 
 
 def tinyFlags(dataDir, resultsDir, **overrides):

@@ -14,9 +14,9 @@ import afFiles
 import evalBlimp
 import trainLmAf
 from model import GPT
+from preprocessFineweb import SHIPPED_VOCAB_FILE
 
 BLIMP_SAMPLE = os.path.join(SHARED_DATA, "blimp-sample")
-VOCAB_FILE = os.path.join(SHARED_DATA, "gpt2.tiktoken")
 SAMPLE_UIDS = ["anaphor_gender_agreement", "determiner_noun_agreement_1", "regular_plural_subject_verb_agreement_1"]
 
 
@@ -161,10 +161,10 @@ def testBlimpDirWithoutJsonlFiles(tmp_path):
         evalBlimp.readLocalSets(str(tmp_path / "absent"), None)
 
 
-def testCommandLineScoresTheSampleAndWritesCsvAndPng(runs, capsys):
-    assert evalBlimp.main(["--modelFile", runs["single"], "--blimpDir", BLIMP_SAMPLE, "--limit", "10",
-                           "--vocab_file", VOCAB_FILE]) == 0
+def testCommandLineScoresTheSampleAndWritesCsvAndPng(runs, capsys, offline):
+    assert evalBlimp.main(["--modelFile", runs["single"], "--blimpDir", BLIMP_SAMPLE, "--limit", "10"]) == 0
     out = capsys.readouterr().out.splitlines()
+    assert f"GPT-2 vocabulary: shipped copy {SHIPPED_VOCAB_FILE}" in out  # no flag, no cache, no network
     setLines = [line for line in out if line.endswith("(10 pairs)")]
     assert [line.split()[0] for line in setLines] == SAMPLE_UIDS
     assert any(line.startswith("field morphology") and line.endswith("(30 pairs, 3 sets)") for line in out)
@@ -182,8 +182,8 @@ def testCommandLineScoresTheSampleAndWritesCsvAndPng(runs, capsys):
     assert not [name for name in os.listdir(os.path.dirname(stem)) if ".tmp" in name]
 
 
-def testPhaseOneCheckpointUsesModelZeroUnlessTold(runs, capsys):
-    common = ["--modelFile", runs["phase1"], "--blimpDir", BLIMP_SAMPLE, "--limit", "4", "--vocab_file", VOCAB_FILE]
+def testPhaseOneCheckpointUsesModelZeroUnlessTold(runs, capsys, offline):
+    common = ["--modelFile", runs["phase1"], "--blimpDir", BLIMP_SAMPLE, "--limit", "4"]
     assert evalBlimp.main(common) == 0
     assert "model 0 of 2" in capsys.readouterr().out
     assert evalBlimp.main(common + ["--modelId", "1"]) == 0
@@ -198,11 +198,19 @@ def testPhaseOneCheckpointUsesModelZeroUnlessTold(runs, capsys):
 @pytest.mark.parametrize("case", ["ptAf", "damaged", "missing", "trapped", "foreign"])
 def testBadModelFileIsOneErrorLine(runs, capsys, case):
     path, words, marker = runs["bad"][case]
-    assert evalBlimp.main(["--modelFile", path, "--blimpDir", BLIMP_SAMPLE, "--vocab_file", VOCAB_FILE]) == 1
+    assert evalBlimp.main(["--modelFile", path, "--blimpDir", BLIMP_SAMPLE]) == 1
     captured = capsys.readouterr()
     assert captured.err.startswith("error: ") and captured.err.count("\n") == 1, captured.err
     assert all(word in captured.err for word in words), captured.err
     assert marker is None or not os.path.exists(marker)
+
+
+def testVocabFileThatIsNotGpt2IsOneErrorLine(runs, capsys, tmp_path):
+    wrong = tmp_path / "other.tiktoken"
+    wrong.write_bytes(open(SHIPPED_VOCAB_FILE, "rb").read()[:1000])
+    assert evalBlimp.main(["--modelFile", runs["single"], "--blimpDir", BLIMP_SAMPLE, "--vocab_file", str(wrong)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --vocab_file {wrong} is not the GPT-2 vocabulary") and err.count("\n") == 1, err
 
 
 def testCommandLineErrorsHaveNoTraceback(runs):

@@ -5,10 +5,11 @@ import os
 import pytest
 import torch
 
-from test_evalBlimp import VOCAB_FILE, badModelFiles, trainTinyRun
+from test_evalBlimp import badModelFiles, trainTinyRun
 
 import generate
 from checkpoints import LoadError, checkTokensFit
+from preprocessFineweb import SHIPPED_VOCAB_FILE
 
 
 @pytest.fixture(scope="module")
@@ -65,21 +66,32 @@ def testPromptBeyondTheModelVocabularyIsAClearError():
 
 
 def runGenerate(capsys, modelFile, *flags):
-    code = generate.main(["--modelFile", modelFile, "--vocab_file", VOCAB_FILE, *flags])
+    code = generate.main(["--modelFile", modelFile, *flags])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 
 
-def testSameSeedSameTextOtherSeedOtherText(runs, capsys):
+def testSameSeedSameTextOtherSeedOtherText(runs, capsys, offline):
     flags = ("--prompt", "The city", "--maxNewTokens", "30", "--temperature", "1.0", "--topK", "0")
     code, first, err = runGenerate(capsys, runs["single"], *flags, "--seed", "3")
     assert code == 0 and first.startswith("The city") and len(first) > len("The city\n")
     assert "model 0 of 1" in err and "tokens, stopped at" in err
+    assert f"GPT-2 vocabulary: shipped copy {SHIPPED_VOCAB_FILE}\n" in err  # no flag, no cache, no network
     assert runGenerate(capsys, runs["single"], *flags, "--seed", "3")[1] == first
     assert runGenerate(capsys, runs["single"], *flags, "--seed", "4")[1] != first
 
 
-def testContextWindowComesFromTheCheckpoint(runs, capsys, monkeypatch):
+def testVocabFileGivesTheSameText(runs, capsys, offline, tmp_path):
+    copy = tmp_path / "gpt2.tiktoken"
+    copy.write_bytes(open(SHIPPED_VOCAB_FILE, "rb").read())
+    flags = ("--prompt", "The city", "--maxNewTokens", "20", "--temperature", "1.0", "--seed", "5")
+    code, shipped, _ = runGenerate(capsys, runs["single"], *flags)
+    assert code == 0
+    code, given, err = runGenerate(capsys, runs["single"], *flags, "--vocab_file", str(copy))
+    assert code == 0 and given == shipped and f"GPT-2 vocabulary: --vocab_file {copy}\n" in err
+
+
+def testContextWindowComesFromTheCheckpoint(runs, capsys, monkeypatch, offline):
     windows = []
     original = generate.sampleTokens
 

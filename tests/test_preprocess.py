@@ -10,51 +10,39 @@ import sys
 import numpy as np
 import pytest
 
+import preprocessFineweb
+from preprocessFineweb import SHIPPED_VOCAB_FILE
 from tokenShards import HEADER_INTS, MAGIC, VERSION, TokenStream, listShards, loadShard, validationSequences
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "preprocessFineweb.py")
 R50K_URL = "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken"
+# written out here rather than taken from the script, so that the test checks the script's constant too
+R50K_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
 EOT = 50256
 SHARD = 1000
-
-
-def findVocabFile():
-    for folder in (os.path.join(REPO, "shared", "data"), os.path.join(os.path.dirname(REPO), "shared", "data")):
-        if os.path.exists(os.path.join(folder, "gpt2.tiktoken")):
-            return os.path.join(folder, "gpt2.tiktoken")
-    pytest.skip("shared/data/gpt2.tiktoken (the offline GPT-2 vocabulary) is not available")
+CACHE_NAME = hashlib.sha1(R50K_URL.encode()).hexdigest()
 
 
 @pytest.fixture(scope="session")
-def vocabFile():
-    return findVocabFile()
-
-
-@pytest.fixture(scope="session")
-def tiktokenCache(tmp_path_factory, vocabFile):
+def tiktokenCache(tmp_path_factory):
     """A TIKTOKEN_CACHE_DIR seeded the way tiktoken would have cached its download of r50k_base."""
     folder = tmp_path_factory.mktemp("tiktokenCache")
-    with open(vocabFile, "rb") as f:
-        (folder / hashlib.sha1(R50K_URL.encode()).hexdigest()).write_bytes(f.read())
+    with open(SHIPPED_VOCAB_FILE, "rb") as f:
+        (folder / CACHE_NAME).write_bytes(f.read())
     return str(folder)
 
 
 @pytest.fixture(scope="session")
-def reference(tiktokenCache):
-    """tiktoken's own r50k_base (= GPT-2), loaded from the seeded cache: the independent tokenization."""
+def reference(tiktokenCache, noNetworkEnv):
+    """tiktoken's own r50k_base (= GPT-2), loaded from the seeded cache, which tiktoken checks against its own
+    sha256 (and, offline, cannot replace by a download): the independent tokenization."""
     import tiktoken
 
-    previous = os.environ.get("TIKTOKEN_CACHE_DIR")
-    os.environ["TIKTOKEN_CACHE_DIR"] = tiktokenCache
-    try:
-        encoding = tiktoken.get_encoding("r50k_base")
-    finally:
-        if previous is None:
-            del os.environ["TIKTOKEN_CACHE_DIR"]
-        else:
-            os.environ["TIKTOKEN_CACHE_DIR"] = previous
-    return encoding
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in {**noNetworkEnv, "TIKTOKEN_CACHE_DIR": tiktokenCache}.items():
+            patch.setenv(name, value)
+        return tiktoken.get_encoding("r50k_base")
 
 
 def referenceTokens(encoding, documents):
@@ -120,10 +108,19 @@ def corpus(tmp_path_factory, reference):
 
 
 @pytest.fixture(scope="module")
-def cleanRun(tmp_path_factory, corpus, vocabFile):
+def cleanRun(tmp_path_factory, corpus, noNetworkEnv):
+    """A fresh clone's run: no --vocab_file, nothing in tiktoken's cache, no network."""
     outDir = tmp_path_factory.mktemp("clean")
-    result = run(outDir, "--input", corpus["path"], "--shard_size", SHARD, "--num_proc", 2, vocabFile=vocabFile)
+    result = run(outDir, "--input", corpus["path"], "--shard_size", SHARD, "--num_proc", 2, env=noNetworkEnv)
     return outDir, result
+
+
+def testShippedVocabularyIsR50kBase():
+    with open(SHIPPED_VOCAB_FILE, "rb") as f:
+        data = f.read()
+    assert len(data) == 835554 and hashlib.sha256(data).hexdigest() == R50K_SHA256
+    assert preprocessFineweb.R50K_SHA256 == R50K_SHA256
+    assert os.path.dirname(SHIPPED_VOCAB_FILE) == os.path.join(REPO, "vocab")
 
 
 def testReferenceIsGpt2(reference):
@@ -144,7 +141,7 @@ def testJsonlShardsEqualIndependentTokenization(cleanRun, corpus):
         assert header[:3].tolist() == [MAGIC, VERSION, count] and not header[3:].any()
         assert os.path.getsize(path) == 4 * HEADER_INTS + 2 * count
     np.testing.assert_array_equal(concatenated(outDir), expected)
-    assert "--vocab_file" in result.stdout and "wrote" in result.stdout
+    assert f"GPT-2 vocabulary: shipped copy {SHIPPED_VOCAB_FILE}\n" in result.stdout and "wrote" in result.stdout
 
 
 def testSeparatorBeforeEveryDocumentAndSpills(cleanRun, corpus, reference):
@@ -158,39 +155,63 @@ def testSeparatorBeforeEveryDocumentAndSpills(cleanRun, corpus, reference):
     assert not all(shardStartsWithDocument)
 
 
-def testOneAndTwoProcessesGiveTheSameBytes(cleanRun, corpus, vocabFile, tmp_path):
+def testOneAndTwoProcessesGiveTheSameBytes(cleanRun, corpus, noNetworkEnv, tmp_path):
     outDir, _ = cleanRun
-    run(tmp_path, "--input", corpus["path"], "--shard_size", SHARD, "--num_proc", 1, vocabFile=vocabFile)
+    run(tmp_path, "--input", corpus["path"], "--shard_size", SHARD, "--num_proc", 1, env=noNetworkEnv)
     for a, b in zip(shardFiles(outDir), shardFiles(tmp_path), strict=True):
         assert open(a, "rb").read() == open(b, "rb").read()
 
 
-def testNShardsCapsTheOutput(corpus, vocabFile, tmp_path):
-    run(tmp_path, "--input", corpus["path"], "--shard_size", SHARD, "--n_shards", 3, "--num_proc", 2, vocabFile=vocabFile)
+def testNShardsCapsTheOutput(corpus, noNetworkEnv, tmp_path):
+    run(tmp_path, "--input", corpus["path"], "--shard_size", SHARD, "--n_shards", 3, "--num_proc", 2, env=noNetworkEnv)
     assert len(shardFiles(tmp_path)) == 3
     np.testing.assert_array_equal(concatenated(tmp_path), corpus["tokens"][:3 * SHARD])
 
 
-def testTiktokenCacheGivesTheSameIdsAsVocabFile(cleanRun, corpus, tiktokenCache, tmp_path):
+def testTiktokenCacheGivesTheSameIdsAsTheShippedCopy(cleanRun, corpus, tiktokenCache, noNetworkEnv, tmp_path):
     outDir, _ = cleanRun
     result = run(tmp_path, "--input", corpus["path"], "--shard_size", SHARD, "--num_proc", 1,
-                 env={"TIKTOKEN_CACHE_DIR": tiktokenCache})
-    assert f"tiktoken cache {tiktokenCache}" in result.stdout
+                 env={**noNetworkEnv, "TIKTOKEN_CACHE_DIR": tiktokenCache})
+    assert f"GPT-2 vocabulary: tiktoken cache {os.path.join(tiktokenCache, CACHE_NAME)}\n" in result.stdout
     np.testing.assert_array_equal(concatenated(tmp_path), concatenated(outDir))
 
 
-def testLocalCopyIsUsedWhenTiktokenHasNoCache(cleanRun, corpus, vocabFile, tmp_path):
-    # the fixture found the vocabulary in shared/data/ inside or next to the checkout, where the script looks too
+def testVocabFileGivesTheSameIdsAsTheShippedCopy(cleanRun, corpus, noNetworkEnv, tmp_path):
     outDir, _ = cleanRun
-    emptyCache = tmp_path / "emptyCache"
-    emptyCache.mkdir()
+    copy = tmp_path / "gpt2.tiktoken"
+    copy.write_bytes(open(SHIPPED_VOCAB_FILE, "rb").read())
     result = run(tmp_path / "out", "--input", corpus["path"], "--shard_size", SHARD, "--num_proc", 1,
-                 env={"TIKTOKEN_CACHE_DIR": str(emptyCache)})
-    assert f"local copy {vocabFile}" in result.stdout
+                 vocabFile=str(copy), env=noNetworkEnv)
+    assert f"GPT-2 vocabulary: --vocab_file {copy}\n" in result.stdout
     np.testing.assert_array_equal(concatenated(tmp_path / "out"), concatenated(outDir))
 
 
-def testTxtJsonAndParquetInputs(reference, vocabFile, tmp_path):
+def testDamagedTiktokenCacheFallsBackToTheShippedCopy(cleanRun, corpus, noNetworkEnv, tmp_path):
+    # offline, tiktoken would delete the damaged entry and fail to download a new one
+    outDir, _ = cleanRun
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / CACHE_NAME).write_bytes(open(SHIPPED_VOCAB_FILE, "rb").read()[:-100])
+    result = run(tmp_path / "out", "--input", corpus["path"], "--shard_size", SHARD, "--num_proc", 1,
+                 env={**noNetworkEnv, "TIKTOKEN_CACHE_DIR": str(cache)})
+    assert f"GPT-2 vocabulary: shipped copy {SHIPPED_VOCAB_FILE}\n" in result.stdout
+    np.testing.assert_array_equal(concatenated(tmp_path / "out"), concatenated(outDir))
+
+
+@pytest.mark.parametrize("case, fragment", [("missing", "No such file"), ("damaged", "is not the GPT-2 vocabulary")])
+def testUnusableShippedCopyWithoutNetworkIsAnError(case, fragment, offline, monkeypatch, tmp_path):
+    shipped = tmp_path / "r50k_base.tiktoken"
+    if case == "damaged":  # e.g. a checkout that converted its line endings
+        shipped.write_bytes(open(SHIPPED_VOCAB_FILE, "rb").read().replace(b"\n", b"\r\n"))
+    monkeypatch.setattr(preprocessFineweb, "SHIPPED_VOCAB_FILE", str(shipped))
+    with pytest.raises(preprocessFineweb.PreprocessError) as caught:
+        preprocessFineweb.loadVocabulary(None)
+    message = str(caught.value)
+    assert message.startswith("cannot get the GPT-2 vocabulary: ") and f"shipped copy {shipped}" in message
+    assert fragment in message and "tiktoken cannot download it" in message and "--vocab_file" in message
+
+
+def testTxtJsonAndParquetInputs(reference, noNetworkEnv, tmp_path):
     documents = makeDocuments(seed=1, n=12)
     corpusDir = tmp_path / "in"
     corpusDir.mkdir()
@@ -203,15 +224,15 @@ def testTxtJsonAndParquetInputs(reference, vocabFile, tmp_path):
     import pyarrow.parquet
 
     pyarrow.parquet.write_table(pyarrow.table({"body": documents[8:], "n": list(range(4))}), str(corpusDir / "z.parquet"))
-    run(tmp_path / "txt", "--input", str(corpusDir / "*.txt"), "--shard_size", 50, "--name", "mine", "--num_proc", 2, vocabFile=vocabFile)
+    run(tmp_path / "txt", "--input", str(corpusDir / "*.txt"), "--shard_size", 50, "--name", "mine", "--num_proc", 2, env=noNetworkEnv)
     np.testing.assert_array_equal(concatenated(tmp_path / "txt", "mine"), referenceTokens(reference, txtOrder))
     assert shardFiles(tmp_path / "txt", "mine")[0].endswith("mine_val_000000.bin")
     run(tmp_path / "mixed", "--input", str(corpusDir / "array.json"), "--input", str(corpusDir / "z.parquet"), "--text_field", "body",
-        "--shard_size", 50, "--num_proc", 1, vocabFile=vocabFile)
+        "--shard_size", 50, "--num_proc", 1, env=noNetworkEnv)
     np.testing.assert_array_equal(concatenated(tmp_path / "mixed"), referenceTokens(reference, documents[4:]))
 
 
-def testInterruptedRunIsCompletedByARerun(cleanRun, corpus, vocabFile, tmp_path):
+def testInterruptedRunIsCompletedByARerun(cleanRun, corpus, noNetworkEnv, tmp_path):
     outDir, _ = cleanRun
     for path in shardFiles(outDir):
         (tmp_path / os.path.basename(path)).write_bytes(open(path, "rb").read())
@@ -220,13 +241,13 @@ def testInterruptedRunIsCompletedByARerun(cleanRun, corpus, vocabFile, tmp_path)
         f.truncate(4 * HEADER_INTS + 300)
     (tmp_path / "fineweb_train_000004.bin.12345.tmp").write_bytes(b"partial")
     (tmp_path / "fineweb_train_000005.bin").write_bytes(open(tmp_path / "fineweb_train_000006.bin", "rb").read())  # stale
-    result = run(tmp_path, "--input", corpus["path"], "--shard_size", SHARD, "--num_proc", 2, vocabFile=vocabFile)
+    result = run(tmp_path, "--input", corpus["path"], "--shard_size", SHARD, "--num_proc", 2, env=noNetworkEnv)
     assert sorted(os.listdir(tmp_path)) == sorted(os.path.basename(p) for p in shardFiles(outDir))
     for a, b in zip(shardFiles(outDir), shardFiles(tmp_path), strict=True):
         assert open(a, "rb").read() == open(b, "rb").read()
     written = [line.split()[1] for line in result.stdout.splitlines() if line.startswith("wrote")]
     assert sorted(os.path.basename(p) for p in written) == ["fineweb_train_000002.bin", "fineweb_train_000003.bin", "fineweb_train_000005.bin"]
-    again = run(tmp_path, "--input", corpus["path"], "--shard_size", SHARD, "--num_proc", 1, "--overwrite", vocabFile=vocabFile)
+    again = run(tmp_path, "--input", corpus["path"], "--shard_size", SHARD, "--num_proc", 1, "--overwrite", env=noNetworkEnv)
     assert sum(line.startswith("wrote") for line in again.stdout.splitlines()) == len(shardFiles(outDir))
 
 
@@ -252,14 +273,14 @@ def testTrainerReadsWhatThePreprocessorWrote(cleanRun, corpus):
     ("json", ["line 2 is not valid JSON"]),
     ("nomatch", ["no files match --input"]),
     ("type", ["unsupported type"]),
-    ("vocab", ["is not the GPT-2 vocabulary"]),
+    ("vocab", ["is not the GPT-2 vocabulary", "leave out --vocab_file"]),
     ("shardSize", ["--shard_size must be between"]),
 ])
-def testInputErrorsAreOneLine(case, fragments, vocabFile, tmp_path):
+def testInputErrorsAreOneLine(case, fragments, noNetworkEnv, tmp_path):
     path = tmp_path / "docs.jsonl"
     path.write_text('{"body": "a"}\n', encoding="utf-8")
     args = ["--input", str(path)]
-    vocab = vocabFile
+    vocab = None
     if case == "json":
         path.write_text('{"text": "a"}\n{"text": \n', encoding="utf-8")
     elif case == "nomatch":
@@ -271,7 +292,7 @@ def testInputErrorsAreOneLine(case, fragments, vocabFile, tmp_path):
         vocab = str(path)
     elif case == "shardSize":
         args += ["--shard_size", "0"]
-    result = run(tmp_path / "out", *args, vocabFile=vocab, check=False)
+    result = run(tmp_path / "out", *args, vocabFile=vocab, env=noNetworkEnv, check=False)
     assertOneErrorLine(result, *fragments)
     assert not glob.glob(str(tmp_path / "out" / "*.bin"))
 
@@ -280,9 +301,9 @@ def testInputErrorsAreOneLine(case, fragments, vocabFile, tmp_path):
     (["--num_proc", "1"], "cannot open HuggingFaceFW/fineweb"),
     (["--from_hub", "--n_shards", "2"], "cannot download fineweb_val_000000.bin"),
 ])
-def testUnreachableHubIsOneLine(args, fragment, vocabFile, tmp_path):
+def testUnreachableHubIsOneLine(args, fragment, noNetworkEnv, tmp_path):
     # offline mode makes the hub clients fail at once, as an unreachable network does after its retries
-    result = run(tmp_path, *args, vocabFile=vocabFile, env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}, check=False)
+    result = run(tmp_path, *args, env={**noNetworkEnv, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}, check=False)
     assertOneErrorLine(result, fragment, "check the network")
 
 
@@ -290,7 +311,6 @@ def testFromHubDownloadsChecksAndSkips(tmp_path, monkeypatch):
     """--from_hub with the hub replaced by a local fake: file names, header checks, skipping complete files."""
     import huggingface_hub
 
-    import preprocessFineweb
     from tokenShards import ShardError, writeShard
 
     calls = []
