@@ -90,7 +90,7 @@ def saveAfFiles(stem, model, hyperparameters, step):
     def writeCsv(tmp):
         knotsRow = [repr(float(k)) for k in data["knots"].tolist()]
         with open(tmp, "w", newline="") as f:
-            writer = csv.writer(f)
+            writer = csv.writer(f, lineterminator="\n")  # the original's line endings, so files compare byte for byte
             for values in data["mlpValues"] + data["attValues"]:
                 for row in values.reshape(-1, values.shape[-1]).numpy():
                     writer.writerow(knotsRow)

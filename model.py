@@ -5,8 +5,9 @@ views weight[:n] (no copy), so in phase I the models that have not started yet c
 active models run in one batched pass. Activation-function (AF) modules are not stacked: one module is
 applied to the activations of all models, so its gradient is the sum over the models that ran.
 
-Architecture (modded-nanogpt style; attention kernels and masks in attention.py): token embedding -> LayerNorm -> U-Net of blocks (encoder blocks
-push their output, decoder blocks add skipWeight * pop) -> RMSNorm -> head (float32 logits).
+Architecture (modded-nanogpt style; attention kernels and masks in attention.py): token embedding -> LayerNorm ->
+U-Net of blocks (encoder blocks push their output, decoder blocks add skipWeight * pop) -> head (float32 logits).
+As in the original there is no norm before the head: the residual stream goes to it as it is.
 Block: x = l0*x + l1*x0; x += attn(rmsNorm(x)); x += mlp(rmsNorm(x)).
 Attention: h = h + af(a*h + b) (unless the attention AF is 'none'); q,k,v; value residual with the
 first block's v; per-head RMS-normalised q,k; rotary; causal + same-document + sliding-window mask.
@@ -99,7 +100,8 @@ class Attention(nn.Module):
             vFirst = v
         lam = firstModels(self.valueLambda, n).repeat_interleave(B).view(n * B, 1, 1, 1).to(v.dtype)
         v = (1 - lam) * v + lam * vFirst
-        q, k = self.rotary(rmsNorm(q)), self.rotary(rmsNorm(k))
+        # QK normalisation with F.rms_norm's default eps (the dtype's machine epsilon), as the original
+        q, k = self.rotary(F.rms_norm(q, (self.headDim,))), self.rotary(F.rms_norm(k, (self.headDim,)))
         y = kernel(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)  # [nB, H, T, hd]
         y = y.transpose(1, 2).reshape(n, B, T, D)
         return stackedMatmul(y, self.proj), vFirst
@@ -226,12 +228,12 @@ class Block(nn.Module):
         self.attn = Attention(nModels, dimEmb, nHeads, hasPreAf, zeroInit)
         self.mlp = mlp
 
-    def forward(self, x, x0, vFirst, attAf, mlpAf, kernel, mask, attStats, mlpStats):
+    def forward(self, x, x0, vFirst, attAf, mlpAf, kernel, mask, stats):
         lam = perModel(self.lambdas, x[..., :1])
         x = lam[..., 0:1] * x + lam[..., 1:2] * x0
-        attnOut, vFirst = self.attn(rmsNorm(x, self.attnNorm), vFirst, attAf, kernel, mask, attStats)
+        attnOut, vFirst = self.attn(rmsNorm(x, self.attnNorm), vFirst, attAf, kernel, mask, stats)
         x = x + attnOut
-        x = x + self.mlp(rmsNorm(x, self.mlpNorm), mlpAf, mlpStats)
+        x = x + self.mlp(rmsNorm(x, self.mlpNorm), mlpAf, stats)
         return x, vFirst
 
 
@@ -294,15 +296,12 @@ class GPT(nn.Module):
                   makeMlp(afMlp, nModels, dimEmb, zeroInit, kanGridSize, kanSplineOrder)) for _ in range(nLayers))
         self.nEncoder = math.ceil(nLayers / 2)
         self.skipWeights = nn.Parameter(torch.ones(nModels, nLayers - self.nEncoder))
-        self.finalNorm = nn.Parameter(torch.ones(nModels, dimEmb))
         if not tieEmbeddings:
             headFrozen = freezeEmbeddings in (2, 3, -1)
             if headFrozen:  # a frozen zero head would block all learning: use the embedding's rows, shuffled
                 head = self.embed.detach()[:, torch.randperm(vocabSize)].clone()
-            elif zeroInit:
+            else:  # a trained head starts at zero, also when only the embeddings train (-2/-3), as the original
                 head = torch.zeros(nModels, vocabSize, dimEmb)
-            else:
-                head = torch.randn(nModels, vocabSize, dimEmb) * 0.02
             self.head = nn.Parameter(head)
 
         self.mlpAfIndex = afLayerGroups(nLayers, afLayerSpecific)
@@ -333,9 +332,9 @@ class GPT(nn.Module):
         return [(name, p) for name, p in self.named_parameters() if id(p) not in afIds]
 
     def afSiteNames(self):
-        """Names of the AF sites, in the order of the activation statistics: MLP layers, then attention layers."""
-        names = [f"MLP {i}" for i in range(self.nLayers)]
-        return names + [f"att {i}" for i in range(self.nLayers)] if self.attAfIndex else names
+        """Names of the AF sites in the order of the activation statistics (the original's): per layer, the
+        attention site, then the MLP site."""
+        return [name for i in range(self.nLayers) for name in ((f"att {i}",) if self.attAfIndex else ()) + (f"MLP {i}",)]
 
     def subModels(self, start, stop):
         """Models start..stop-1 as a GPT of their own (copies of their weights) sharing these AF modules."""
@@ -354,7 +353,7 @@ class GPT(nn.Module):
     # -- forward ---------------------------------------------------------------------------
 
     def hidden(self, tokens, stats=None):
-        """Final normalised hidden states [n, B, T, D] of models 0..n-1 for tokens [n, B, T]."""
+        """Final hidden states [n, B, T, D] (the residual stream the head reads) of models 0..n-1 for tokens [n, B, T]."""
         n, B, T = tokens.shape
         offsets = (torch.arange(n, device=tokens.device) * self.vocabSize).view(n, 1, 1)
         x = F.embedding(tokens + offsets, firstModels(self.embed, n).reshape(n * self.vocabSize, -1))
@@ -362,17 +361,14 @@ class GPT(nn.Module):
         x0 = x
         docs = documentIds(tokens.reshape(n * B, T), self.tokenDocSep)
         mask = self.kernel.mask(docs)
-        attStats, mlpStats = ([], []) if stats is not None else (None, None)
         skips, vFirst = [], None
         for i, block in enumerate(self.blocks):
             if i >= self.nEncoder:
                 x = x + perModel(self.skipWeights[:, i - self.nEncoder], x[..., 0])[..., None] * skips.pop()
-            x, vFirst = block(x, x0, vFirst, self.attAf(i), self.mlpAf(i), self.kernel, mask, attStats, mlpStats)
+            x, vFirst = block(x, x0, vFirst, self.attAf(i), self.mlpAf(i), self.kernel, mask, stats)
             if i < self.nEncoder:
                 skips.append(x)
-        if stats is not None:
-            stats.extend(mlpStats + attStats)
-        return rmsNorm(x, self.finalNorm)
+        return x
 
     def logits(self, tokens):
         x = self.hidden(tokens)
@@ -380,7 +376,7 @@ class GPT(nn.Module):
 
     def forward(self, tokens, targets, stats=None):
         """Per-model mean cross-entropy [n] and token accuracy [n]; stats (a list) receives model 0's
-        (mean |x|, max |x|) before every AF when given."""
+        (mean |x|, max |x|) before every AF when given, in the order of afSiteNames()."""
         x = self.hidden(tokens, stats)
         head = self.embed if self.tieEmbeddings else self.head
         n = tokens.shape[0]

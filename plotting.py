@@ -1,4 +1,5 @@
-"""Plots of training curves, learned spline AFs and activation magnitudes, plus rebuilding a history from a training log."""
+"""Plots of training curves, learned spline AFs and activation magnitudes; rebuilding a history from a training log
+(ours or the original code's, same progress lines) and overlaying several runs' validation curves in one figure."""
 
 import argparse
 import math
@@ -168,6 +169,66 @@ def plotAfs(path, afs, title=""):
     _atomicSave(_afsFigure(afs, title, _makeFigure), path)
 
 
+def _comparisonFigure(runs, title, newFigure):
+    """Top row: the whole curves; bottom row: the second half of training, where runs differ by a few hundredths
+    of a nat that the first steps' 10-nat fall would hide."""
+    from matplotlib import colormaps
+    from matplotlib.ticker import PercentFormatter
+
+    fig = newFigure((13, 9))
+    (axLoss, axAcc), (zoomLoss, zoomAcc) = fig.subplots(2, 2)
+    colors = colormaps["tab10"](np.arange(max(len(runs), 1)) % 10)
+    curves = []
+    for (label, history), color in zip(runs, colors):
+        points = sorted(history.get("val", []))
+        style = dict(color=color, linewidth=1.6, marker="o", markersize=3)
+        if not points:  # a run logged without validation still shows up, by model 0's training curve
+            points = sorted((step, loss, acc) for step, model, loss, acc in history.get("train", []) if model == 0)
+            style.update(linestyle="--", marker=None)
+            label += " (train, no validation)"
+        if points:
+            curves.append((label, np.asarray(points, dtype=float), style))
+    lastStep = max((c[1][-1, 0] for c in curves), default=0.0)
+    for label, points, style in curves:
+        steps, losses, accs = points.T
+        late = steps >= 0.5 * lastStep
+        axLoss.plot(steps, losses, label=label, **style)
+        axAcc.plot(steps, accs, label=label, **style)
+        zoomLoss.plot(steps[late], losses[late], label=label, **style)
+        zoomAcc.plot(steps[late], accs[late], label=label, **style)
+    for ax in (axAcc, zoomAcc):
+        ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0, decimals=1))
+    for ax, name in ((axLoss, "validation loss"), (axAcc, "validation token accuracy"),
+                     (zoomLoss, "validation loss, second half"), (zoomAcc, "validation token accuracy, second half")):
+        ax.set_title(name)
+        ax.set_xlabel("step")
+        ax.set_ylabel(name.split(",")[0])
+        ax.grid(True, alpha=0.3)
+        if not curves:
+            _noData(ax, "no validation or training lines in these logs")
+    if curves:
+        axLoss.legend(fontsize=9)
+    if title:
+        fig.suptitle(title, fontweight="bold")
+    return fig
+
+
+def plotComparison(path, runs, title=""):
+    """Validation loss and accuracy against steps, one labelled curve per run; runs = [(label, history)]."""
+    _atomicSave(_comparisonFigure(runs, title, _makeFigure), path)
+
+
+def runLabels(logPaths):
+    """A label per log: its run name, or, where two logs share a run name, its path relative to their common folder."""
+    names = [runName(p) for p in logPaths]
+    if len(set(names)) == len(names):
+        return names
+    absolute = [os.path.abspath(p) for p in logPaths]
+    common = os.path.commonpath([os.path.dirname(p) for p in absolute])
+    return [os.path.join(os.path.relpath(os.path.dirname(p), common), name).removeprefix("." + os.sep)
+            for p, name in zip(absolute, names)]
+
+
 def _spreadLabels(positions, high, gap):
     """Shift sorted label positions apart by at least gap, pushing back down if the top label passes high."""
     spread = list(positions)
@@ -263,13 +324,14 @@ _actLine = re.compile(_stepPrefix + r"Activation magnitudes \(([23])\):\s*(.*)$"
 def parseLog(path):
     """Rebuild {'train', 'val', 'actMean', 'actMax'} from a training log's progress lines (accuracy back to fractions)."""
     # Keyed by (step, model) because model 0's summary line and a per-model line for model 0 describe the same point.
-    train = {}
+    # A log can hold a run started again from scratch after a crash (the original's logs do): later lines win.
+    train, val = {}, {}
     history = {"train": [], "val": [], "actMean": [], "actMax": []}
     with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
             if match := _valLine.match(line):
                 step, loss, acc = match.groups()
-                history["val"].append((int(step), float(loss), float(acc) / 100.0))
+                val[int(step)] = (float(loss), float(acc) / 100.0)
             elif match := _modelLine.match(line):
                 step, model, loss, acc = match.groups()
                 train[(int(step), int(model))] = (float(loss), float(acc) / 100.0)
@@ -284,6 +346,7 @@ def parseLog(path):
                     continue
                 history["actMean" if kind == "2" else "actMax"].append((int(step), values))
     history["train"] = [(step, model, loss, acc) for (step, model), (loss, acc) in train.items()]
+    history["val"] = [(step, loss, acc) for step, (loss, acc) in sorted(val.items())]
     return history
 
 
@@ -312,24 +375,42 @@ def showFiles(paths):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Plot training curves and activation magnitudes from a training log.")
-    parser.add_argument("logFile")
-    parser.add_argument("--outDir", default=None, help="folder for the PNGs (default: the log's folder)")
+    parser = argparse.ArgumentParser(
+        description="Plot training curves and activation magnitudes from a training log (ours or the original "
+                    "code's); with several logs or --out, overlay their validation curves in one figure.",
+        epilog="example: python plotting.py log-baseline-gelu.txt theirs/log-baseline-gelu.txt --out compare.png")
+    parser.add_argument("logFiles", nargs="+", metavar="logFile")
+    parser.add_argument("--out", default=None, help="PNG of the overlay (default with several logs: compare.png)")
+    parser.add_argument("--outDir", default=None, help="folder for one log's PNGs (default: the log's folder)")
     parser.add_argument("--show", action="store_true", help="also open a live window if a display exists")
     args = parser.parse_args(argv)
+    for path in args.logFiles:
+        if not os.path.isfile(path):
+            parser.exit(2, f"error: log file {path!r} does not exist\n")
 
-    history = parseLog(args.logFile)
-    run = runName(args.logFile)
-    outDir = args.outDir or os.path.dirname(os.path.abspath(args.logFile))
-    os.makedirs(outDir, exist_ok=True)
-    nSites = max((len(v) for _, v in history["actMean"] + history["actMax"]), default=0)
-    # The log does not say which site is which, so use neutral names rather than guess MLP/attention.
-    layerNames = [f"site {i}" for i in range(nSites)]
-    trPath = os.path.join(outDir, f"tr-{run}.png")
-    actPath = os.path.join(outDir, f"act-{run}.png")
-    plotTraining(trPath, history, title=run)
-    plotActivations(actPath, history, layerNames)
-    print(f"wrote {trPath} and {actPath}")
+    if len(args.logFiles) > 1 or args.out:
+        runs = list(zip(runLabels(args.logFiles), map(parseLog, args.logFiles)))
+        outPath = args.out or "compare.png"
+        os.makedirs(os.path.dirname(os.path.abspath(outPath)), exist_ok=True)
+        plotComparison(outPath, runs)
+        print(f"wrote {outPath} ({len(runs)} runs: {', '.join(label for label, _ in runs)})")
+        figures = [lambda newFigure: _comparisonFigure(runs, "", newFigure)]
+    else:
+        logFile = args.logFiles[0]
+        history = parseLog(logFile)
+        run = runName(logFile)
+        outDir = args.outDir or os.path.dirname(os.path.abspath(logFile))
+        os.makedirs(outDir, exist_ok=True)
+        nSites = max((len(v) for _, v in history["actMean"] + history["actMax"]), default=0)
+        # The log does not say which site is which, so use neutral names rather than guess MLP/attention.
+        layerNames = [f"site {i}" for i in range(nSites)]
+        trPath = os.path.join(outDir, f"tr-{run}.png")
+        actPath = os.path.join(outDir, f"act-{run}.png")
+        plotTraining(trPath, history, title=run)
+        plotActivations(actPath, history, layerNames)
+        print(f"wrote {trPath} and {actPath}")
+        figures = [lambda newFigure: _trainingFigure(history, 3.0, 15.0, 0.0, 0.4, run, newFigure),
+                   lambda newFigure: _activationsFigure(history, layerNames, newFigure)]
 
     if args.show:
         if not hasDisplay():
@@ -338,11 +419,8 @@ def main(argv=None):
         # pyplot is imported only here, so it can pick an interactive backend for the display that exists.
         import matplotlib.pyplot as plt
 
-        def newFigure(figsize):
-            return plt.figure(figsize=figsize, layout="constrained")
-
-        _trainingFigure(history, 3.0, 15.0, 0.0, 0.4, run, newFigure)
-        _activationsFigure(history, layerNames, newFigure)
+        for draw in figures:
+            draw(lambda figsize: plt.figure(figsize=figsize, layout="constrained"))
         plt.show()
 
 

@@ -148,9 +148,9 @@ class TokenStream:
     generators seeded with (seed, streamIndex, e, ...); only the current epoch's and the current
     shard's orders are kept, and only the current shard is mapped (a memory map holds a file
     descriptor, and 20 streams over 100 shards would otherwise hold 2000 of them).
-    shuffle = 0: shards in file order starting at shard streamIndex mod nShards, sequences in order;
-    1: shard order and sequence order shuffled every epoch (the epoch still starts at shard
-    streamIndex mod nShards, so streams start on different shards); 2: as 1 and the seqLength+1
+    shuffle = 0: shards in file order starting at shard (streamIndex + seed) mod nShards, sequences in
+    order; 1: shard order and sequence order shuffled every epoch (the epoch still starts at shard
+    (streamIndex + seed) mod nShards, as the original, so streams start on different shards); 2: as 1 and the seqLength+1
     tokens of each sequence are permuted too (a control experiment without word order).
     nShards counts only shards that hold at least one sequence.
     """
@@ -163,6 +163,7 @@ class TokenStream:
         self.seqLength = checkSeqLength(seqLength)
         self.seed = nonNegativeSeed(seed)
         self.streamIndex = int(streamIndex)
+        self.firstShard = self.streamIndex + int(seed)  # modulo the number of shards
         self.shuffle = shuffle
         sizes = [readShardHeader(path) for path in files]
         self.nTokens = sum(sizes)
@@ -182,7 +183,7 @@ class TokenStream:
         """Shard order of an epoch and the cumulative sequence counts along it (cached)."""
         if self.cachedEpoch != epoch:
             nShards = len(self.files)
-            start = self.streamIndex % nShards
+            start = self.firstShard % nShards
             if self.shuffle == 0:
                 order = np.arange(nShards)
             else:
@@ -235,23 +236,23 @@ class TokenStream:
 
 
 def validationSequences(files, seqLength, nTokens):
-    """The first nTokens tokens of the files (in file order) as int64 [nSeq, seqLength+1] sequences with stride seqLength, none crossing a file boundary."""
+    """The first nTokens // seqLength sequences of the files (in file order) as int64 [nSeq, seqLength+1], with
+    stride seqLength (so they cover the first nTokens + 1 tokens, as the original), none crossing a file boundary."""
     seqLength = checkSeqLength(seqLength)
-    budget = int(nTokens)
-    if budget < 1:
+    if int(nTokens) < 1:
         raise ValueError(f"nTokens must be a positive integer, got {nTokens!r}")
+    wanted = int(nTokens) // seqLength
     pieces = []
     for path in files:
-        if budget == 0:
+        if wanted == 0:
             break
         tokens = loadShard(path)
-        used = min(int(tokens.size), budget)
-        budget -= used
-        nSeq = sequencesInShard(used, seqLength)
+        nSeq = min(sequencesInShard(int(tokens.size), seqLength), wanted)
+        wanted -= nSeq
         if nSeq:
             # overlapping windows as a view (no copy) of which every seqLength-th is a sequence
-            windows = np.lib.stride_tricks.sliding_window_view(tokens[:used], seqLength + 1)
+            windows = np.lib.stride_tricks.sliding_window_view(tokens[:nSeq * seqLength + 1], seqLength + 1)
             pieces.append(windows[::seqLength][:nSeq].astype(np.int64))
     if not pieces:
-        raise ShardError(f"the first {int(nTokens)} validation tokens of {len(files)} file(s) hold no sequence of seqLength+1 = {seqLength + 1} tokens; raise --nTokensVa, lower --seqLength or use more validation data")
+        raise ShardError(f"{int(nTokens)} validation tokens of {len(files)} file(s) hold no sequence of seqLength+1 = {seqLength + 1} tokens; raise --nTokensVa, lower --seqLength or use more validation data")
     return np.concatenate(pieces)

@@ -68,13 +68,14 @@ class Hyperparameters:
     wtDecay: float = flag(0.0, "decoupled weight decay")
     nModels: int = flag(1, ">1: phase-I multi-model training with shared AFs")
     staggeredStarts: int = flag(2, "nModels>1. 0: all start at step 0; 1: model i starts at round(i*nSteps/nModels) "
-                                   "on the global LR schedule; 2: same starts, each model's schedule starts at its own "
-                                   "start step", (0, 1, 2))
+                                   "on the global LR schedule; 2: same starts, model i's LR factor at step t is the "
+                                   "global schedule's at t - start_i (late models never reach the cooldown)", (0, 1, 2))
     sameDataAcrossModels: bool = flag(False, "all models see the same batch each step")
     sameInitAcrossModels: bool = flag(False, "all models start from identical weights")
     adamB1: float = flag(0.8, "Adam beta1 of the weights")
     adamB2: float = flag(0.95, "Adam beta2 of the weights")
-    gradientClipping: float = flag(0.0, ">0: clip each model's global gradient norm (and the AFs') to this")
+    gradientClipping: float = flag(0.0, ">0: clip the global gradient norm (all trained weights of all models and the "
+                                        "AFs, one norm) to this")
     afType: str = flag("gelu;att-linear", "'MLP;att-ATT': MLP AF and pre-QKV attention AF. Splines: spline, "
                                           "splinePerDim; fixed: linear, gelu, relu, relu2, silu, tanh, elu, selu, "
                                           "softplus; learnable: prelu, swish, lgelu, crrelu, rational, polyrelu, "
@@ -252,11 +253,11 @@ def modelStartSteps(hp):
 
 
 def modelLrFactors(hp, step, startSteps):
-    """Per-model LR multipliers at a global step: the global schedule, or (staggeredStarts 2) each model's
-    own schedule starting at its start step and ending with the run."""
+    """Per-model LR multipliers at a global step: the global schedule, or (staggeredStarts 2) the global schedule
+    at the model's own step count, as the original, whose per-model scheduler is not advanced before its model
+    starts (nSteps, warmup and cooldown unchanged, so a late model never reaches the cooldown)."""
     if hp.staggeredStarts == 2 and hp.nModels > 1:
-        return [lrFactor(step - s, hp.nSteps - s, hp.nStepsWarmup, hp.nStepsCooldown, hp.lrSchedule)
-                for s in startSteps]
+        return [lrFactor(step - s, hp.nSteps, hp.nStepsWarmup, hp.nStepsCooldown, hp.lrSchedule) for s in startSteps]
     return [lrFactor(step, hp.nSteps, hp.nStepsWarmup, hp.nStepsCooldown, hp.lrSchedule)] * hp.nModels
 
 
@@ -359,7 +360,8 @@ def libraryInfo(device):
     lines = [f"python {platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}, "
              f"platform {platform.platform()}"]
     if device.type == "cuda":
-        lines.append(f"device: {torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})")
+        lines.append(f"device: {torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda}); float32 matmuls in "
+                     f"TF32 (precision {torch.get_float32_matmul_precision()!r}), as the original")
     else:
         lines.append(f"device: CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)")
     try:
@@ -421,6 +423,9 @@ class Trainer:
             raise ConfigError(f"--nModels {hp.nModels} is fewer than the {self.dist.worldSize} processes; "
                               "give every process at least one model")
         self.device = self.dist.start(pickDevice(hp))
+        self.tracksCudaMemory = self.device.type == "cuda"
+        if self.device.type == "cuda":
+            torch.set_float32_matmul_precision("high")  # TF32 matmuls, as the original
         self.dataParallel = self.dist.enabled and hp.nModels == 1
         self.firstModel, self.stopModel = self.dist.modelRange(hp.nModels)
         self.nLocal = self.stopModel - self.firstModel
@@ -513,7 +518,7 @@ class Trainer:
                      for key in ("expAvg", "expAvgSq")}
         optimizer["stepCounts"] = cat([p["optimizer"]["stepCounts"] for p in parts])
         window = {key: cat([p["window"][key] for p in parts]) for key in ("loss", "acc", "count")}
-        window["steps"] = parts[0]["window"]["steps"]
+        window["steps"], window["seconds"] = parts[0]["window"]["steps"], parts[0]["window"]["seconds"]
         return {
             "format": CHECKPOINT_FORMAT,
             "hyperparameters": dataclasses.asdict(self.hp),
@@ -563,7 +568,7 @@ class Trainer:
         self.window = {key: window[key][:self.nLocal] if self.dataParallel else window[key][mine]
                        for key in ("loss", "acc", "count")}
         self.window = {key: value.to(self.device) for key, value in self.window.items()}
-        self.window["steps"] = window["steps"]
+        self.window["steps"], self.window["seconds"] = window["steps"], window.get("seconds", 0.0)
         torch.set_rng_state(ckpt["rng"]["torch"])
         if self.device.type == "cuda" and ckpt["rng"]["cuda"]:
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
@@ -689,14 +694,17 @@ class Trainer:
 
     @torch.no_grad()
     def clipGradients(self, nActive, afParams):
-        grads = [p.grad[:nActive] for p in self.optimizer.params if p.grad is not None]
-        if grads and nActive:
-            sq = sum(g.float().pow(2).reshape(nActive, -1).sum(1) for g in grads)
-            scale = (self.hp.gradientClipping / (sq.sqrt() + 1e-6)).clamp(max=1.0)
-            for g in grads:
-                g.mul_(scale.view(-1, *([1] * (g.dim() - 1))).to(g.dtype))
-        if afParams:
-            torch.nn.utils.clip_grad_norm_(afParams, self.hp.gradientClipping)
+        """Clip one global norm over everything that gets a step (the active models' weights and the AFs), as the
+        original does."""
+        weightGrads = [p.grad[:nActive] for p in self.optimizer.params if p.grad is not None] if nActive else []
+        afGrads = [p.grad for p in afParams if p.grad is not None]
+        squares = sum((g.float().pow(2).sum() for g in weightGrads), torch.zeros((), device=self.device))
+        if self.dist.enabled and not self.dataParallel:  # each process holds the gradients of its own models...
+            self.dist.sumInPlace([squares])
+        squares = squares + sum(g.float().pow(2).sum() for g in afGrads)  # ...the AFs' are the same on all of them
+        scale = (self.hp.gradientClipping / (squares.sqrt() + 1e-6)).clamp(max=1.0)
+        for g in weightGrads + afGrads:
+            g.mul_(scale.to(g.dtype))
 
     # -- evaluation --------------------------------------------------------------------------
 
@@ -800,11 +808,12 @@ class Trainer:
         bar = tqdm(total=hp.nSteps, initial=self.step, desc=hp.runName, unit="step", dynamic_ncols=True,
                    disable=None if self.dist.isMain else True, file=sys.stderr)
         self.log.progressBar = bar
-        windowStart = time.perf_counter()
         pending = None  # (losses, step, AF values before that step): checked one step late to avoid a GPU sync
         self.installSignalHandlers()
         try:
             while self.step < hp.nSteps:
+                if self.validationDue(self.step + 1) and self.step + 1 < hp.nSteps:
+                    self.logValidation(self.step + 1)  # at the top of the step, as the original: Step 1 is the init
                 t0 = time.perf_counter()
                 afBefore = [p.detach().clone() for p in self.model.afParameters()]
                 nActive, losses, accs = self.trainStep()
@@ -818,15 +827,17 @@ class Trainer:
                 self.window["acc"][:nActive] += accs
                 self.window["count"][:nActive] += 1
                 self.window["steps"] += 1
-                self.trainSeconds += time.perf_counter() - t0
+                seconds = time.perf_counter() - t0
+                self.trainSeconds += seconds
+                self.window["seconds"] += seconds
                 bar.update(1)
-                if self.step == 6 and self.device.type == "cuda":
-                    self.log(f"Step {self.step}/{hp.nSteps}   Peak CUDA memory usage: "
-                             f"{torch.cuda.max_memory_allocated(self.device) / 1e9:.3f} GB")
-                if self.step == hp.nSteps or (self.step - 1) % hp.plotEvery == 0:
+                if self.step == hp.nSteps and self.validationDue(self.step):
+                    self.logValidation(self.step)  # the last one after the last update
+                if self.step in (6, 11, hp.nSteps) and self.tracksCudaMemory:
+                    self.logPeakMemory()
+                if self.isReportStep(self.step):
                     self.checkFinite(*pending)
-                    self.reportTraining(time.perf_counter() - windowStart, bar)
-                    windowStart = time.perf_counter()
+                    self.reportTraining(bar)
                 self.periodicOutputs()
                 if self.stopSignal is not None:
                     raise Interrupted()
@@ -850,10 +861,21 @@ class Trainer:
 
     def newWindow(self):
         zeros = torch.zeros(self.nLocal, device=self.device)
-        return {"loss": zeros, "acc": zeros.clone(), "count": zeros.clone(), "steps": 0}
+        return {"loss": zeros, "acc": zeros.clone(), "count": zeros.clone(), "steps": 0, "seconds": 0.0}
 
-    def reportTraining(self, elapsed, bar):
-        """Print model 0's training loss/accuracy since the last report (and every model's to the log)."""
+    def logPeakMemory(self):
+        """The peak CUDA memory since the last such line, in GiB, as the original prints it."""
+        self.log(f"Step {self.step}/{self.hp.nSteps}   Peak CUDA memory usage: "
+                 f"{torch.cuda.max_memory_allocated(self.device) / 2**30:.3f} GB")
+        torch.cuda.reset_peak_memory_stats(self.device)
+
+    def isReportStep(self, step):
+        """Training lines at steps 1 and 6, every plotEvery steps and at the last step, as the original."""
+        return step in (1, 6, self.hp.nSteps) or (step - 1) % self.hp.plotEvery == 0
+
+    def reportTraining(self, bar):
+        """Print model 0's training loss/accuracy since the last report (and every model's to the log), then the
+        activation magnitudes; the s/step figure counts training time only."""
         hp, window = self.hp, self.window
         totals = torch.zeros(3, hp.nModels, device=self.device)
         for row, key in enumerate(("loss", "acc", "count")):
@@ -862,7 +884,7 @@ class Trainer:
         count = totals[2].clamp(min=1).cpu()
         loss, acc = (totals[0].cpu() / count).tolist(), (totals[1].cpu() / count).tolist()
         self.log(f"Step {self.step}/{hp.nSteps}   lossTr {loss[0]:.4f}   accTr {100 * acc[0]:.1f}   "
-                 f"{self.trainSeconds:.0f}s = {elapsed / max(1, window['steps']):.2f}s/step")
+                 f"{self.trainSeconds:.0f}s = {window['seconds'] / max(1, window['steps']):.2f}s/step")
         for m in range(hp.nModels):
             if totals[2, m] > 0:
                 self.history["train"].append((self.step, m, loss[m], acc[m]))
@@ -871,6 +893,14 @@ class Trainer:
                              terminal=False)
         bar.set_postfix(lossTr=f"{loss[0]:.3f}")
         self.window = self.newWindow()
+        if hp.plottingLevel >= 2 and self.dist.isMain:
+            means, maxima = self.activationMagnitudes()
+            self.history["actMean"].append((self.step, means))
+            self.history["actMax"].append((self.step, maxima))
+            self.log(f"Step {self.step}/{hp.nSteps}   Activation magnitudes (2): " + " ".join(f"{v:.2f}" for v in means))
+            self.log(f"Step {self.step}/{hp.nSteps}   Activation magnitudes (3): " + " ".join(f"{v:.2f}" for v in maxima))
+            if hp.plottingLevel >= 3:
+                self.logParameterMagnitudes()
 
     def agreeAcrossProcesses(self, losses):
         """Under torchrun every process must stop at the same step: share the stop signal and non-finite losses."""
@@ -882,24 +912,21 @@ class Trainer:
         if flags[1]:
             raise NonFiniteLoss(self.step + 1, int(flags[1]) - 1)
 
+    def validationDue(self, step):
+        """Whether step (1-based) has a validation: the first, every valEvery-th and the last (valEvery 0: the last)."""
+        hp = self.hp
+        if not self.dist.isMain or self.vaSequences is None or hp.valEvery < 0:
+            return False
+        return step == hp.nSteps or (hp.valEvery > 0 and (step - 1) % hp.valEvery == 0)
+
+    def logValidation(self, step):
+        lossVa, accVa = self.validate()
+        self.history["val"].append((step, lossVa, accVa))
+        self.log(f"Step {step}/{self.hp.nSteps}   lossVa {lossVa:.4f}   accVa {100 * accVa:.1f}")
+
     def periodicOutputs(self):
         hp, step = self.hp, self.step
         main = self.dist.isMain
-        first = step == 1
-        if main and self.vaSequences is not None and hp.valEvery >= 0 and (
-                step == hp.nSteps or (hp.valEvery > 0 and (step - 1) % hp.valEvery == 0)):
-            lossVa, accVa = self.validate()
-            self.history["val"].append((step, lossVa, accVa))
-            self.log(f"Step {step}/{hp.nSteps}   lossVa {lossVa:.4f}   accVa {100 * accVa:.1f}")
-        if main and hp.plottingLevel >= 2 and (step == hp.nSteps or first or (step - 1) % hp.plotEvery == 0):
-            means, maxima = self.activationMagnitudes()
-            self.history["actMean"].append((step, means))
-            self.history["actMax"].append((step, maxima))
-            if step == hp.nSteps or hp.plottingLevel >= 3:
-                self.log(f"Step {step}/{hp.nSteps}   Activation magnitudes (2): " + " ".join(f"{v:.2f}" for v in means))
-            if hp.plottingLevel >= 3:
-                self.log(f"Step {step}/{hp.nSteps}   Activation magnitudes (3): " + " ".join(f"{v:.2f}" for v in maxima))
-                self.logParameterMagnitudes()
         if main and self.isDue(hp.saveAfEvery, step) and self.afOptimizer:
             self.saveAfs()
         if self.isDue(hp.saveModelEvery, step):

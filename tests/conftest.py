@@ -12,7 +12,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED_DATA = os.path.join(os.path.dirname(REPO), "shared", "data")
+UPSTREAM = os.path.join(REPO, "results-fineweb10B", "upstream")  # the original authors' files
 sys.path.insert(0, REPO)
 
 from tokenShards import writeShard  # noqa: E402

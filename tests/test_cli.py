@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SHARED_DATA, runTrainer, tinyFlags
+from conftest import UPSTREAM, runTrainer, tinyFlags
 from tokenShards import HEADER_INTS, MAGIC
 from trainLmAf import buildParser, main
 
-UPSTREAM_CSV = glob.glob(os.path.join(SHARED_DATA, "ptAf-upstream-*.csv"))
+UPSTREAM_CSV = os.path.join(UPSTREAM, "ptAf-optimizedMlpAtt-layerShared-phase1-step20000.csv")
 
 
 def runMain(argv, capsys):
@@ -43,9 +43,10 @@ def testPhase1Outputs(phase1):
     assert "af-p1-step000009.png" in names and "act-p1-step000009.png" in names
     lines = (results / "log-p1.txt").read_text().splitlines()
     final = [line for line in lines if line.startswith("Step 9/9 ") and "   model " not in line]
-    assert final[0].startswith("Step 9/9   lossTr ") and "s/step" in final[0]
-    assert final[1].startswith("Step 9/9   lossVa ") and "accVa" in final[1]
+    assert final[0].startswith("Step 9/9   lossVa ") and "accVa" in final[0]
+    assert final[1].startswith("Step 9/9   lossTr ") and "s/step" in final[1]
     assert final[2].startswith("Step 9/9   Activation magnitudes (2): ") and len(final[2].split(":")[1].split()) == 4
+    assert final[3].startswith("Step 9/9   Activation magnitudes (3): ") and len(final[3].split(":")[1].split()) == 4
     assert "Phase I: 3 models, start steps [0, 3, 6]" in lines
     assert "Step 7/9   model 2   lossTr" in "\n".join(lines)  # model 2 started at step 6 (0-based)
     assert "\r" not in (results / "log-p1.txt").read_text()  # the progress bar stays out of the log
@@ -53,6 +54,7 @@ def testPhase1Outputs(phase1):
     assert len(data["mlpValues"]) == 2 and len(data["attValues"]) == 2
     assert torch.equal(data["mlpValues"][0], data["mlpValues"][1])  # shared across layers, written per layer
     assert not torch.equal(data["mlpValues"][0], data["attValues"][0])
+    assert b"\r" not in (results / "ptAf-p1-step0009.csv").read_bytes()  # \n line endings, as the original
     csvLines = (results / "ptAf-p1-step0009.csv").read_text().splitlines()
     assert len(csvLines) == 8
     assert np.allclose([float(v) for v in csvLines[3].split(",")], data["mlpValues"][1].numpy())
@@ -90,14 +92,13 @@ def testPhase2MlpOnlyAndLayerSpecificFromSharedFile(phase1, tinyData, tmp_path, 
     assert torch.equal(checkpoint["afValuesMlp"][1], learned["mlpValues"][0]) and checkpoint["afValuesAtt"] == []
 
 
-@pytest.mark.skipif(not UPSTREAM_CSV, reason="the authors' CSV is not beside the repo")
 def testPhase2LoadsTheAuthorsCsv(tinyData, tmp_path, capsys):
     argv = tinyFlags(tinyData, tmp_path, nLayers=4, afLayerSpecific=0, afType="spline;att-spline", afLr=0,
-                     runName="up", nSteps=2, nStepsWarmup=0, nStepsCooldown=1, afFileToLoad=UPSTREAM_CSV[0],
+                     runName="up", nSteps=2, nStepsWarmup=0, nStepsCooldown=1, afFileToLoad=UPSTREAM_CSV,
                      saveModelEvery=0)
     code, out, err = runMain(argv, capsys)
     assert code == 0, err
-    rows = [np.array(line.split(","), dtype=np.float32) for line in open(UPSTREAM_CSV[0]).read().splitlines()]
+    rows = [np.array(line.split(","), dtype=np.float32) for line in open(UPSTREAM_CSV).read().splitlines()]
     checkpoint = torch.load(tmp_path / "pt-up-step0002.pt", weights_only=True)
     assert np.array_equal(checkpoint["knots"].numpy(), rows[0])
     assert np.array_equal(checkpoint["afValuesMlp"][0].numpy(), rows[1])
@@ -180,8 +181,7 @@ def badInputs(tinyData, tmp_path, phase1Dir):
         "afFile booby-trapped": dict(afType="spline;att-spline", afLr=0, afFileToLoad=str(bad / "trap.pt")),
         "afFile other depth": dict(afType="spline;att-spline", afLr=0, nLayers=4, afFileToLoad=phase1Af),
         "afFile other AF type": dict(afType="splinePerDim;att-spline", afLr=0, afFileToLoad=phase1Af),
-        "afFile without attention AFs": dict(afType="spline;att-spline", afLr=0, afFileToLoad=str(UPSTREAM_CSV[0]),
-                                             nLayers=8) if UPSTREAM_CSV else dict(afType="bogus"),
+        "afFile without attention AFs": dict(afType="spline;att-spline", afLr=0, afFileToLoad=UPSTREAM_CSV, nLayers=8),
         "afFile with a non-spline afType": dict(afType="gelu;att-linear", afFileToLoad=phase1Af),
         "bad boolean": dict(tieEmbeddings="yes"),
         "bad choice": dict(lrSchedule="linear"),

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, SHARED_DATA, tinyFlags
+from conftest import REPO, tinyFlags
 
 import afFiles
 import evalBlimp
@@ -16,7 +16,7 @@ import trainLmAf
 from model import GPT
 from preprocessFineweb import SHIPPED_VOCAB_FILE
 
-BLIMP_SAMPLE = os.path.join(SHARED_DATA, "blimp-sample")
+BLIMP_SAMPLE = os.path.join(REPO, "tests", "data", "blimp-sample")
 SAMPLE_UIDS = ["anaphor_gender_agreement", "determiner_noun_agreement_1", "regular_plural_subject_verb_agreement_1"]
 
 

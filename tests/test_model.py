@@ -100,12 +100,17 @@ def testSingleModelIsTheNEquals1Case():
 
 
 def testActivationStatistics():
-    model = tinyGpt()
+    model = tinyGpt(freezeEmbeddings=0)
     tokens = torch.randint(0, 128, (3, 1, 9))
     stats = []
     model(tokens[..., :-1], tokens[..., 1:], stats=stats)
-    assert len(stats) == 8 and model.afSiteNames()[:2] == ["MLP 0", "MLP 1"]
-    assert all(s[1] >= s[0] >= 0 for s in stats)
+    # The original's order: per layer, the attention site, then the MLP site.
+    assert model.afSiteNames() == [f"{kind} {i}" for i in range(4) for kind in ("att", "MLP")]
+    assert len(stats) == 8 and all(s[1] >= s[0] >= 0 for s in stats)
+    # At init the attention AF reads the RMS-normalised stream (mean |x| ~ 0.8), the MLP AF a 0.02-scaled matmul of it.
+    means = [float(s[0]) for s in stats]
+    assert all(0.7 < m < 0.9 for m in means[0::2]) and all(m < 0.3 for m in means[1::2])
+    assert tinyGpt(afAtt="none").afSiteNames() == ["MLP 0", "MLP 1", "MLP 2", "MLP 3"]
 
 
 def testLossFallsOnAnOverfitBatch():

@@ -194,3 +194,78 @@ def testWritersDoNotLoadPyplot(tmp_path):
             "assert 'matplotlib.pyplot' not in sys.modules, 'pyplot imported'\n")
     result = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+ORIGINAL_EXCERPT = """Hyperparameters:
+  runName = "baseline-gelu"
+  staggeredStarts = 2
+====================================================================================================
+Number of model parameters (trainable): 16,026,134
+  _orig_mod.skipWeights                              2
+====================================================================================================
+Step 1/20000   lossVa 15.2586   accVa 0.0
+Step 1/20000   lossTr 15.3035   accTr 0.0   17s = 16.84s/step
+Step 1/20000   Activation magnitudes (2): 0.80 0.25 0.80 0.26 0.80 0.25 0.80 0.26
+Step 1/20000   Activation magnitudes (3): 4.77 1.64 4.77 1.65 4.77 1.59 4.77 1.69
+Step 6/20000   Peak CUDA memory usage: 1.360 GB
+Step 6/20000   lossTr 15.2699   accTr 0.0   28s = 2.17s/step
+Step 501/20000   lossVa 7.1282   accVa 10.6
+Step 10001/20000   lossVa 5.2132   accVa 23.7
+Step 20000/20000   lossVa 4.9334   accVa 26.3
+Step 20000/20000   Peak CUDA memory usage: 1.302 GB
+Step 20000/20000   lossTr 4.9519   accTr 26.3   977s = 0.04s/step
+Saving plot (loss/acc): ./results-fineweb10B\\tr-baseline-gelu-step020000-00001616-00004616.png
+"""
+
+
+def testParseLogReadsTheOriginalsFormat(tmp_path):
+    logPath = tmp_path / "log-baseline-gelu.txt"
+    logPath.write_text(ORIGINAL_EXCERPT)
+    parsed = plotting.parseLog(str(logPath))
+    assert parsed["val"] == [(1, pytest.approx(15.2586), 0.0), (501, pytest.approx(7.1282), pytest.approx(0.106)),
+                             (10001, pytest.approx(5.2132), pytest.approx(0.237)),
+                             (20000, pytest.approx(4.9334), pytest.approx(0.263))]
+    assert sorted(parsed["train"])[-1] == (20000, 0, pytest.approx(4.9519), pytest.approx(0.263))
+    assert parsed["actMax"] == [(1, pytest.approx([4.77, 1.64, 4.77, 1.65, 4.77, 1.59, 4.77, 1.69]))]
+
+
+def testParseLogOfARestartedRunKeepsTheLastValues(tmp_path):
+    logPath = tmp_path / "log-r.txt"
+    logPath.write_text("Step 1/9   lossVa 11.0000   accVa 0.0\nStep 5/9   lossVa 9.0000   accVa 1.0\n"
+                       "Hyperparameters:\nStep 1/9   lossVa 10.5000   accVa 0.0\n")
+    assert plotting.parseLog(str(logPath))["val"] == [(1, 10.5, 0.0), (5, 9.0, 0.01)]
+
+
+def testOverlayOfOursAndTheOriginalsLog(tmp_path):
+    theirs = tmp_path / "theirs" / "log-baseline-gelu.txt"
+    theirs.parent.mkdir()
+    theirs.write_text(ORIGINAL_EXCERPT)
+    ours = tmp_path / "log-baseline-gelu.txt"
+    ours.write_text("Step 1/20000   lossVa 15.0701   accVa 0.0\nStep 501/20000   lossVa 7.1000   accVa 10.7\n"
+                    "Step 10001/20000   lossVa 5.2000   accVa 23.8\nStep 20000/20000   lossVa 4.9200   accVa 26.4\n")
+    noVal = tmp_path / "log-trainOnly.txt"
+    noVal.write_text("Step 1/20000   lossTr 15.1000   accTr 0.0   1s = 1.00s/step\n"
+                     "Step 20000/20000   lossTr 5.0000   accTr 25.0   9s = 0.01s/step\n")
+    out = tmp_path / "compare.png"
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "plotting.py")
+    result = subprocess.run([sys.executable, script, str(ours), str(theirs), str(noVal), "--out", str(out)],
+                            capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "3 runs: baseline-gelu, theirs/baseline-gelu, trainOnly" in result.stdout
+    checkPng(out, minWidth=1000, minHeight=700)
+    runs = list(zip(plotting.runLabels([str(ours), str(theirs), str(noVal)]),
+                    map(plotting.parseLog, [str(ours), str(theirs), str(noVal)])))
+    fig = plotting._comparisonFigure(runs, "", plotting._makeFigure)
+    lossAxes = fig.axes[0]
+    assert [line.get_label() for line in lossAxes.lines] == ["baseline-gelu", "theirs/baseline-gelu",
+                                                             "trainOnly (train, no validation)"]
+    assert list(lossAxes.lines[1].get_ydata()) == pytest.approx([15.2586, 7.1282, 5.2132, 4.9334])
+    # the second-half panel starts at half the longest run
+    assert min(fig.axes[2].lines[0].get_xdata()) == 10001
+
+
+def testOverlayOfAMissingLogIsOneErrorLine(tmp_path):
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "plotting.py")
+    result = subprocess.run([sys.executable, script, str(tmp_path / "nope.txt"), "--out", str(tmp_path / "c.png")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.strip().startswith("error: log file") and "Traceback" not in result.stderr

@@ -159,7 +159,9 @@ def testStreamsDifferAndAreReproducible(tmp_path):
         return [origin(stream.next()) for _ in range(n)]
 
     assert firstSequences(5, 0) == firstSequences(5, 0)
-    assert [firstSequences(5, i)[0][0] for i in range(3)] == [0, 1, 2]  # different starting shards
+    # stream i starts at shard (i + seed) mod nShards, as the original's model i
+    assert [firstSequences(5, i)[0][0] for i in range(3)] == [2, 0, 1]
+    assert [firstSequences(7, i)[0][0] for i in range(4)] == [1, 2, 0, 1]
     assert firstSequences(5, 0) != firstSequences(5, 3)  # same starting shard, other order
     assert firstSequences(5, 0) != firstSequences(6, 0)
 
@@ -206,13 +208,13 @@ def testStreamTooShortData(tmp_path):
 
 def testValidationSequencesUseTheFirstTokensOnly(tmp_path):
     files = labelledShards(tmp_path, [100, 55, 80])
-    sequences = validationSequences(files, 10, 130)  # 100 tokens of shard 0 (9 sequences) + 30 of shard 1 (2)
-    assert sequences.dtype == np.int64 and sequences.shape == (11, 11)
-    assert [origin(s) for s in sequences] == [(0, j) for j in range(9)] + [(1, 0), (1, 1)]
+    sequences = validationSequences(files, 10, 130)  # 130 // 10 sequences: the 9 of shard 0, then 4 of shard 1
+    assert sequences.dtype == np.int64 and sequences.shape == (13, 11)
+    assert [origin(s) for s in sequences] == [(0, j) for j in range(9)] + [(1, j) for j in range(4)]
     assert validationSequences(files, 10, 10**6).shape == (9 + 5 + 7, 11)
-    assert validationSequences(files, 10, 11).shape == (1, 11)
-    with pytest.raises(ShardError, match=r"first 10 validation tokens.*seqLength\+1 = 11"):
-        validationSequences(files, 10, 10)
+    assert validationSequences(files, 10, 10).shape == (1, 11)  # nTokens // seqLength, the +1 target token extra
+    with pytest.raises(ShardError, match=r"9 validation tokens.*seqLength\+1 = 11"):
+        validationSequences(files, 10, 9)
 
 
 def testStreamNoticesAShardRewrittenWhileInUse(tmp_path):
