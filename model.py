@@ -1,8 +1,8 @@
 """The GPT of LM-AFs, written once for N models stacked along a leading model dimension (N=1: one model).
 
-Every weight tensor has shape [nModels, ...]; a forward pass over the first n models uses the prefix
-views weight[:n] (no copy), so in phase I the models that have not started yet cost nothing, and all
-active models run in one batched pass. Activation-function (AF) modules are not stacked: one module is
+Every weight tensor has shape [nModels, ...]; a forward pass over models f..f+n-1 uses the views
+weight[f:f+n] (no copy), so in phase I the models that have not started yet cost nothing, and the
+active models run in one batched pass (or, to bound memory, a few passes of several models each). Activation-function (AF) modules are not stacked: one module is
 applied to the activations of all models, so its gradient is the sum over the models that ran.
 
 Architecture (modded-nanogpt style; attention kernels and masks in attention.py): token embedding -> LayerNorm ->
@@ -31,29 +31,30 @@ def stackedNormal(nModels, *shape, std=0.02):
     return nn.Parameter(torch.randn(nModels, *shape) * std)
 
 
-def firstModels(param, n):
-    """param[:n], or param itself when all models run: autograd then adds no zero-filled slice gradient."""
-    return param if n == param.shape[0] else param[:n]
+def modelsOf(param, first, n):
+    """param[first:first + n], the models of one pass; param itself when the pass runs all models, so autograd
+    adds no zero-filled slice gradient."""
+    return param if first == 0 and n == param.shape[0] else param[first:first + n]
 
 
-def stackedMatmul(x, weight):
-    """x [n, ..., in] @ weight[:n] [n, out, in]^T -> [n, ..., out] (one batched matmul for all models)."""
+def stackedMatmul(x, weight, first):
+    """x [n, ..., in] @ weight[first:first+n] [n, out, in]^T -> [n, ..., out] (one batched matmul for all models)."""
     n = x.shape[0]
     flat = x.reshape(n, -1, x.shape[-1])
-    out = torch.bmm(flat, firstModels(weight, n).transpose(1, 2).to(flat.dtype))
+    out = torch.bmm(flat, modelsOf(weight, first, n).transpose(1, 2).to(flat.dtype))
     return out.view(*x.shape[:-1], weight.shape[1])
 
 
-def perModel(param, x):
-    """Broadcast a per-model parameter [N, ...] over activations x [n, B, T, ...]."""
+def perModel(param, x, first):
+    """Broadcast a per-model parameter [N, ...] of models first..first+n-1 over activations x [n, B, T, ...]."""
     n = x.shape[0]
-    p = firstModels(param, n)
+    p = modelsOf(param, first, n)
     return p.view(n, *([1] * (x.dim() - p.dim())), *p.shape[1:])
 
 
-def rmsNorm(x, weight=None, eps=1e-5):
+def rmsNorm(x, weight, first, eps=1e-5):
     y = F.rms_norm(x, (x.shape[-1],), eps=eps)
-    return y if weight is None else y * perModel(weight, y).to(y.dtype)
+    return y * perModel(weight, y, first).to(y.dtype)
 
 
 class Rotary(nn.Module):
@@ -89,22 +90,22 @@ class Attention(nn.Module):
         self.proj = nn.Parameter(torch.zeros(nModels, dimEmb, dimEmb)) if zeroInit else stackedNormal(nModels, dimEmb, dimEmb)
         self.rotary = Rotary(self.headDim)
 
-    def forward(self, x, vFirst, af, kernel, mask, stats):  # x [n, B, T, D]
+    def forward(self, x, vFirst, af, kernel, mask, stats, first):  # x [n, B, T, D]
         n, B, T, D = x.shape
         if self.hasPreAf:
-            preAf = perModel(self.afScale, x) * x + perModel(self.afShift, x)
+            preAf = perModel(self.afScale, x, first) * x + perModel(self.afShift, x, first)
             recordMagnitudes(stats, preAf)
             x = x + af(preAf)
-        q, k, v = stackedMatmul(x, self.qkv).view(n * B, T, 3 * self.nHeads, self.headDim).chunk(3, dim=2)
+        q, k, v = stackedMatmul(x, self.qkv, first).view(n * B, T, 3 * self.nHeads, self.headDim).chunk(3, dim=2)
         if vFirst is None:
             vFirst = v
-        lam = firstModels(self.valueLambda, n).repeat_interleave(B).view(n * B, 1, 1, 1).to(v.dtype)
+        lam = modelsOf(self.valueLambda, first, n).repeat_interleave(B).view(n * B, 1, 1, 1).to(v.dtype)
         v = (1 - lam) * v + lam * vFirst
         # QK normalisation with F.rms_norm's default eps (the dtype's machine epsilon), as the original
         q, k = self.rotary(F.rms_norm(q, (self.headDim,))), self.rotary(F.rms_norm(k, (self.headDim,)))
         y = kernel(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)  # [nB, H, T, hd]
         y = y.transpose(1, 2).reshape(n, B, T, D)
-        return stackedMatmul(y, self.proj), vFirst
+        return stackedMatmul(y, self.proj, first), vFirst
 
 
 class Mlp(nn.Module):
@@ -117,10 +118,10 @@ class Mlp(nn.Module):
         self.proj = nn.Parameter(torch.zeros(nModels, dimEmb, 4 * dimEmb)) if zeroInit \
             else stackedNormal(nModels, dimEmb, 4 * dimEmb)
 
-    def forward(self, x, af, stats):
-        h = stackedMatmul(x, self.fc)
+    def forward(self, x, af, stats, first):
+        h = stackedMatmul(x, self.fc, first)
         recordMagnitudes(stats, h)
-        return stackedMatmul(af(h, x) if self.afTakesInput else af(h), self.proj)
+        return stackedMatmul(af(h, x) if self.afTakesInput else af(h), self.proj, first)
 
 
 def gatedHiddenWidth(dimEmb):
@@ -138,10 +139,10 @@ class GatedMlp(nn.Module):
         self.proj = nn.Parameter(torch.zeros(nModels, dimEmb, hidden)) if zeroInit \
             else stackedNormal(nModels, dimEmb, hidden)
 
-    def forward(self, x, af, stats):
-        gate, value = stackedMatmul(x, self.fc).chunk(2, dim=-1)  # [n, B, T, H] each
+    def forward(self, x, af, stats, first):
+        gate, value = stackedMatmul(x, self.fc, first).chunk(2, dim=-1)  # [n, B, T, H] each
         recordMagnitudes(stats, gate)
-        return stackedMatmul(af(gate) * value, self.proj)
+        return stackedMatmul(af(gate) * value, self.proj, first)
 
 
 def bSplineBasis(x, grid, order):
@@ -176,11 +177,11 @@ class KanLayer(nn.Module):
             self.baseWeight = stackedNormal(nModels, outDim, inDim)
             self.splineWeight = stackedNormal(nModels, outDim, inDim * nBases)
 
-    def forward(self, x, af):  # x [n, B, T, in]; af: the base branch's function (SiLU)
+    def forward(self, x, af, first):  # x [n, B, T, in]; af: the base branch's function (SiLU)
         # The basis is built in float32 at least: the recursion divides by knot spacings.
         bases = bSplineBasis(x.to(torch.promote_types(x.dtype, torch.float32)), self.grid, self.splineOrder)
         bases = bases.to(x.dtype).flatten(-2)  # [n, B, T, in * nBases], input-major like splineWeight's columns
-        return stackedMatmul(af(x), self.baseWeight) + stackedMatmul(bases, self.splineWeight)
+        return stackedMatmul(af(x), self.baseWeight, first) + stackedMatmul(bases, self.splineWeight, first)
 
 
 def kanHiddenWidth(dimEmb, gridSize, splineOrder):
@@ -197,10 +198,10 @@ class KanMlp(nn.Module):
         self.fc = KanLayer(nModels, dimEmb, hidden, gridSize, splineOrder, gridRange, zeroInit=False)
         self.proj = KanLayer(nModels, hidden, dimEmb, gridSize, splineOrder, gridRange, zeroInit)
 
-    def forward(self, x, af, stats):
-        h = self.fc(x, af)
+    def forward(self, x, af, stats, first):
+        h = self.fc(x, af, first)
         recordMagnitudes(stats, h)
-        return self.proj(h, af)
+        return self.proj(h, af, first)
 
 
 # The AF module each MLP variant applies: the gate's function (gated MLPs) or the KAN base branch's.
@@ -228,12 +229,12 @@ class Block(nn.Module):
         self.attn = Attention(nModels, dimEmb, nHeads, hasPreAf, zeroInit)
         self.mlp = mlp
 
-    def forward(self, x, x0, vFirst, attAf, mlpAf, kernel, mask, stats):
-        lam = perModel(self.lambdas, x[..., :1])
+    def forward(self, x, x0, vFirst, attAf, mlpAf, kernel, mask, stats, first):
+        lam = perModel(self.lambdas, x[..., :1], first)
         x = lam[..., 0:1] * x + lam[..., 1:2] * x0
-        attnOut, vFirst = self.attn(rmsNorm(x, self.attnNorm), vFirst, attAf, kernel, mask, stats)
+        attnOut, vFirst = self.attn(rmsNorm(x, self.attnNorm, first), vFirst, attAf, kernel, mask, stats, first)
         x = x + attnOut
-        x = x + self.mlp(rmsNorm(x, self.mlpNorm), mlpAf, stats)
+        x = x + self.mlp(rmsNorm(x, self.mlpNorm, first), mlpAf, stats, first)
         return x, vFirst
 
 
@@ -268,8 +269,8 @@ def afLayerGroups(nLayers, afLayerSpecific):
 class GPT(nn.Module):
     """nModels GPTs with stacked weights and shared AF modules.
 
-    forward(tokens [n, B, T], targets [n, B, T]) runs models 0..n-1 and returns per-model mean loss [n]
-    and token accuracy [n]; logits(tokens) returns float32 logits [n, B, T, vocab].
+    forward(tokens [n, B, T], targets [n, B, T], firstModel=f) runs models f..f+n-1 and returns per-model mean loss
+    [n] and token accuracy [n]; logits(tokens) returns float32 logits [n, B, T, vocab].
     """
 
     def __init__(self, vocabSize, nLayers=4, nHeads=4, dimEmb=256, nModels=1, afMlp="gelu", afAtt="linear",
@@ -352,35 +353,40 @@ class GPT(nn.Module):
 
     # -- forward ---------------------------------------------------------------------------
 
-    def hidden(self, tokens, stats=None):
-        """Final hidden states [n, B, T, D] (the residual stream the head reads) of models 0..n-1 for tokens [n, B, T]."""
+    def hidden(self, tokens, stats=None, firstModel=0):
+        """Final hidden states [n, B, T, D] (the residual stream the head reads) of models firstModel..firstModel+n-1
+        for tokens [n, B, T]."""
         n, B, T = tokens.shape
+        first = firstModel
         offsets = (torch.arange(n, device=tokens.device) * self.vocabSize).view(n, 1, 1)
-        x = F.embedding(tokens + offsets, firstModels(self.embed, n).reshape(n * self.vocabSize, -1))
-        x = F.layer_norm(x, (x.shape[-1],)) * perModel(self.embedNormWeight, x) + perModel(self.embedNormBias, x)
+        x = F.embedding(tokens + offsets, modelsOf(self.embed, first, n).reshape(n * self.vocabSize, -1))
+        x = (F.layer_norm(x, (x.shape[-1],)) * perModel(self.embedNormWeight, x, first)
+             + perModel(self.embedNormBias, x, first))
         x0 = x
         docs = documentIds(tokens.reshape(n * B, T), self.tokenDocSep)
         mask = self.kernel.mask(docs)
         skips, vFirst = [], None
         for i, block in enumerate(self.blocks):
             if i >= self.nEncoder:
-                x = x + perModel(self.skipWeights[:, i - self.nEncoder], x[..., 0])[..., None] * skips.pop()
-            x, vFirst = block(x, x0, vFirst, self.attAf(i), self.mlpAf(i), self.kernel, mask, stats)
+                x = x + perModel(self.skipWeights[:, i - self.nEncoder], x[..., 0], first)[..., None] * skips.pop()
+            x, vFirst = block(x, x0, vFirst, self.attAf(i), self.mlpAf(i), self.kernel, mask, stats, first)
             if i < self.nEncoder:
                 skips.append(x)
         return x
 
-    def logits(self, tokens):
-        x = self.hidden(tokens)
-        return stackedMatmul(x, self.embed if self.tieEmbeddings else self.head).float()
+    def logits(self, tokens, firstModel=0):
+        x = self.hidden(tokens, firstModel=firstModel)
+        return stackedMatmul(x, self.embed if self.tieEmbeddings else self.head, firstModel).float()
 
-    def forward(self, tokens, targets, stats=None):
-        """Per-model mean cross-entropy [n] and token accuracy [n]; stats (a list) receives model 0's
-        (mean |x|, max |x|) before every AF when given, in the order of afSiteNames()."""
-        x = self.hidden(tokens, stats)
+    def forward(self, tokens, targets, stats=None, firstModel=0):
+        """Per-model mean cross-entropy [n] and token accuracy [n] of models firstModel..firstModel+n-1 for tokens
+        and targets [n, B, T]; stats (a list) receives the first of them's (mean |x|, max |x|) before every AF when
+        given, in the order of afSiteNames()."""
+        x = self.hidden(tokens, stats, firstModel)
         head = self.embed if self.tieEmbeddings else self.head
         n = tokens.shape[0]
-        return linearCrossEntropy(x.reshape(n, -1, x.shape[-1]), firstModels(head, n), targets.reshape(n, -1))
+        return linearCrossEntropy(x.reshape(n, -1, x.shape[-1]), modelsOf(head, firstModel, n),
+                                  targets.reshape(n, -1))
 
 
 # ----------------------------------------------------------------------------------------------

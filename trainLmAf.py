@@ -106,6 +106,11 @@ class Hyperparameters:
                       ("float32", "bfloat16"))
     flexBlockSize: int = flag(32, "FlexAttention tile size (speed/memory only)")
     device: str = flag("auto", "auto: CUDA if present, else CPU", ("auto", "cuda", "cpu"))
+    modelsPerPass: int = flag(0, "phase I: run the active models in groups of this many, one batched pass each (same "
+                                 "results, less memory); 0: on CUDA as many as the free GPU memory holds, else all")
+    compileBackend: str = flag("auto", "torch.compile backend of the model: auto (inductor on CUDA, none on a CPU), "
+                                       "inductor, aot_eager (graph checks), none (eager)",
+                               ("auto", "inductor", "aot_eager", "none"))
     plotShow: bool = flag(False, "also show the plots in a live window (only when a display exists)")
     resumeFrom: str = flag("", "pt-RUN-stepNNNN.pt checkpoint (from --saveModelEvery or an interrupt) to continue")
 
@@ -180,6 +185,8 @@ def validate(hp):
                           f"{', '.join(attChoices)}")
     positive = ("nLayers", "nHeads", "dimEmb", "batchSize", "seqLength", "contextSize", "nSteps", "nModels",
                 "nTokensVa", "plotEvery", "flexBlockSize")
+    if hp.modelsPerPass < 0:
+        raise ConfigError(f"--modelsPerPass must be >= 0 (0: chosen from the GPU's free memory), got {hp.modelsPerPass}")
     for name in positive:
         if getattr(hp, name) < 1:
             raise ConfigError(f"--{name} must be >= 1, got {getattr(hp, name)}")
@@ -343,6 +350,26 @@ def buildModel(hp, vocabSize, device, nModels=None):
                kanSplineOrder=get("kanSplineOrder", 3)).to(device)
 
 
+def compileBackend(hp, device):
+    """The torch.compile backend of the run, or None for eager."""
+    if hp.compileBackend == "auto":
+        return "inductor" if device.type == "cuda" else None
+    return None if hp.compileBackend == "none" else hp.compileBackend
+
+
+def representativePasses(passes, nModels):
+    """A few of the passes (first, n) a run makes, enough to compile every graph it needs: per kind of pass
+    (first model 0 or not, one model or several, up to the last model, all models) two with different first
+    models, so that the first model's index becomes dynamic too."""
+    byKind = {}
+    for first, n in sorted(passes):
+        kind = (first == 0, n == 1, first + n == nModels, n == nModels)
+        chosen = byKind.setdefault(kind, [])
+        if len(chosen) < 2 and all(f != first for f, _ in chosen):
+            chosen.append((first, n))
+    return sorted(p for chosen in byKind.values() for p in chosen)
+
+
 def frozenParameters(model, freezeEmbeddings):
     """Parameters that freezeEmbeddings keeps fixed (weights only; AFs are governed by afLr)."""
     embed = [model.embed]
@@ -467,8 +494,11 @@ class Trainer:
         self.window = self.newWindow()
         if resume:
             self.restore(resume)
-        self.compiled = torch.compile(self.model) if self.device.type == "cuda" else self.model
+        self.modelsPerPass = self.chooseModelsPerPass()
+        backend = compileBackend(hp, self.device)
+        self.compiled = self.model if backend is None else torch.compile(self.model, backend=backend)
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=hp.dtype == "bfloat16")
+        self.compiledVariants = self.compileShapeVariants() if backend else []
         self.forced = forced
         return self
 
@@ -645,20 +675,81 @@ class Trainer:
             batch = batch.pin_memory().to(self.device, non_blocking=True)
         return batch[:, None, :]
 
+    def chooseModelsPerPass(self):
+        hp = self.hp
+        if hp.modelsPerPass:
+            self.modelsPerPassNote = "given"
+            return min(hp.modelsPerPass, self.nLocal)
+        if self.device.type != "cuda" or self.nLocal == 1:
+            self.modelsPerPassNote = "all models in one pass"
+            return self.nLocal
+        import preflight
+        free, _ = torch.cuda.mem_get_info(self.device)
+        perPass, peak = preflight.fittingModelsPerPass(hp, self.vocabSize, self.nLocal, free)
+        self.modelsPerPassNote = (f"chosen from the free GPU memory, {free / 2**30:.1f} GiB; estimated peak "
+                                  f"{peak / 2**30:.1f} GiB")
+        return perPass
+
+    def runPasses(self):
+        """Every (first model, number of models) of a training pass from this step to the end of the run."""
+        steps = [self.step] + [s for s in self.startSteps if s > self.step]
+        return {p for step in steps for p in self.passes(self.localActive(activeModels(step, self.startSteps)))}
+
+    def compileShapeVariants(self):
+        """Compile, before step 1, every graph the run will need (training passes of 1..N models, validation),
+        so that no compile happens hours into a run; returns what was compiled."""
+        variants = [("train", first, n, 1) for first, n in representativePasses(self.runPasses(), self.nLocal)]
+        if self.vaSequences is not None and self.dist.isMain:
+            perForward = self.validationBatch()
+            rest = len(self.vaSequences) % perForward
+            variants += [("validation", 0, 1, batch) for batch in sorted({perForward, rest} - {0})]
+        def tokens(rows):  # laid out as nextBatch and validate lay out real ones, so the graphs' guards hold
+            return torch.zeros(rows, self.hp.seqLength + 1, dtype=torch.long, device=self.device)
+
+        for kind, first, n, batch in variants:
+            if kind == "train":
+                losses, _ = self.forwardPass(tokens(first + n)[:, None, :][first:], first)
+                losses.sum().backward()
+            else:
+                with torch.no_grad():
+                    self.forwardPass(tokens(batch)[None], 0)
+        for p in self.model.parameters():
+            p.grad = None
+        return variants
+
+    def localActive(self, nActiveAll):
+        """How many of this process's models are active when nActiveAll models of the run are."""
+        return 1 if self.dataParallel else max(0, min(nActiveAll, self.stopModel) - self.firstModel)
+
+    def passes(self, nActive):
+        """(first model, number of models) of each batched pass over this process's nActive active models."""
+        perPass = self.modelsPerPass
+        return [(first, min(perPass, nActive - first)) for first in range(0, nActive, perPass)]
+
+    def forwardPass(self, tokens, first):
+        """Losses and accuracies [n] of models first..first+n-1 on tokens [n, B, T+1]."""
+        inputs, targets = tokens[..., :-1], tokens[..., 1:]
+        if self.compiled is not self.model:
+            # one graph for every number of models (and validation batch) instead of one each
+            torch._dynamo.maybe_mark_dynamic(inputs, 0)
+            torch._dynamo.maybe_mark_dynamic(targets, 0)
+        with self.autocast:
+            return self.compiled(inputs, targets, firstModel=first)
+
     def trainStep(self):
         """One optimizer step of the active models of this process; returns (nActive, losses, accuracies)."""
         hp, step = self.hp, self.step
         nActiveAll = activeModels(step, self.startSteps)
-        nActive = 1 if self.dataParallel else max(0, min(nActiveAll, self.stopModel) - self.firstModel)
+        nActive = self.localActive(nActiveAll)
         lossSum = torch.zeros(nActive, device=self.device)
         accSum = torch.zeros(nActive, device=self.device)
         for _ in range(hp.batchSize if nActive else 0):
             tokens = self.nextBatch(nActive)
-            with self.autocast:
-                losses, accuracies = self.compiled(tokens[..., :-1], tokens[..., 1:])
-            (losses.sum() / hp.batchSize).backward()
-            lossSum += losses.detach()
-            accSum += accuracies.detach()
+            for first, n in self.passes(nActive):  # each pass's activations are freed by its backward
+                losses, accuracies = self.forwardPass(tokens[first:first + n], first)
+                (losses.sum() / hp.batchSize).backward()
+                lossSum[first:first + n] += losses.detach()
+                accSum[first:first + n] += accuracies.detach()
         afParams = [p for p in self.model.afParameters() if p.requires_grad]
         self.reduceGradients(afParams, nActive, nActiveAll)
         if hp.gradientClipping > 0:
@@ -708,16 +799,19 @@ class Trainer:
 
     # -- evaluation --------------------------------------------------------------------------
 
+    def validationBatch(self):
+        """Validation sequences per forward pass: about 16k tokens."""
+        return max(1, min(len(self.vaSequences), 16384 // self.hp.seqLength))
+
     @torch.no_grad()
     def validate(self):
         """Mean loss and accuracy of model 0 over the validation sequences."""
         seqs = self.vaSequences
-        perForward = max(1, min(len(seqs), 16384 // self.hp.seqLength))
+        perForward = self.validationBatch()
         totalLoss = totalAcc = 0.0
         for start in range(0, len(seqs), perForward):
             chunk = torch.from_numpy(seqs[start:start + perForward]).to(self.device)[None]
-            with self.autocast:
-                losses, accs = self.compiled(chunk[..., :-1], chunk[..., 1:])
+            losses, accs = self.forwardPass(chunk, 0)
             totalLoss += float(losses[0]) * chunk.shape[1]
             totalAcc += float(accs[0]) * chunk.shape[1]
         return totalLoss / len(seqs), totalAcc / len(seqs)

@@ -192,14 +192,14 @@ def testGatedMlpFormulaAndParameterCount():
     assert gatedHiddenWidth(256) == 704 and gatedHiddenWidth(32) == 64
     mlp = GatedMlp(nModels=1, dimEmb=256, hidden=704, zeroInit=True)
     assert sum(p.numel() for p in mlp.parameters()) == 3 * 256 * 704 == 540_672  # plain MLP: 8 * 256^2 = 524,288
-    assert not mlp(torch.randn(1, 2, 3, 256), F.silu, None).any()  # zero-initialised projection
+    assert not mlp(torch.randn(1, 2, 3, 256), F.silu, None, 0).any()  # zero-initialised projection
 
     torch.manual_seed(0)
     mlp = GatedMlp(nModels=2, dimEmb=8, hidden=64, zeroInit=False)
     x = torch.randn(2, 1, 5, 8)
     for m in range(2):
         gate, value = x[m] @ mlp.fc[m, :64].T, x[m] @ mlp.fc[m, 64:].T
-        torch.testing.assert_close(mlp(x, F.gelu, None)[m], (F.gelu(gate) * value) @ mlp.proj[m].T)
+        torch.testing.assert_close(mlp(x, F.gelu, None, 0)[m], (F.gelu(gate) * value) @ mlp.proj[m].T)
 
 
 def testBSplineBasis():
@@ -224,7 +224,7 @@ def testKanLayerFormulaAndParameterCount():
     layer = KanLayer(nModels=2, inDim=3, outDim=2, gridSize=4, splineOrder=2, gridRange=2.0, zeroInit=False)
     torch.testing.assert_close(layer.grid, torch.arange(-2, 7, dtype=torch.float32) - 2.0)  # step 1, 2 extra each side
     x = torch.randn(2, 1, 4, 3)
-    y = layer(x, F.silu)
+    y = layer(x, F.silu, 0)
     for m in range(2):
         spline = layer.splineWeight[m].view(2, 3, 6)  # [out, in, bases]
         for t in range(4):

@@ -1,0 +1,53 @@
+"""A run's graphs are all compiled before step 1 (checked with the aot_eager backend on a CPU), and running the
+active models in several passes (--modelsPerPass) gives the results of one pass."""
+import pytest
+import torch
+import torch._dynamo
+from torch._dynamo.utils import counters
+
+from conftest import tinyFlags
+from trainLmAf import Trainer, parseArgs, representativePasses
+
+
+@pytest.mark.parametrize("modelsPerPass", [2])
+def testNoCompileAfterStartUpInAStaggeredPhaseOne(tinyData, tmp_path, monkeypatch, modelsPerPass):
+    torch._dynamo.reset()
+    counters.clear()
+    hp, given = parseArgs(tinyFlags(tinyData, tmp_path, runName="compiled", nModels=4, afType="spline;att-spline",
+                                    afLayerSpecific=0, staggeredStarts=1, nSteps=8, nStepsWarmup=1, nStepsCooldown=2,
+                                    valEvery=3, nTokensVa=224, compileBackend="aot_eager", modelsPerPass=modelsPerPass))
+    trainer = Trainer(hp, given).setup()
+    assert trainer.compiledVariants[-1] == ("validation", 0, 1, 7)
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= 3
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)  # a recompile would raise
+    assert trainer.train() == 0
+    assert counters["stats"]["unique_graphs"] == graphs  # and no new graph either
+    torch._dynamo.reset()
+
+
+def testRepresentativePassesCoverEveryKindTwice():
+    passes = {(0, 1), (0, 2), (0, 3), (3, 1), (3, 2), (6, 1), (6, 2), (9, 1)}
+    assert representativePasses(passes, 10) == [(0, 1), (0, 2), (3, 1), (3, 2), (6, 1), (6, 2), (9, 1)]
+    assert representativePasses({(0, n) for n in range(1, 21)}, 20) == [(0, 1), (0, 2), (0, 20)]
+
+
+def stepTrainers(tinyData, tmp_path, modelsPerPass, nSteps=3):
+    hp, given = parseArgs(tinyFlags(tinyData, tmp_path / str(modelsPerPass), nModels=5, afType="spline;att-spline",
+                                    afLayerSpecific=0, staggeredStarts=0, batchSize=2, modelsPerPass=modelsPerPass))
+    trainer = Trainer(hp, given).setup()
+    losses = []
+    for _ in range(nSteps):
+        losses.append(trainer.trainStep()[1])
+        trainer.step += 1
+    return trainer, torch.stack(losses)
+
+
+def testSeveralPassesGiveTheResultsOfOnePass(tinyData, tmp_path):
+    one, lossesOne = stepTrainers(tinyData, tmp_path, 0)
+    assert one.passes(5) == [(0, 5)]
+    several, lossesSeveral = stepTrainers(tinyData, tmp_path, 2)
+    assert several.passes(5) == [(0, 2), (2, 2), (4, 1)]
+    torch.testing.assert_close(lossesSeveral, lossesOne, rtol=0, atol=1e-6)
+    for (name, a), (_, b) in zip(one.model.named_parameters(), several.model.named_parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
