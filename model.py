@@ -353,13 +353,14 @@ class GPT(nn.Module):
 
     # -- forward ---------------------------------------------------------------------------
 
-    def hidden(self, tokens, stats=None, firstModel=0):
+    def hidden(self, tokens, stats=None, firstModel=0, embed=None):
         """Final hidden states [n, B, T, D] (the residual stream the head reads) of models firstModel..firstModel+n-1
-        for tokens [n, B, T]."""
+        for tokens [n, B, T]; embed: those models' embeddings, when the caller has them already."""
         n, B, T = tokens.shape
         first = firstModel
+        embed = modelsOf(self.embed, first, n) if embed is None else embed
         offsets = (torch.arange(n, device=tokens.device) * self.vocabSize).view(n, 1, 1)
-        x = F.embedding(tokens + offsets, modelsOf(self.embed, first, n).reshape(n * self.vocabSize, -1))
+        x = F.embedding(tokens + offsets, embed.reshape(n * self.vocabSize, -1))
         x = (F.layer_norm(x, (x.shape[-1],)) * perModel(self.embedNormWeight, x, first)
              + perModel(self.embedNormBias, x, first))
         x0 = x
@@ -382,18 +383,20 @@ class GPT(nn.Module):
         """Per-model mean cross-entropy [n] and token accuracy [n] of models firstModel..firstModel+n-1 for tokens
         and targets [n, B, T]; stats (a list) receives the first of them's (mean |x|, max |x|) before every AF when
         given, in the order of afSiteNames()."""
-        x = self.hidden(tokens, stats, firstModel)
-        head = self.embed if self.tieEmbeddings else self.head
         n = tokens.shape[0]
-        return linearCrossEntropy(x.reshape(n, -1, x.shape[-1]), modelsOf(head, firstModel, n),
-                                  targets.reshape(n, -1))
+        # one slice of a tied embedding for both of its uses: autograd then adds the two gradients at the size of
+        # the pass, and makes one full-size slice gradient instead of two
+        embed = modelsOf(self.embed, firstModel, n)
+        x = self.hidden(tokens, stats, firstModel, embed)
+        head = embed if self.tieEmbeddings else modelsOf(self.head, firstModel, n)
+        return linearCrossEntropy(x.reshape(n, -1, x.shape[-1]), head, targets.reshape(n, -1))
 
 
 # ----------------------------------------------------------------------------------------------
 # Output head + loss without materialising every model's logits
 
 
-LOSS_CHUNK_ROWS = 4096
+LOSS_CHUNK_ROWS = 1024  # a [1024, 50304] float32 logits chunk is 0.2 GB; a 4096-row one held 1.2 GB more at the peak
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -431,10 +434,12 @@ class LinearCrossEntropy(torch.autograd.Function):
         return losses / rows, correct / rows
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, gradLoss, gradAccuracy):
         gradX, gradW = ctx.saved_tensors
         scale = gradLoss.float().view(-1, 1, 1)
-        return (gradX * scale).to(ctx.dtypes[0]), (gradW * scale).to(ctx.dtypes[1]), None, None
+        # scaled in place: the head's gradient is as large as the embedding, a copy would double it at the peak
+        return gradX.mul_(scale).to(ctx.dtypes[0]), gradW.mul_(scale).to(ctx.dtypes[1]), None, None
 
 
 @torch.compiler.disable

@@ -113,6 +113,11 @@ class Hyperparameters:
                                ("auto", "inductor", "aot_eager", "none"))
     plotShow: bool = flag(False, "also show the plots in a live window (only when a display exists)")
     resumeFrom: str = flag("", "pt-RUN-stepNNNN.pt checkpoint (from --saveModelEvery or an interrupt) to continue")
+    preflight: bool = flag(False, "check the configured run without training (flags, files, estimated peak memory per "
+                                  "pass against the GPU, modelsPerPass, kernels, FlexAttention configs, compiled "
+                                  "graphs); exit 0 when it will fit and compile")
+    preflightGpu: str = flag("", "--preflight without a GPU here: the GPU to check for, NAME:CAPABILITY:GB, e.g. "
+                                 "4090-laptop:8.9:16 or h100:9.0:80")
 
 
 class ConfigError(Exception):
@@ -336,18 +341,23 @@ def roundUpVocab(maxId):
     return (maxId + 1 + 127) // 128 * 128
 
 
-def buildModel(hp, vocabSize, device, nModels=None):
-    """The stacked GPT for these hyperparameters (a dict or Hyperparameters), on device."""
+def modelArguments(hp, vocabSize, device, nModels=None):
+    """GPT's constructor arguments for these hyperparameters (a dict or Hyperparameters) on device."""
     get = hp.get if isinstance(hp, dict) else lambda name, default=None: getattr(hp, name, default)
     mlp, att = splitAfType(get("afType"))
-    return GPT(vocabSize=vocabSize, nLayers=get("nLayers"), nHeads=get("nHeads"), dimEmb=get("dimEmb"),
-               nModels=nModels or get("nModels"), afMlp=mlp, afAtt=att, afLayerSpecific=get("afLayerSpecific"),
-               afRange=get("afRange"), afNAnchors=get("afNAnchors"), afInit=get("afInit"),
-               tieEmbeddings=get("tieEmbeddings"), freezeEmbeddings=get("freezeEmbeddings"),
-               contextSize=get("contextSize"), tokenDocSep=get("tokenDocSep"),
-               attention="flex" if torch.device(device).type == "cuda" else "sdpa",
-               flexBlockSize=get("flexBlockSize"), kanGridSize=get("kanGridSize", 5),
-               kanSplineOrder=get("kanSplineOrder", 3)).to(device)
+    return dict(vocabSize=vocabSize, nLayers=get("nLayers"), nHeads=get("nHeads"), dimEmb=get("dimEmb"),
+                nModels=nModels or get("nModels"), afMlp=mlp, afAtt=att, afLayerSpecific=get("afLayerSpecific"),
+                afRange=get("afRange"), afNAnchors=get("afNAnchors"), afInit=get("afInit"),
+                tieEmbeddings=get("tieEmbeddings"), freezeEmbeddings=get("freezeEmbeddings"),
+                contextSize=get("contextSize"), tokenDocSep=get("tokenDocSep"),
+                attention="flex" if torch.device(device).type == "cuda" else "sdpa",
+                flexBlockSize=get("flexBlockSize"), kanGridSize=get("kanGridSize", 5),
+                kanSplineOrder=get("kanSplineOrder", 3))
+
+
+def buildModel(hp, vocabSize, device, nModels=None):
+    """The stacked GPT for these hyperparameters (a dict or Hyperparameters), on device."""
+    return GPT(**modelArguments(hp, vocabSize, device, nModels)).to(device)
 
 
 def compileBackend(hp, device):
@@ -355,6 +365,11 @@ def compileBackend(hp, device):
     if hp.compileBackend == "auto":
         return "inductor" if device.type == "cuda" else None
     return None if hp.compileBackend == "none" else hp.compileBackend
+
+
+def modelPasses(nActive, modelsPerPass):
+    """(first model, number of models) of each batched pass over nActive active models."""
+    return [(first, min(modelsPerPass, nActive - first)) for first in range(0, nActive, modelsPerPass)]
 
 
 def representativePasses(passes, nModels):
@@ -368,6 +383,28 @@ def representativePasses(passes, nModels):
         if len(chosen) < 2 and all(f != first for f, _ in chosen):
             chosen.append((first, n))
     return sorted(p for chosen in byKind.values() for p in chosen)
+
+
+def runPasses(startSteps, fromStep, localActive, modelsPerPass):
+    """Every (first model, number of models) of a training pass from fromStep to the end of a run; localActive maps
+    the run's number of active models to this process's."""
+    steps = [fromStep] + [s for s in startSteps if s > fromStep]
+    return {p for step in steps for p in modelPasses(localActive(activeModels(step, startSteps)), modelsPerPass)}
+
+
+def validationBatchSize(nSequences, seqLength):
+    """Validation sequences per forward pass: about 16k tokens."""
+    return max(1, min(nSequences, 16384 // seqLength))
+
+
+def shapeVariants(passes, nModels, nValidation, seqLength):
+    """The graphs a compiled run needs, as (kind, first model, models, batch): representative training passes and
+    the validation batches of nValidation sequences (0: no validation)."""
+    variants = [("train", first, n, 1) for first, n in representativePasses(passes, nModels)]
+    if nValidation:
+        perForward = validationBatchSize(nValidation, seqLength)
+        variants += [("validation", 0, 1, batch) for batch in sorted({perForward, nValidation % perForward} - {0})]
+    return variants
 
 
 def frozenParameters(model, freezeEmbeddings):
@@ -684,25 +721,19 @@ class Trainer:
             self.modelsPerPassNote = "all models in one pass"
             return self.nLocal
         import preflight
-        free, _ = torch.cuda.mem_get_info(self.device)
+        # the weights and optimizer states are already allocated, and counted in the estimate
+        free = torch.cuda.mem_get_info(self.device)[0] + torch.cuda.memory_reserved(self.device)
         perPass, peak = preflight.fittingModelsPerPass(hp, self.vocabSize, self.nLocal, free)
         self.modelsPerPassNote = (f"chosen from the free GPU memory, {free / 2**30:.1f} GiB; estimated peak "
                                   f"{peak / 2**30:.1f} GiB")
         return perPass
 
-    def runPasses(self):
-        """Every (first model, number of models) of a training pass from this step to the end of the run."""
-        steps = [self.step] + [s for s in self.startSteps if s > self.step]
-        return {p for step in steps for p in self.passes(self.localActive(activeModels(step, self.startSteps)))}
-
     def compileShapeVariants(self):
         """Compile, before step 1, every graph the run will need (training passes of 1..N models, validation),
         so that no compile happens hours into a run; returns what was compiled."""
-        variants = [("train", first, n, 1) for first, n in representativePasses(self.runPasses(), self.nLocal)]
-        if self.vaSequences is not None and self.dist.isMain:
-            perForward = self.validationBatch()
-            rest = len(self.vaSequences) % perForward
-            variants += [("validation", 0, 1, batch) for batch in sorted({perForward, rest} - {0})]
+        passes = runPasses(self.startSteps, self.step, self.localActive, self.modelsPerPass)
+        nValidation = len(self.vaSequences) if self.vaSequences is not None and self.dist.isMain else 0
+        variants = shapeVariants(passes, self.nLocal, nValidation, self.hp.seqLength)
         def tokens(rows):  # laid out as nextBatch and validate lay out real ones, so the graphs' guards hold
             return torch.zeros(rows, self.hp.seqLength + 1, dtype=torch.long, device=self.device)
 
@@ -723,8 +754,7 @@ class Trainer:
 
     def passes(self, nActive):
         """(first model, number of models) of each batched pass over this process's nActive active models."""
-        perPass = self.modelsPerPass
-        return [(first, min(perPass, nActive - first)) for first in range(0, nActive, perPass)]
+        return modelPasses(nActive, self.modelsPerPass)
 
     def forwardPass(self, tokens, first):
         """Losses and accuracies [n] of models first..first+n-1 on tokens [n, B, T+1]."""
@@ -799,15 +829,11 @@ class Trainer:
 
     # -- evaluation --------------------------------------------------------------------------
 
-    def validationBatch(self):
-        """Validation sequences per forward pass: about 16k tokens."""
-        return max(1, min(len(self.vaSequences), 16384 // self.hp.seqLength))
-
     @torch.no_grad()
     def validate(self):
         """Mean loss and accuracy of model 0 over the validation sequences."""
         seqs = self.vaSequences
-        perForward = self.validationBatch()
+        perForward = validationBatchSize(len(seqs), self.hp.seqLength)
         totalLoss = totalAcc = 0.0
         for start in range(0, len(seqs), perForward):
             chunk = torch.from_numpy(seqs[start:start + perForward]).to(self.device)[None]
@@ -1090,6 +1116,9 @@ class NonFiniteLoss(Exception):
 
 def main(argv=None):
     hp, given = parseArgs(argv)
+    if hp.preflight:
+        import preflight
+        return preflight.runPreflight(hp)
     trainer = Trainer(hp, given)
     try:
         trainer.setup()

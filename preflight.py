@@ -1,0 +1,243 @@
+"""What a run needs before it runs: its peak GPU memory per pass, estimated on fake tensors (shapes only, nothing
+allocated, so it works on a machine without a GPU), the modelsPerPass that fits a GPU, and the --preflight report
+(flags and files, memory, kernels, FlexAttention configs, compiled graphs) for the GPU a run will use."""
+import math
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.distributed._tools.mem_tracker import MemTracker
+
+# What the CUDA context, cuBLAS workspaces and the caching allocator's fragmentation take beyond the tensors
+# themselves: a pass is planned to use at most this share of the free memory.
+USABLE_SHARE = 0.9
+
+
+class FusedAttentionFootprint(torch.autograd.Function):
+    """The memory of a fused attention kernel such as FlexAttention's, which never holds the [T, T] scores: the
+    forward allocates the output and a float32 log-sum-exp [nB, H, T] and saves them with q, k and v; the
+    backward allocates dq, dk and dv (and a float32 [nB, H, T] row sum, too small to count)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out = torch.empty_like(q)
+        logSumExp = q.new_empty(q.shape[:-1], dtype=torch.float32)
+        ctx.save_for_backward(q, k, v, out, logSumExp)
+        return out
+
+    @staticmethod
+    def backward(ctx, gradOut):
+        q, k, v, _, _ = ctx.saved_tensors
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+class FusedAttentionStandIn:
+    """An attention kernel with FlexAttention's memory and shapes, for the estimate (FlexAttention itself has
+    no backward on a CPU, where the estimate may run)."""
+
+    def mask(self, docs):
+        return None
+
+    def __call__(self, q, k, v, mask):
+        return FusedAttentionFootprint.apply(q, k, v)
+
+
+class HigherOrderMemTracker(MemTracker):
+    # the spline's custom op and autograd functions pass through as ordinary ops
+    supports_higher_order_operators = True
+
+
+def estimatePeakMemory(hp, vocabSize, nModels, modelsInPass):
+    """Estimated peak CUDA memory (bytes) of a training pass of modelsInPass of the nModels models a process
+    holds, with every trainable weight's gradient and Adam state alive (the steady state of a step), and a
+    breakdown {'weights', 'gradients', 'optimizer', 'activations and temporaries'} of that peak.
+
+    The model runs eagerly on fake tensors: torch.compile usually keeps fewer activations, so this errs high."""
+    from model import GPT
+    from trainLmAf import modelArguments  # the model exactly as the trainer builds it for CUDA
+
+    with FakeTensorMode():
+        model = GPT(**modelArguments(hp, vocabSize, "cuda", nModels))
+        model.kernel = FusedAttentionStandIn()
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        for p in trainable:
+            p.grad = torch.zeros_like(p)
+        optimizerStates = [torch.zeros_like(p) for p in trainable for _ in range(2)]
+        tokens = torch.zeros(modelsInPass, 1, hp.seqLength + 1, dtype=torch.long)
+        tracker = HigherOrderMemTracker()
+        tracker.track_external(model, *optimizerStates)
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=hp.dtype == "bfloat16")
+        with tracker, autocast:
+            losses, _ = model(tokens[..., :-1], tokens[..., 1:])
+            losses.sum().backward()
+    peak = next(iter(tracker.get_tracker_snapshot("peak").values()))
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    gradients = sum(p.numel() * p.element_size() for p in trainable)
+    optimizer = 2 * gradients
+    total = peak["Total"]
+    return total, {"weights": weights, "gradients": gradients, "optimizer": optimizer,
+                   "activations and temporaries": total - weights - gradients - optimizer}
+
+
+def fittingModelsPerPass(hp, vocabSize, nModels, freeBytes):
+    """Models per pass for the fewest passes whose estimated peak fits USABLE_SHARE of freeBytes, balanced (20
+    models that fit 19 at a time run as 2 passes of 10, not 19 + 1), and that estimated peak; at least 1."""
+    budget = USABLE_SHARE * freeBytes
+    peak, _ = estimatePeakMemory(hp, vocabSize, nModels, nModels)
+    if peak <= budget:
+        return nModels, peak
+    low, high, most = 2, nModels - 1, 1  # the peak grows with the models per pass: bisect for the most that fit
+    while low <= high:
+        middle = (low + high) // 2
+        if estimatePeakMemory(hp, vocabSize, nModels, middle)[0] <= budget:
+            most, low = middle, middle + 1
+        else:
+            high = middle - 1
+    balanced = -(-nModels // -(-nModels // most))
+    return balanced, estimatePeakMemory(hp, vocabSize, nModels, balanced)[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# --preflight
+
+
+CUDA_CONTEXT_BYTES = 2**29  # what the CUDA context takes of a GPU's memory before a run allocates anything
+
+
+class PreflightError(Exception):
+    """A preflight that cannot start (no GPU to check for); the message is one line for the user."""
+
+
+def parseGpu(spec):
+    """'NAME:CAPABILITY:GB' (e.g. '4090-laptop:8.9:16') -> (name, (major, minor), total bytes)."""
+    parts = spec.split(":")
+    try:
+        name, capability, gigabytes = parts
+        major, minor = (int(v) for v in capability.split("."))
+        total = float(gigabytes) * 2**30
+    except ValueError:
+        raise PreflightError(f"--preflightGpu {spec!r} must look like NAME:CAPABILITY:GB, e.g. 4090-laptop:8.9:16 "
+                             "or h100:9.0:80") from None
+    if not name or total <= 0:
+        raise PreflightError(f"--preflightGpu {spec!r}: give a name and a memory size in GB > 0")
+    return name, (major, minor), total
+
+
+def targetGpu(hp):
+    """(name, capability, free bytes, where the figures come from) of the GPU the run will use."""
+    if hp.preflightGpu:
+        name, capability, total = parseGpu(hp.preflightGpu)
+        return name, capability, total - CUDA_CONTEXT_BYTES, f"--preflightGpu, {total / 2**30:g} GiB less the CUDA context"
+    if torch.cuda.is_available():
+        free, total = torch.cuda.mem_get_info()
+        return (torch.cuda.get_device_name(), torch.cuda.get_device_capability(), free,
+                f"this GPU, free of {total / 2**30:.1f} GiB")
+    raise PreflightError("no GPU here: name the one to check for with --preflightGpu NAME:CAPABILITY:GB "
+                         "(e.g. 4090-laptop:8.9:16 or h100:9.0:80)")
+
+
+class Report:
+    """The rows of the preflight table: (check, ok, detail)."""
+
+    def __init__(self):
+        self.rows = []
+
+    def add(self, check, ok, detail):
+        self.rows.append((check, ok, detail))
+        return ok
+
+    def failures(self):
+        return [(check, detail) for check, ok, detail in self.rows if not ok]
+
+    def lines(self):
+        width = max(len(check) for check, _, _ in self.rows)
+        return [f"{check:<{width}}  {'ok  ' if ok else 'FAIL'}  {detail}" for check, ok, detail in self.rows]
+
+
+def checkData(hp, report):
+    """Rows for the token files; returns (vocabulary size, validation sequences) or None when they are unusable."""
+    from tokenShards import ShardError, listShards, maxTokenId, readShardHeader, sequencesInShard
+    from trainLmAf import roundUpVocab
+
+    try:
+        trFiles = listShards(hp.filesTokensTr, "--filesTokensTr")
+        vaFiles = listShards(hp.filesTokensVa, "--filesTokensVa") if hp.filesTokensVa else []
+        nTr = sum(readShardHeader(p) for p in trFiles)
+        vocabSize = roundUpVocab(maxTokenId(trFiles + vaFiles))
+    except ShardError as err:
+        report.add("data", False, str(err))
+        return None
+    wanted = hp.nTokensVa // hp.seqLength
+    nValidation = min(wanted, sum(sequencesInShard(readShardHeader(p), hp.seqLength) for p in vaFiles))
+    report.add("data", True, f"{len(trFiles)} training files, {nTr:,} tokens; {len(vaFiles)} validation files, "
+                             f"{nValidation:,} sequences per evaluation; vocabulary {vocabSize:,}")
+    return vocabSize, nValidation
+
+
+def checkAfFile(hp, vocabSize, report):
+    from afFiles import AfFileError, loadAfsIntoModel
+    from model import GPT
+    from trainLmAf import modelArguments
+
+    with torch.device("meta"):  # the checks need the layers and AF types, not the weights
+        model = GPT(**modelArguments(hp, vocabSize, "cuda", nModels=1))
+    try:
+        notes = loadAfsIntoModel(model, hp.afFileToLoad, freeze=hp.afLr == 0)
+    except AfFileError as err:
+        return report.add("AF file", False, str(err))
+    return report.add("AF file", True, "; ".join(notes))
+
+
+def runPreflight(hp):
+    """Check a configured run without training and print one table; returns the exit code (0: it will fit and
+    compile), after one line on stderr naming what will not."""
+    import sys
+
+    from trainLmAf import (ConfigError, compileBackend, modelStartSteps, runPasses, shapeVariants, splitAfType,
+                           validate)
+
+    report = Report()
+    try:
+        forced = validate(hp)
+        report.add("flags", True, f"{hp.nModels} model(s), {hp.nLayers} x {hp.dimEmb}, seqLength {hp.seqLength}, "
+                                  f"{hp.dtype}, afType {hp.afType!r}" + "".join(f"; forced {f}" for f in forced))
+        name, capability, free, origin = targetGpu(hp)
+    except (ConfigError, PreflightError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"Preflight of run '{hp.runName}' for {name} (compute capability {capability[0]}.{capability[1]}, "
+          f"{free / 2**30:.1f} GiB free: {origin})")
+    data = checkData(hp, report)
+    if data is not None:
+        vocabSize, nValidation = data
+        if hp.afFileToLoad:
+            checkAfFile(hp, vocabSize, report)
+        if hp.modelsPerPass:
+            perPass = min(hp.modelsPerPass, hp.nModels)
+            peak, breakdown = estimatePeakMemory(hp, vocabSize, hp.nModels, perPass)
+            how = "given"
+        else:
+            perPass, peak = fittingModelsPerPass(hp, vocabSize, hp.nModels, free)
+            breakdown = estimatePeakMemory(hp, vocabSize, hp.nModels, perPass)[1]
+            how = "chosen: the most that fit" if perPass < hp.nModels else "chosen: all models fit in one pass"
+        budget = USABLE_SHARE * free
+        report.add("peak memory per pass", peak <= budget,
+                   f"{peak / 2**30:.2f} GiB estimated of {budget / 2**30:.2f} usable ({USABLE_SHARE:.0%} of free): "
+                   + ", ".join(f"{part} {value / 2**30:.2f}" for part, value in breakdown.items()))
+        report.add("modelsPerPass", True, f"{perPass} ({how}; {-(-hp.nModels // perPass)} pass(es) per "
+                                          f"accumulation step)")
+        startSteps = modelStartSteps(hp)
+        variants = shapeVariants(runPasses(startSteps, 0, lambda n: n, perPass), hp.nModels, nValidation,
+                                 hp.seqLength)
+        backend = compileBackend(hp, torch.device("cuda"))
+        report.add("compiled graphs", True,
+                   f"{backend or 'none (eager)'}: {len(variants)} before step 1 — "
+                   + ", ".join(f"{kind} {n} model(s) from {first}" + (f" x {batch} sequences" if batch > 1 else "")
+                               for kind, first, n, batch in variants) if backend else "none: the model runs eagerly")
+    print("\n".join(report.lines()))
+    failures = report.failures()
+    if failures:
+        check, detail = failures[0]
+        print(f"preflight: {check} will not work: {detail}", file=sys.stderr)
+        return 1
+    print("preflight: the run will fit and compile")
+    return 0
