@@ -4,8 +4,8 @@
 
 Every run gets the same trainLmAf.py flags except --afType, --seed and --runName (NAME-AF-sSEED), so data order,
 steps and seeds are identical across AFs. Each run is a trainLmAf.py subprocess (the training code itself, no second
-loop), so one AF that crashes does not stop the others. The results are read back from the runs' logs and written
-to dirResults as compare-NAME.md (parameters, final validation loss and accuracy as mean ± std over seeds, tokens/s)
+loop), so one AF that crashes does not stop the others. The results are read back from the runs' metrics-RUN.csv
+files (and the parameter count from their logs) and written to dirResults as compare-NAME.md (parameters, final validation loss and accuracy as mean ± std over seeds, tokens/s)
 and compare-NAME.png (validation curves). The exit status is 1 when any run failed (they are named), 2 for bad flags.
 
 A run whose log already holds its final step is not trained again (trainLmAf.py's "already complete"), so a
@@ -18,6 +18,7 @@ Every learnable AF gets the same --afLr. The spline's default 0.1 bends `rationa
 steps (its coefficients multiply x^5); about 0.01 keeps it smooth.
 """
 import argparse
+import csv
 import os
 import re
 import shlex
@@ -38,8 +39,6 @@ PER_RUN_FLAGS = ("afType", "seed", "runName", "resumeFrom", "afFileToLoad")
 
 _header = re.compile(r"^==== trainLmAf\.py ")
 _params = re.compile(r"^Parameters per model: ([\d,]+) trainable, ([\d,]+) frozen, ([\d,]+) total")
-_valLine = re.compile(r"^Step (\d+)/(\d+)\s+lossVa\s+(\S+)\s+accVa\s+(\S+)")
-_trainLine = re.compile(r"^Step (\d+)/(\d+)\s+lossTr\s+\S+\s+accTr\s+\S+\s+(\d+)s = ")
 
 
 class CompareError(Exception):
@@ -138,23 +137,24 @@ def trainedTokens(hp):
     return hp.batchSize * hp.seqLength * sum(hp.nSteps - start for start in trainLmAf.modelStartSteps(hp))
 
 
-def readLog(path, nSteps):
-    """Params, validation curve and training seconds of the last run written to a log (None where missing)."""
-    if not os.path.isfile(path):
+def readRun(dirResults, runName, nSteps):
+    """Parameters (from the log's last run), validation curve of model 0 and training seconds (from the metrics
+    CSV) of a run; None when it wrote no metrics."""
+    metricsPath = os.path.join(dirResults, f"metrics-{runName}.csv")
+    if not os.path.isfile(metricsPath):
         return None
-    with open(path, encoding="utf-8", errors="replace") as f:
-        lines = f.read().splitlines()
-    starts = [i for i, line in enumerate(lines) if _header.match(line)]
-    result = {"params": None, "val": [], "trainSeconds": None, "complete": False}
-    for line in lines[starts[-1] if starts else 0:]:
-        if match := _params.match(line):
-            result["params"] = int(match.group(3).replace(",", ""))
-        elif match := _valLine.match(line):
-            result["val"].append((int(match.group(1)), float(match.group(3)), float(match.group(4)) / 100))
-        elif match := _trainLine.match(line):
-            result["trainSeconds"] = float(match.group(3))
-        if line.startswith(f"Step {nSteps}/{nSteps} "):
-            result["complete"] = True
+    with open(metricsPath, newline="") as f:
+        rows = list(csv.DictReader(f))
+    result = {"params": None, "complete": any(int(r["step"]) == nSteps for r in rows),
+              "val": [(int(r["step"]), float(r["loss"]), float(r["accuracy"])) for r in rows
+                      if r["split"] == "val" and r["model"] == "0"],
+              "trainSeconds": max((float(r["trainSeconds"]) for r in rows), default=None)}
+    logPath = os.path.join(dirResults, f"log-{runName}.txt")
+    if os.path.isfile(logPath):
+        with open(logPath, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if match := _params.match(line):
+                    result["params"] = int(match.group(3).replace(",", ""))
     return result
 
 
@@ -172,7 +172,7 @@ def runOne(run, index, total, hp):
     if proc.stderr:
         sys.stderr.write(proc.stderr)
     runHp, _ = trainLmAf.parseArgs(run["argv"])
-    result = readLog(os.path.join(hp.dirResults, f"log-{run['runName']}.txt"), runHp.nSteps)
+    result = readRun(hp.dirResults, run["runName"], runHp.nSteps)
     lastError = next((line for line in reversed(proc.stderr.splitlines()) if line.strip()), "")
     if proc.returncode != 0:
         # trainLmAf.py exits 128 + N after saving on signal N; subprocess reports a signal that killed it as -N.
@@ -180,13 +180,9 @@ def runOne(run, index, total, hp):
         killedBy = f" ({signal.Signals(signalNumber).name})" if signalNumber in set(signal.Signals) else ""
         run["failure"] = f"exit code {proc.returncode}{killedBy}" + (f": {lastError}" if lastError else "")
     elif result is None or not result["complete"] or not result["val"]:
-        run["failure"] = "its log holds no final step or no validation result"
+        run["failure"] = "its metrics hold no final step or no validation result"
     else:
-        # The log's total is in whole seconds: from 20 s on that is within 2.5%; shorter runs use their wall time.
-        trainSeconds = result["trainSeconds"] or 0.0
-        seconds, approx = (trainSeconds, False) if trainSeconds >= 20 else (wall, True)
-        result["tokensPerSecond"] = trainedTokens(runHp) / max(seconds, 1e-9)
-        result["approxSpeed"] = approx
+        result["tokensPerSecond"] = trainedTokens(runHp) / max(result["trainSeconds"] or 0.0, 1e-9)
         run["result"] = result
     status = run.get("failure") or f"val loss {run['result']['val'][-1][1]:.4f}"
     print(f"[{index}/{total}] {run['runName']}: {'FAILED, ' if 'failure' in run else ''}{status} ({wall:.0f} s)",
@@ -217,8 +213,7 @@ def summarize(runs, afTypes, splinePhases):
         row = {"af": af, "label": label, "nRuns": len(mine), "nDone": len(done), "runs": done}
         if done:
             row.update(params=done[0]["params"], loss=[d["val"][-1][1] for d in done],
-                       acc=[100 * d["val"][-1][2] for d in done], speed=[d["tokensPerSecond"] for d in done],
-                       approxSpeed=any(d["approxSpeed"] for d in done))
+                       acc=[100 * d["val"][-1][2] for d in done], speed=[d["tokensPerSecond"] for d in done])
         rows.append(row)
     return rows
 
@@ -243,12 +238,9 @@ def markdownTable(rows, args, trainerArgv, hp, failures):
         if meanLoss == best and len(finished) > 1:
             loss = f"**{loss}**"
         delta = f"{meanLoss - baseline:+.4f}" if baseline is not None else "–"
-        speed = f"{'~' if row['approxSpeed'] else ''}{meanStd(row['speed'])[0]:,.0f}"
+        speed = f"{meanStd(row['speed'])[0]:,.0f}"
         lines.append(f"| {row['label']} | {row['params']:,} | {loss} | {delta} | {formatMeanStd(row['acc'], 2)} | "
                      f"{speed} | {row['nDone']}/{row['nRuns']} |")
-    if any(row.get("approxSpeed") for row in rows):
-        lines += ["", "~ training took under 20 s, too short for the log's whole seconds: tokens/s over the run's "
-                      "wall time, start-up and validation included."]
     if args.splinePhases == 2:
         lines += ["", f"Phase II rows: splines learned by {args.splineModels} models in phase I "
                       "(runs NAME-AF-sSEED-phase1), then loaded frozen (--afLr 0)."]

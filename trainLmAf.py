@@ -5,6 +5,7 @@ all active models in one batched pass. Phase II (--afFileToLoad): a fresh model 
 phase I, frozen when --afLr 0. See README.md for the commands and SPEC of every flag (--help).
 """
 import argparse
+import csv
 import dataclasses
 import datetime
 import fcntl
@@ -313,6 +314,42 @@ class RunLog:
             self.file.close()
 
 
+class MetricsFile:
+    """metrics-RUN.csv: one row per report (step, model, split, loss, accuracy, lr, trainSeconds, tokens), for
+    pandas rather than parsing logs. A resumed run first drops the rows after its checkpoint's step (they are
+    trained again), then appends; MetricsFile(None) (a non-main torchrun process) writes nothing."""
+
+    COLUMNS = ("step", "model", "split", "loss", "accuracy", "lr", "trainSeconds", "tokens")
+
+    def __init__(self, path, resumeStep):
+        self.file = None
+        if path is None:
+            return
+        kept = []
+        if os.path.isfile(path):
+            with open(path, newline="") as f:
+                kept = [row for row in csv.DictReader(f) if int(row["step"]) <= resumeStep]
+        atomicWrite(path, lambda tmp: self.writeRows(tmp, kept))
+        self.file = open(path, "a", newline="")
+        self.writer = csv.writer(self.file, lineterminator="\n")
+
+    def writeRows(self, path, rows):
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, self.COLUMNS, lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(rows)
+
+    def write(self, step, model, split, loss, accuracy, lr, trainSeconds, tokens):
+        if self.file is not None:
+            self.writer.writerow([step, model, split, f"{loss:.6f}", f"{accuracy:.6f}", f"{lr:.6g}",
+                                  f"{trainSeconds:.3f}", tokens])
+            self.file.flush()
+
+    def close(self):
+        if self.file is not None:
+            self.file.close()
+
+
 def finalLineWritten(logPath, nSteps):
     if not os.path.isfile(logPath):
         return False
@@ -478,7 +515,7 @@ class Trainer:
             resume = self.loadResumeCheckpoint()
         forced = validate(hp)
         self.paths()
-        if not resume and finalLineWritten(self.logPath, hp.nSteps):
+        if finalLineWritten(self.logPath, hp.nSteps):  # also when resuming: the run finished after its checkpoint
             self.alreadyComplete = True
             return self
         self.alreadyComplete = False
@@ -542,6 +579,7 @@ class Trainer:
     def paths(self):
         hp = self.hp
         self.logPath = os.path.join(hp.dirResults, f"log-{hp.runName}.txt")
+        self.metricsPath = os.path.join(hp.dirResults, f"metrics-{hp.runName}.csv")
 
     def buildOptimizers(self):
         hp = self.hp
@@ -922,6 +960,7 @@ class Trainer:
         if self.dist.isMain:
             os.makedirs(hp.dirResults, exist_ok=True)
         self.log = RunLog(self.logPath if self.dist.isMain else None)
+        self.metrics = MetricsFile(self.metricsPath if self.dist.isMain else None, self.step)
         if self.step:
             self.log(f"==== resuming from {hp.resumeFrom} at step {self.step}")
         self.printHeader()
@@ -973,6 +1012,7 @@ class Trainer:
             self.closeBar(bar)
             self.restoreSignalHandlers()
             self.log.close()
+            self.metrics.close()
         return 0
 
     def closeBar(self, bar):
@@ -988,6 +1028,14 @@ class Trainer:
         self.log(f"Step {self.step}/{self.hp.nSteps}   Peak CUDA memory usage: "
                  f"{torch.cuda.max_memory_allocated(self.device) / 2**30:.3f} GB")
         torch.cuda.reset_peak_memory_stats(self.device)
+
+    def learningRate(self, model, stepIndex):
+        return self.hp.lr * modelLrFactors(self.hp, stepIndex, self.startSteps)[model]
+
+    def tokensSeen(self, model, stepsDone):
+        """Training tokens model has seen after stepsDone steps of the run (all processes' under data parallelism)."""
+        perStep = self.hp.batchSize * self.hp.seqLength * (self.dist.worldSize if self.dataParallel else 1)
+        return max(0, stepsDone - self.startSteps[model]) * perStep
 
     def isReportStep(self, step):
         """Training lines at steps 1 and 6, every plotEvery steps and at the last step, as the original."""
@@ -1008,6 +1056,8 @@ class Trainer:
         for m in range(hp.nModels):
             if totals[2, m] > 0:
                 self.history["train"].append((self.step, m, loss[m], acc[m]))
+                self.metrics.write(self.step, m, "train", loss[m], acc[m], self.learningRate(m, self.step - 1),
+                                   self.trainSeconds, self.tokensSeen(m, self.step))
                 if m > 0:
                     self.log(f"Step {self.step}/{hp.nSteps}   model {m}   lossTr {loss[m]:.4f}   accTr {100 * acc[m]:.1f}",
                              terminal=False)
@@ -1042,6 +1092,8 @@ class Trainer:
     def logValidation(self, step):
         lossVa, accVa = self.validate()
         self.history["val"].append((step, lossVa, accVa))
+        self.metrics.write(step, 0, "val", lossVa, accVa, self.learningRate(0, step - 1), self.trainSeconds,
+                           self.tokensSeen(0, self.step))
         self.log(f"Step {step}/{self.hp.nSteps}   lossVa {lossVa:.4f}   accVa {100 * accVa:.1f}")
 
     def periodicOutputs(self):

@@ -1,10 +1,13 @@
 """Long runs: exact resume from a checkpoint, SIGINT then resume, and a non-finite loss stopping the run."""
+import csv
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 from conftest import REPO, runTrainer, tinyFlags
@@ -36,9 +39,50 @@ def testResumeEndsOnTheSameLines(tinyData, tmp_path):
     trainLines = [line for line in open(tmp_path / "resumed" / "log-long.txt") if line.startswith("Step 40/40   lossTr")]
     fullTrain = [line for line in open(tmp_path / "full" / "log-long.txt") if line.startswith("Step 40/40   lossTr")]
     assert trainLines[0].split("   ")[:3] == fullTrain[0].split("   ")[:3]
-    # Resuming in the run's own folder continues the run even though its log already holds the final line.
+    # Resuming in the run's own folder, whose log holds the final line, does nothing, as starting it again does.
+    before = (tmp_path / "full" / "log-long.txt").read_text()
     again = runTrainer(["--resumeFrom", str(checkpoint)])
-    assert again.returncode == 0 and "already complete" not in again.stdout
+    assert again.returncode == 0 and "already complete" in again.stdout
+    assert (tmp_path / "full" / "log-long.txt").read_text() == before
+
+
+def metricRows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def testMetricsCsvHasARowPerReportAndSurvivesAResume(tinyData, tmp_path):
+    full = runTrainer(phase1Flags(tinyData, tmp_path / "full", saveModelEvery=20))
+    assert full.returncode == 0, full.stderr
+    rows = metricRows(tmp_path / "full" / "metrics-long.csv")
+    assert list(rows[0]) == ["step", "model", "split", "loss", "accuracy", "lr", "trainSeconds", "tokens"]
+    val = [r for r in rows if r["split"] == "val"]
+    assert [int(r["step"]) for r in val] == [1, 11, 21, 31, 40] and {r["model"] for r in val} == {"0"}
+    assert [int(r["tokens"]) for r in val] == [0, 320, 640, 960, 1280]  # steps done x 32 tokens
+    train = [r for r in rows if r["split"] == "train"]
+    assert {(int(r["step"]), int(r["model"])) for r in train} == {
+        (step, m) for step in (1, 6, 11, 21, 31, 40) for m, start in enumerate((0, 13, 27)) if step > start}
+    last = [r for r in train if r["step"] == "40"]
+    assert [int(r["tokens"]) for r in last] == [40 * 32, 27 * 32, 13 * 32]
+    assert float(last[0]["lr"]) == pytest.approx(6e-4 * (40 - 39) / 10)  # the last cooldown step and float(last[0]["trainSeconds"]) > 0
+    logLine = next(line for line in open(tmp_path / "full" / "log-long.txt") if line.startswith("Step 40/40   lossVa"))
+    assert f"lossVa {float(val[-1]['loss']):.4f}" in logLine
+
+    # a run that crashed after step 30 with a checkpoint at 20: its rows after 20 are dropped, then written again
+    crashed = tmp_path / "crashed"
+    crashed.mkdir()
+    shutil.copy(tmp_path / "full" / "pt-long-step0020.pt", crashed)
+    with open(crashed / "metrics-long.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, rows[0].keys(), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(r for r in rows if int(r["step"]) <= 30)
+    resumed = runTrainer(["--resumeFrom", str(crashed / "pt-long-step0020.pt"), "--dirResults", str(crashed)])
+    assert resumed.returncode == 0, resumed.stderr
+
+    def comparable(table):
+        return [{k: v for k, v in r.items() if k != "trainSeconds"} for r in table]
+
+    assert comparable(metricRows(crashed / "metrics-long.csv")) == comparable(rows)
 
 
 def testInterruptThenResume(tinyData, tmp_path):
