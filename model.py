@@ -239,10 +239,42 @@ class Block(nn.Module):
 
 
 def recordMagnitudes(stats, x):
-    """Append (mean |x|, max |x|) of model 0 to stats when the caller asked for them."""
+    """Hand the first model's AF inputs x[0] to stats (an AfInputStatistics) when the caller asked for them."""
     if stats is not None:
-        a = x[0].detach().float().abs()
-        stats.append(torch.stack((a.mean(), a.max())))
+        stats.record(x[0].detach())
+
+
+class AfInputStatistics:
+    """What the AF inputs of one forward pass look like, site by site in the order of GPT.afSiteNames(): mean and
+    max |x|, the share outside the spline's knot range [-knotRange, knotRange] (where a spline is constant), and a
+    histogram over HISTOGRAM_SPAN times that range, to choose --afRange."""
+
+    HISTOGRAM_SPAN = 1.5
+    HISTOGRAM_BINS = 90
+
+    def __init__(self, knotRange):
+        self.knotRange = float(knotRange)
+        self.sites = []  # per site: tensor [4 + HISTOGRAM_BINS]: mean, max, share outside, count, histogram
+
+    def record(self, x):
+        a = x.float().reshape(-1)
+        limit = self.HISTOGRAM_SPAN * self.knotRange
+        histogram = torch.histc(a.clamp(-limit, limit), bins=self.HISTOGRAM_BINS, min=-limit, max=limit)
+        magnitude = a.abs()
+        outside = (magnitude > self.knotRange).float().mean()
+        summary = torch.stack((magnitude.mean(), magnitude.max(), outside, torch.tensor(float(a.numel()))))
+        self.sites.append(torch.cat((summary, histogram)))
+
+    def binEdges(self):
+        limit = self.HISTOGRAM_SPAN * self.knotRange
+        return torch.linspace(-limit, limit, self.HISTOGRAM_BINS + 1)
+
+    def results(self):
+        """{'mean', 'max', 'outside', 'counts'} lists per site, 'histograms' [sites, bins] (the edge bins hold what
+        lies beyond the span) and their bin 'edges'."""
+        table = torch.stack(self.sites).cpu()
+        return {"mean": table[:, 0].tolist(), "max": table[:, 1].tolist(), "outside": table[:, 2].tolist(),
+                "counts": table[:, 3].tolist(), "histograms": table[:, 4:].numpy(), "edges": self.binEdges().numpy()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -381,8 +413,8 @@ class GPT(nn.Module):
 
     def forward(self, tokens, targets, stats=None, firstModel=0):
         """Per-model mean cross-entropy [n] and token accuracy [n] of models firstModel..firstModel+n-1 for tokens
-        and targets [n, B, T]; stats (a list) receives the first of them's (mean |x|, max |x|) before every AF when
-        given, in the order of afSiteNames()."""
+        and targets [n, B, T]; stats (an AfInputStatistics) receives the first of them's inputs of every AF site
+        when given, in the order of afSiteNames()."""
         n = tokens.shape[0]
         # one slice of a tied embedding for both of its uses: autograd then adds the two gradients at the size of
         # the pass, and makes one full-size slice gradient instead of two

@@ -127,45 +127,78 @@ def _afGridColumns(afs):
 def _afsFigure(afs, title, newFigure):
     ncols = _afGridColumns(afs)
     nrows = max(1, math.ceil(len(afs) / ncols))
-    fig = newFigure((3.2 * ncols + 0.4, 2.9 * nrows + (0.4 if title else 0.0)))
-    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
-    for ax, af in zip(axes, afs):
-        knots = np.asarray(af["knots"], dtype=float)
-        values = np.asarray(af["values"], dtype=float)
-        channels = values.reshape(-1, values.shape[-1])
-        # A sampled curve ("curve": True, a non-spline AF) has no knots to mark and is not constant outside its grid.
-        curve = af.get("curve", False)
-        # Constant extrapolation outside the knot range is part of the AF's behaviour, so show a bit of it.
-        margin = 0.1 * (knots[-1] - knots[0]) if len(knots) > 1 else 1.0
-        xs = knots if curve else np.concatenate([[knots[0] - margin], knots, [knots[-1] + margin]])
-        extended = channels if curve else np.concatenate([channels[:, :1], channels, channels[:, -1:]], axis=1)
-        if values.ndim > 1:
-            # Fade individual channels more as there are more of them, so the spread stays visible without a solid blob.
-            alpha = float(np.clip(6.0 / len(channels), 0.04, 0.35))
-            ax.plot(xs, extended.T, color="tab:blue", linewidth=0.6, alpha=alpha)
-        mean = extended.mean(axis=0)
-        ax.plot(xs, mean, color="navy", linewidth=2.0 if values.ndim > 1 else 1.6)
-        if not curve:
-            ax.plot(knots, mean[1:-1], linestyle="none", marker="o", markersize=2.2, color="navy")
-        # axline does not take part in autoscaling, so the spline, not the identity, sets the y-range.
-        ax.axline((0.0, 0.0), slope=1.0, color="grey", linestyle="--", linewidth=0.8, alpha=0.6)
-        ax.set_xlim(xs[0], xs[-1])
-        ax.set_title(af["name"] + (f"  ({len(channels)} ch)" if values.ndim > 1 else ""), fontsize=10)
-        ax.set_xlabel("input")
-        ax.set_ylabel("output")
-        ax.grid(True, alpha=0.3)
-    for ax in axes[len(afs):]:
-        ax.remove()
+    withInputs = any(af.get("inputs") is not None for af in afs)
+    fig = newFigure((3.2 * ncols + 0.4, (3.7 if withInputs else 2.9) * nrows + (0.4 if title else 0.0)))
+    # each tile: the AF on top and, when known, a strip below with where its inputs lie (same x-axis)
+    grid = fig.add_gridspec(2 * nrows if withInputs else nrows, ncols,
+                            height_ratios=[3, 1] * nrows if withInputs else None)
+    for index, af in enumerate(afs):
+        row, col = divmod(index, ncols)
+        ax = fig.add_subplot(grid[2 * row if withInputs else row, col])
+        _drawAf(ax, af)
+        if withInputs:
+            strip = fig.add_subplot(grid[2 * row + 1, col], sharex=ax)
+            _drawInputs(strip, af.get("inputs"))
+            ax.tick_params(labelbottom=False)
+            ax.set_xlabel("")
     if not afs:
-        _noData(axes[0], "no AFs")
+        _noData(fig.add_subplot(grid[0, 0]), "no AFs")
     if title:
         fig.suptitle(title, fontweight="bold")
     return fig
 
 
+def _drawAf(ax, af):
+    knots = np.asarray(af["knots"], dtype=float)
+    values = np.asarray(af["values"], dtype=float)
+    channels = values.reshape(-1, values.shape[-1])
+    # A sampled curve ("curve": True, a non-spline AF) has no knots to mark and is not constant outside its grid.
+    curve = af.get("curve", False)
+    # Constant extrapolation outside the knot range is part of the AF's behaviour, so show a bit of it.
+    margin = 0.1 * (knots[-1] - knots[0]) if len(knots) > 1 else 1.0
+    xs = knots if curve else np.concatenate([[knots[0] - margin], knots, [knots[-1] + margin]])
+    extended = channels if curve else np.concatenate([channels[:, :1], channels, channels[:, -1:]], axis=1)
+    if values.ndim > 1:
+        # Fade individual channels more as there are more of them, so the spread stays visible without a solid blob.
+        alpha = float(np.clip(6.0 / len(channels), 0.04, 0.35))
+        ax.plot(xs, extended.T, color="tab:blue", linewidth=0.6, alpha=alpha)
+    mean = extended.mean(axis=0)
+    ax.plot(xs, mean, color="navy", linewidth=2.0 if values.ndim > 1 else 1.6)
+    if not curve:
+        ax.plot(knots, mean[1:-1], linestyle="none", marker="o", markersize=2.2, color="navy")
+    # axline does not take part in autoscaling, so the spline, not the identity, sets the y-range.
+    ax.axline((0.0, 0.0), slope=1.0, color="grey", linestyle="--", linewidth=0.8, alpha=0.6)
+    ax.set_xlim(xs[0], xs[-1])
+    ax.set_title(af["name"] + (f"  ({len(channels)} ch)" if values.ndim > 1 else ""), fontsize=10)
+    ax.set_xlabel("input")
+    ax.set_ylabel("output")
+    ax.grid(True, alpha=0.3)
+
+
+def _drawInputs(ax, inputs):
+    """Where the AF's inputs lie: their histogram (log counts), the knot range, and the share outside it."""
+    ax.set_yticks([])
+    ax.set_xlabel("input")
+    if inputs is None:
+        _noData(ax, "inputs not measured yet")
+        return
+    edges, counts = np.asarray(inputs["edges"], dtype=float), np.asarray(inputs["histogram"], dtype=float)
+    ax.stairs(counts, edges, fill=True, color="tab:orange", alpha=0.7)
+    ax.set_yscale("symlog", linthresh=1.0)
+    ax.set_ylim(0, max(counts.max(), 1.0) * 2)
+    for x in (-inputs["range"], inputs["range"]):
+        ax.axvline(x, color="grey", linestyle=":", linewidth=1.0)
+    share = 100 * inputs["outside"]
+    ax.text(0.99, 0.92, f"{share:.2f}% outside ±{inputs['range']:g}", transform=ax.transAxes, ha="right", va="top",
+            fontsize=8, color="firebrick" if share > 1 else "dimgrey",
+            bbox=dict(boxstyle="round,pad=0.2", facecolor="white", edgecolor="none", alpha=0.8))
+    ax.set_ylabel(f"inputs\nstep {inputs['step']}", fontsize=7)
+
+
 def plotAfs(path, afs, title=""):
     """Grid of learned AFs, one tile per AF (per-channel ones drawn thin around their mean); each af is
-    {'name', 'knots', 'values'} for a spline, plus 'curve': True for another AF sampled on a grid."""
+    {'name', 'knots', 'values'} for a spline, plus 'curve': True for another AF sampled on a grid, and 'inputs':
+    {'edges', 'histogram', 'outside', 'range', 'step'} to draw where its inputs lie in a strip below it."""
     _atomicSave(_afsFigure(afs, title, _makeFigure), path)
 
 

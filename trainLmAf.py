@@ -26,7 +26,7 @@ import torch
 from activationFunctions import FIXED_TYPES, LEARNABLE_TYPES, MLP_INPUT_TYPES, SPLINE_TYPES, evaluateOnGrid, isLearnable
 from distributed import Distributed
 from afFiles import AfFileError, atomicWrite, loadAfsIntoModel, perLayerValues, safeTorchLoad, saveAfFiles, splineKnots
-from model import GPT, MLP_VARIANT_AFS, copyInitAcrossModels, permuteInitAcrossModels
+from model import GPT, MLP_VARIANT_AFS, AfInputStatistics, copyInitAcrossModels, permuteInitAcrossModels
 from stackedAdam import StackedAdam
 from tokenShards import ShardError, TokenStream, listShards, maxTokenId, readShardHeader, validationSequences
 
@@ -566,6 +566,9 @@ class Trainer:
         self.history = {"train": [], "val": [], "actMean": [], "actMax": []}
         self.trainSeconds = 0.0
         self.window = self.newWindow()
+        self.latestAfInputs, self.sitesOutOfRange = None, set()
+        knots = splineKnots(self.model)  # a phase-II spline keeps the knots of its file
+        self.afInputRange = float(knots[-1]) if knots is not None else hp.afRange
         if resume:
             self.restore(resume)
         self.modelsPerPass = self.chooseModelsPerPass()
@@ -881,18 +884,18 @@ class Trainer:
         return totalLoss / len(seqs), totalAcc / len(seqs)
 
     @torch.no_grad()
-    def activationMagnitudes(self):
-        """Mean and max |x| before every AF of model 0, on the first validation (or a training) sequence."""
+    def afInputStatistics(self):
+        """AfInputStatistics.results() of model 0 on the first validation batch (or a training sequence)."""
         if self.vaSequences is not None:
-            tokens = torch.from_numpy(self.vaSequences[:1]).to(self.device)[None]
+            batch = validationBatchSize(len(self.vaSequences), self.hp.seqLength)
+            tokens = torch.from_numpy(self.vaSequences[:batch]).to(self.device)[None]
         else:
             tokens = torch.from_numpy(TokenStream(self.trFiles, self.hp.seqLength, self.hp.seed, 0, 0).next()
                                       ).to(self.device)[None, None]
-        stats = []
+        stats = AfInputStatistics(self.afInputRange)
         with self.autocast:
             self.model(tokens[..., :-1], tokens[..., 1:], stats=stats)
-        stats = torch.stack(stats).cpu()
-        return stats[:, 0].tolist(), stats[:, 1].tolist()
+        return stats.results()
 
     # -- outputs -----------------------------------------------------------------------------
 
@@ -943,7 +946,19 @@ class Trainer:
                     xs, ys = evaluateOnGrid(module)
                     tiles.append({"name": f"{kind} {afName} ({where})", "knots": xs.cpu().numpy(),
                                   "values": ys.float().cpu().numpy(), "curve": True})
+                tiles[-1]["inputs"] = self.tileInputs([f"{kind} {layer}" for layer in layers])
         return tiles
+
+    def tileInputs(self, sites):
+        """The histogram of the AF inputs of these sites at the last report, for the plot under their AF's tile."""
+        stats = self.latestAfInputs
+        if stats is None:
+            return None
+        rows = [self.model.afSiteNames().index(site) for site in sites]
+        counts = [stats["counts"][r] for r in rows]
+        outside = sum(stats["outside"][r] * c for r, c in zip(rows, counts)) / max(1.0, sum(counts))
+        return {"edges": stats["edges"], "histogram": stats["histograms"][rows].sum(0), "outside": outside,
+                "range": self.afInputRange, "step": self.step}
 
     def isDue(self, every, step):
         """Whether an every-N output is due after `step` steps are complete (0: only at the end)."""
@@ -1063,14 +1078,31 @@ class Trainer:
                              terminal=False)
         bar.set_postfix(lossTr=f"{loss[0]:.3f}")
         self.window = self.newWindow()
-        if hp.plottingLevel >= 2 and self.dist.isMain:
-            means, maxima = self.activationMagnitudes()
-            self.history["actMean"].append((self.step, means))
-            self.history["actMax"].append((self.step, maxima))
-            self.log(f"Step {self.step}/{hp.nSteps}   Activation magnitudes (2): " + " ".join(f"{v:.2f}" for v in means))
-            self.log(f"Step {self.step}/{hp.nSteps}   Activation magnitudes (3): " + " ".join(f"{v:.2f}" for v in maxima))
-            if hp.plottingLevel >= 3:
-                self.logParameterMagnitudes()
+        if hp.plottingLevel >= 1 and self.dist.isMain:
+            self.reportAfInputs()
+
+    def reportAfInputs(self):
+        """Activation magnitudes (the original's lines, plottingLevel >= 2) and the share of AF inputs outside the
+        knot range, with a warning when a site passes 1%; the histograms go to the AF plot."""
+        hp, prefix = self.hp, f"Step {self.step}/{self.hp.nSteps}   "
+        stats = self.afInputStatistics()
+        self.latestAfInputs = stats
+        self.history["actMean"].append((self.step, stats["mean"]))
+        self.history["actMax"].append((self.step, stats["max"]))
+        if hp.plottingLevel >= 2:
+            self.log(prefix + "Activation magnitudes (2): " + " ".join(f"{v:.2f}" for v in stats["mean"]))
+            self.log(prefix + "Activation magnitudes (3): " + " ".join(f"{v:.2f}" for v in stats["max"]))
+        self.log(prefix + "AF inputs out of range: " + " ".join(f"{100 * v:.2f}%" for v in stats["outside"]))
+        names = self.model.afSiteNames()
+        over = [(name, share) for name, share in zip(names, stats["outside"]) if share > 0.01]
+        if {name for name, _ in over} != self.sitesOutOfRange:  # once, and again when the sites change
+            self.sitesOutOfRange = {name for name, _ in over}
+            if over:
+                self.log(prefix + f"Warning: more than 1% of the AF inputs lie outside [-{self.afInputRange:g}, "
+                         f"{self.afInputRange:g}] at " + ", ".join(f"{name} ({100 * share:.1f}%)" for name, share in over)
+                         + "; a spline is constant there: consider a larger --afRange")
+        if hp.plottingLevel >= 3:
+            self.logParameterMagnitudes()
 
     def agreeAcrossProcesses(self, losses):
         """Under torchrun every process must stop at the same step: share the stop signal and non-finite losses."""

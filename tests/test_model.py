@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from attention import denseAttentionMask, documentIds
-from model import GPT, afLayerGroups, permuteInitAcrossModels
+from model import GPT, AfInputStatistics, afLayerGroups, permuteInitAcrossModels
 
 
 def tinyGpt(**kwargs):
@@ -102,14 +102,15 @@ def testSingleModelIsTheNEquals1Case():
 def testActivationStatistics():
     model = tinyGpt(freezeEmbeddings=0)
     tokens = torch.randint(0, 128, (3, 1, 9))
-    stats = []
+    stats = AfInputStatistics(knotRange=15.0)
     model(tokens[..., :-1], tokens[..., 1:], stats=stats)
+    result = stats.results()
     # The original's order: per layer, the attention site, then the MLP site.
     assert model.afSiteNames() == [f"{kind} {i}" for i in range(4) for kind in ("att", "MLP")]
-    assert len(stats) == 8 and all(s[1] >= s[0] >= 0 for s in stats)
+    assert len(result["mean"]) == 8 and all(hi >= lo >= 0 for lo, hi in zip(result["mean"], result["max"]))
     # At init the attention AF reads the RMS-normalised stream (mean |x| ~ 0.8), the MLP AF a 0.02-scaled matmul of it.
-    means = [float(s[0]) for s in stats]
-    assert all(0.7 < m < 0.9 for m in means[0::2]) and all(m < 0.3 for m in means[1::2])
+    assert all(0.7 < m < 0.9 for m in result["mean"][0::2]) and all(m < 0.3 for m in result["mean"][1::2])
+    assert result["counts"] == [8 * 16, 8 * 64] * 4  # model 0's 8 tokens x channels
     assert tinyGpt(afAtt="none").afSiteNames() == ["MLP 0", "MLP 1", "MLP 2", "MLP 3"]
 
 

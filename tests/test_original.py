@@ -134,7 +134,8 @@ PATTERNS = {"val": STEP + r"lossVa \d+\.\d{4}   accVa \d+\.\d$",
             "train": STEP + r"lossTr \d+\.\d{4}   accTr \d+\.\d   \d+s = \d+\.\d\ds/step$",
             "act2": STEP + r"Activation magnitudes \(2\):( \d+\.\d\d){8}$",
             "act3": STEP + r"Activation magnitudes \(3\):( \d+\.\d\d){8}$",
-            "memory": STEP + r"Peak CUDA memory usage: \d+\.\d{3} GB$"}
+            "memory": STEP + r"Peak CUDA memory usage: \d+\.\d{3} GB$",
+            "inputs": STEP + r"AF inputs out of range:( \d+\.\d\d%){8}$"}  # ours, after the original's lines
 
 
 def testLogLinesComeInTheOriginalsOrderAndCadence(tinyData, tmp_path, monkeypatch):
@@ -161,7 +162,7 @@ def testLogLinesComeInTheOriginalsOrderAndCadence(tinyData, tmp_path, monkeypatc
                 kinds.append((int(match.group(1)), kind))
         if line.startswith("Step ") and " model " not in line:
             assert any(re.match(p, line) for p in PATTERNS.values()), line
-    report = ["train", "act2", "act3"]
+    report = ["train", "act2", "act3", "inputs"]
     assert kinds == ([(1, k) for k in ["val"] + report] + [(5, k) for k in report]
                      + [(6, k) for k in ["memory"] + report] + [(7, "val")] + [(9, k) for k in report]
                      + [(11, "memory")] + [(13, k) for k in ["val", "memory"] + report])
