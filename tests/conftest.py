@@ -10,6 +10,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 UPSTREAM = os.path.join(REPO, "results-fineweb10B", "upstream")  # the original authors' files
@@ -18,6 +19,7 @@ sys.path.insert(0, REPO)
 from tokenShards import writeShard  # noqa: E402
 
 SEP = 50256
+requiresCuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 def randomDocuments(rng, nTokens, vocab=500):
@@ -62,11 +64,12 @@ def offline(monkeypatch, noNetworkEnv):
 
 
 def tinyFlags(dataDir, resultsDir, **overrides):
-    """Flags of a tiny run (2 layers x 32) on the tiny shards; overrides replace or add flags."""
+    """Flags of a tiny run (2 layers x 32) on the tiny shards, on the CPU also where a GPU exists (the CUDA path
+    has its own tests, marked requiresCuda); overrides replace or add flags."""
     flags = {"filesTokensTr": f"{dataDir}/fineweb_train_*.bin", "filesTokensVa": f"{dataDir}/fineweb_val_*.bin",
              "dirResults": str(resultsDir), "nLayers": 2, "nHeads": 2, "dimEmb": 32, "seqLength": 32,
              "contextSize": 16, "nSteps": 8, "nStepsWarmup": 2, "nStepsCooldown": 3, "valEvery": 4, "plotEvery": 4,
-             "nTokensVa": 256, "plottingLevel": 0}
+             "nTokensVa": 256, "plottingLevel": 0, "device": "cpu"}
     flags.update(overrides)
     argv = []
     for name, value in flags.items():

@@ -41,7 +41,7 @@ def testStaggeredStarts(tinyData, tmp_path):
     assert modelLrFactors(hp, 5000, starts) == [lrFactor(5000, 20000, 2, 3, "trap")] * 20
     hp.staggeredStarts = 2
     own = modelLrFactors(hp, 5000, starts)
-    assert own[5] == pytest.approx(lrFactor(0, 15000, 2, 3, "trap"))  # model 5 starts at 5000: its first step
+    assert own[5] == pytest.approx(lrFactor(0, 20000, 2, 3, "trap"))  # model 5 starts at 5000: its first step
     assert own[0] == pytest.approx(lrFactor(5000, 20000, 2, 3, "trap"))
     hp.staggeredStarts = 0
     assert modelStartSteps(hp) == [0] * 20
@@ -92,7 +92,7 @@ def testBatchedEqualsLoopOfSingleModels(tinyData, tmp_path):
         for i in range(activeModels(step, trainer.startSteps)):
             total = 0.0
             for _ in range(hp.batchSize):
-                tokens = torch.from_numpy(streams[i].next())[None, None]
+                tokens = torch.from_numpy(streams[i].next())[None, None].to(trainer.device)
                 loss, _ = singles[i](tokens[..., :-1], tokens[..., 1:])
                 (loss.sum() / hp.batchSize).backward()
                 total += float(loss.detach()) / hp.batchSize
