@@ -2,7 +2,9 @@
 
 Both start from the same weights, data streams and optimizer settings, so after the timed steps their
 per-model losses must agree (float32 rounding); the table reports that difference with the times.
-Also: peak GPU memory of the batched pass for several N, and single-model tokens/s in float32 and bfloat16.
+Also: for N = 1, 5, 10, 20 models, the modelsPerPass the trainer chooses, the peak memory --preflight estimates
+for it and (on CUDA) the peak measured, each trainer freed before the next; single-model tokens/s in float32 and
+bfloat16.
 The last line is `ratio X` = batched seconds per step / looped seconds per step.
 
     python bench/benchPhase1.py                   # CUDA, 20 models, default model size, seqLength 4096
@@ -10,6 +12,7 @@ The last line is `ratio X` = batched seconds per step / looped seconds per step.
 """
 import argparse
 import copy
+import gc
 import os
 import sys
 import tempfile
@@ -125,14 +128,29 @@ def batchedStepper(trainer):
     return run
 
 
-def peakMemory(device, function):
-    if device.type != "cuda":
-        return float("nan")
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats(device)
-    function()
+def freeMemory(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def memoryRow(args, folder, device, nModels):
+    """(models, modelsPerPass chosen, estimated peak GiB, measured peak GiB or nan) of a fresh trainer's steps."""
+    import preflight
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    trainer = makeTrainer(args, folder, nModels)
+    estimated, _ = preflight.estimatePeakMemory(trainer.hp, trainer.vocabSize, nModels, trainer.modelsPerPass)
+    step = batchedStepper(trainer)
+    for _ in range(2):  # the second step runs with the optimizer states the first one made
+        step()
     synchronize(device)
-    return torch.cuda.max_memory_allocated(device) / 1e9
+    measured = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    row = (nModels, trainer.modelsPerPass, estimated / 2**30, measured)
+    del trainer, step
+    freeMemory(device)
+    return row
 
 
 def main():
@@ -162,26 +180,21 @@ def main():
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         batchedTime, batchedLosses = timeSteps(batchedStepper(trainer), device, nWarmup, args.steps)
-        batchedPeak = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else float("nan")
+        batchedPeak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         loopStep = iter(range(10 ** 9))
         loopedTime, loopedLosses = timeSteps(lambda: looped.step(next(loopStep)), device, nWarmup, args.steps)
-        loopedPeak = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else float("nan")
+        loopedPeak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
         lossDiff = float((batchedLosses.float() - loopedLosses.float()).abs().max())
         tokensPerStep = args.nModels * args.seqLength
 
         rows = [("batched (one pass, all models)", batchedTime, batchedPeak),
                 ("looped (one model after another)", loopedTime, loopedPeak)]
-        memoryRows = []
-        if device.type == "cuda":
-            del looped
-            for n in sorted({1, max(1, args.nModels // 4), max(1, args.nModels // 2), args.nModels}):
-                small = makeTrainer(args, folder, n)
-                step = batchedStepper(small)
-                step()
-                memoryRows.append((n, peakMemory(device, step)))
-                del small
+        del trainer, looped  # a live 20-model trainer would sit under every measurement below
+        freeMemory(device)
+        memoryRows = [memoryRow(args, folder, device, n)
+                      for n in sorted({1, max(1, args.nModels // 4), max(1, args.nModels // 2), args.nModels})]
         throughput = []
         for dtype in ("float32", "bfloat16"):
             single = makeTrainer(args, folder, 1, dtype)
@@ -190,12 +203,14 @@ def main():
             del single
 
     print()
-    print(f"{'variant':36s} {'s/step':>9s} {'tokens/s':>12s} {'peak GB':>9s}")
+    print(f"{'variant':36s} {'s/step':>9s} {'tokens/s':>12s} {'peak GiB':>9s}")
     for label, seconds, peak in rows:
         print(f"{label:36s} {seconds:9.4f} {tokensPerStep / seconds:12,.0f} {peak:9.3f}")
     print(f"per-model losses after {nWarmup + args.steps} steps, max |batched - looped|: {lossDiff:.2e}")
-    for n, peak in memoryRows:
-        print(f"batched peak memory with {n:3d} models: {peak:.3f} GB")
+    print()
+    print(f"{'models':>6s} {'modelsPerPass':>13s} {'estimated peak GiB':>19s} {'measured peak GiB':>18s}")
+    for n, perPass, estimated, measured in memoryRows:
+        print(f"{n:6d} {perPass:13d} {estimated:19.3f} {measured:18.3f}")
     for dtype, tokensPerSecond in throughput:
         print(f"single model (baseline path) {dtype:9s}: {tokensPerSecond:12,.0f} tokens/s")
     print(f"ratio {batchedTime / loopedTime:.2f}")
