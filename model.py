@@ -317,7 +317,7 @@ class GPT(nn.Module):
         self.tieEmbeddings = tieEmbeddings
         self.tokenDocSep = tokenDocSep
         self.afMlpName, self.afAttName = afMlp, afAtt
-        self.kernel = AttentionKernel(attention, contextSize, flexBlockSize)
+        self.kernel = AttentionKernel(attention, contextSize, flexBlockSize, dimEmb // nHeads)
         zeroInit = freezeEmbeddings >= 0  # training only embeddings through frozen zero matrices would learn nothing
 
         self.embed = stackedNormal(nModels, vocabSize, dimEmb)
