@@ -103,6 +103,7 @@ class Attention(nn.Module):
         v = (1 - lam) * v + lam * vFirst
         # QK normalisation with F.rms_norm's default eps (the dtype's machine epsilon), as the original
         q, k = self.rotary(F.rms_norm(q, (self.headDim,))), self.rotary(F.rms_norm(k, (self.headDim,)))
+        q, k = q.to(v.dtype), k.to(v.dtype)  # CUDA autocast runs rms_norm in float32; attention wants one dtype
         y = kernel(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)  # [nB, H, T, hd]
         y = y.transpose(1, 2).reshape(n, B, T, D)
         return stackedMatmul(y, self.proj, first), vFirst

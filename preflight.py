@@ -140,6 +140,7 @@ class Report:
 
     def __init__(self):
         self.rows = []
+        self.details = []  # lines printed under the table
 
     def add(self, check, ok, detail):
         self.rows.append((check, ok, detail))
@@ -187,6 +188,20 @@ def checkAfFile(hp, vocabSize, report):
     return report.add("AF file", True, "; ".join(notes))
 
 
+def checkFlexAttention(hp, capability, report):
+    from attention import describeFlexAttention
+
+    plan = describeFlexAttention(capability, torch.bfloat16 if hp.dtype == "bfloat16" else torch.float32,
+                                 hp.dimEmb // hp.nHeads, hp.flexBlockSize)
+    usable = [sum(c.usable for c in configs) for configs in (plan.forward, plan.backward)]
+    verdict = {True: "compiles", False: "will not compile: choose a smaller --flexBlockSize",
+               None: "not known for this GPU; if it fails at the first step the run falls back to SDPA"}[plan.compiles]
+    report.add("FlexAttention", plan.compiles is not False,
+               f"mask block {plan.maskBlockSize}, tiles {hp.flexBlockSize}; inductor's configs usable: "
+               f"{usable[0]} forward, {usable[1]} backward; {verdict}")
+    report.details += ["", "FlexAttention:"] + plan.lines()
+
+
 def runPreflight(hp):
     """Check a configured run without training and print one table; returns the exit code (0: it will fit and
     compile), after one line on stderr naming what will not."""
@@ -225,6 +240,7 @@ def runPreflight(hp):
                    + ", ".join(f"{part} {value / 2**30:.2f}" for part, value in breakdown.items()))
         report.add("modelsPerPass", True, f"{perPass} ({how}; {-(-hp.nModels // perPass)} pass(es) per "
                                           f"accumulation step)")
+        checkFlexAttention(hp, capability, report)
         startSteps = modelStartSteps(hp)
         variants = shapeVariants(runPasses(startSteps, 0, lambda n: n, perPass), hp.nModels, nValidation,
                                  hp.seqLength)
@@ -233,7 +249,7 @@ def runPreflight(hp):
                    f"{backend or 'none (eager)'}: {len(variants)} before step 1 — "
                    + ", ".join(f"{kind} {n} model(s) from {first}" + (f" x {batch} sequences" if batch > 1 else "")
                                for kind, first, n, batch in variants) if backend else "none: the model runs eagerly")
-    print("\n".join(report.lines()))
+    print("\n".join(report.lines() + report.details))
     failures = report.failures()
     if failures:
         check, detail = failures[0]

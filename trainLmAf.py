@@ -25,6 +25,7 @@ import torch
 
 from activationFunctions import FIXED_TYPES, LEARNABLE_TYPES, MLP_INPUT_TYPES, SPLINE_TYPES, evaluateOnGrid, isLearnable
 from distributed import Distributed
+from attention import FLEX_MASK_BLOCK, FLEX_TILE_SIZES
 from afFiles import AfFileError, atomicWrite, loadAfsIntoModel, perLayerValues, safeTorchLoad, saveAfFiles, splineKnots
 from model import GPT, MLP_VARIANT_AFS, AfInputStatistics, copyInitAcrossModels, permuteInitAcrossModels
 from stackedAdam import StackedAdam
@@ -105,7 +106,7 @@ class Hyperparameters:
                                  "3: + max magnitudes and per-parameter magnitudes printed", (0, 1, 2, 3))
     dtype: str = flag("float32", "float32, or bfloat16 (mixed precision; weights and spline knots stay float32)",
                       ("float32", "bfloat16"))
-    flexBlockSize: int = flag(32, "FlexAttention tile size (speed/memory only)")
+    flexBlockSize: int = flag(32, "FlexAttention kernel tile size, 16, 32, 64 or 128 (speed/memory only)")
     device: str = flag("auto", "auto: CUDA if present, else CPU", ("auto", "cuda", "cpu"))
     modelsPerPass: int = flag(0, "phase I: run the active models in groups of this many, one batched pass each (same "
                                  "results, less memory); 0: on CUDA as many as the free GPU memory holds, else all")
@@ -191,6 +192,9 @@ def validate(hp):
                           f"{', '.join(attChoices)}")
     positive = ("nLayers", "nHeads", "dimEmb", "batchSize", "seqLength", "contextSize", "nSteps", "nModels",
                 "nTokensVa", "plotEvery", "flexBlockSize")
+    if hp.flexBlockSize not in FLEX_TILE_SIZES:
+        raise ConfigError(f"--flexBlockSize must be one of {', '.join(map(str, FLEX_TILE_SIZES))} (it is FlexAttention's "
+                          f"tile, which must divide its {FLEX_MASK_BLOCK}-position mask block), got {hp.flexBlockSize}")
     if hp.modelsPerPass < 0:
         raise ConfigError(f"--modelsPerPass must be >= 0 (0: chosen from the GPU's free memory), got {hp.modelsPerPass}")
     for name in positive:
@@ -575,7 +579,8 @@ class Trainer:
         backend = compileBackend(hp, self.device)
         self.compiled = self.model if backend is None else torch.compile(self.model, backend=backend)
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=hp.dtype == "bfloat16")
-        self.compiledVariants = self.compileShapeVariants() if backend else []
+        self.attentionNotes = []
+        self.compiledVariants = self.firstPasses(compiled=backend is not None)
         self.forced = forced
         return self
 
@@ -735,8 +740,26 @@ class Trainer:
             log("Optimizer (AFs): none (AFs fixed or frozen)")
         for note in self.afNotes:
             log(note)
+        for line in self.kernelLines():
+            log(line)
         if hp.nModels > 1:
-            log(f"Phase I: {hp.nModels} models, start steps {self.startSteps}")
+            log(f"Phase I: {hp.nModels} models, start steps {self.startSteps}; {self.modelsPerPass} models per pass "
+                f"({self.modelsPerPassNote})")
+
+    def kernelLines(self):
+        """What runs the attention and what compiled, for the header."""
+        kernel, hp = self.model.kernel, self.hp
+        lines = list(self.attentionNotes)
+        if kernel.implementation == "flex":
+            options = kernel.kernelOptions.get(torch.bfloat16 if hp.dtype == "bfloat16" else torch.float32)
+            lines.append(f"Attention: FlexAttention, mask block {FLEX_MASK_BLOCK}, kernel options {options}")
+        else:
+            lines.append("Attention: SDPA with the dense causal + document + window mask")
+        if self.compiledVariants:
+            lines.append(f"Compiled before step 1 ({compileBackend(hp, self.device)}): " + ", ".join(
+                f"{kind} {n} model(s) from {first}" + (f" x {batch} sequences" if batch > 1 else "")
+                for kind, first, n, batch in self.compiledVariants))
+        return lines
 
     # -- one step ----------------------------------------------------------------------------
 
@@ -769,24 +792,47 @@ class Trainer:
                                   f"{peak / 2**30:.1f} GiB")
         return perPass
 
-    def compileShapeVariants(self):
+    def firstPasses(self, compiled):
+        """Run, before step 1, every graph a compiled run will need (or, eagerly, one pass when FlexAttention is in
+        use): a failure of FlexAttention here (a compile error, too little shared memory at the first launch)
+        switches every process to SDPA with one printed line instead of stopping the run. Returns the compiled
+        variants."""
+        kernel = self.model.kernel
+        if not compiled and kernel.implementation != "flex":
+            return []
+        failure = None
+        try:
+            variants = self.compileShapeVariants(allOfThem=compiled)
+        except Exception as err:  # compile and launch errors of other GPUs and library versions have many types
+            failure = err
+        anyFailed = self.dist.maxInPlace(torch.tensor([failure is not None], dtype=torch.int32, device=self.device))
+        if not anyFailed[0]:
+            return variants if compiled else []
+        line = kernel.fallBackToSdpa(failure or RuntimeError("FlexAttention failed in another process"))
+        print(line, flush=True)
+        self.attentionNotes.append(line)
+        return self.compileShapeVariants() if compiled else []
+
+    def compileShapeVariants(self, allOfThem=True):
         """Compile, before step 1, every graph the run will need (training passes of 1..N models, validation),
-        so that no compile happens hours into a run; returns what was compiled."""
+        so that no compile happens hours into a run; returns what was compiled (allOfThem False: the first only)."""
         passes = runPasses(self.startSteps, self.step, self.localActive, self.modelsPerPass)
         nValidation = len(self.vaSequences) if self.vaSequences is not None and self.dist.isMain else 0
-        variants = shapeVariants(passes, self.nLocal, nValidation, self.hp.seqLength)
+        variants = shapeVariants(passes, self.nLocal, nValidation, self.hp.seqLength)[:None if allOfThem else 1]
         def tokens(rows):  # laid out as nextBatch and validate lay out real ones, so the graphs' guards hold
             return torch.zeros(rows, self.hp.seqLength + 1, dtype=torch.long, device=self.device)
 
-        for kind, first, n, batch in variants:
-            if kind == "train":
-                losses, _ = self.forwardPass(tokens(first + n)[:, None, :][first:], first)
-                losses.sum().backward()
-            else:
-                with torch.no_grad():
-                    self.forwardPass(tokens(batch)[None], 0)
-        for p in self.model.parameters():
-            p.grad = None
+        try:
+            for kind, first, n, batch in variants:
+                if kind == "train":
+                    losses, _ = self.forwardPass(tokens(first + n)[:, None, :][first:], first)
+                    losses.sum().backward()
+                else:
+                    with torch.no_grad():
+                        self.forwardPass(tokens(batch)[None], 0)
+        finally:
+            for p in self.model.parameters():
+                p.grad = None
         return variants
 
     def localActive(self, nActiveAll):

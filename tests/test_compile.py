@@ -51,3 +51,24 @@ def testSeveralPassesGiveTheResultsOfOnePass(tinyData, tmp_path):
     torch.testing.assert_close(lossesSeveral, lossesOne, rtol=0, atol=1e-6)
     for (name, a), (_, b) in zip(one.model.named_parameters(), several.model.named_parameters()):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("compileBackend", ["none", "aot_eager"])
+def testAFailingFlexAttentionFallsBackToSdpaBeforeStepOne(tinyData, tmp_path, monkeypatch, compileBackend):
+    import trainLmAf
+
+    torch._dynamo.reset()
+    arguments = trainLmAf.modelArguments
+    # FlexAttention on a CPU has no backward: it fails in the first backward, as a GPU without the shared
+    # memory the kernel needs would fail at its first launch
+    monkeypatch.setattr(trainLmAf, "modelArguments", lambda *a, **k: {**arguments(*a, **k), "attention": "flex"})
+    hp, given = parseArgs(tinyFlags(tinyData, tmp_path, runName="fallback", nSteps=3, nStepsWarmup=1,
+                                    nStepsCooldown=1, compileBackend=compileBackend))
+    trainer = Trainer(hp, given).setup()
+    assert trainer.model.kernel.implementation == "sdpa"
+    assert all(p.grad is None for p in trainer.model.parameters())  # the failed pass left nothing behind
+    assert trainer.train() == 0
+    log = (tmp_path / "log-fallback.txt").read_text()
+    assert "FlexAttention failed on this GPU (NotImplementedError: FlexAttention does not support backward" in log
+    assert "continuing with SDPA and the same mask" in log and "Step 3/3   lossTr" in log
+    torch._dynamo.reset()

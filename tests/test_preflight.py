@@ -36,6 +36,8 @@ def testDefaultPhaseOneFitsALaptopGpuInSeveralPasses(gpt2Data, capsys):
     perPass = int(rows["modelsPerPass"].split()[2])
     assert 1 < perPass < 20 and "2 pass(es)" in rows["modelsPerPass"]
     assert "inductor" in rows["compiled graphs"]
+    assert "ok" in rows["FlexAttention"] and rows["FlexAttention"].endswith("compiles")
+    assert "capability 8.9, float32, head size 64, flexBlockSize 32: mask block 128" in out
     assert out.rstrip().endswith("preflight: the run will fit and compile")
 
 
@@ -69,3 +71,10 @@ def testEstimateCountsWeightsGradientsAndAdamExactlyAndGrowsWithThePass(tinyData
     assert peaks[0] < peaks[1] < peaks[2]
     perPass, peak = fittingModelsPerPass(hp, 50304, 6, peaks[1] / USABLE_SHARE)
     assert perPass == 3 and peak == peaks[1]
+
+
+def testATileThatCannotFitIsNamed(gpt2Data, capsys):
+    # one-stage backward of 64-wide float32 tiles at head size 128 needs more than an RTX 40xx's 99 KB per block
+    code, out, err = runMain(PHASE1 + gpt2Data + ["--preflight", "1", "--preflightGpu", "4090:8.9:24", "--nHeads", "2",
+                                                  "--flexBlockSize", "64"], capsys)
+    assert code == 1 and err.startswith("preflight: FlexAttention will not work") and "smaller --flexBlockSize" in err
