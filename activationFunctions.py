@@ -25,6 +25,9 @@ elsewhere as the PyTorch code below, which the kernels are tested against.
 Besides the spline: fixed AFs (FIXED_TYPES), elementwise AFs with a few trained parameters
 (LEARNABLE_TYPES) and the token-adaptive mixture `moa` (MLP only); each class names its formula and paper.
 """
+import functools
+import warnings
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -93,36 +96,72 @@ def splineBackwardTorch(gradOut, x, values, knotMin, invStep):
     return gradX, gradValues.view(values.shape).to(values.dtype)
 
 
-_tritonBroken = []  # the first failure of the Triton path, after which the PyTorch path is used
+# ----------------------------------------------------------------------------------------------
+# Choosing the implementation: Triton kernels where they run, the PyTorch code above elsewhere
+
+_KERNELS = ("forward", "backward")
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # float64 would lose precision in float32 kernels
+_failedBackends = set()  # (kernel, backend) pairs that raised in this process; they are not tried again
 
 
-def _tritonUsable(x, values):
-    if _tritonBroken or not x.is_cuda or values.dim() != 1 or values.dtype != torch.float32:
-        return False
-    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        return False
+@functools.lru_cache(maxsize=None)
+def _kernelCandidates(device):
+    """(per kernel the implementations to try on device, fastest first and "torch" last; the kernels' knot limit)."""
+    torchOnly = {kernel: ("torch",) for kernel in _KERNELS}, 0
+    if device.type != "cuda":
+        return torchOnly
     try:
         import splineKernel  # optional: Triton is only needed on CUDA
     except ImportError:
-        return False
-    return values.numel() <= splineKernel.MAX_KNOTS
+        return torchOnly
+    offered = splineKernel.kernelBackends(device)
+    return {kernel: offered[kernel] + ("torch",) for kernel in _KERNELS}, splineKernel.MAX_KNOTS
 
 
-def _disableTriton(err):
-    """A Triton version the kernels were not written for must not stop training: warn once, use PyTorch."""
-    import warnings
-    _tritonBroken.append(err)
-    warnings.warn(f"spline Triton kernel failed ({type(err).__name__}: {err}); using the PyTorch implementation")
+def _backend(kernel, device, nKnots, perChannel, dtype):
+    candidates, maxKnots = _kernelCandidates(device)
+    if perChannel or dtype not in _KERNEL_DTYPES or nKnots > maxKnots:
+        return "torch"
+    return next(name for name in candidates[kernel] if (kernel, name) not in _failedBackends)
+
+
+def splineBackends(device, nKnots=64, perChannel=False, dtype=torch.bfloat16):
+    """Which implementation runs the spline's forward and backward on device: {"forward": name, "backward": name}.
+
+    Names: "triton-gluon" and "triton-tl" (the Triton kernels of splineKernel.py, offered by what the installed Triton
+    supports) and "torch" (the PyTorch code above). Kernels serve a shared spline (perChannel=False) of at most
+    splineKernel.MAX_KNOTS knots with float32, bfloat16 or float16 inputs (dtype) on CUDA; everything else, float64
+    included, uses "torch". A kernel that raised earlier in this process is replaced by the next one.
+    """
+    return {kernel: _backend(kernel, torch.device(device), nKnots, perChannel, dtype) for kernel in _KERNELS}
+
+
+def _callBackend(kernel, x, values):
+    if values.dtype != torch.float32:
+        return "torch"
+    return _backend(kernel, x.device, values.shape[-1], values.dim() != 1, x.dtype)
+
+
+def _backendFailed(kernel, x, values, backend, err):
+    """A Triton version or GPU the kernels were not written for must not stop training: warn once, use the next one."""
+    _failedBackends.add((kernel, backend))
+    nextBackend = _callBackend(kernel, x, values)
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    # compile errors end with the cause, after the kernel source
+    warnings.warn(f"spline {kernel} kernel {backend} failed ({type(err).__name__}: {lines[-1] if lines else ''}); "
+                  f"the spline {kernel} now uses {nextBackend}")
+    return nextBackend
 
 
 @torch.library.custom_op("lmafs::spline_forward", mutates_args=())
 def _splineForwardOp(x: torch.Tensor, values: torch.Tensor, knotMin: float, invStep: float) -> torch.Tensor:
-    if _tritonUsable(x, values):
+    backend = _callBackend("forward", x, values)
+    while backend != "torch":
         from splineKernel import splineForwardTriton
         try:
             return splineForwardTriton(x, values, knotMin, invStep)
         except Exception as err:  # compile errors of other Triton versions have many types
-            _disableTriton(err)
+            backend = _backendFailed("forward", x, values, backend, err)
     return splineForwardTorch(x, values, knotMin, invStep)
 
 
@@ -134,13 +173,14 @@ def _(x, values, knotMin, invStep):
 @torch.library.custom_op("lmafs::spline_backward", mutates_args=())
 def _splineBackwardOp(gradOut: torch.Tensor, x: torch.Tensor, values: torch.Tensor, knotMin: float,
                       invStep: float) -> tuple[torch.Tensor, torch.Tensor]:
-    if _tritonUsable(x, values):
+    backend = _callBackend("backward", x, values)
+    while backend != "torch":
         from splineKernel import splineBackwardTriton
         try:
-            gradX, gradValues = splineBackwardTriton(gradOut, x, values, knotMin, invStep)
+            gradX, gradValues = splineBackwardTriton(gradOut, x, values, knotMin, invStep, backend=backend)
             return gradX, gradValues.to(values.dtype)
         except Exception as err:
-            _disableTriton(err)
+            backend = _backendFailed("backward", x, values, backend, err)
     return splineBackwardTorch(gradOut, x, values, knotMin, invStep)
 
 

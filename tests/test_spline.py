@@ -1,11 +1,14 @@
 """The spline activation: values, gradients (gradcheck and a dense one-hot reference), loading, freezing."""
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
 
-from activationFunctions import Spline, SplinePerDim, makeActivation, splineActivation, splineReference
+import activationFunctions
+from activationFunctions import (Spline, SplinePerDim, makeActivation, splineActivation, splineBackends,
+                                 splineReference)
 from conftest import REPO
 
 
@@ -139,3 +142,94 @@ def testNanPropagatesWithoutBadIndexing():
     assert torch.isnan(y[0]) and torch.isfinite(y[1:]).all()
     y.sum().backward()
     assert torch.isfinite(x.grad).all()
+
+
+def testSplineBackendsWithoutKernels():
+    torchOnly = {"forward": "torch", "backward": "torch"}
+    assert splineBackends("cpu") == torchOnly
+    assert splineBackends("cuda", perChannel=True) == torchOnly
+    assert splineBackends("cuda", nKnots=100_000) == torchOnly
+    assert splineBackends("cuda", dtype=torch.float64) == torchOnly
+
+
+class FakeKernels:
+    """Stands in for splineKernel: records which kernel ran and raises for the backends listed in `broken`."""
+
+    MAX_KNOTS = 256
+
+    def __init__(self, broken):
+        self.broken, self.calls = set(broken), []
+
+    def splineForwardTriton(self, x, values, knotMin, invStep):
+        self.calls.append(("forward", "triton-tl"))
+        if ("forward", "triton-tl") in self.broken:
+            raise RuntimeError("forward kernel does not compile")
+        return activationFunctions.splineForwardTorch(x, values, knotMin, invStep)
+
+    def splineBackwardTriton(self, gradOut, x, values, knotMin, invStep, *, backend):
+        self.calls.append(("backward", backend))
+        if ("backward", backend) in self.broken:
+            raise RuntimeError(f"{backend} does not compile\nAttributeError('no atomic_scatter_add')")
+        return activationFunctions.splineBackwardTorch(gradOut, x, values, knotMin, invStep)
+
+
+@pytest.fixture
+def fakeKernelsOnCpu(monkeypatch):
+    """Makes the op dispatch offer Triton kernels for CPU tensors, served by FakeKernels; returns its installer."""
+    candidates = {"forward": ("triton-tl", "torch"), "backward": ("triton-gluon", "triton-tl", "torch")}
+    monkeypatch.setattr(activationFunctions, "_kernelCandidates", lambda device: (candidates, FakeKernels.MAX_KNOTS))
+    monkeypatch.setattr(activationFunctions, "_failedBackends", set())
+
+    def install(broken):
+        fake = FakeKernels(broken)
+        monkeypatch.setitem(sys.modules, "splineKernel", fake)
+        return fake
+
+    return install
+
+
+def customOpSpline(x, values, knotMin, knotStep):
+    """The custom op (on a CPU it runs the PyTorch code)."""
+    return activationFunctions._splineForwardOp(x.contiguous(), values, float(knotMin), 1.0 / float(knotStep))
+
+
+def runCustomOp(x, values):
+    y = customOpSpline(x, values, -15.0, 30.0 / 63)
+    gradX, gradValues = torch.autograd.grad(y.sum(), (x, values))
+    return y, gradX, gradValues
+
+
+def testKernelFailureFallsBackForThatKernelOnly(fakeKernelsOnCpu):
+    fake = fakeKernelsOnCpu(broken={("backward", "triton-gluon"), ("backward", "triton-tl")})
+    torch.manual_seed(4)
+    x = (torch.randn(300) * 8).requires_grad_()
+    values = torch.randn(64, requires_grad=True)
+    with pytest.warns(UserWarning) as caught:
+        y, gradX, gradValues = runCustomOp(x, values)
+    assert len(caught) == 2
+    reference = torch.autograd.grad(splineReference(x, values, -15.0, 30.0 / 63).sum(), (x, values))
+    torch.testing.assert_close((gradX, gradValues), reference)
+    fake.calls.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # each failure warned once, when it happened
+        runCustomOp(x, values)
+    assert fake.calls == [("forward", "triton-tl")]  # the forward kernel still runs; the backward is on PyTorch now
+    assert splineBackends("cpu") == {"forward": "triton-tl", "backward": "torch"}
+
+
+def testEachFailureWarnsNamingKernelAndNextBackend(fakeKernelsOnCpu):
+    fake = fakeKernelsOnCpu(broken={("backward", "triton-gluon")})
+    x = torch.randn(50, requires_grad=True)
+    values = torch.randn(8, requires_grad=True)
+    with pytest.warns(UserWarning) as caught:
+        runCustomOp(x, values)
+    messages = [str(warning.message) for warning in caught]
+    assert len(messages) == 1
+    assert "backward kernel triton-gluon failed" in messages[0] and "now uses triton-tl" in messages[0]
+    assert "no atomic_scatter_add" in messages[0]  # the cause, not the first line of a compiler message
+    assert fake.calls == [("forward", "triton-tl"), ("backward", "triton-gluon"), ("backward", "triton-tl")]
+    assert splineBackends("cpu") == {"forward": "triton-tl", "backward": "triton-tl"}
+    fake.broken.add(("forward", "triton-tl"))
+    with pytest.warns(UserWarning, match="forward kernel triton-tl failed .* now uses torch"):
+        runCustomOp(x, values)
+    assert splineBackends("cpu") == {"forward": "torch", "backward": "triton-tl"}
