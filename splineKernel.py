@@ -233,7 +233,8 @@ def splineBackwardTriton(gradOut: torch.Tensor, x: torch.Tensor, values: torch.T
     backends = kernelBackends(x.device)["backward"]
     backend = backends[0] if backend is None and backends else backend
     if backend not in backends:
-        raise ValueError(f"backward kernel {backend!r} cannot run on {x.device} with this Triton; available: {backends}")
+        raise ValueError(f"backward kernel {backend!r} cannot run on {x.device} with this Triton; "
+                         f"available: {backends}")
     gradOutFlat = gradOut.contiguous().view(-1)
     xFlat = x.contiguous().view(-1)
     gradX = torch.empty_like(xFlat)

@@ -144,6 +144,77 @@ def testNanPropagatesWithoutBadIndexing():
     assert torch.isfinite(x.grad).all()
 
 
+def splineInput(generator, shape, knotMin, knotMax, nKnots, dtype):
+    """x mixing in-range and out-of-range values with exact knots, both ends, far outliers, infinities and NaN."""
+    numel = torch.Size(shape).numel()
+    x = (knotMin + knotMax) / 2 + 0.75 * (knotMax - knotMin) * (2 * torch.rand(numel, generator=generator) - 1)
+    knots = knotMin + (knotMax - knotMin) / (nKnots - 1) * torch.arange(nKnots, dtype=torch.float32)
+    specials = torch.cat([knots, torch.tensor([knotMin, knotMax, -1e4, 1e4, float("inf"), -float("inf"),
+                                               float("nan"), float("nan")])])
+    x[torch.randperm(numel, generator=generator)[:specials.numel()]] = specials
+    return x.view(shape).to(dtype)
+
+
+def referenceGradients(x, values, knotMin, knotStep, gradOut):
+    xRef = x.detach().clone().requires_grad_()
+    valuesRef = values.detach().clone().requires_grad_()
+    y = splineReference(xRef, valuesRef, knotMin, knotStep)
+    gradX, gradValues = torch.autograd.grad(y, (xRef, valuesRef), gradOut)
+    # the same knot sums over |gradOut| bound what a different summation order may change in each knot gradient
+    absMass, = torch.autograd.grad(splineReference(x, valuesRef, knotMin, knotStep), valuesRef, gradOut.abs())
+    return y.detach(), gradX, gradValues, absMass
+
+
+def customOpSpline(x, values, knotMin, knotStep):
+    """The custom op torch.compile sees (on a CPU it runs the same PyTorch code as splineActivation)."""
+    return activationFunctions._splineForwardOp(x.contiguous(), values, float(knotMin), 1.0 / float(knotStep))
+
+
+@pytest.mark.parametrize("path", [splineActivation, customOpSpline], ids=["autogradFunction", "customOp"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels", [None, 5])
+def testTorchPathMatchesReferenceEverywhere(path, dtype, channels):
+    """Values and both gradients equal the reference at knots, at both ends, outside, at infinities and at NaN."""
+    generator = torch.Generator().manual_seed(7)
+    nKnots, knotMin, knotMax = 9, -2.0, 2.0
+    knotStep = (knotMax - knotMin) / (nKnots - 1)
+    shape = (3, 41, channels or 7)
+    x = splineInput(generator, shape, knotMin, knotMax, nKnots, dtype).requires_grad_()
+    values = torch.randn((nKnots,) if channels is None else (channels, nKnots), generator=generator)
+    values.requires_grad_()
+    gradOut = torch.randn(shape, generator=generator).to(dtype)
+    y = path(x, values, knotMin, knotStep)
+    gradX, gradValues = torch.autograd.grad(y, (x, values), gradOut)
+    refY, refGradX, refGradValues, absMass = referenceGradients(x, values, knotMin, knotStep, gradOut)
+    assert y.dtype == gradX.dtype == dtype and gradValues.dtype == torch.float32
+    torch.testing.assert_close(y, refY, equal_nan=True)
+    torch.testing.assert_close(gradX, refGradX)
+    assert torch.equal(gradValues.isnan(), refGradValues.isnan()) and gradValues.isnan().any()
+    finite = ~refGradValues.isnan()
+    assert torch.all((gradValues - refGradValues)[finite].abs() <= 2e-5 * absMass[finite] + 1e-6)
+
+
+def testRightEndBelongsToTheLastInterval():
+    """At x = knotMax exactly: value v_{K-1}, slope of the last interval, the whole gradient on the last knot."""
+    values = torch.tensor([[0.0, 1.0, 3.0], [2.0, -2.0, 5.0]], requires_grad=True)  # two channels, knots -1, 0, 1
+    x = torch.tensor([[1.0, 1.0]], requires_grad=True)
+    y = splineActivation(x, values, -1.0, 1.0)
+    torch.testing.assert_close(y.detach(), torch.tensor([[3.0, 5.0]]))
+    gradX, gradValues = torch.autograd.grad(y, (x, values), torch.tensor([[1.0, 10.0]]))
+    torch.testing.assert_close(gradX, torch.tensor([[2.0, 70.0]]))
+    # nothing spills into the next channel's first knot
+    torch.testing.assert_close(gradValues, torch.tensor([[0.0, 0.0, 1.0], [0.0, 0.0, 10.0]]))
+
+
+def testEmptyInput():
+    x = torch.zeros(0, 4, requires_grad=True)
+    values = torch.randn(6, requires_grad=True)
+    y = splineActivation(x, values, -1.0, 0.4)
+    gradX, gradValues = torch.autograd.grad(y.sum(), (x, values))
+    assert y.shape == (0, 4) and gradX.shape == (0, 4)
+    assert torch.equal(gradValues, torch.zeros(6))
+
+
 def testSplineBackendsWithoutKernels():
     torchOnly = {"forward": "torch", "backward": "torch"}
     assert splineBackends("cpu") == torchOnly
@@ -186,11 +257,6 @@ def fakeKernelsOnCpu(monkeypatch):
         return fake
 
     return install
-
-
-def customOpSpline(x, values, knotMin, knotStep):
-    """The custom op (on a CPU it runs the PyTorch code)."""
-    return activationFunctions._splineForwardOp(x.contiguous(), values, float(knotMin), 1.0 / float(knotStep))
 
 
 def runCustomOp(x, values):
