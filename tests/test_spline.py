@@ -170,11 +170,14 @@ def customOpSpline(x, values, knotMin, knotStep):
     return activationFunctions._splineForwardOp(x.contiguous(), values, float(knotMin), 1.0 / float(knotStep))
 
 
+@pytest.mark.parametrize("chunk", [None, 64], ids=["oneChunk", "chunksOf64"])
 @pytest.mark.parametrize("path", [splineActivation, customOpSpline], ids=["autogradFunction", "customOp"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("channels", [None, 5])
-def testTorchPathMatchesReferenceEverywhere(path, dtype, channels):
+def testTorchPathMatchesReferenceEverywhere(path, dtype, channels, chunk, monkeypatch):
     """Values and both gradients equal the reference at knots, at both ends, outside, at infinities and at NaN."""
+    if chunk is not None:  # inputs longer than a chunk go through in pieces (a per-channel one in whole rows)
+        monkeypatch.setattr(activationFunctions, "_CHUNK", chunk)
     generator = torch.Generator().manual_seed(7)
     nKnots, knotMin, knotMax = 9, -2.0, 2.0
     knotStep = (knotMax - knotMin) / (nKnots - 1)
