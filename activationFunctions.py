@@ -96,7 +96,10 @@ _CHUNK = 1 << 17  # elements per chunk: 2.6x faster than one pass over 8M elemen
 
 
 def _chunks(n, values):
-    """Slices of a flat input of n elements; a per-channel spline's chunks start at channel 0."""
+    """Slices of a flat input of n elements; a per-channel spline's chunks start at channel 0. A GPU (the fallback
+    for a failed kernel) takes one chunk: its caches are not what limits it, the launches per chunk would be."""
+    if values.device.type != "cpu":
+        return [slice(0, n)]
     step = _CHUNK if values.dim() == 1 else max(1, _CHUNK // values.shape[0]) * values.shape[0]
     return [slice(start, start + step) for start in range(0, n, step)]
 
