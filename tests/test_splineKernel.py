@@ -214,7 +214,11 @@ COMPILE_DTYPES = {"fp32": 17, "bf16": 64}  # input dtype -> knot count compiled 
 
 
 def compileKernel(kernel, backend, capability, dtype, numKnots):
-    """Compiles one kernel for an NVIDIA target with the ptxas bundled with Triton; no GPU is needed."""
+    """Compiles one kernel for an NVIDIA target with the ptxas bundled with Triton; no GPU is needed.
+
+    After a first (uncached) Gluon compile, Triton's bindings report leaked nanobind objects when Python exits;
+    the report is Triton's and harmless.
+    """
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -290,6 +294,8 @@ def test_backendsFollowFeatureProbes(monkeypatch, freshBackendChoice):
 
 
 def test_noKernelsOnCpuWithoutInterpreter():
+    if splineKernel._interpreting():
+        pytest.skip("TRITON_INTERPRET is set: the tl kernels do run on CPU tensors")
     assert splineKernel.kernelBackends(torch.device("cpu")) == {"forward": (), "backward": ()}
     assert splineBackends("cpu") == {"forward": "torch", "backward": "torch"}
 
