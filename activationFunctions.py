@@ -91,14 +91,16 @@ def _knotIndex(u, values):
 # The PyTorch path below is the one every CPU run takes, so it is written for few passes over memory: 1-D int32
 # indices, in-place arithmetic into as few fresh tensors as possible (on a CPU, writing a fresh tensor costs 2-3
 # in-place passes), one gather per table, no comparison producing a bool tensor (several times slower than one
-# producing floats), and long inputs taken in chunks whose temporaries stay in cache.
+# producing floats), and, on one thread, long inputs taken in chunks whose temporaries stay in cache.
 _CHUNK = 1 << 17  # elements per chunk: 2.6x faster than one pass over 8M elements, as fast as 2**16 (2-core Xeon)
 
 
 def _chunks(n, values):
-    """Slices of a flat input of n elements; a per-channel spline's chunks start at channel 0. A GPU (the fallback
-    for a failed kernel) takes one chunk: its caches are not what limits it, the launches per chunk would be."""
-    if values.device.type != "cpu":
+    """Slices of a flat input of n elements; a per-channel spline's chunks start at channel 0."""
+    # With several threads every operation on a chunk is a parallel region that waits for all threads, and on a
+    # busy machine a descheduled thread stalls each one: on the shared 2-core Xeon, 8M elements took 20 s in chunks,
+    # 0.7 s in one pass. A GPU (the fallback for a failed kernel) takes one chunk too: launches would limit it.
+    if values.device.type != "cpu" or torch.get_num_threads() > 1:
         return [slice(0, n)]
     step = _CHUNK if values.dim() == 1 else max(1, _CHUNK // values.shape[0]) * values.shape[0]
     return [slice(start, start + step) for start in range(0, n, step)]
@@ -108,6 +110,7 @@ def _forwardChunk(x, values, table, slope, knotMin, invStep, y):
     weight = _knotPosition(x, knotMin, invStep).clamp_(0.0, values.shape[-1] - 1)
     index = _knotIndex(weight, values)
     right = slope.index_select(0, index).mul_(weight.frac_())
+    # weight is spent: the second gather reuses its memory
     torch.add(right, torch.index_select(table, 0, index, out=weight), out=y)
 
 
