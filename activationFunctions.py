@@ -268,8 +268,9 @@ _splineForwardOp.register_autograd(_splineBackwardRule, setup_context=_setupSpli
 
 
 class _SplineTorch(torch.autograd.Function):
-    """The PyTorch path as a plain autograd.Function: at the sizes a CPU trains, the custom op's dispatch adds
-    25-30% to the spline's time (bench/RESULTS.md). torch.compile still sees the custom op."""
+    """The PyTorch path as a plain autograd.Function: on 1 x 128 x 256 inputs (one model of the CPU quick start),
+    the custom op's dispatch added 22-32% to the spline's time (bench/RESULTS.md). torch.compile still sees the
+    custom op."""
 
     @staticmethod
     def forward(ctx, x, values, knotMin, invStep):
