@@ -19,12 +19,16 @@ Because knots are uniform the interval is found by arithmetic, not by a search.
 Initialisation: every value = init (0.01 by default: a near-zero function the training shapes),
 or init = -1: values = knot positions, i.e. the identity on [-R, R].
 The interpolation is computed in float32 whatever the input dtype; the output has the input's dtype.
-On CUDA the forward and backward run as Triton kernels (splineKernel.py) when Triton is present;
-elsewhere as the PyTorch code below, which the kernels are tested against.
+On CUDA the forward and backward run as Triton kernels (splineKernel.py), each chosen from what the installed
+Triton offers; elsewhere, and for any kernel that fails, as the PyTorch code below. splineBackends(device) tells
+which runs. Both are tested against splineReference.
 
 Besides the spline: fixed AFs (FIXED_TYPES), elementwise AFs with a few trained parameters
 (LEARNABLE_TYPES) and the token-adaptive mixture `moa` (MLP only); each class names its formula and paper.
 """
+import functools
+import warnings
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -62,67 +66,165 @@ def _flatValueIndex(index, values):
     if values.dim() == 1:
         return index
     nChannels, nKnots = values.shape
-    channel = torch.arange(nChannels, device=index.device)
-    return index + channel * nKnots
+    return index + torch.arange(0, nChannels * nKnots, nKnots, dtype=index.dtype, device=index.device)
+
+
+def _knotPosition(x, knotMin, invStep):
+    """u = (x - knotMin) / h in the compute dtype, as a new tensor the caller may overwrite."""
+    if x.dtype == _computeDtype(x):
+        return torch.sub(x, knotMin).mul_(invStep)
+    return x.to(_computeDtype(x)).sub_(knotMin).mul_(invStep)
+
+
+def _knotIndex(u, values):
+    """Flat int32 index into values.view(-1) of knot floor(u), for u (1-D) clamped to [0, K-1]."""
+    # floor(u) = K-1 only at the right end, where the weight u.frac() is 0: the tables below read v_{K-1} there
+    # (and, for the backward, the last interval's slope), so no clamp to K-2 and no mixed int-float weight.
+    # Whatever integer a NaN converts to, the clamp keeps it in range; its weight stays NaN, so NaN still reaches
+    # y and the knot gradients.
+    index = u.to(torch.int32).clamp_(0, values.shape[-1] - 1)
+    if values.dim() == 1:
+        return index
+    return _flatValueIndex(index.view(-1, values.shape[0]), values).view(-1)
+
+
+# The PyTorch path below is the one every CPU run takes, so it is written for few passes over memory: 1-D int32
+# indices, in-place arithmetic into as few fresh tensors as possible (on a CPU, writing a fresh tensor costs 2-3
+# in-place passes), one gather per table, no comparison producing a bool tensor (several times slower than one
+# producing floats), and, on one thread, long inputs taken in chunks whose temporaries stay in cache.
+_CHUNK = 1 << 17  # elements per chunk: 2.6x faster than one pass over 8M elements, as fast as 2**16 (2-core Xeon)
+
+
+def _chunks(n, values):
+    """Slices of a flat input of n elements; a per-channel spline's chunks start at channel 0."""
+    # With several threads every operation on a chunk is a parallel region that waits for all threads, and on a
+    # busy machine a descheduled thread stalls each one: on the shared 2-core Xeon, 8M elements took 20 s in chunks,
+    # 0.7 s in one pass. A GPU (the fallback for a failed kernel) takes one chunk too: launches would limit it.
+    if values.device.type != "cpu" or torch.get_num_threads() > 1:
+        return [slice(0, n)]
+    step = _CHUNK if values.dim() == 1 else max(1, _CHUNK // values.shape[0]) * values.shape[0]
+    return [slice(start, start + step) for start in range(0, n, step)]
+
+
+def _forwardChunk(x, values, table, slope, knotMin, invStep, y):
+    weight = _knotPosition(x, knotMin, invStep).clamp_(0.0, values.shape[-1] - 1)
+    index = _knotIndex(weight, values)
+    right = slope.index_select(0, index).mul_(weight.frac_())
+    # weight is spent: the second gather reuses its memory
+    torch.add(right, torch.index_select(table, 0, index, out=weight), out=y)
 
 
 def splineForwardTorch(x, values, knotMin, invStep):
-    nKnots = values.shape[-1]
-    index, weight, _ = _splineCoordinates(x, nKnots, knotMin, invStep)
-    flatValues = values.to(weight.dtype).reshape(-1)
-    flatIndex = _flatValueIndex(index, values)
-    left = flatValues[flatIndex]
-    right = flatValues[flatIndex + 1]
-    return (left + weight * (right - left)).to(x.dtype)
+    table = values.to(_computeDtype(x))
+    slope = torch.diff(table, dim=-1, append=table[..., -1:]).view(-1)
+    xFlat = x.reshape(-1)
+    y = torch.empty_like(xFlat)
+    for part in _chunks(xFlat.numel(), values):
+        _forwardChunk(xFlat[part], values, table.view(-1), slope, knotMin, invStep, y[part])
+    return y.view(x.shape)
+
+
+def _backwardChunk(gradOut, x, values, slope, knotMin, invStep, gradX):
+    """Writes the chunk's gradX; returns its interval sums of g and of g w."""
+    position = _knotPosition(x, knotMin, invStep)
+    weight = position.clamp(0.0, values.shape[-1] - 1)
+    inside = torch.eq(position, weight, out=position)  # 1.0 on [knotMin, knotMax], 0.0 outside and for NaN
+    index = _knotIndex(weight, values)
+    grad = gradOut.to(weight.dtype)
+    # bincount: a serial sum in element order, like index_add_ but faster on CPU
+    gradSums = torch.bincount(index, grad, minlength=values.numel())
+    rightSums = torch.bincount(index, weight.frac_().mul_(grad), minlength=values.numel())
+    torch.mul(torch.index_select(slope, 0, index, out=weight).mul_(grad), inside, out=gradX)
+    return gradSums, rightSums
 
 
 def splineBackwardTorch(gradOut, x, values, knotMin, invStep):
     """Gradients to x and to the values, recomputing the coordinates instead of storing them."""
-    nKnots = values.shape[-1]
-    index, weight, inside = _splineCoordinates(x, nKnots, knotMin, invStep)
-    flatValues = values.to(weight.dtype).reshape(-1)
-    flatIndex = _flatValueIndex(index, values)
-    left = flatValues[flatIndex]
-    right = flatValues[flatIndex + 1]
-    grad = gradOut.to(weight.dtype)
-    gradX = torch.where(inside, grad * (right - left) * invStep, 0.0).to(x.dtype)
-    gradValues = torch.zeros(values.numel(), dtype=weight.dtype, device=values.device)
-    flatIndex = flatIndex.reshape(-1)
-    gradValues.index_add_(0, flatIndex, (grad * (1.0 - weight)).reshape(-1))
-    gradValues.index_add_(0, flatIndex + 1, (grad * weight).reshape(-1))
-    return gradX, gradValues.view(values.shape).to(values.dtype)
+    table = values.to(_computeDtype(x))
+    slope = torch.diff(table, dim=-1)
+    # the extra last slope is read only at the right end, which belongs to the last interval
+    slope = torch.cat([slope, slope[..., -1:]], dim=-1).mul_(invStep).view(-1)
+    xFlat, gradFlat = x.reshape(-1), gradOut.reshape(-1)
+    gradX = torch.empty_like(xFlat)
+    gradSums = torch.zeros(values.numel(), dtype=table.dtype, device=x.device)
+    rightSums = torch.zeros_like(gradSums)
+    for part in _chunks(xFlat.numel(), values):
+        chunkGradSums, chunkRightSums = _backwardChunk(gradFlat[part], xFlat[part], values, slope, knotMin, invStep,
+                                                       gradX[part])
+        gradSums += chunkGradSums
+        rightSums += chunkRightSums
+    # knot k gets sum g (1 - w) over its interval plus sum g w over the one before
+    gradValues = gradSums.sub_(rightSums)
+    gradValues[1:] += rightSums[:-1]
+    return gradX.view(x.shape), gradValues.view(values.shape).to(values.dtype)
 
 
-_tritonBroken = []  # the first failure of the Triton path, after which the PyTorch path is used
+# ----------------------------------------------------------------------------------------------
+# Choosing the implementation: Triton kernels where they run, the PyTorch code above elsewhere
+
+_KERNELS = ("forward", "backward")
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # float64 would lose precision in float32 kernels
+_failedBackends = set()  # (kernel, backend) pairs that raised in this process; they are not tried again
 
 
-def _tritonUsable(x, values):
-    if _tritonBroken or not x.is_cuda or values.dim() != 1 or values.dtype != torch.float32:
-        return False
-    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        return False
+@functools.lru_cache(maxsize=None)
+def _kernelCandidates(device):
+    """(per kernel the implementations to try on device, fastest first and "torch" last; the kernels' knot limit)."""
+    torchOnly = {kernel: ("torch",) for kernel in _KERNELS}, 0
+    if device.type != "cuda":
+        return torchOnly
     try:
         import splineKernel  # optional: Triton is only needed on CUDA
     except ImportError:
-        return False
-    return values.numel() <= splineKernel.MAX_KNOTS
+        return torchOnly
+    offered = splineKernel.kernelBackends(device)
+    return {kernel: offered[kernel] + ("torch",) for kernel in _KERNELS}, splineKernel.MAX_KNOTS
 
 
-def _disableTriton(err):
-    """A Triton version the kernels were not written for must not stop training: warn once, use PyTorch."""
-    import warnings
-    _tritonBroken.append(err)
-    warnings.warn(f"spline Triton kernel failed ({type(err).__name__}: {err}); using the PyTorch implementation")
+def _backend(kernel, device, nKnots, perChannel, dtype):
+    candidates, maxKnots = _kernelCandidates(device)
+    if perChannel or dtype not in _KERNEL_DTYPES or nKnots > maxKnots:
+        return "torch"
+    return next(name for name in candidates[kernel] if (kernel, name) not in _failedBackends)
+
+
+def splineBackends(device, nKnots=64, perChannel=False, dtype=torch.bfloat16):
+    """Which implementation runs the spline's forward and backward on device: {"forward": name, "backward": name}.
+
+    Names: "triton-gluon" and "triton-tl" (the Triton kernels of splineKernel.py, offered by what the installed Triton
+    supports) and "torch" (the PyTorch code above). Kernels serve a shared spline (perChannel=False) of at most
+    splineKernel.MAX_KNOTS knots with float32, bfloat16 or float16 inputs (dtype) on CUDA; everything else, float64
+    included, uses "torch". A kernel that raised earlier in this process is replaced by the next one.
+    """
+    return {kernel: _backend(kernel, torch.device(device), nKnots, perChannel, dtype) for kernel in _KERNELS}
+
+
+def _callBackend(kernel, x, values):
+    if values.dtype != torch.float32:
+        return "torch"
+    return _backend(kernel, x.device, values.shape[-1], values.dim() != 1, x.dtype)
+
+
+def _backendFailed(kernel, x, values, backend, err):
+    """A Triton version or GPU the kernels were not written for must not stop training: warn once, use the next one."""
+    _failedBackends.add((kernel, backend))
+    nextBackend = _callBackend(kernel, x, values)
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    # compile errors end with the cause, after the kernel source
+    warnings.warn(f"spline {kernel} kernel {backend} failed ({type(err).__name__}: {lines[-1] if lines else ''}); "
+                  f"the spline {kernel} now uses {nextBackend}")
+    return nextBackend
 
 
 @torch.library.custom_op("lmafs::spline_forward", mutates_args=())
 def _splineForwardOp(x: torch.Tensor, values: torch.Tensor, knotMin: float, invStep: float) -> torch.Tensor:
-    if _tritonUsable(x, values):
+    backend = _callBackend("forward", x, values)
+    while backend != "torch":
         from splineKernel import splineForwardTriton
         try:
             return splineForwardTriton(x, values, knotMin, invStep)
         except Exception as err:  # compile errors of other Triton versions have many types
-            _disableTriton(err)
+            backend = _backendFailed("forward", x, values, backend, err)
     return splineForwardTorch(x, values, knotMin, invStep)
 
 
@@ -134,13 +236,14 @@ def _(x, values, knotMin, invStep):
 @torch.library.custom_op("lmafs::spline_backward", mutates_args=())
 def _splineBackwardOp(gradOut: torch.Tensor, x: torch.Tensor, values: torch.Tensor, knotMin: float,
                       invStep: float) -> tuple[torch.Tensor, torch.Tensor]:
-    if _tritonUsable(x, values):
+    backend = _callBackend("backward", x, values)
+    while backend != "torch":
         from splineKernel import splineBackwardTriton
         try:
-            gradX, gradValues = splineBackwardTriton(gradOut, x, values, knotMin, invStep)
+            gradX, gradValues = splineBackwardTriton(gradOut, x, values, knotMin, invStep, backend=backend)
             return gradX, gradValues.to(values.dtype)
         except Exception as err:
-            _disableTriton(err)
+            backend = _backendFailed("backward", x, values, backend, err)
     return splineBackwardTorch(gradOut, x, values, knotMin, invStep)
 
 
@@ -164,6 +267,24 @@ def _splineBackwardRule(ctx, gradOut):
 _splineForwardOp.register_autograd(_splineBackwardRule, setup_context=_setupSplineContext)
 
 
+class _SplineTorch(torch.autograd.Function):
+    """The PyTorch path as a plain autograd.Function: on 1 x 128 x 256 inputs (one model of the CPU quick start),
+    the custom op's dispatch added 22-32% to the spline's time (bench/RESULTS.md). torch.compile still sees the
+    custom op."""
+
+    @staticmethod
+    def forward(ctx, x, values, knotMin, invStep):
+        ctx.save_for_backward(x, values)
+        ctx.knotMin, ctx.invStep = knotMin, invStep
+        return splineForwardTorch(x, values, knotMin, invStep)
+
+    @staticmethod
+    def backward(ctx, gradOut):
+        x, values = ctx.saved_tensors
+        gradX, gradValues = splineBackwardTorch(gradOut, x, values, ctx.knotMin, ctx.invStep)
+        return gradX, gradValues, None, None
+
+
 def splineActivation(x, values, knotMin, knotStep):
     """Linear spline on uniform knots knotMin + k*knotStep; values [K] shared, or [C, K] per channel (last dim of x).
 
@@ -171,7 +292,10 @@ def splineActivation(x, values, knotMin, knotStep):
     """
     if values.dim() == 2 and x.shape[-1] != values.shape[0]:
         raise ValueError(f"per-channel spline has {values.shape[0]} channels but the input's last dim is {x.shape[-1]}")
-    return _splineForwardOp(x.contiguous(), values, float(knotMin), 1.0 / float(knotStep))
+    args = (x.contiguous(), values, float(knotMin), 1.0 / float(knotStep))
+    if x.is_cuda or torch.compiler.is_compiling():
+        return _splineForwardOp(*args)
+    return _SplineTorch.apply(*args)
 
 
 def splineReference(x, values, knotMin, knotStep):
@@ -544,6 +668,6 @@ def evaluateOnGrid(module, nPoints=1001, xMin=-5.0, xMax=5.0):
 
 __all__ = ["Spline", "SplinePerDim", "ReLU2", "SiLU", "Tanh", "ELU", "SELU", "Softplus", "PReLU", "Swish", "LGELU",
            "CRReLU", "Rational", "PolyReLU", "PolyNorm", "LearnableActivation", "MixtureOfActivations",
-           "makeActivation", "splineActivation", "splineReference", "uniformKnots", "checkUniformKnots", "isLearnable",
-           "evaluateOnGrid", "dictionaryActivations", "SPLINE_TYPES", "FIXED_TYPES", "LEARNABLE_TYPES",
-           "MLP_INPUT_TYPES", "MIX_DICTIONARY"]
+           "makeActivation", "splineActivation", "splineBackends", "splineReference", "uniformKnots",
+           "checkUniformKnots", "isLearnable", "evaluateOnGrid", "dictionaryActivations", "SPLINE_TYPES", "FIXED_TYPES",
+           "LEARNABLE_TYPES", "MLP_INPUT_TYPES", "MIX_DICTIONARY"]

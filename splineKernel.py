@@ -1,4 +1,10 @@
-"""Triton kernels for the shared linear-spline activation: forward values and backward gradients to inputs and knots."""
+"""Triton kernels for the shared linear-spline activation: forward values and backward gradients to inputs and knots.
+
+Which kernels this Triton can build is decided at import by probing for the language features each one uses
+(`MISSING_FEATURES`), not by version numbers: Triton 3.7.1, for one, ships Gluon without
+`shared_memory_descriptor.atomic_scatter_add`, so only the portable tl backward is offered there.
+`kernelBackends(device)` lists, per kernel, the implementations that can run on a device, fastest first.
+"""
 
 import functools
 
@@ -10,13 +16,14 @@ try:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
 except ImportError:  # Triton builds without Gluon keep the portable tl backward
-    gluon = None
+    gluon = gl = None
 
 MAX_KNOTS = 256
 _INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _NUM_WARPS = 4
 _FORWARD_BLOCK = 2048  # 16 elements per thread: two 16-byte vector loads of bf16 per thread
 _GLUON_VEC = 8  # elements per thread per tile: one 16-byte bf16 load of x and of gradOut
+_GLUON_TILE = _GLUON_VEC * 32 * _NUM_WARPS
 _ONE_HOT_ENTRIES = 8192  # [SUB, KP] one-hot tile size of the tl backward: 64 fp32 registers per thread at 4 warps
 _HIST_SMEM_BUDGET = 160 * 1024  # of an H100 SM's 228 KB, what co-resident Gluon programs' histograms may take
 # 8 programs x 4 warps keep enough loads in flight to stream at HBM bandwidth and fit the register file (~56/thread)
@@ -24,14 +31,55 @@ _MAX_PROGRAMS_PER_SM = 8
 _INTERPRETER_PROGRAMS = 4  # few programs on CPU so every program runs the persistent loop several times
 
 
+def _missingFeatures(features):
+    """Dotted names of the (owner, attributes) entries this Triton lacks; an owner of None is one it does not have."""
+    missing = []
+    for ownerName, owner, attributes in features:
+        if owner is None:
+            missing.append(f"{ownerName} (missing)")
+        else:
+            missing += [f"{ownerName}.{name}" for name in attributes if not hasattr(owner, name)]
+    return missing
+
+
+# every Triton function, type and method the kernels below use; the two tl kernels share one list
+_TL_FEATURES = [("tl", tl, ("arange", "atomic_add", "cast", "cdiv", "clamp", "constexpr", "float32", "int32", "int64",
+                            "load", "minimum", "num_programs", "program_id", "PropagateNan", "store", "sum",
+                            "where", "zeros"))]
+_GLUON_FEATURES = _TL_FEATURES + [
+    ("gluon", gluon, ("jit",)),
+    ("gl", gl, ("allocate_shared_memory", "arange", "atomic_add", "barrier", "BlockedLayout", "constexpr", "float32",
+                "join", "num_programs", "num_warps", "program_id", "shared_memory_descriptor", "SliceLayout", "sum",
+                "SwizzledSharedLayout", "zeros")),
+    ("gl.shared_memory_descriptor", getattr(gl, "shared_memory_descriptor", None),
+     ("atomic_scatter_add", "load", "reshape"))]
+# kernel -> the probed features the installed Triton lacks; a kernel is offered only when its list is empty
+MISSING_FEATURES = {"triton-tl": _missingFeatures(_TL_FEATURES), "triton-gluon": _missingFeatures(_GLUON_FEATURES)}
+FORWARD_KERNELS = ("triton-tl",)  # fastest first
+BACKWARD_KERNELS = ("triton-gluon", "triton-tl")
+
+
+@triton.jit
+def _tileCount(n, TILE: tl.constexpr):
+    # n arrives as int32 below 2**31, where cdiv's n + TILE - 1 would wrap for the last TILE - 1 sizes: widen first
+    return tl.cdiv(tl.cast(n, tl.int64), TILE)
+
+
+@triton.jit
+def _tileStart(tile, TILE: tl.constexpr):
+    # tl.cast, not .to: the interpreter hands loop indices over as Python ints
+    return tl.cast(tile, tl.int64) * TILE
+
+
 @triton.jit
 def _locate(x, knotMin, invStep, K: tl.constexpr):
     uRaw = (x - knotMin) * invStep
     # a NaN input keeps a NaN weight, so NaN reaches y and the knot gradients as in the PyTorch fallback...
     u = tl.clamp(uRaw, 0.0, K - 1.0, propagate_nan=tl.PropagateNan.ALL)
-    # ...while its index comes from maximum, which returns the non-NaN operand: knot 0, never an out-of-range gather.
+    # ...while its index is knot 0's, never an out-of-range gather. An explicit NaN test, not tl.maximum(u, 0.0):
+    # whether maximum drops a NaN differs between backends (Triton 3.7.1's interpreter keeps it).
     # Truncation is floor because the clamped u is >= 0.
-    i = tl.minimum(tl.maximum(u, 0.0).to(tl.int32), K - 2)
+    i = tl.minimum(tl.where(u == u, u, 0.0).to(tl.int32), K - 2)
     return uRaw, i, u - i.to(tl.float32)
 
 
@@ -51,8 +99,9 @@ def _tileGradients(gradOutPtr, xPtr, valuesPtr, gradXPtr, offs, mask, knotMin, i
 
 @triton.jit
 def _splineForwardKernel(xPtr, valuesPtr, yPtr, n, knotMin, invStep, K: tl.constexpr, BLOCK: tl.constexpr):
-    # 64-bit block base keeps offsets valid past 2**31 elements while per-lane offsets stay 32-bit
-    base = tl.program_id(0).to(tl.int64) * BLOCK
+    # the grid's block count comes from the host, so only the 64-bit block base is needed past 2**31 elements;
+    # per-lane offsets stay 32-bit
+    base = _tileStart(tl.program_id(0), BLOCK)
     lanes = tl.arange(0, BLOCK)
     mask = lanes < n - base
     x = tl.load(xPtr + base + lanes, mask=mask, other=0.0).to(tl.float32)
@@ -69,8 +118,8 @@ def _splineBackwardKernel(gradOutPtr, xPtr, valuesPtr, gradXPtr, gradValuesPtr, 
     knots = tl.arange(0, KP)
     knotSums = tl.zeros([KP], dtype=tl.float32)
     # persistent loop: each program folds many sub-tiles into one [KP] partial sum, so atomics scale with programs
-    for tile in range(tl.program_id(0), tl.cdiv(n, SUB), tl.num_programs(0)):
-        base = tl.cast(tile, tl.int64) * SUB  # tl.cast: the interpreter hands the loop index over as a Python int
+    for tile in range(tl.program_id(0), _tileCount(n, SUB), tl.num_programs(0)):
+        base = _tileStart(tile, SUB)
         i, left, right = _tileGradients(gradOutPtr + base, xPtr + base, valuesPtr, gradXPtr + base, lanes,
                                         lanes < n - base, knotMin, invStep, K)
         knotSums += tl.sum(tl.where(i[:, None] == knots[None, :], left[:, None], 0.0)
@@ -94,8 +143,8 @@ if gluon is not None:
         gl.barrier()
         lanes = gl.arange(0, TILE, layout=elementLayout)
         column = (lanes // VEC) % 32  # the lane that holds each element under elementLayout
-        for tile in range(gl.program_id(0), gl.cdiv(n, TILE), gl.num_programs(0)):
-            base = tile.to(gl.int64) * TILE
+        for tile in range(gl.program_id(0), _tileCount(n, TILE), gl.num_programs(0)):
+            base = _tileStart(tile, TILE)
             i, left, right = _tileGradients(gradOutPtr + base, xPtr + base, valuesPtr, gradXPtr + base, lanes,
                                             lanes < n - base, knotMin, invStep, K)
             slot = i * 32 + column
@@ -132,15 +181,34 @@ def _programCount(device: torch.device, tiles: int, perSm: int) -> int:
     return min(tiles, _smCount(device.index if device.index is not None else torch.cuda.current_device()) * perSm)
 
 
-def backwardBackends(device: torch.device) -> tuple[str, ...]:
-    """Backward implementations that can run on device, fastest first."""
-    gluonRuns = gluon is not None and device.type == "cuda" and torch.version.hip is None
-    return ("gluon", "tl") if gluonRuns and not triton.knobs.runtime.interpret else ("tl",)
+def _oneHotRows(knotsPadded: int) -> int:
+    """Elements per sub-tile of the tl backward: its [SUB, KP] one-hot tile stays at _ONE_HOT_ENTRIES."""
+    return max(32, _ONE_HOT_ENTRIES // knotsPadded)
+
+
+def _interpreting() -> bool:
+    return bool(getattr(getattr(getattr(triton, "knobs", None), "runtime", None), "interpret", False))
+
+
+def kernelBackends(device: torch.device) -> dict[str, tuple[str, ...]]:
+    """Per kernel ("forward", "backward"), the implementations this Triton can build and run on device, fastest first.
+
+    tl kernels run on CUDA and ROCm GPUs and, under TRITON_INTERPRET=1, on CPU tensors; the Gluon backward is written
+    for NVIDIA GPUs (32-lane warps, shared-memory atomics) and the interpreter does not run Gluon.
+    """
+    device = torch.device(device)
+    runs = {"triton-tl": device.type == "cuda" or (device.type == "cpu" and _interpreting()),
+            "triton-gluon": device.type == "cuda" and torch.version.hip is None and not _interpreting()}
+    offered = {name: runs[name] and not MISSING_FEATURES[name] for name in runs}
+    return {"forward": tuple(name for name in FORWARD_KERNELS if offered[name]),
+            "backward": tuple(name for name in BACKWARD_KERNELS if offered[name])}
 
 
 def splineForwardTriton(x: torch.Tensor, values: torch.Tensor, knotMin: float, invStep: float) -> torch.Tensor:
     """Spline activation of x (float32, bfloat16 or float16, any shape); returns y with x's shape and dtype."""
     values = _checkInputs(x, values)
+    if not kernelBackends(x.device)["forward"]:
+        raise ValueError(f"the forward kernel cannot run on {x.device} with this Triton")
     xFlat = x.contiguous().view(-1)
     y = torch.empty_like(xFlat)
     n = xFlat.numel()
@@ -155,17 +223,18 @@ def splineBackwardTriton(gradOut: torch.Tensor, x: torch.Tensor, values: torch.T
                          invStep: float, *, backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients (gradX like x, gradValues float32 [K]) of the spline activation for upstream gradient gradOut.
 
-    backend: "gluon" (shared-memory histogram, NVIDIA GPUs) or "tl" (portable one-hot reduction, also the one the
-    Triton interpreter runs); None picks gluon where it can run.
+    backend: "triton-gluon" (shared-memory histogram, NVIDIA GPUs) or "triton-tl" (portable one-hot reduction, also
+    the one the Triton interpreter runs); None picks the first of kernelBackends(x.device)["backward"].
     """
     values = _checkInputs(x, values)
     if gradOut.shape != x.shape or gradOut.dtype not in _INPUT_DTYPES or gradOut.device != x.device:
         raise ValueError(f"gradOut ({gradOut.dtype} {tuple(gradOut.shape)} on {gradOut.device}) does not fit x "
                          f"({x.dtype} {tuple(x.shape)} on {x.device})")
-    backends = backwardBackends(x.device)
-    backend = backends[0] if backend is None else backend
+    backends = kernelBackends(x.device)["backward"]
+    backend = backends[0] if backend is None and backends else backend
     if backend not in backends:
-        raise ValueError(f"backend {backend!r} cannot run on {x.device}; available: {backends}")
+        raise ValueError(f"backward kernel {backend!r} cannot run on {x.device} with this Triton; "
+                         f"available: {backends}")
     gradOutFlat = gradOut.contiguous().view(-1)
     xFlat = x.contiguous().view(-1)
     gradX = torch.empty_like(xFlat)
@@ -175,14 +244,14 @@ def splineBackwardTriton(gradOut: torch.Tensor, x: torch.Tensor, values: torch.T
     if n:
         knotsPadded = triton.next_power_of_2(numKnots)
         args = (gradOutFlat, xFlat, values, gradX, gradValues, n, float(knotMin), float(invStep))
-        if backend == "gluon":
+        if backend == "triton-gluon":
             histBytes = knotsPadded * 32 * 4
             perSm = max(1, min(_MAX_PROGRAMS_PER_SM, _HIST_SMEM_BUDGET // histBytes))
-            grid = (_programCount(x.device, triton.cdiv(n, _GLUON_VEC * 32 * _NUM_WARPS), perSm),)
+            grid = (_programCount(x.device, triton.cdiv(n, _GLUON_TILE), perSm),)
             _splineBackwardGluonKernel[grid](*args, K=numKnots, KP=knotsPadded, VEC=_GLUON_VEC,
                                              num_warps=_NUM_WARPS, enable_fp_fusion=True)
         else:
-            sub = max(32, _ONE_HOT_ENTRIES // knotsPadded)
+            sub = _oneHotRows(knotsPadded)
             grid = (_programCount(x.device, triton.cdiv(n, sub), _MAX_PROGRAMS_PER_SM),)
             _splineBackwardKernel[grid](*args, K=numKnots, KP=knotsPadded, SUB=sub, num_warps=_NUM_WARPS,
                                         enable_fp_fusion=True)
