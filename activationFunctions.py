@@ -32,6 +32,7 @@ import warnings
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensor
 
 SPLINE_TYPES = ("spline", "splinePerDim")
 FIXED_TYPES = ("linear", "gelu", "relu", "relu2", "silu", "tanh", "elu", "selu", "softplus")
@@ -293,7 +294,9 @@ def splineActivation(x, values, knotMin, knotStep):
     if values.dim() == 2 and x.shape[-1] != values.shape[0]:
         raise ValueError(f"per-channel spline has {values.shape[0]} channels but the input's last dim is {x.shape[-1]}")
     args = (x.contiguous(), values, float(knotMin), 1.0 / float(knotStep))
-    if x.is_cuda or torch.compiler.is_compiling():
+    # fake tensors (--preflight's memory estimate) take the custom op too: its fake kernels know the shapes, while
+    # the PyTorch path's knot histogram has a data-dependent size
+    if x.is_cuda or torch.compiler.is_compiling() or isinstance(x, FakeTensor):
         return _splineForwardOp(*args)
     return _SplineTorch.apply(*args)
 

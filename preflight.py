@@ -188,6 +188,72 @@ def checkAfFile(hp, vocabSize, report):
     return report.add("AF file", True, "; ".join(notes))
 
 
+def compileSplineKernels(kernels, architecture, dtype, nKnots):
+    """Compile (kernel, backend) pairs for sm_<architecture> in a child process, which keeps Triton's report of
+    leaked bindings at exit (after Gluon compiles) off the table; returns {(kernel, backend): error} of those that
+    did not build."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = ("import json, sys, splineKernel\nfailed = {}\n"
+              "for kernel, backend in json.loads(sys.argv[1]):\n"
+              "    try:\n"
+              f"        splineKernel.compileForTarget(kernel, backend, {architecture}, {dtype!r}, {nKnots})\n"
+              "    except Exception as err:\n"
+              "        failed[kernel + ' ' + backend] = type(err).__name__ + ': ' + str(err).strip()[:200]\n"
+              "print(json.dumps(failed))\n")
+    here = os.path.dirname(os.path.abspath(__file__))
+    done = subprocess.run([sys.executable, "-c", script, json.dumps(kernels)], capture_output=True, text=True, cwd=here)
+    if done.returncode != 0 or not done.stdout.strip():
+        lines = done.stderr.strip().splitlines()
+        return {tuple(pair): f"the compile check crashed: {lines[-1] if lines else done.returncode}" for pair in kernels}
+    return {tuple(key.split(" ")): error for key, error in json.loads(done.stdout.strip().splitlines()[-1]).items()}
+
+
+def checkSplineKernels(hp, capability, report):
+    """Which spline kernels will run, each compiled here for the GPU's architecture (Triton needs no GPU for it)."""
+    from activationFunctions import SPLINE_TYPES, splineBackends
+    from trainLmAf import splitAfType
+
+    kinds = [name for name in splitAfType(hp.afType) if name in SPLINE_TYPES]
+    if not kinds:
+        return report.add("spline kernels", True, "no spline in this afType")
+    if "spline" not in kinds:
+        return report.add("spline kernels", True, "PyTorch (the Triton kernels serve shared splines, not splinePerDim)")
+    try:
+        import splineKernel
+    except ImportError:
+        return report.add("spline kernels", False, "Triton is not installed, so the spline would run on PyTorch's "
+                                                   "slow path: pip install triton (CUDA builds of PyTorch bring it)")
+    dtype = torch.bfloat16 if hp.dtype == "bfloat16" else torch.float32
+    offered = splineBackends("cuda", hp.afNAnchors, dtype=dtype)
+    architecture = 10 * capability[0] + capability[1]
+    candidates = {"forward": splineKernel.FORWARD_KERNELS, "backward": splineKernel.BACKWARD_KERNELS}
+    tried = [(kernel, backend) for kernel, names in candidates.items()
+             for backend in (names[names.index(offered[kernel]):] if offered[kernel] in names else ())]
+    failures = compileSplineKernels(tried, architecture, "bf16" if dtype == torch.bfloat16 else "fp32", hp.afNAnchors)
+    chosen, notes = {}, []
+    for kernel, backend in tried:
+        if kernel in chosen:
+            continue
+        if (kernel, backend) in failures:
+            notes.append(f"{kernel} {backend} does not build for sm_{architecture} ({failures[kernel, backend]})")
+        else:
+            chosen[kernel] = backend
+    for kernel in candidates:
+        chosen.setdefault(kernel, "torch")
+    missing = {name: features for name, features in splineKernel.MISSING_FEATURES.items() if features}
+    notes += [f"this Triton lacks {', '.join(features)} for {name}" for name, features in missing.items()]
+    detail = (f"forward {chosen['forward']}, backward {chosen['backward']}, compiled here for sm_{architecture}"
+              + "".join(f"; {note}" for note in notes))
+    slow = [kernel for kernel, backend in chosen.items() if backend == "torch"]
+    if slow:
+        detail += f"; the {' and '.join(slow)} would run on PyTorch's slow path"
+    return report.add("spline kernels", not slow, detail)
+
+
 def checkFlexAttention(hp, capability, report):
     from attention import describeFlexAttention
 
@@ -240,6 +306,7 @@ def runPreflight(hp):
                    + ", ".join(f"{part} {value / 2**30:.2f}" for part, value in breakdown.items()))
         report.add("modelsPerPass", True, f"{perPass} ({how}; {-(-hp.nModels // perPass)} pass(es) per "
                                           f"accumulation step)")
+        checkSplineKernels(hp, capability, report)
         checkFlexAttention(hp, capability, report)
         startSteps = modelStartSteps(hp)
         variants = shapeVariants(runPasses(startSteps, 0, lambda n: n, perPass), hp.nModels, nValidation,

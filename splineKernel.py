@@ -256,3 +256,35 @@ def splineBackwardTriton(gradOut: torch.Tensor, x: torch.Tensor, values: torch.T
             _splineBackwardKernel[grid](*args, K=numKnots, KP=knotsPadded, SUB=sub, num_warps=_NUM_WARPS,
                                         enable_fp_fusion=True)
     return gradX.view(x.shape), gradValues
+
+
+def compileForTarget(kernel: str, backend: str, capability: int, dtype: str, numKnots: int):
+    """Compile one kernel ("forward"/"backward", backend "triton-tl"/"triton-gluon") for an NVIDIA GPU of compute
+    capability `capability` (80, 89, 90, ...) and inputs of Triton type `dtype` ("fp32", "bf16", "fp16"), with the
+    ptxas bundled with Triton: no GPU is needed. Returns the compiled kernel; raises when it does not build.
+
+    After a first (uncached) Gluon compile, Triton's bindings report leaked nanobind objects when Python exits;
+    the report is Triton's and harmless.
+    """
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    knotsPadded = triton.next_power_of_2(numKnots)
+    target = GPUTarget("cuda", capability, 32)
+    options = {"num_warps": _NUM_WARPS, "enable_fp_fusion": True}
+    if kernel == "forward":
+        signature = {"xPtr": f"*{dtype}", "valuesPtr": "*fp32", "yPtr": f"*{dtype}", "n": "i32", "knotMin": "fp32",
+                     "invStep": "fp32", "K": "constexpr", "BLOCK": "constexpr"}
+        source = ASTSource(_splineForwardKernel, signature,
+                           {"K": numKnots, "BLOCK": _FORWARD_BLOCK})
+        return triton.compile(source, target=target, options=options)
+    signature = {"gradOutPtr": f"*{dtype}", "xPtr": f"*{dtype}", "valuesPtr": "*fp32", "gradXPtr": f"*{dtype}",
+                 "gradValuesPtr": "*fp32", "n": "i32", "knotMin": "fp32", "invStep": "fp32", "K": "constexpr",
+                 "KP": "constexpr"}
+    if backend == "triton-tl":
+        source = ASTSource(_splineBackwardKernel, {**signature, "SUB": "constexpr"},
+                           {"K": numKnots, "KP": knotsPadded, "SUB": _oneHotRows(knotsPadded)})
+    else:
+        from triton.experimental.gluon._runtime import GluonASTSource
+        source = GluonASTSource(_splineBackwardGluonKernel, {**signature, "VEC": "constexpr"},
+                                {"K": numKnots, "KP": knotsPadded, "VEC": _GLUON_VEC})
+    return triton.compile(source, target=target, options=options)

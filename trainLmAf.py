@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from activationFunctions import FIXED_TYPES, LEARNABLE_TYPES, MLP_INPUT_TYPES, SPLINE_TYPES, evaluateOnGrid, isLearnable
+from activationFunctions import (FIXED_TYPES, LEARNABLE_TYPES, MLP_INPUT_TYPES, SPLINE_TYPES, Spline, evaluateOnGrid,
+                                 isLearnable, splineBackends)
 from distributed import Distributed
 from attention import FLEX_MASK_BLOCK, FLEX_TILE_SIZES
 from afFiles import AfFileError, atomicWrite, loadAfsIntoModel, perLayerValues, safeTorchLoad, saveAfFiles, splineKnots
@@ -750,6 +751,11 @@ class Trainer:
         """What runs the attention and what compiled, for the header."""
         kernel, hp = self.model.kernel, self.hp
         lines = list(self.attentionNotes)
+        splines = [af for af in list(self.model.mlpAfs) + list(self.model.attAfs) if isinstance(af, Spline)]
+        if splines:
+            backends = splineBackends(self.device, splines[0].nKnots, perChannel=splines[0].channels is not None,
+                                      dtype=torch.bfloat16 if hp.dtype == "bfloat16" else torch.float32)
+            lines.append(f"Spline kernels: forward {backends['forward']}, backward {backends['backward']}")
         if kernel.implementation == "flex":
             options = kernel.kernelOptions.get(torch.bfloat16 if hp.dtype == "bfloat16" else torch.float32)
             lines.append(f"Attention: FlexAttention, mask block {FLEX_MASK_BLOCK}, kernel options {options}")

@@ -40,7 +40,8 @@ def testTwoProcessesMatchOne(tinyData, tmp_path, mode):
     a = torch.load(tmp_path / "one" / "pt-d-step0008.pt", weights_only=True)
     b = torch.load(tmp_path / "two" / "pt-d-step0008.pt", weights_only=True)
     for name, tensor in a["model"].items():
-        torch.testing.assert_close(b["model"][name], tensor, atol=1e-5, rtol=1e-4, msg=name)
+        # Adam turns the float32 rounding of near-zero gradients (AF sums reduced in another order) into ~1e-5
+        torch.testing.assert_close(b["model"][name], tensor, atol=1e-4, rtol=1e-4, msg=name)
     assert a["dataPositions"] == b["dataPositions"]
     torch.testing.assert_close(a["optimizer"]["stepCounts"], b["optimizer"]["stepCounts"])
     assert not any(name.startswith("log-") for name in os.listdir(tmp_path / "two") if name != "log-d.txt")

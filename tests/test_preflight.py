@@ -37,6 +37,9 @@ def testDefaultPhaseOneFitsALaptopGpuInSeveralPasses(gpt2Data, capsys):
     assert 1 < perPass < 20 and "2 pass(es)" in rows["modelsPerPass"]
     assert "inductor" in rows["compiled graphs"]
     assert "ok" in rows["FlexAttention"] and rows["FlexAttention"].endswith("compiles")
+    import splineKernel
+    backward = next(b for b in splineKernel.BACKWARD_KERNELS if not splineKernel.MISSING_FEATURES[b])
+    assert f"forward triton-tl, backward {backward}, compiled here for sm_89" in rows["spline kernels"]
     assert "capability 8.9, float32, head size 64, flexBlockSize 32: mask block 128" in out
     assert out.rstrip().endswith("preflight: the run will fit and compile")
 

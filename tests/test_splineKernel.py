@@ -213,37 +213,6 @@ COMPILE_TARGETS = {"sm_80": 80, "sm_89": 89, "sm_90": 90}
 COMPILE_DTYPES = {"fp32": 17, "bf16": 64}  # input dtype -> knot count compiled with it (padded to 32 and 64)
 
 
-def compileKernel(kernel, backend, capability, dtype, numKnots):
-    """Compiles one kernel for an NVIDIA target with the ptxas bundled with Triton; no GPU is needed.
-
-    After a first (uncached) Gluon compile, Triton's bindings report leaked nanobind objects when Python exits;
-    the report is Triton's and harmless.
-    """
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    knotsPadded = triton.next_power_of_2(numKnots)
-    target = GPUTarget("cuda", capability, 32)
-    options = {"num_warps": splineKernel._NUM_WARPS, "enable_fp_fusion": True}
-    if kernel == "forward":
-        signature = {"xPtr": f"*{dtype}", "valuesPtr": "*fp32", "yPtr": f"*{dtype}", "n": "i32", "knotMin": "fp32",
-                     "invStep": "fp32", "K": "constexpr", "BLOCK": "constexpr"}
-        source = ASTSource(splineKernel._splineForwardKernel, signature,
-                           {"K": numKnots, "BLOCK": splineKernel._FORWARD_BLOCK})
-        return triton.compile(source, target=target, options=options)
-    signature = {"gradOutPtr": f"*{dtype}", "xPtr": f"*{dtype}", "valuesPtr": "*fp32", "gradXPtr": f"*{dtype}",
-                 "gradValuesPtr": "*fp32", "n": "i32", "knotMin": "fp32", "invStep": "fp32", "K": "constexpr",
-                 "KP": "constexpr"}
-    if backend == "triton-tl":
-        source = ASTSource(splineKernel._splineBackwardKernel, {**signature, "SUB": "constexpr"},
-                           {"K": numKnots, "KP": knotsPadded, "SUB": splineKernel._oneHotRows(knotsPadded)})
-    else:
-        from triton.experimental.gluon._runtime import GluonASTSource
-        source = GluonASTSource(splineKernel._splineBackwardGluonKernel, {**signature, "VEC": "constexpr"},
-                                {"K": numKnots, "KP": knotsPadded, "VEC": splineKernel._GLUON_VEC})
-    return triton.compile(source, target=target, options=options)
-
-
 @pytest.mark.parametrize("dtype", list(COMPILE_DTYPES))
 @pytest.mark.parametrize("target", list(COMPILE_TARGETS))
 @pytest.mark.parametrize("kernel, backend", [("forward", name) for name in splineKernel.FORWARD_KERNELS]
@@ -256,7 +225,7 @@ def test_kernelCompiles(kernel, backend, target, dtype):
         pytest.skip(f"this Triton ({triton.__version__}) lacks {', '.join(splineKernel.MISSING_FEATURES[backend])}")
     if not isinstance(splineKernel._splineForwardKernel, triton.runtime.JITFunction):
         pytest.skip("TRITON_INTERPRET is set, so the kernels were defined for the interpreter and cannot compile")
-    compiled = compileKernel(kernel, backend, COMPILE_TARGETS[target], dtype, COMPILE_DTYPES[dtype])
+    compiled = splineKernel.compileForTarget(kernel, backend, COMPILE_TARGETS[target], dtype, COMPILE_DTYPES[dtype])
     assert compiled.asm["cubin"]
     if backend == "triton-gluon":
         # the per-program histogram: one float32 column per lane for every padded knot
