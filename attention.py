@@ -25,6 +25,7 @@ and 1 KB per stage.
 """
 import contextlib
 import dataclasses
+import math
 
 import torch
 import torch.nn.functional as F
@@ -96,7 +97,7 @@ def keyCounts(docs, contextSize):
 #   spline    w_j = exp(phi(s_j)) / sum_k exp(phi(s_k)), phi a learned linear spline on [-sqrt(headDim),
 #             sqrt(headDim)]: q and k are RMS-normalised per head, so |q.k| <= headDim and every score lies in
 #             that range. phi starts as the identity, i.e. as softmax attention.
-# n counts the query itself, so n >= 1; n = 1 gives l = 0 and a single weight 1 (softplus), sigmoid(s).
+# n counts the query itself, so n >= 1 (a row of one key: softplus weight 1, sigmoid weight sigmoid(s)).
 #
 # Any positive map phi with an l1 normalisation is a softmax of log(phi(s)), so FlexAttention runs softplus and
 # the spline as score modifications. Sigmoid weights are not normalised: FlexAttention runs them as softmax of
@@ -110,7 +111,7 @@ def scoreRowTerms(score, counts, headDim):
     """The per-query quantity of a score transform, float32 [nB, T]: the LSSA scale log(n)/log(headDim) (softplus)
     or the bias -log(n) (sigmoid), from the keys each query attends, counts [nB, T]."""
     logCounts = counts.float().log()
-    return logCounts / torch.log(torch.tensor(float(headDim))) if score == "softplus" else -logCounts
+    return logCounts / math.log(headDim) if score == "softplus" else -logCounts
 
 
 def splineOfScores(score, values, knots):
