@@ -1,5 +1,7 @@
 """Attention under the LM-AFs mask (causal, same document, sliding window): FlexAttention on CUDA, SDPA with
-the same dense mask elsewhere (FlexAttention has no CPU backward). Both compute the same function.
+the same dense mask elsewhere (FlexAttention has no CPU backward). Both compute the same function. Besides
+softmax attention, the weights can come from softplus, sigmoid or a learned spline of the scores (SCORE_TYPES):
+score modifications of FlexAttention on CUDA, an explicit computation from the scores elsewhere.
 
 FlexAttention on a GPU runs as in the original research code: the block mask has inductor's default block
 (FLEX_MASK_BLOCK = 128 positions) and flexBlockSize is the tile of the Triton kernels, passed as kernel options
@@ -23,6 +25,7 @@ and 1 KB per stage.
 """
 import contextlib
 import dataclasses
+import math
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +67,91 @@ def flexBlockMask(docs, contextSize):
 
     nB, T = docs.shape
     return create_block_mask(maskMod, nB, None, T, T, device=docs.device, BLOCK_SIZE=FLEX_MASK_BLOCK)
+
+
+def keyCounts(docs, contextSize):
+    """[nB, T] -> how many keys each query may attend under the mask: itself and the earlier positions of its
+    document, at most contextSize (the row sums of denseAttentionMask, without building it)."""
+    T = docs.shape[-1]
+    positions = torch.arange(T, device=docs.device)
+    starts = torch.ones_like(docs, dtype=torch.bool)
+    starts[:, 1:] = docs[:, 1:] != docs[:, :-1]
+    documentStart = torch.where(starts, positions, 0).cummax(dim=-1).values
+    return (positions - documentStart + 1).clamp(max=contextSize)
+
+
+# ----------------------------------------------------------------------------------------------
+# The score nonlinearity: what turns the scores s = q.k / sqrt(headDim) of a query row into its weights.
+#
+#   softmax   w_j = exp(s_j) / sum_k exp(s_k)                       today's attention
+#   softplus  w_j = softplus(l s_j) / sum_k softplus(l s_k),  l = log(n) / log(headDim)
+#             LSSA, "Length-Scaled Softplus Attention" (Gao & Spratling, arXiv 2501.13428): the softmax split into a
+#             positive map and an l1 normalisation, the map replaced by softplus, the scores scaled by log_d(N) from
+#             entropy invariance, d the head size and N the tokens attended. Under our causal + document + window
+#             mask N is the row's own count n (the paper's causal rows attend their prefix, so its N is per row
+#             too). The paper's second stage (re-weighting, LSSAR) is not implemented.
+#   sigmoid   w_j = sigmoid(s_j - log n), no normalisation (Ramapuram et al., "Theory, Analysis, and Best Practices
+#             for Sigmoid Self-Attention", arXiv 2409.04431: b = -log n, which keeps sum_j w_j near 1 while the
+#             scores are small). The paper takes n as the sequence length, which is the number of keys every
+#             query attends without a mask; with ours, n is each row's count, so that property holds per row.
+#   spline    w_j = exp(phi(s_j)) / sum_k exp(phi(s_k)), phi a learned linear spline on [-sqrt(headDim),
+#             sqrt(headDim)]: q and k are RMS-normalised per head, so |q.k| <= headDim and every score lies in
+#             that range. phi starts as the identity, i.e. as softmax attention.
+# n counts the query itself, so n >= 1 (a row of one key: softplus weight 1, sigmoid weight sigmoid(s)).
+#
+# Any positive map phi with an l1 normalisation is a softmax of log(phi(s)), so FlexAttention runs softplus and
+# the spline as score modifications. Sigmoid weights are not normalised: FlexAttention runs them as softmax of
+# logsigmoid(s + b), whose output is sum_j sigmoid(.) v_j / sum_k sigmoid(.), and multiplies it by the row's
+# exp(logsumexp) = sum_k sigmoid(.), which FlexAttention returns and differentiates.
+
+SCORE_TYPES = ("softmax", "softplus", "sigmoid", "spline")
+
+
+def scoreRowTerms(score, counts, headDim):
+    """The per-query quantity of a score transform, float32 [nB, T]: the LSSA scale log(n)/log(headDim) (softplus)
+    or the bias -log(n) (sigmoid), from the keys each query attends, counts [nB, T]."""
+    logCounts = counts.float().log()
+    return logCounts / math.log(headDim) if score == "softplus" else -logCounts
+
+
+def splineOfScores(score, values, knots):
+    """The linear spline of activationFunctions (uniform knots, constant outside) in plain tensor operations, for
+    FlexAttention's score_mod, which traces it on scalars into its kernels and derives its gradient to `values`;
+    splineActivation is a custom operator that cannot be traced there. The grid is read from the knots tensor:
+    Python floats captured by a score_mod become symbolic once a second spline is traced, which FlexAttention's
+    tracing rejects."""
+    nKnots = values.shape[-1]
+    u = ((score.float() - knots[0]) * ((nKnots - 1) / (knots[-1] - knots[0]))).clamp(0.0, nKnots - 1)
+    index = u.floor().clamp(max=nKnots - 2)
+    weight = u - index
+    index = index.to(torch.int64)
+    left, right = values[index], values[index + 1]
+    return left + weight * (right - left)
+
+
+def scoreModFor(score, rowTerms=None, scoreAf=None):
+    """FlexAttention's score_mod for a score transform (see SCORE_TYPES): the scores whose softmax gives its
+    weights (sigmoid: before the multiplication by the row sum)."""
+    if score == "softplus":
+        return lambda s, b, h, q, k: torch.log(F.softplus(s * rowTerms[b, q]))
+    if score == "sigmoid":
+        return lambda s, b, h, q, k: F.logsigmoid(s + rowTerms[b, q])
+    values, knots = scoreAf.values, scoreAf.knots
+    return lambda s, b, h, q, k: splineOfScores(s, values, knots)
+
+
+def explicitAttention(q, k, v, allowed, score, rowTerms=None, scoreAf=None):
+    """Attention with a score transform computed from the explicit scores [nB, H, T, T] (the CPU path, and the CUDA
+    path when FlexAttention fails); allowed: the dense mask [nB, 1, T, T]; rowTerms [nB, T] from scoreRowTerms."""
+    s = (q @ k.transpose(-2, -1)).to(torch.promote_types(q.dtype, torch.float32)) * q.shape[-1] ** -0.5
+    if score == "spline":
+        weights = torch.softmax(scoreAf(s).masked_fill(~allowed, float("-inf")), dim=-1)
+    elif score == "softplus":
+        weights = F.softplus(s * rowTerms[:, None, :, None]).masked_fill(~allowed, 0.0)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    else:
+        weights = torch.sigmoid(s + rowTerms[:, None, :, None]).masked_fill(~allowed, 0.0)
+    return weights.to(v.dtype) @ v
 
 
 # ----------------------------------------------------------------------------------------------
@@ -251,13 +339,16 @@ class AttentionKernel:
     kernel to SDPA: `implementation` becomes 'sdpa' and `flexFailure` says why.
     """
 
-    def __init__(self, implementation, contextSize, flexBlockSize, headDim):
+    def __init__(self, implementation, contextSize, flexBlockSize, headDim, score="softmax"):
         if implementation not in ("flex", "sdpa"):
             raise ValueError(f"attention implementation must be 'flex' or 'sdpa', got {implementation!r}")
         if flexBlockSize not in FLEX_TILE_SIZES:
             raise ValueError(f"flexBlockSize must be one of {FLEX_TILE_SIZES}, got {flexBlockSize}")
+        if score not in SCORE_TYPES:
+            raise ValueError(f"attention score must be one of {', '.join(SCORE_TYPES)}, got {score!r}")
         self.implementation = implementation
         self.contextSize = contextSize
+        self.score, self.headDim = score, headDim
         self.flexFailure = None  # why FlexAttention was given up, once it was
         if implementation == "flex":
             from torch.nn.attention.flex_attention import flex_attention
@@ -273,14 +364,40 @@ class AttentionKernel:
             self.flexAttention = torch.compile(flex_attention, dynamic=False) if onGpu else flex_attention
 
     def mask(self, docs):
-        if self.implementation == "flex":
-            return flexBlockMask(docs, self.contextSize)
-        return denseAttentionMask(docs, self.contextSize)
+        """The mask for docs [nB, T]; with softplus and sigmoid scores, (mask, scoreRowTerms [nB, T])."""
+        mask = flexBlockMask(docs, self.contextSize) if self.implementation == "flex" else \
+            denseAttentionMask(docs, self.contextSize)
+        if self.score in ("softplus", "sigmoid"):
+            return mask, scoreRowTerms(self.score, keyCounts(docs, self.contextSize), self.headDim)
+        return mask
 
-    def __call__(self, q, k, v, mask):  # [nB, H, T, hd]
-        if self.implementation == "flex":
-            return self.flexAttention(q, k, v, block_mask=mask, kernel_options=self.kernelOptions.get(q.dtype))
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    def __call__(self, q, k, v, mask, scoreAf=None):  # [nB, H, T, hd]; scoreAf: the spline of spline scores
+        if self.score == "softmax":
+            if self.implementation == "flex":
+                return self.flexAttention(q, k, v, block_mask=mask, kernel_options=self.kernelOptions.get(q.dtype))
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        mask, rowTerms = mask if isinstance(mask, tuple) else (mask, None)
+        if self.implementation != "flex":
+            return explicitAttention(q, k, v, mask, self.score, rowTerms, scoreAf)
+        scoreMod = scoreModFor(self.score, rowTerms, scoreAf)
+        options = self.kernelOptions.get(q.dtype)
+        if self.score != "sigmoid":
+            return self.flexAttention(q, k, v, score_mod=scoreMod, block_mask=mask, kernel_options=options)
+        from torch.nn.attention.flex_attention import AuxRequest
+        out, aux = self.flexAttention(q, k, v, score_mod=scoreMod, block_mask=mask, kernel_options=options,
+                                      return_aux=AuxRequest(lse=True))
+        return (out.float() * aux.lse.exp()[..., None]).to(out.dtype)  # the row sums of sigmoid(s + b)
+
+    def describeScore(self):
+        """How the weights are made from the scores s, for the log header."""
+        formula = {"softmax": "softmax(s)",
+                   "softplus": f"softplus(s log(n)/log({self.headDim})) / sum (LSSA), n = keys attended",
+                   "sigmoid": "sigmoid(s - log n), n = keys attended, not normalised",
+                   "spline": f"softmax(phi(s)), phi a learned spline on [-sqrt({self.headDim}), sqrt({self.headDim})]",
+                   }[self.score]
+        if self.score == "softmax":
+            return formula
+        return formula + (" (FlexAttention score_mod)" if self.implementation == "flex" else " (explicit scores)")
 
     def fallBackToSdpa(self, error):
         """After `error` from a step run with FlexAttention, switch this kernel to SDPA and return the line to

@@ -85,11 +85,12 @@ def parseArgs(argv):
 
 
 def isSplineAf(afType):
-    return any(part in SPLINE_TYPES for part in trainLmAf.splitAfType(afType))
+    return any(part in SPLINE_TYPES for part in trainLmAf.splitAfType(afType) + (trainLmAf.splitScoreType(afType)[1],))
 
 
 def slug(afType):
-    """afType as a piece of a file name: 'spline;att-spline' -> 'spline_att-spline'."""
+    """afType as a piece of a file name: 'spline;att-spline' -> 'spline_att-spline',
+    'gelu;att-linear;score-sigmoid' -> 'gelu_att-linear_score-sigmoid'."""
     return re.sub(r"[^A-Za-z0-9_-]+", "_", afType.replace(";", "_"))
 
 

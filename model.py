@@ -10,7 +10,9 @@ U-Net of blocks (encoder blocks push their output, decoder blocks add skipWeight
 As in the original there is no norm before the head: the residual stream goes to it as it is.
 Block: x = l0*x + l1*x0; x += attn(rmsNorm(x)); x += mlp(rmsNorm(x)).
 Attention: h = h + af(a*h + b) (unless the attention AF is 'none'); q,k,v; value residual with the
-first block's v; per-head RMS-normalised q,k; rotary; causal + same-document + sliding-window mask.
+first block's v; per-head RMS-normalised q,k; rotary; causal + same-document + sliding-window mask; weights from
+the scores by softmax or another score transform (attention.SCORE_TYPES; `spline`: a learned AF, shared like the
+others).
 MLP: dim -> 4*dim -> AF -> dim; or gated (geglu/swiglu/reglu: af(x Wg) * (x Wv), parameter-matched width),
 or two KAN layers (kan).
 """
@@ -20,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from activationFunctions import MLP_INPUT_TYPES, makeActivation
+from activationFunctions import MLP_INPUT_TYPES, Spline, makeActivation
 from attention import AttentionKernel, documentIds
 
 # ----------------------------------------------------------------------------------------------
@@ -90,7 +92,7 @@ class Attention(nn.Module):
         self.proj = nn.Parameter(torch.zeros(nModels, dimEmb, dimEmb)) if zeroInit else stackedNormal(nModels, dimEmb, dimEmb)
         self.rotary = Rotary(self.headDim)
 
-    def forward(self, x, vFirst, af, kernel, mask, stats, first):  # x [n, B, T, D]
+    def forward(self, x, vFirst, af, kernel, mask, stats, first, scoreAf=None):  # x [n, B, T, D]
         n, B, T, D = x.shape
         if self.hasPreAf:
             preAf = perModel(self.afScale, x, first) * x + perModel(self.afShift, x, first)
@@ -104,7 +106,7 @@ class Attention(nn.Module):
         # QK normalisation with F.rms_norm's default eps (the dtype's machine epsilon), as the original
         q, k = self.rotary(F.rms_norm(q, (self.headDim,))), self.rotary(F.rms_norm(k, (self.headDim,)))
         q, k = q.to(v.dtype), k.to(v.dtype)  # CUDA autocast runs rms_norm in float32; attention wants one dtype
-        y = kernel(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)  # [nB, H, T, hd]
+        y = kernel(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, scoreAf)  # [nB, H, T, hd]
         y = y.transpose(1, 2).reshape(n, B, T, D)
         return stackedMatmul(y, self.proj, first), vFirst
 
@@ -230,10 +232,11 @@ class Block(nn.Module):
         self.attn = Attention(nModels, dimEmb, nHeads, hasPreAf, zeroInit)
         self.mlp = mlp
 
-    def forward(self, x, x0, vFirst, attAf, mlpAf, kernel, mask, stats, first):
+    def forward(self, x, x0, vFirst, attAf, mlpAf, kernel, mask, stats, first, scoreAf=None):
         lam = perModel(self.lambdas, x[..., :1], first)
         x = lam[..., 0:1] * x + lam[..., 1:2] * x0
-        attnOut, vFirst = self.attn(rmsNorm(x, self.attnNorm, first), vFirst, attAf, kernel, mask, stats, first)
+        attnOut, vFirst = self.attn(rmsNorm(x, self.attnNorm, first), vFirst, attAf, kernel, mask, stats, first,
+                                    scoreAf)
         x = x + attnOut
         x = x + self.mlp(rmsNorm(x, self.mlpNorm, first), mlpAf, stats, first)
         return x, vFirst
@@ -309,7 +312,7 @@ class GPT(nn.Module):
     def __init__(self, vocabSize, nLayers=4, nHeads=4, dimEmb=256, nModels=1, afMlp="gelu", afAtt="linear",
                  afLayerSpecific=1, afRange=15.0, afNAnchors=64, afInit=0.01, tieEmbeddings=True,
                  freezeEmbeddings=0, contextSize=1024, tokenDocSep=50256, attention="sdpa", flexBlockSize=32,
-                 kanGridSize=5, kanSplineOrder=3):
+                 kanGridSize=5, kanSplineOrder=3, afScore="softmax"):
         super().__init__()
         self.config = {name: value for name, value in locals().items() if name not in ("self", "__class__")}
         if dimEmb % nHeads or (dimEmb // nHeads) % 2:
@@ -317,8 +320,9 @@ class GPT(nn.Module):
         self.nModels, self.nLayers, self.vocabSize = nModels, nLayers, vocabSize
         self.tieEmbeddings = tieEmbeddings
         self.tokenDocSep = tokenDocSep
-        self.afMlpName, self.afAttName = afMlp, afAtt
-        self.kernel = AttentionKernel(attention, contextSize, flexBlockSize, dimEmb // nHeads)
+        self.afMlpName, self.afAttName, self.afScoreName = afMlp, afAtt, afScore
+        headDim = dimEmb // nHeads
+        self.kernel = AttentionKernel(attention, contextSize, flexBlockSize, headDim, afScore)
         zeroInit = freezeEmbeddings >= 0  # training only embeddings through frozen zero matrices would learn nothing
 
         self.embed = stackedNormal(nModels, vocabSize, dimEmb)
@@ -345,6 +349,12 @@ class GPT(nn.Module):
                                     for _ in range(max(self.mlpAfIndex) + 1))
         self.attAfs = nn.ModuleList(makeActivation(afAtt, dimEmb, afNAnchors, afRange, afInit)
                                     for _ in range(max(self.attAfIndex) + 1)) if hasPreAf else nn.ModuleList()
+        # The score spline's knots span every possible score (|s| <= sqrt(headDim), see attention.py); it starts
+        # as the identity, i.e. as softmax attention, whatever afInit says about the other splines.
+        self.scoreAfIndex = self.mlpAfIndex if afScore == "spline" else []
+        self.scoreAfs = nn.ModuleList(Spline(nKnots=afNAnchors, knotRange=math.sqrt(headDim), init=-1)
+                                      for _ in range(max(self.scoreAfIndex) + 1)) if self.scoreAfIndex \
+            else nn.ModuleList()
 
     # -- AF access ---------------------------------------------------------------------------
 
@@ -354,8 +364,11 @@ class GPT(nn.Module):
     def attAf(self, layer):
         return self.attAfs[self.attAfIndex[layer]] if self.attAfIndex else None
 
+    def scoreAf(self, layer):
+        return self.scoreAfs[self.scoreAfIndex[layer]] if self.scoreAfIndex else None
+
     def afParameters(self):
-        return [p for afs in (self.mlpAfs, self.attAfs) for p in afs.parameters()]
+        return [p for afs in (self.mlpAfs, self.attAfs, self.scoreAfs) for p in afs.parameters()]
 
     def weightParameters(self):
         afIds = {id(p) for p in self.afParameters()}
@@ -367,7 +380,9 @@ class GPT(nn.Module):
 
     def afSiteNames(self):
         """Names of the AF sites in the order of the activation statistics (the original's): per layer, the
-        attention site, then the MLP site."""
+        attention site, then the MLP site. Score splines are not among them: their inputs, the attention scores,
+        lie in their knot range by construction, and recording them would need the [T, T] scores FlexAttention
+        never materialises."""
         return [name for i in range(self.nLayers) for name in ((f"att {i}",) if self.attAfIndex else ()) + (f"MLP {i}",)]
 
     def subModels(self, start, stop):
@@ -377,7 +392,7 @@ class GPT(nn.Module):
             for (_, p), (_, q) in zip(self.namedWeightParameters(), part.namedWeightParameters()):
                 q.copy_(p[start:stop])
                 q.requires_grad_(p.requires_grad)
-        part.mlpAfs, part.attAfs = self.mlpAfs, self.attAfs
+        part.mlpAfs, part.attAfs, part.scoreAfs = self.mlpAfs, self.attAfs, self.scoreAfs
         return part.to(self.embed.device)
 
     def singleModel(self, index):
@@ -403,7 +418,8 @@ class GPT(nn.Module):
         for i, block in enumerate(self.blocks):
             if i >= self.nEncoder:
                 x = x + perModel(self.skipWeights[:, i - self.nEncoder], x[..., 0], first)[..., None] * skips.pop()
-            x, vFirst = block(x, x0, vFirst, self.attAf(i), self.mlpAf(i), self.kernel, mask, stats, first)
+            x, vFirst = block(x, x0, vFirst, self.attAf(i), self.mlpAf(i), self.kernel, mask, stats, first,
+                              self.scoreAf(i))
             if i < self.nEncoder:
                 skips.append(x)
         return x

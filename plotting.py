@@ -138,7 +138,7 @@ def _afsFigure(afs, title, newFigure):
         _drawAf(ax, af)
         if withInputs:
             strip = fig.add_subplot(grid[2 * row + 1, col], sharex=ax)
-            _drawInputs(strip, af.get("inputs"))
+            _drawInputs(strip, af.get("inputs"), af.get("inputsNote", "inputs not measured yet"))
             ax.tick_params(labelbottom=False)
             ax.set_xlabel("")
     if not afs:
@@ -175,12 +175,13 @@ def _drawAf(ax, af):
     ax.grid(True, alpha=0.3)
 
 
-def _drawInputs(ax, inputs):
-    """Where the AF's inputs lie: their histogram (log counts), the knot range, and the share outside it."""
+def _drawInputs(ax, inputs, note="inputs not measured yet"):
+    """Where the AF's inputs lie: their histogram (log counts), the knot range, and the share outside it; without
+    a histogram, the note."""
     ax.set_yticks([])
     ax.set_xlabel("input")
     if inputs is None:
-        _noData(ax, "inputs not measured yet")
+        _noData(ax, note)
         return
     edges, counts = np.asarray(inputs["edges"], dtype=float), np.asarray(inputs["histogram"], dtype=float)
     ax.stairs(counts, edges, fill=True, color="tab:orange", alpha=0.7)
@@ -198,7 +199,8 @@ def _drawInputs(ax, inputs):
 def plotAfs(path, afs, title=""):
     """Grid of learned AFs, one tile per AF (per-channel ones drawn thin around their mean); each af is
     {'name', 'knots', 'values'} for a spline, plus 'curve': True for another AF sampled on a grid, and 'inputs':
-    {'edges', 'histogram', 'outside', 'range', 'step'} to draw where its inputs lie in a strip below it."""
+    {'edges', 'histogram', 'outside', 'range', 'step'} to draw where its inputs lie in a strip below it ('inputsNote':
+    the text of that strip when it has no histogram)."""
     _atomicSave(_afsFigure(afs, title, _makeFigure), path)
 
 

@@ -37,7 +37,7 @@ class FusedAttentionStandIn:
     def mask(self, docs):
         return None
 
-    def __call__(self, q, k, v, mask):
+    def __call__(self, q, k, v, mask, scoreAf=None):
         return FusedAttentionFootprint.apply(q, k, v)
 
 

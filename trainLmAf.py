@@ -26,8 +26,9 @@ import torch
 from activationFunctions import (FIXED_TYPES, LEARNABLE_TYPES, MLP_INPUT_TYPES, SPLINE_TYPES, Spline, evaluateOnGrid,
                                  isLearnable, splineBackends)
 from distributed import Distributed
-from attention import FLEX_MASK_BLOCK, FLEX_TILE_SIZES
-from afFiles import AfFileError, atomicWrite, loadAfsIntoModel, perLayerValues, safeTorchLoad, saveAfFiles, splineKnots
+from attention import FLEX_MASK_BLOCK, FLEX_TILE_SIZES, SCORE_TYPES
+from afFiles import (AfFileError, atomicWrite, loadAfsIntoModel, perLayerValues, safeTorchLoad, saveAfFiles,
+                     scoreSplineKnots, splineKnots)
 from model import GPT, MLP_VARIANT_AFS, AfInputStatistics, copyInitAcrossModels, permuteInitAcrossModels
 from stackedAdam import StackedAdam
 from tokenShards import ShardError, TokenStream, listShards, maxTokenId, readShardHeader, validationSequences
@@ -83,7 +84,9 @@ class Hyperparameters:
                                           "splinePerDim; fixed: linear, gelu, relu, relu2, silu, tanh, elu, selu, "
                                           "softplus; learnable: prelu, swish, lgelu, crrelu, rational, polyrelu, "
                                           "polynorm, la; MLP only: moa, geglu, swiglu, reglu, kan; attention also: "
-                                          "none. 'MLP' alone means att-linear")
+                                          "none. 'MLP' alone means att-linear. An optional last part ';score-SCORE' "
+                                          "sets how attention weights come from the scores: softmax (default), "
+                                          "softplus, sigmoid, spline (learned, like the other splines)")
     afLayerSpecific: int = flag(1, "0: one AF shared by all layers; 1: one per layer; 2: first and last layers own "
                                    "theirs, middle layers share one (needs >= 4 layers)", (0, 1, 2))
     afRange: float = flag(15.0, "spline knots span [-afRange, afRange]")
@@ -161,14 +164,24 @@ def parseArgs(argv=None):
     return Hyperparameters(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Hyperparameters)}), given
 
 
+def splitScoreType(afType):
+    """'MLP;att-ATT;score-SCORE' -> ('MLP;att-ATT', SCORE); an afType without a score part -> (afType, 'softmax')."""
+    parts = afType.split(";")
+    if len(parts) > 1 and parts[-1].strip().startswith("score-"):
+        return ";".join(parts[:-1]), parts[-1].strip()[len("score-"):]
+    return afType, "softmax"
+
+
 def splitAfType(afType):
-    """'MLP;att-ATT' -> (MLP, ATT); 'MLP' -> (MLP, 'linear')."""
+    """'MLP;att-ATT' -> (MLP, ATT); 'MLP' -> (MLP, 'linear'); a last ';score-SCORE' part is left to splitScoreType."""
+    afType = splitScoreType(afType)[0]
     parts = afType.split(";")
     mlp = parts[0].strip()
     if len(parts) == 1:
         return mlp, "linear"
     if len(parts) != 2 or not parts[1].strip().startswith("att-"):
-        raise ConfigError(f"--afType {afType!r} must look like 'MLP' or 'MLP;att-ATT' (e.g. 'spline;att-spline')")
+        raise ConfigError(f"--afType {afType!r} must look like 'MLP', 'MLP;att-ATT' or 'MLP;att-ATT;score-SCORE' "
+                          "(e.g. 'spline;att-spline')")
     return mlp, parts[1].strip()[len("att-"):]
 
 
@@ -180,6 +193,10 @@ def isLearnableAf(name):
 def validate(hp):
     """Check every flag; apply the forced values of SPEC §2. Raises ConfigError."""
     mlp, att = splitAfType(hp.afType)
+    score = splitScoreType(hp.afType)[1]
+    if score not in SCORE_TYPES:
+        raise ConfigError(f"--afType: unknown attention score 'score-{score}'; choose score-X with X from "
+                          f"{', '.join(SCORE_TYPES)}")
     attChoices = SPLINE_TYPES + FIXED_TYPES + LEARNABLE_TYPES + ("none",)
     mlpOnly = MLP_INPUT_TYPES + tuple(MLP_VARIANT_AFS)
     mlpChoices = attChoices[:-1] + mlpOnly
@@ -225,18 +242,20 @@ def validate(hp):
         raise ConfigError(f"--runName {hp.runName!r} must not contain a path separator (use --dirResults)")
     if hp.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda asked for, but PyTorch sees no CUDA GPU (use --device cpu)")
-    if hp.afFileToLoad and not (mlp in SPLINE_TYPES or att in SPLINE_TYPES):
-        raise ConfigError(f"--afFileToLoad needs a spline afType (spline or splinePerDim), got {hp.afType!r}")
+    if hp.afFileToLoad and not (mlp in SPLINE_TYPES or att in SPLINE_TYPES or score == "spline"):
+        raise ConfigError(f"--afFileToLoad needs a spline afType (spline or splinePerDim, or score-spline), got "
+                          f"{hp.afType!r}")
     if not hp.filesTokensTr:
         raise ConfigError("--filesTokensTr is empty: give the glob of the training token shards")
     forced = []
-    if not (isLearnableAf(mlp) or isLearnableAf(att)) and (hp.afLr != 0 or hp.afLayerSpecific != 0):
+    if not (isLearnableAf(mlp) or isLearnableAf(att) or score == "spline") and (hp.afLr != 0 or
+                                                                                 hp.afLayerSpecific != 0):
         hp.afLr, hp.afLayerSpecific = 0.0, 0
         forced.append("afLr=0 and afLayerSpecific=0 (no learnable AF)")
     if hp.afLr == 0 and hp.saveAfEvery != -1:
         hp.saveAfEvery = -1
         forced.append("saveAfEvery=-1 (AFs frozen)")
-    elif mlp not in SPLINE_TYPES and att not in SPLINE_TYPES and hp.saveAfEvery != -1:
+    elif mlp not in SPLINE_TYPES and att not in SPLINE_TYPES and score != "spline" and hp.saveAfEvery != -1:
         hp.saveAfEvery = -1
         forced.append("saveAfEvery=-1 (ptAf files hold splines; other learned AFs are in the model checkpoint)")
     if not hp.runName:
@@ -394,7 +413,7 @@ def modelArguments(hp, vocabSize, device, nModels=None):
                 contextSize=get("contextSize"), tokenDocSep=get("tokenDocSep"),
                 attention="flex" if torch.device(device).type == "cuda" else "sdpa",
                 flexBlockSize=get("flexBlockSize"), kanGridSize=get("kanGridSize", 5),
-                kanSplineOrder=get("kanSplineOrder", 3))
+                kanSplineOrder=get("kanSplineOrder", 3), afScore=splitScoreType(get("afType"))[1])
 
 
 def buildModel(hp, vocabSize, device, nModels=None):
@@ -650,6 +669,8 @@ class Trainer:
             "knots": splineKnots(self.model),
             "afValuesMlp": perLayerValues(self.model, "mlp"),
             "afValuesAtt": perLayerValues(self.model, "att"),
+            "scoreKnots": scoreSplineKnots(self.model),
+            "afValuesScore": perLayerValues(self.model, "score"),
         }
 
     def loadResumeCheckpoint(self):
@@ -697,7 +718,7 @@ class Trainer:
 
     def saveAfs(self):
         """Write ptAf-RUN-stepNNNN.pt/.csv; (None, None) without splines (other learned AFs are in pt-RUN files)."""
-        if splineKnots(self.model) is None:
+        if splineKnots(self.model) is None and scoreSplineKnots(self.model) is None:
             return None, None
         stem = os.path.join(self.hp.dirResults, f"ptAf-{self.hp.runName}-step{self.step:04d}")
         return saveAfFiles(stem, self.model, dataclasses.asdict(self.hp), self.step)
@@ -761,6 +782,8 @@ class Trainer:
             lines.append(f"Attention: FlexAttention, mask block {FLEX_MASK_BLOCK}, kernel options {options}")
         else:
             lines.append("Attention: SDPA with the dense causal + document + window mask")
+        if kernel.score != "softmax":
+            lines.append(f"Attention weights: {kernel.describeScore()}")
         if self.compiledVariants:
             lines.append(f"Compiled before step 1 ({compileBackend(hp, self.device)}): " + ", ".join(
                 f"{kind} {n} model(s) from {first}" + (f" x {batch} sequences" if batch > 1 else "")
@@ -982,7 +1005,9 @@ class Trainer:
     def afTiles(self):
         tiles = []
         for kind, afName, modules, index in (("MLP", self.model.afMlpName, self.model.mlpAfs, self.model.mlpAfIndex),
-                                             ("att", self.model.afAttName, self.model.attAfs, self.model.attAfIndex)):
+                                             ("att", self.model.afAttName, self.model.attAfs, self.model.attAfIndex),
+                                             ("score", self.model.afScoreName, self.model.scoreAfs,
+                                              self.model.scoreAfIndex)):
             for m, module in enumerate(modules):
                 isSpline = hasattr(module, "knots")
                 # Fixed AFs have nothing learned to show; moa's curve differs from token to token.
@@ -998,7 +1023,10 @@ class Trainer:
                     xs, ys = evaluateOnGrid(module)
                     tiles.append({"name": f"{kind} {afName} ({where})", "knots": xs.cpu().numpy(),
                                   "values": ys.float().cpu().numpy(), "curve": True})
-                tiles[-1]["inputs"] = self.tileInputs([f"{kind} {layer}" for layer in layers])
+                if kind == "score":  # not an AF-input site (GPT.afSiteNames)
+                    tiles[-1]["inputsNote"] = f"attention scores, all within ±{module.knotRange:.3g}"
+                else:
+                    tiles[-1]["inputs"] = self.tileInputs([f"{kind} {layer}" for layer in layers])
         return tiles
 
     def tileInputs(self, sites):

@@ -132,3 +132,17 @@ def testSlug():
     assert compareAfs.slug("spline;att-spline") == "spline_att-spline"
     assert compareAfs.slug("gelu") == "gelu"
     assert compareAfs.isSplineAf("gelu;att-splinePerDim") and not compareAfs.isSplineAf("prelu")
+
+
+def testScoreAfTypes(tinyData, tmp_path):
+    assert compareAfs.slug("gelu;att-linear;score-sigmoid") == "gelu_att-linear_score-sigmoid"
+    assert compareAfs.isSplineAf("gelu;att-linear;score-spline")
+    assert not compareAfs.isSplineAf("gelu;att-linear;score-softplus")
+    argv = ["--afTypes", "gelu;att-linear;score-sigmoid,gelu;att-linear;score-spline", "--splinePhases", "2",
+            "--name", "s"] + trainerFlags(tinyData, tmp_path)
+    args, trainerArgv, hp = compareAfs.parseArgs(argv)
+    runs = compareAfs.planRuns(args, trainerArgv, hp)
+    compareAfs.checkRuns(runs, args)
+    assert [(r["runName"], r["phase"]) for r in runs] == [
+        ("s-gelu_att-linear_score-sigmoid-s0", None), ("s-gelu_att-linear_score-spline-s0-phase1", 1),
+        ("s-gelu_att-linear_score-spline-s0", 2)]
