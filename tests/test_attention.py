@@ -166,6 +166,8 @@ def mockedGpu(monkeypatch, capability, sharedMemory):
     from torch._inductor.runtime.hints import DeviceProperties
     from triton.runtime.driver import driver
     hop = importlib.import_module("torch._higher_order_ops.flex_attention")  # the package attribute is the operator
+    deviceInterface = importlib.import_module("torch._dynamo.device_interface")
+    from torch.utils._triton import has_triton as hasTriton
     jointGraph = importlib.import_module("torch._inductor.fx_passes.joint_graph")
     props = gpuProperties(capability, sharedMemory)
     createFwBwGraph = hop.create_fw_bw_graph
@@ -183,6 +185,11 @@ def mockedGpu(monkeypatch, capability, sharedMemory):
 
     kernels = {}
     with monkeypatch.context() as m:
+        # dynamo caches the GPU's properties, and torch whether Triton has a GPU, once per process (FlexAttention's
+        # eager CPU path asks): an earlier test's mocked or absent GPU must not answer for this one
+        for cache in ("caching_worker_device_properties", "caching_worker_current_devices"):
+            m.setattr(deviceInterface, cache, {})
+        hasTriton.cache_clear()
         for name, value in dict(is_available=lambda: True, get_device_capability=lambda device=None: capability,
                                 get_device_properties=lambda device=None: props, device_count=lambda: 1,
                                 current_device=lambda: 0, _lazy_init=lambda: None,
@@ -207,6 +214,7 @@ def mockedGpu(monkeypatch, capability, sharedMemory):
                 yield kernels
         finally:
             DeviceProperties.create.cache_clear()
+            hasTriton.cache_clear()  # the real answer again, for the tests that follow
             torch._dynamo.reset()
 
 
