@@ -17,7 +17,10 @@ Because knots are uniform the interval is found by arithmetic, not by a search.
     df/dx   = (v_{i+1} - v_i) / h  inside [-R, R], 0 outside
     df/dv_i = 1 - w,  df/dv_{i+1} = w
 Initialisation: every value = init (0.01 by default: a near-zero function the training shapes),
-or init = -1: values = knot positions, i.e. the identity on [-R, R].
+or init = -1: values = knot positions, i.e. the identity on [-R, R], or init = the name of a fixed AF
+(FIXED_TYPES, e.g. "relu2"): values = that AF at the knots (and constant outside, as always).
+Smoothness (splineSmoothness): sum_k (v_{k+1} - 2 v_k + v_{k-1})^2 / h^3, the discretised integral of f''(x)^2 over
+[-R, R], so a curve scores the same whatever the knot count.
 The interpolation is computed in float32 whatever the input dtype; the output has the input's dtype.
 On CUDA the forward and backward run as Triton kernels (splineKernel.py), each chosen from what the installed
 Triton offers; elsewhere, and for any kernel that fails, as the PyTorch code below. splineBackends(device) tells
@@ -334,6 +337,9 @@ class Spline(nn.Module):
             raise ValueError(f"knotRange must be > 0, got {knotRange!r}")
         if channels is not None and channels < 1:
             raise ValueError(f"channels must be None or >= 1, got {channels!r}")
+        if not (isinstance(init, str) and init in FIXED_TYPES or isinstance(init, (int, float))):
+            raise ValueError(f"init must be a number (-1: the identity) or a fixed AF's name ({', '.join(FIXED_TYPES)}), "
+                             f"got {init!r}")
         self.channels = channels
         self.register_buffer("knots", uniformKnots(nKnots, knotRange))
         shape = (nKnots,) if channels is None else (channels, nKnots)
@@ -347,10 +353,7 @@ class Spline(nn.Module):
 
     def reset_parameters(self):
         with torch.no_grad():
-            if self.init == -1:
-                self.values.copy_(self.knots.expand_as(self.values))
-            else:
-                self.values.fill_(self.init)
+            self.values.copy_(splineInitValues(self.init, self.knots).expand_as(self.values))
 
     @property
     def nKnots(self):
@@ -420,6 +423,22 @@ class SplinePerDim(Spline):
 
     def __init__(self, channels, nKnots=64, knotRange=15.0, init=0.01):
         super().__init__(nKnots=nKnots, knotRange=knotRange, init=init, channels=channels)
+
+
+def splineInitValues(init, knots):
+    """A spline's starting values at knots: the constant init, the identity (init -1) or the fixed AF named init."""
+    if isinstance(init, str):
+        with torch.no_grad():
+            return makeActivation(init, None)(knots).float()
+    return knots.clone() if init == -1 else torch.full_like(knots, float(init))
+
+
+def splineSmoothness(spline):
+    """sum_k (v_{k+1} - 2 v_k + v_{k-1})^2 / h^3 of a Spline (the mean over channels of a per-channel one): the
+    integral of f''^2 over the knot range, discretised, so that its scale does not depend on the knot count."""
+    v = spline.values
+    secondDifferences = v[..., 2:] - 2 * v[..., 1:-1] + v[..., :-2]
+    return secondDifferences.pow(2).sum(-1).mean() / spline.knotStep ** 3
 
 
 def checkUniformKnots(knots):
@@ -672,5 +691,6 @@ def evaluateOnGrid(module, nPoints=1001, xMin=-5.0, xMax=5.0):
 __all__ = ["Spline", "SplinePerDim", "ReLU2", "SiLU", "Tanh", "ELU", "SELU", "Softplus", "PReLU", "Swish", "LGELU",
            "CRReLU", "Rational", "PolyReLU", "PolyNorm", "LearnableActivation", "MixtureOfActivations",
            "makeActivation", "splineActivation", "splineBackends", "splineReference", "uniformKnots",
+           "splineInitValues", "splineSmoothness",
            "checkUniformKnots", "isLearnable", "evaluateOnGrid", "dictionaryActivations", "SPLINE_TYPES", "FIXED_TYPES",
            "LEARNABLE_TYPES", "MLP_INPUT_TYPES", "MIX_DICTIONARY"]

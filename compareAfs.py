@@ -1,9 +1,11 @@
 """Compare activation functions under identical conditions: a trainLmAf.py run per (AF, seed), a table and a plot.
 
     python compareAfs.py --afTypes gelu,relu,prelu,swiglu,spline --seeds 0,1,2 [any trainLmAf.py flags]
+    python compareAfs.py --afTypes relu2 --variant "spline-relu2=spline;att-spline --afInit relu2;att-linear" ...
 
 Every run gets the same trainLmAf.py flags except --afType, --seed and --runName (NAME-AF-sSEED), so data order,
-steps and seeds are identical across AFs. Each run is a trainLmAf.py subprocess (the training code itself, no second
+steps and seeds are identical across AFs. A --variant LABEL=AFTYPE FLAGS... is one more row: that afType with its own
+extra flags (e.g. the spline's --afInit or --afSmoothness), its runs named NAME-LABEL-sSEED. Each run is a trainLmAf.py subprocess (the training code itself, no second
 loop), so one AF that crashes does not stop the others. The results are read back from the runs' metrics-RUN.csv
 files (and the parameter count from their logs) and written to dirResults as compare-NAME.md (parameters, final validation loss and accuracy as mean ± std over seeds, tokens/s)
 and compare-NAME.png (validation curves). The exit status is 1 when any run failed (they are named), 2 for bad flags.
@@ -54,21 +56,29 @@ def parseArgs(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False,
                                      epilog="Every other flag goes to each trainLmAf.py run unchanged "
                                             "(python trainLmAf.py --help lists them).")
-    parser.add_argument("--afTypes", required=True,
+    parser.add_argument("--afTypes", default="",
                         help="comma-separated afType values, e.g. gelu,relu,prelu,swiglu,'spline;att-spline'")
+    parser.add_argument("--variant", action="append", default=[], metavar="LABEL=AFTYPE [FLAGS]",
+                        help="one more row: AFTYPE with extra trainLmAf.py flags, labelled LABEL (repeatable), e.g. "
+                             "'spline-relu2=spline;att-spline --afInit relu2;att-linear'")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds; every AF is trained once per seed")
     parser.add_argument("--name", default="cmp", help="comparison name: runs NAME-AF-sSEED, outputs compare-NAME.*")
     parser.add_argument("--splinePhases", type=int, choices=(1, 2), default=1,
                         help="2: spline AFs are learned in phase I, then frozen in phase II (reported)")
     parser.add_argument("--splineModels", type=int, default=4, help="--splinePhases 2: models in phase I")
+    parser.add_argument("--dryRun", action="store_true",
+                        help="check every run's flags and print the trainLmAf.py commands, without training")
     args, trainerArgv = parser.parse_known_args(argv)
     hp, given = trainLmAf.parseArgs(trainerArgv)
     clash = [name for name in PER_RUN_FLAGS if name in given]
     if clash:
         raise CompareError(f"--{clash[0]} is set per run by compareAfs.py; use --afTypes, --seeds or --name instead")
     args.afTypes = [af.strip() for af in args.afTypes.split(",") if af.strip()]
-    if not args.afTypes or len(set(args.afTypes)) != len(args.afTypes):
-        raise CompareError(f"--afTypes needs distinct afType values separated by commas, got {args.afTypes}")
+    args.entries = [{"label": af, "af": af, "slug": slug(af), "flags": []} for af in args.afTypes]
+    args.entries += [parseVariant(text) for text in args.variant]
+    labels = [entry["label"] for entry in args.entries]
+    if not args.entries or len(set(labels)) != len(labels) or len({e["slug"] for e in args.entries}) != len(labels):
+        raise CompareError(f"--afTypes and --variant need distinct entries (at least one), got {', '.join(labels)}")
     try:
         args.seeds = [int(s) for s in args.seeds.split(",")]
     except ValueError:
@@ -84,6 +94,19 @@ def parseArgs(argv):
     return args, trainerArgv, hp
 
 
+def parseVariant(text):
+    """'LABEL=AFTYPE --flag value ...' -> a comparison entry."""
+    label, _, rest = text.partition("=")
+    label, words = label.strip(), shlex.split(rest)
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", label) or not words:
+        raise CompareError(f"--variant {text!r} must look like LABEL=AFTYPE [FLAGS], LABEL of letters, digits, _ . -")
+    _, given = trainLmAf.parseArgs(words[1:])
+    clash = [name for name in PER_RUN_FLAGS if name in given]
+    if clash:
+        raise CompareError(f"--variant {label}: --{clash[0]} is set per run by compareAfs.py")
+    return {"label": label, "af": words[0], "slug": label, "flags": words[1:]}
+
+
 def isSplineAf(afType):
     return any(part in SPLINE_TYPES for part in trainLmAf.splitAfType(afType) + (trainLmAf.splitScoreType(afType)[1],))
 
@@ -97,11 +120,12 @@ def slug(afType):
 def planRuns(args, trainerArgv, hp):
     """One dict per trainLmAf.py run, in order; a phase-II run names the phase-I run it loads."""
     runs = []
-    for af in args.afTypes:
+    for entry in args.entries:
+        af = entry["label"]
         for seed in args.seeds:
-            runName = f"{args.name}-{slug(af)}-s{seed}"
-            argv = trainerArgv + ["--afType", af, "--seed", str(seed)]
-            if args.splinePhases == 2 and isSplineAf(af):
+            runName = f"{args.name}-{entry['slug']}-s{seed}"
+            argv = trainerArgv + entry["flags"] + ["--afType", entry["af"], "--seed", str(seed)]
+            if args.splinePhases == 2 and isSplineAf(entry["af"]):
                 phase1 = {"af": af, "seed": seed, "runName": runName + "-phase1", "phase": 1, "reported": False,
                           "argv": argv + ["--runName", runName + "-phase1", "--nModels", str(args.splineModels),
                                           "--saveAfEvery", "0"]}
@@ -204,13 +228,14 @@ def formatMeanStd(values, digits):
     return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
 
 
-def summarize(runs, afTypes, splinePhases):
-    """One row per AF over its reported runs that succeeded."""
+def summarize(runs, entries, splinePhases):
+    """One row per entry (AF or variant) over its reported runs that succeeded."""
     rows = []
-    for af in afTypes:
+    for entry in entries:
+        af = entry["label"]
         mine = [r for r in runs if r["af"] == af and r["reported"]]
         done = [r["result"] for r in mine if "result" in r]
-        label = af + (" (phase II)" if splinePhases == 2 and isSplineAf(af) else "")
+        label = af + (" (phase II)" if splinePhases == 2 and isSplineAf(entry["af"]) else "")
         row = {"af": af, "label": label, "nRuns": len(mine), "nDone": len(done), "runs": done}
         if done:
             row.update(params=done[0]["params"], loss=[d["val"][-1][1] for d in done],
@@ -242,6 +267,10 @@ def markdownTable(rows, args, trainerArgv, hp, failures):
         speed = f"{meanStd(row['speed'])[0]:,.0f}"
         lines.append(f"| {row['label']} | {row['params']:,} | {loss} | {delta} | {formatMeanStd(row['acc'], 2)} | "
                      f"{speed} | {row['nDone']}/{row['nRuns']} |")
+    variants = [entry for entry in args.entries if entry["flags"] or entry["label"] != entry["af"]]
+    if variants:
+        lines += ["", "Variants: " + "; ".join(f"`{e['label']}` = `{shlex.join(['--afType', e['af']] + e['flags'])}`"
+                                                 for e in variants) + "."]
     if args.splinePhases == 2:
         lines += ["", f"Phase II rows: splines learned by {args.splineModels} models in phase I "
                       "(runs NAME-AF-sSEED-phase1), then loaded frozen (--afLr 0)."]
@@ -329,6 +358,10 @@ def main(argv=None):
     except CompareError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if args.dryRun:
+        for index, run in enumerate(runs, 1):
+            print(f"[{index}/{len(runs)}] {run['runName']}: trainLmAf.py {shlex.join(run['argv'])}")
+        return 0
     os.makedirs(hp.dirResults, exist_ok=True)
     try:
         for index, run in enumerate(runs, 1):
@@ -337,11 +370,11 @@ def main(argv=None):
         print("interrupted: run the same command again to continue (finished runs are kept)", file=sys.stderr)
         return 130
     failures = [(run["runName"], run["failure"]) for run in runs if "failure" in run]
-    rows = summarize(runs, args.afTypes, args.splinePhases)
+    rows = summarize(runs, args.entries, args.splinePhases)
     stem = os.path.join(hp.dirResults, f"compare-{args.name}")
     table = markdownTable(rows, args, trainerArgv, hp, failures)
     atomicWrite(stem + ".md", lambda tmp: writeText(tmp, table))
-    plotComparison(stem + ".png", rows, f"{args.name}: {len(args.afTypes)} AFs x {len(args.seeds)} seeds")
+    plotComparison(stem + ".png", rows, f"{args.name}: {len(args.entries)} AFs x {len(args.seeds)} seeds")
     print(table)
     print(f"wrote {stem}.md and {stem}.png")
     if failures:

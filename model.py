@@ -312,7 +312,7 @@ class GPT(nn.Module):
     def __init__(self, vocabSize, nLayers=4, nHeads=4, dimEmb=256, nModels=1, afMlp="gelu", afAtt="linear",
                  afLayerSpecific=1, afRange=15.0, afNAnchors=64, afInit=0.01, tieEmbeddings=True,
                  freezeEmbeddings=0, contextSize=1024, tokenDocSep=50256, attention="sdpa", flexBlockSize=32,
-                 kanGridSize=5, kanSplineOrder=3, afScore="softmax"):
+                 kanGridSize=5, kanSplineOrder=3, afScore="softmax", afInitAtt=None):
         super().__init__()
         self.config = {name: value for name, value in locals().items() if name not in ("self", "__class__")}
         if dimEmb % nHeads or (dimEmb // nHeads) % 2:
@@ -347,7 +347,8 @@ class GPT(nn.Module):
         mlpAfName = MLP_VARIANT_AFS.get(afMlp, afMlp)
         self.mlpAfs = nn.ModuleList(makeActivation(mlpAfName, 4 * dimEmb, afNAnchors, afRange, afInit, inputDim=dimEmb)
                                     for _ in range(max(self.mlpAfIndex) + 1))
-        self.attAfs = nn.ModuleList(makeActivation(afAtt, dimEmb, afNAnchors, afRange, afInit)
+        attInit = afInit if afInitAtt is None else afInitAtt
+        self.attAfs = nn.ModuleList(makeActivation(afAtt, dimEmb, afNAnchors, afRange, attInit)
                                     for _ in range(max(self.attAfIndex) + 1)) if hasPreAf else nn.ModuleList()
         # The score spline's knots span every possible score (|s| <= sqrt(headDim), see attention.py); it starts
         # as the identity, i.e. as softmax attention, whatever afInit says about the other splines.
@@ -369,6 +370,10 @@ class GPT(nn.Module):
 
     def afParameters(self):
         return [p for afs in (self.mlpAfs, self.attAfs, self.scoreAfs) for p in afs.parameters()]
+
+    def splines(self):
+        """Every spline AF module (MLP, attention, score sites), each once."""
+        return [af for afs in (self.mlpAfs, self.attAfs, self.scoreAfs) for af in afs if isinstance(af, Spline)]
 
     def weightParameters(self):
         afIds = {id(p) for p in self.afParameters()}

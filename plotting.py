@@ -163,9 +163,16 @@ def _drawAf(ax, af):
         alpha = float(np.clip(6.0 / len(channels), 0.04, 0.35))
         ax.plot(xs, extended.T, color="tab:blue", linewidth=0.6, alpha=alpha)
     mean = extended.mean(axis=0)
-    ax.plot(xs, mean, color="navy", linewidth=2.0 if values.ndim > 1 else 1.6)
+    if af.get("start") is not None and not curve:  # the spline at step 0, under the current one
+        start = np.asarray(af["start"], dtype=float).reshape(-1, values.shape[-1]).mean(axis=0)
+        ax.plot(xs, np.concatenate([start[:1], start, start[-1:]]), color="tab:green", linestyle="-.",
+                linewidth=1.2, label="step 0")
+    ax.plot(xs, mean, color="navy", linewidth=2.0 if values.ndim > 1 else 1.6,
+            label="now" if af.get("start") is not None else None)
     if not curve:
         ax.plot(knots, mean[1:-1], linestyle="none", marker="o", markersize=2.2, color="navy")
+    if af.get("start") is not None and not curve:
+        ax.legend(fontsize=7, loc="upper left", frameon=False)
     # axline does not take part in autoscaling, so the spline, not the identity, sets the y-range.
     ax.axline((0.0, 0.0), slope=1.0, color="grey", linestyle="--", linewidth=0.8, alpha=0.6)
     ax.set_xlim(xs[0], xs[-1])
@@ -198,7 +205,8 @@ def _drawInputs(ax, inputs, note="inputs not measured yet"):
 
 def plotAfs(path, afs, title=""):
     """Grid of learned AFs, one tile per AF (per-channel ones drawn thin around their mean); each af is
-    {'name', 'knots', 'values'} for a spline, plus 'curve': True for another AF sampled on a grid, and 'inputs':
+    {'name', 'knots', 'values'} for a spline (and 'start': its values at step 0, drawn dash-dotted), plus 'curve':
+    True for another AF sampled on a grid, and 'inputs':
     {'edges', 'histogram', 'outside', 'range', 'step'} to draw where its inputs lie in a strip below it ('inputsNote':
     the text of that strip when it has no histogram)."""
     _atomicSave(_afsFigure(afs, title, _makeFigure), path)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from activationFunctions import (FIXED_TYPES, LEARNABLE_TYPES, MLP_INPUT_TYPES, SPLINE_TYPES, Spline, evaluateOnGrid,
-                                 isLearnable, splineBackends)
+                                 isLearnable, splineBackends, splineSmoothness)
 from distributed import Distributed
 from attention import FLEX_MASK_BLOCK, FLEX_TILE_SIZES, SCORE_TYPES
 from afFiles import (AfFileError, atomicWrite, loadAfsIntoModel, perLayerValues, safeTorchLoad, saveAfFiles,
@@ -39,8 +39,17 @@ CHECKPOINT_FORMAT = "lm-afs checkpoint 1"
 # Hyperparameters (every field is a --flag of the same name)
 
 
-def flag(default, help, choices=None):
-    return field(default=default, metadata={"help": help, "choices": choices})
+def flag(default, help, choices=None, parse=None):
+    """A hyperparameter and its CLI flag; parse: the flag's parser, when its type's own does not fit."""
+    return field(default=default, metadata={"help": help, "choices": choices, "parse": parse})
+
+
+def parseAfInit(text):
+    """--afInit: a number stays a number (as the original's float flag); an AF name or 'MLP;att-ATT' stays text."""
+    try:
+        return float(text)
+    except ValueError:
+        return text.strip()
 
 
 @dataclass
@@ -91,7 +100,12 @@ class Hyperparameters:
                                    "theirs, middle layers share one (needs >= 4 layers)", (0, 1, 2))
     afRange: float = flag(15.0, "spline knots span [-afRange, afRange]")
     afNAnchors: int = flag(64, "number of spline knots")
-    afInit: float = flag(0.01, "initial knot values (constant); -1: identity")
+    afInit: float = flag(0.01, "initial knot values: a constant; -1: identity; a fixed AF's name (relu2, gelu, ...): "
+                               "that AF at the knots; 'MLP;att-ATT' sets the attention sites' separately, e.g. "
+                               "'relu2;att-0.01'", parse=parseAfInit)
+    afSmoothness: float = flag(0.0, "lambda of the smoothness prior on learned splines: lambda * sum_k (v[k+1] - "
+                                    "2 v[k] + v[k-1])^2 / h^3 per spline (h: knot spacing) joins every model's "
+                                    "loss; 0: none (the original)")
     afLr: float = flag(0.1, ">0: Adam on AF values; <0: plain SGD with LR |afLr|; 0: AFs frozen")
     afAdamB1: float = flag(0.99, "Adam beta1 of the AF values")
     afAdamB2: float = flag(0.999, "Adam beta2 of the AF values")
@@ -142,7 +156,8 @@ def buildParser():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(Hyperparameters):
-        kind = parseBool if f.type in (bool, "bool") else {"int": int, "float": float, "str": str}.get(f.type, f.type)
+        kind = f.metadata["parse"] or (parseBool if f.type in (bool, "bool") else
+                                       {"int": int, "float": float, "str": str}.get(f.type, f.type))
         parser.add_argument(f"--{f.name}", type=kind, default=f.default, help=f.metadata["help"],
                             choices=f.metadata["choices"], metavar=f.name.upper() if f.metadata["choices"] is None
                             else None)
@@ -183,6 +198,22 @@ def splitAfType(afType):
         raise ConfigError(f"--afType {afType!r} must look like 'MLP', 'MLP;att-ATT' or 'MLP;att-ATT;score-SCORE' "
                           "(e.g. 'spline;att-spline')")
     return mlp, parts[1].strip()[len("att-"):]
+
+
+def splitAfInit(afInit):
+    """--afInit -> (MLP sites' init, attention sites' init), each a number or a fixed AF's name; a single value
+    applies to both."""
+    if isinstance(afInit, (int, float)):
+        return afInit, afInit
+    parts = [part.strip() for part in afInit.split(";")]
+    if len(parts) > 2 or len(parts) == 2 and not parts[1].startswith("att-"):
+        raise ConfigError(f"--afInit {afInit!r} must look like 'INIT' or 'INIT;att-INIT' (e.g. 'relu2;att-0.01')")
+    inits = [parseAfInit(part) for part in (parts[0], parts[-1][len("att-"):] if len(parts) == 2 else parts[0])]
+    for init in inits:
+        if isinstance(init, str) and init not in FIXED_TYPES:
+            raise ConfigError(f"--afInit: {init!r} is neither a number nor a fixed AF; use a number (-1: identity) or "
+                              f"one of {', '.join(FIXED_TYPES)}")
+    return tuple(inits)
 
 
 def isLearnableAf(name):
@@ -247,11 +278,18 @@ def validate(hp):
                           f"{hp.afType!r}")
     if not hp.filesTokensTr:
         raise ConfigError("--filesTokensTr is empty: give the glob of the training token shards")
+    splitAfInit(hp.afInit)
+    if not hp.afSmoothness >= 0:
+        raise ConfigError(f"--afSmoothness must be >= 0, got {hp.afSmoothness}")
     forced = []
     if not (isLearnableAf(mlp) or isLearnableAf(att) or score == "spline") and (hp.afLr != 0 or
                                                                                  hp.afLayerSpecific != 0):
         hp.afLr, hp.afLayerSpecific = 0.0, 0
         forced.append("afLr=0 and afLayerSpecific=0 (no learnable AF)")
+    learnsSpline = hp.afLr != 0 and (mlp in SPLINE_TYPES or att in SPLINE_TYPES or score == "spline")
+    if hp.afSmoothness and not learnsSpline:  # so that one flag set serves phase I, phase II and fixed AFs alike
+        hp.afSmoothness = 0.0
+        forced.append("afSmoothness=0 (no spline is learned)")
     if hp.afLr == 0 and hp.saveAfEvery != -1:
         hp.saveAfEvery = -1
         forced.append("saveAfEvery=-1 (AFs frozen)")
@@ -402,13 +440,19 @@ def roundUpVocab(maxId):
     return (maxId + 1 + 127) // 128 * 128
 
 
+def splineValues(model):
+    """{id(spline): its values as a numpy copy} for every spline of model."""
+    return {id(spline): spline.values.detach().float().cpu().numpy().copy() for spline in model.splines()}
+
+
 def modelArguments(hp, vocabSize, device, nModels=None):
     """GPT's constructor arguments for these hyperparameters (a dict or Hyperparameters) on device."""
     get = hp.get if isinstance(hp, dict) else lambda name, default=None: getattr(hp, name, default)
     mlp, att = splitAfType(get("afType"))
+    mlpInit, attInit = splitAfInit(get("afInit"))
     return dict(vocabSize=vocabSize, nLayers=get("nLayers"), nHeads=get("nHeads"), dimEmb=get("dimEmb"),
                 nModels=nModels or get("nModels"), afMlp=mlp, afAtt=att, afLayerSpecific=get("afLayerSpecific"),
-                afRange=get("afRange"), afNAnchors=get("afNAnchors"), afInit=get("afInit"),
+                afRange=get("afRange"), afNAnchors=get("afNAnchors"), afInit=mlpInit, afInitAtt=attInit,
                 tieEmbeddings=get("tieEmbeddings"), freezeEmbeddings=get("freezeEmbeddings"),
                 contextSize=get("contextSize"), tokenDocSep=get("tokenDocSep"),
                 attention="flex" if torch.device(device).type == "cuda" else "sdpa",
@@ -569,11 +613,16 @@ class Trainer:
         # Every rank builds all N models from the same seed and keeps its own block: the same init as one process.
         model = buildModel(hp, self.vocabSize, self.device)
         self.afNotes = []
+        startValues = splineValues(model)  # drawn in the AF plot: the flags' init, which a resumed run rebuilds...
         if resume:
             model.load_state_dict(resume["model"])
+            if hp.afFileToLoad:  # ...unless the start came from a file
+                startValues = {}
         elif hp.afFileToLoad:
             self.afNotes = loadAfsIntoModel(model, hp.afFileToLoad, freeze=hp.afLr == 0)
             model.to(self.device)
+            startValues = splineValues(model)
+        self.startValues = startValues
         if hp.nModels > 1 and not resume:
             if hp.sameInitAcrossModels:
                 copyInitAcrossModels(model)
@@ -898,6 +947,9 @@ class Trainer:
                 accSum[first:first + n] += accuracies.detach()
         afParams = [p for p in self.model.afParameters() if p.requires_grad]
         self.reduceGradients(afParams, nActive, nActiveAll)
+        if hp.afSmoothness > 0:
+            # after the average over models: lambda * S in every model's loss gives lambda * dS/dv, on every process
+            self.smoothness().mul(hp.afSmoothness).backward()
         if hp.gradientClipping > 0:
             self.clipGradients(nActive, afParams)
         if nActive:
@@ -943,6 +995,10 @@ class Trainer:
         for g in weightGrads + afGrads:
             g.mul_(scale.to(g.dtype))
 
+    def smoothness(self):
+        """S, the sum of splineSmoothness over the learned splines (the prior's penalty is afSmoothness * S)."""
+        return sum(splineSmoothness(spline) for spline in self.model.splines() if spline.values.requires_grad)
+
     # -- evaluation --------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -969,7 +1025,7 @@ class Trainer:
                                       ).to(self.device)[None, None]
         stats = AfInputStatistics(self.afInputRange)
         with self.autocast:
-            self.model(tokens[..., :-1], tokens[..., 1:], stats=stats)
+            self.model.hidden(tokens[..., :-1], stats)  # the AF sites only: the output head would double the cost
         return stats.results()
 
     # -- outputs -----------------------------------------------------------------------------
@@ -1017,8 +1073,9 @@ class Trainer:
                 where = "all layers" if len(layers) == len(index) and len(index) > 1 else \
                     "layer " + ",".join(map(str, layers)) if len(layers) <= 2 else f"layers {layers[0]}-{layers[-1]}"
                 if isSpline:
-                    tiles.append({"name": f"{kind} ({where})", "knots": module.knots.cpu().numpy(),
-                                  "values": module.values.detach().float().cpu().numpy()})
+                    values, start = module.values.detach().float().cpu().numpy(), self.startValues.get(id(module))
+                    tiles.append({"name": f"{kind} ({where})", "knots": module.knots.cpu().numpy(), "values": values,
+                                  "start": None if start is None or np.array_equal(start, values) else start})
                 else:  # sampled on a grid: plotted as a curve, without knot dots or constant extrapolation
                     xs, ys = evaluateOnGrid(module)
                     tiles.append({"name": f"{kind} {afName} ({where})", "knots": xs.cpu().numpy(),
@@ -1156,6 +1213,11 @@ class Trainer:
                 if m > 0:
                     self.log(f"Step {self.step}/{hp.nSteps}   model {m}   lossTr {loss[m]:.4f}   accTr {100 * acc[m]:.1f}",
                              terminal=False)
+        if hp.afSmoothness > 0:
+            with torch.no_grad():
+                roughness = float(self.smoothness())
+            self.log(f"Step {self.step}/{hp.nSteps}   AF smoothness S {roughness:.4f}   penalty "
+                     f"afSmoothness*S {hp.afSmoothness * roughness:.4f}")
         bar.set_postfix(lossTr=f"{loss[0]:.3f}")
         self.window = self.newWindow()
         if hp.plottingLevel >= 1 and self.dist.isMain:

@@ -146,3 +146,36 @@ def testScoreAfTypes(tinyData, tmp_path):
     assert [(r["runName"], r["phase"]) for r in runs] == [
         ("s-gelu_att-linear_score-sigmoid-s0", None), ("s-gelu_att-linear_score-spline-s0-phase1", 1),
         ("s-gelu_att-linear_score-spline-s0", 2)]
+
+
+def testVariantsCarryTheirOwnFlags(tinyData, tmp_path, capsys):
+    argv = ["--afTypes", "relu2", "--variant", "sp-relu2=spline;att-spline --afInit relu2;att-linear --afSmoothness 0.01",
+            "--splinePhases", "2", "--splineModels", "2", "--name", "v"] + trainerFlags(tinyData, tmp_path, afInit=0.5)
+    args, trainerArgv, hp = compareAfs.parseArgs(argv)
+    fixed, phase1, phase2 = compareAfs.planRuns(args, trainerArgv, hp)
+    assert fixed["runName"] == "v-relu2-s0" and "--afSmoothness" not in fixed["argv"]
+    assert phase1["runName"] == "v-sp-relu2-s0-phase1" and phase2["runName"] == "v-sp-relu2-s0"
+    for run in (phase1, phase2):  # the variant's flags come after the common ones, so they win
+        hpRun, _ = compareAfs.trainLmAf.parseArgs(run["argv"])
+        assert (hpRun.afType, hpRun.afInit, hpRun.afSmoothness) == ("spline;att-spline", "relu2;att-linear", 0.01)
+    assert compareAfs.main(argv) == 0, capsys.readouterr().err
+    rows = tableRows(tmp_path / "compare-v.md")
+    assert [row.split(" | ")[0] for row in rows] == ["| relu2", "| sp-relu2 (phase II)"]
+    with open(tmp_path / "compare-v.md") as f:
+        assert "`sp-relu2` = `--afType 'spline;att-spline' --afInit 'relu2;att-linear' --afSmoothness 0.01`" in f.read()
+    with open(tmp_path / "log-v-sp-relu2-s0-phase1.txt") as f:
+        assert "AF smoothness S " in f.read()
+    with open(tmp_path / "log-v-sp-relu2-s0.txt") as f:  # phase II learns nothing: the prior is switched off
+        assert "afSmoothness=0 (no spline is learned)" in f.read()
+
+
+@pytest.mark.parametrize("variant, message", [
+    ("no label", "must look like LABEL=AFTYPE"),
+    ("x=spline --seed 1", "--variant x: --seed is set per run"),
+    ("gelu=spline", "need distinct entries"),
+    ("y=spline --afInit relu3", "y-s0: --afInit: 'relu3' is neither"),
+])
+def testBadVariantsStopBeforeTraining(variant, message, tinyData, tmp_path, capsys):
+    assert compareAfs.main(["--afTypes", "gelu", "--variant", variant] + trainerFlags(tinyData, tmp_path)) == 2
+    assert message in capsys.readouterr().err
+    assert not os.listdir(tmp_path)
