@@ -1,4 +1,4 @@
-"""recipes/studyLearnedAfs.sh: a corpus in, its tokens and the study's 27 runs with their flags (checked, not trained:
+"""recipes/studyLearnedAfs.sh: a corpus in, its tokens and the study's 33 runs with their flags (checked, not trained:
 compareAfs.py's variants and the afInit/afSmoothness runs have their own tests)."""
 import os
 import shlex
@@ -25,7 +25,8 @@ def testStudyRecipePlansEveryRun(tmp_path):
     runs = {line.split(": ")[0].split("] ")[1]: shlex.split(line.split(": trainLmAf.py ")[1])
             for line in proc.stdout.splitlines() if line.startswith("[")}
     expected = [f"study-{af}-s{seed}" for af in ("relu2", "gelu", "swiglu") for seed in range(3)]
-    expected += [f"study-{variant}-s{seed}{phase}" for variant in ("spline", "spline-relu2", "spline-relu2-smooth")
+    expected += [f"study-{variant}-s{seed}{phase}"
+                 for variant in ("spline", "spline-relu2", "spline-relu2-smooth", "spline-relu2-smooth1e-5")
                  for seed in range(3) for phase in ("-phase1", "")]
     assert sorted(runs) == sorted(expected)
     hps = {name: trainLmAf.parseArgs(argv)[0] for name, argv in runs.items()}
@@ -37,6 +38,7 @@ def testStudyRecipePlansEveryRun(tmp_path):
     assert (hps["study-spline-relu2-s2-phase1"].afInit, hps["study-spline-relu2-s2-phase1"].afSmoothness) == (
         "relu2;att-linear", 0)
     assert hps["study-spline-relu2-smooth-s0-phase1"].afSmoothness == 0.001
+    assert hps["study-spline-relu2-smooth1e-5-s1-phase1"].afSmoothness == 0.00001
     assert hps["study-spline-relu2-smooth-s0"].afLr == 0 and hps["study-spline-relu2-smooth-s0"].afFileToLoad.endswith(
         "ptAf-study-spline-relu2-smooth-s0-phase1-step0600.pt")
     assert hps["study-swiglu-s2"].afType == "swiglu" and hps["study-swiglu-s2"].nModels == 1
