@@ -328,7 +328,9 @@ def plotComparison(path, rows, title):
         ax.grid(True, alpha=0.3)
     axZoom.set_xlim(zoomFrom - 0.02 * lastStep, lastStep * 1.02)
     if axFull.get_legend_handles_labels()[0]:
-        fig.legend(loc="outside lower center", ncols=min(4, sum(1 for r in rows if r["nDone"])), frameon=False,
+        longest = max(len(r["label"]) for r in rows if r["nDone"])
+        fig.legend(loc="outside lower center", ncols=min(4 if longest < 28 else 3, sum(1 for r in rows if r["nDone"])),
+                   frameon=False,
                    title="AF: final val loss (mean ± std over seeds); thin lines: single seeds")
     fig.suptitle(title, fontweight="bold")
     tmp = f"{path}.tmp{os.getpid()}"
