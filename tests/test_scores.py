@@ -108,14 +108,18 @@ def testSoftmaxIsTodaysAttentionBitForBit():
     flex(q, k, v, flex.mask(docs))
     assert set(received["kwargs"]) == {"block_mask", "kernel_options"} and len(received["args"]) == 3
     # and a model without a score part is the model with score-softmax
-    args = dict(vocabSize=64, nLayers=2, nHeads=2, dimEmb=16, tokenDocSep=0, contextSize=5, freezeEmbeddings=-3)
-    torch.manual_seed(1)
-    default = GPT(**args)
-    torch.manual_seed(1)
-    explicit = GPT(**args, afScore="softmax")
-    tokens = torch.randint(0, 6, (1, 2, 41))
+    default, explicit, tokens = sameInitModels(1, 16, afScore="softmax")
     assert torch.equal(default.logits(tokens), explicit.logits(tokens))
     assert len(default.scoreAfs) == 0 and len(default.afParameters()) == len(explicit.afParameters())
+
+
+def sameInitModels(seed, dimEmb, **second):
+    """A tiny default GPT, the same GPT built from the same seed with the arguments `second`, and tokens for both."""
+    args = dict(vocabSize=64, nLayers=2, nHeads=2, dimEmb=dimEmb, tokenDocSep=0, contextSize=5, freezeEmbeddings=-3)
+    torch.manual_seed(seed)
+    first = GPT(**args)
+    torch.manual_seed(seed)
+    return first, GPT(**args, **second), torch.randint(0, 6, (1, 2, 41))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -169,12 +173,7 @@ def testIdentityScoreSplineEqualsSoftmaxAttention():
     flex = AttentionKernel("flex", 7, 16, headDim, "spline")
     torch.testing.assert_close(flexForward(flex, q, k, v, flex.mask(docs), spline), expected, atol=2e-6, rtol=1e-5)
     # a whole model: score-spline at init computes what score-softmax computes
-    args = dict(vocabSize=64, nLayers=2, nHeads=2, dimEmb=32, tokenDocSep=0, contextSize=5, freezeEmbeddings=-3)
-    torch.manual_seed(3)
-    softmax = GPT(**args)
-    torch.manual_seed(3)
-    withSpline = GPT(**args, afScore="spline")
-    tokens = torch.randint(0, 6, (1, 2, 41))
+    softmax, withSpline, tokens = sameInitModels(3, 32, afScore="spline")
     torch.testing.assert_close(withSpline.logits(tokens), softmax.logits(tokens), atol=1e-5, rtol=1e-5)
 
 
