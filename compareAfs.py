@@ -5,7 +5,8 @@
 
 Every run gets the same trainLmAf.py flags except --afType, --seed and --runName (NAME-AF-sSEED), so data order,
 steps and seeds are identical across AFs. A --variant LABEL=AFTYPE FLAGS... is one more row: that afType with its own
-extra flags (e.g. the spline's --afInit or --afSmoothness), its runs named NAME-LABEL-sSEED. Each run is a trainLmAf.py subprocess (the training code itself, no second
+extra flags (e.g. the spline's --afInit or --afSmoothness), its runs named NAME-LABEL-sSEED.
+Each run is a trainLmAf.py subprocess (the training code itself, no second
 loop), so one AF that crashes does not stop the others. The results are read back from the runs' metrics-RUN.csv
 files (and the parameter count from their logs) and written to dirResults as compare-NAME.md (parameters, final validation loss and accuracy as mean ± std over seeds, tokens/s)
 and compare-NAME.png (validation curves). The exit status is 1 when any run failed (they are named), 2 for bad flags.

@@ -163,15 +163,16 @@ def _drawAf(ax, af):
         alpha = float(np.clip(6.0 / len(channels), 0.04, 0.35))
         ax.plot(xs, extended.T, color="tab:blue", linewidth=0.6, alpha=alpha)
     mean = extended.mean(axis=0)
-    if af.get("start") is not None and not curve:  # the spline at step 0, under the current one
-        start = np.asarray(af["start"], dtype=float).reshape(-1, values.shape[-1]).mean(axis=0)
+    start = None if curve or af.get("start") is None else \
+        np.asarray(af["start"], dtype=float).reshape(-1, values.shape[-1]).mean(axis=0)
+    if start is not None:  # the spline at step 0, under the current one
         ax.plot(xs, np.concatenate([start[:1], start, start[-1:]]), color="tab:green", linestyle="-.",
                 linewidth=1.2, label="step 0")
     ax.plot(xs, mean, color="navy", linewidth=2.0 if values.ndim > 1 else 1.6,
-            label="now" if af.get("start") is not None else None)
+            label="now" if start is not None else None)
     if not curve:
         ax.plot(knots, mean[1:-1], linestyle="none", marker="o", markersize=2.2, color="navy")
-    if af.get("start") is not None and not curve:
+    if start is not None:
         ax.legend(fontsize=7, loc="upper left", frameon=False)
     # axline does not take part in autoscaling, so the spline, not the identity, sets the y-range.
     ax.axline((0.0, 0.0), slope=1.0, color="grey", linestyle="--", linewidth=0.8, alpha=0.6)

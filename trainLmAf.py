@@ -225,6 +225,7 @@ def validate(hp):
     """Check every flag; apply the forced values of SPEC §2. Raises ConfigError."""
     mlp, att = splitAfType(hp.afType)
     score = splitScoreType(hp.afType)[1]
+    hasSpline = mlp in SPLINE_TYPES or att in SPLINE_TYPES or score == "spline"
     if score not in SCORE_TYPES:
         raise ConfigError(f"--afType: unknown attention score 'score-{score}'; choose score-X with X from "
                           f"{', '.join(SCORE_TYPES)}")
@@ -273,7 +274,7 @@ def validate(hp):
         raise ConfigError(f"--runName {hp.runName!r} must not contain a path separator (use --dirResults)")
     if hp.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda asked for, but PyTorch sees no CUDA GPU (use --device cpu)")
-    if hp.afFileToLoad and not (mlp in SPLINE_TYPES or att in SPLINE_TYPES or score == "spline"):
+    if hp.afFileToLoad and not hasSpline:
         raise ConfigError(f"--afFileToLoad needs a spline afType (spline or splinePerDim, or score-spline), got "
                           f"{hp.afType!r}")
     if not hp.filesTokensTr:
@@ -286,14 +287,13 @@ def validate(hp):
                                                                                  hp.afLayerSpecific != 0):
         hp.afLr, hp.afLayerSpecific = 0.0, 0
         forced.append("afLr=0 and afLayerSpecific=0 (no learnable AF)")
-    learnsSpline = hp.afLr != 0 and (mlp in SPLINE_TYPES or att in SPLINE_TYPES or score == "spline")
-    if hp.afSmoothness and not learnsSpline:  # so that one flag set serves phase I, phase II and fixed AFs alike
+    if hp.afSmoothness and not (hasSpline and hp.afLr != 0):  # so that one flag set serves phase I, phase II and fixed AFs alike
         hp.afSmoothness = 0.0
         forced.append("afSmoothness=0 (no spline is learned)")
     if hp.afLr == 0 and hp.saveAfEvery != -1:
         hp.saveAfEvery = -1
         forced.append("saveAfEvery=-1 (AFs frozen)")
-    elif mlp not in SPLINE_TYPES and att not in SPLINE_TYPES and score != "spline" and hp.saveAfEvery != -1:
+    elif not hasSpline and hp.saveAfEvery != -1:
         hp.saveAfEvery = -1
         forced.append("saveAfEvery=-1 (ptAf files hold splines; other learned AFs are in the model checkpoint)")
     if not hp.runName:
