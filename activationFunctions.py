@@ -227,6 +227,8 @@ def _splineForwardOp(x: torch.Tensor, values: torch.Tensor, knotMin: float, invS
         from splineKernel import splineForwardTriton
         try:
             return splineForwardTriton(x, values, knotMin, invStep)
+        except torch.OutOfMemoryError:  # the run's memory, not the kernel: the PyTorch path would need more
+            raise
         except Exception as err:  # compile errors of other Triton versions have many types
             backend = _backendFailed("forward", x, values, backend, err)
     return splineForwardTorch(x, values, knotMin, invStep)
@@ -246,6 +248,8 @@ def _splineBackwardOp(gradOut: torch.Tensor, x: torch.Tensor, values: torch.Tens
         try:
             gradX, gradValues = splineBackwardTriton(gradOut, x, values, knotMin, invStep, backend=backend)
             return gradX, gradValues.to(values.dtype)
+        except torch.OutOfMemoryError:
+            raise
         except Exception as err:
             backend = _backendFailed("backward", x, values, backend, err)
     return splineBackwardTorch(gradOut, x, values, knotMin, invStep)

@@ -114,19 +114,27 @@ def scoreRowTerms(score, counts, headDim):
     return logCounts / math.log(headDim) if score == "softplus" else -logCounts
 
 
-def splineOfScores(score, values, knots):
+def splineOfScores(score, lefts, slopes, knotMin, invStep):
     """The linear spline of activationFunctions (uniform knots, constant outside) in plain tensor operations, for
-    FlexAttention's score_mod, which traces it on scalars into its kernels and derives its gradient to `values`;
-    splineActivation is a custom operator that cannot be traced there. The grid is read from the knots tensor:
-    Python floats captured by a score_mod become symbolic once a second spline is traced, which FlexAttention's
-    tracing rejects."""
-    nKnots = values.shape[-1]
-    u = ((score.float() - knots[0]) * ((nKnots - 1) / (knots[-1] - knots[0]))).clamp(0.0, nKnots - 1)
-    index = u.floor().clamp(max=nKnots - 2)
+    FlexAttention's score_mod, which traces it on scalars into its kernels and derives its gradient to the captured
+    tensors; splineActivation is a custom operator that cannot be traced there. From splineIntervals(): lefts [K-1]
+    and slopes [K-1], each interval's left value and rise (inductor's flex backward takes one indexing of each
+    captured tensor that needs a gradient: values[i] with values[i + 1] would be two of one), and the grid as 0-dim
+    tensors knotMin and invStep = 1 / knot spacing (Python floats captured by a score_mod become symbolic once a
+    second spline is traced, which FlexAttention's tracing rejects)."""
+    nIntervals = lefts.shape[0]
+    u = ((score.float() - knotMin) * invStep).clamp(0.0, nIntervals)
+    index = u.floor().clamp(max=nIntervals - 1)
     weight = u - index
     index = index.to(torch.int64)
-    left, right = values[index], values[index + 1]
-    return left + weight * (right - left)
+    return lefts[index] + weight * slopes[index]
+
+
+def splineIntervals(spline):
+    """(lefts, slopes, knotMin, invStep) of a Spline for splineOfScores."""
+    values, knots = spline.values, spline.knots
+    return (values[:-1], values[1:] - values[:-1], knots[0],
+            (values.shape[-1] - 1) / (knots[-1] - knots[0]))
 
 
 def scoreModFor(score, rowTerms=None, scoreAf=None):
@@ -136,8 +144,8 @@ def scoreModFor(score, rowTerms=None, scoreAf=None):
         return lambda s, b, h, q, k: torch.log(F.softplus(s * rowTerms[b, q]))
     if score == "sigmoid":
         return lambda s, b, h, q, k: F.logsigmoid(s + rowTerms[b, q])
-    values, knots = scoreAf.values, scoreAf.knots
-    return lambda s, b, h, q, k: splineOfScores(s, values, knots)
+    intervals = splineIntervals(scoreAf)
+    return lambda s, b, h, q, k: splineOfScores(s, *intervals)
 
 
 def explicitAttention(q, k, v, allowed, score, rowTerms=None, scoreAf=None):
@@ -331,6 +339,15 @@ def describeFlexAttention(capability, dtype, headDim, flexBlockSize, sharedMemor
 # The kernel
 
 
+def compiledFlexAttention(backend="inductor"):
+    """FlexAttention compiled on its own, for a model that is not compiled as a whole (--compileBackend none): its
+    batch dimension becomes dynamic at the second batch size, so the passes of 1..N models, validation and the
+    AF-input statistics share two graphs. With static shapes each would compile its own, and past dynamo's
+    recompile limit (8) FlexAttention would run eagerly, with dense [T, T] scores."""
+    from torch.nn.attention.flex_attention import flex_attention
+    return torch.compile(flex_attention, backend=backend, dynamic=None)
+
+
 class AttentionKernel:
     """Scaled dot-product attention under the LM-AFs mask, by FlexAttention or by SDPA with a dense mask.
 
@@ -339,7 +356,7 @@ class AttentionKernel:
     kernel to SDPA: `implementation` becomes 'sdpa' and `flexFailure` says why.
     """
 
-    def __init__(self, implementation, contextSize, flexBlockSize, headDim, score="softmax"):
+    def __init__(self, implementation, contextSize, flexBlockSize, headDim, score="softmax", device="cpu"):
         if implementation not in ("flex", "sdpa"):
             raise ValueError(f"attention implementation must be 'flex' or 'sdpa', got {implementation!r}")
         if flexBlockSize not in FLEX_TILE_SIZES:
@@ -352,16 +369,17 @@ class AttentionKernel:
         self.flexFailure = None  # why FlexAttention was given up, once it was
         if implementation == "flex":
             from torch.nn.attention.flex_attention import flex_attention
-            onGpu = torch.cuda.is_available()
-            if onGpu:
-                capability = torch.cuda.get_device_capability()
-                limit = getattr(torch.cuda.get_device_properties(), "shared_memory_per_block_optin", 0)
+            device = torch.device(device)
+            if device.type == "cuda":
+                capability = torch.cuda.get_device_capability(device)
+                limit = getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", 0)
                 # per dtype, because autocast decides the activations' dtype only when the model runs
                 self.kernelOptions = {dtype: describeFlexAttention(capability, dtype, headDim, flexBlockSize,
                                                                    limit).kernelOptions for dtype in FLEX_DTYPES}
+                self.flexAttention = compiledFlexAttention()
             else:  # FlexAttention runs eagerly on a CPU, where tiles mean nothing, but it takes the same options
                 self.kernelOptions = {dtype: flexTileOptions(flexBlockSize) for dtype in FLEX_DTYPES}
-            self.flexAttention = torch.compile(flex_attention, dynamic=False) if onGpu else flex_attention
+                self.flexAttention = flex_attention
 
     def mask(self, docs):
         """The mask for docs [nB, T]; with softplus and sigmoid scores, (mask, scoreRowTerms [nB, T])."""

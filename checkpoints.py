@@ -20,11 +20,15 @@ def addModelArguments(parser):
     parser.add_argument("--vocab_file", default=None,
                         help="GPT-2 vocabulary file (r50k_base.tiktoken / gpt2.tiktoken) to use instead of tiktoken's "
                              "cache and the shipped vocab/r50k_base.tiktoken")
+    parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"),
+                        help="where the model runs; auto: CUDA if present, else the CPU")
 
 
 def checkModelArguments(parser, args):
     if args.modelId is not None and args.modelId < 0:
         parser.error(f"--modelId must be >= 0, got {args.modelId}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: this machine has no CUDA GPU; use --device cpu (or auto)")
 
 
 def exitCode(work, userErrors=(LoadError,)):
@@ -56,8 +60,11 @@ class TrainedModel:
                 f"vocabSize {self.vocabSize}")
 
 
-def pickDevice():
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def pickDevice(name="auto"):
+    """The device --device names; auto: CUDA if present, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
 
 
 def readCheckpoint(path):

@@ -294,7 +294,7 @@ def parseArgs(argv):
 
 
 def evaluate(args):
-    device = pickDevice()
+    device = pickDevice(args.device)
     trained = loadModel(args.modelFile, args.modelId, device)
     print(trained.describe(args.modelFile) + f", device {device.type}")
     encoding, vocabSource = gpt2Encoding(args.vocab_file)

@@ -65,7 +65,7 @@ def parseArgs(argv):
 
 
 def generate(args):
-    device = pickDevice()
+    device = pickDevice(args.device)
     trained = loadModel(args.modelFile, args.modelId, device)
     print(trained.describe(args.modelFile) + f", device {device.type}", file=sys.stderr)
     encoding, vocabSource = gpt2Encoding(args.vocab_file)

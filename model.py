@@ -251,7 +251,8 @@ def recordMagnitudes(stats, x):
 class AfInputStatistics:
     """What the AF inputs of one forward pass look like, site by site in the order of GPT.afSiteNames(): mean and
     max |x|, the share outside the spline's knot range [-knotRange, knotRange] (where a spline is constant), and a
-    histogram over HISTOGRAM_SPAN times that range, to choose --afRange."""
+    histogram over HISTOGRAM_SPAN times that range, to choose --afRange. record() and table() are tensor operations
+    on the inputs' device (GPT.afInputTable compiles them with the model); results() reads the table on the host."""
 
     HISTOGRAM_SPAN = 1.5
     HISTOGRAM_BINS = 90
@@ -266,19 +267,22 @@ class AfInputStatistics:
         histogram = torch.histc(a.clamp(-limit, limit), bins=self.HISTOGRAM_BINS, min=-limit, max=limit)
         magnitude = a.abs()
         outside = (magnitude > self.knotRange).float().mean()
-        summary = torch.stack((magnitude.mean(), magnitude.max(), outside, torch.tensor(float(a.numel()))))
-        self.sites.append(torch.cat((summary, histogram)))
+        count = a.new_full((), a.numel())  # on a's device: stack refuses to mix devices
+        self.sites.append(torch.cat((torch.stack((magnitude.mean(), magnitude.max(), outside, count)), histogram)))
 
-    def binEdges(self):
-        limit = self.HISTOGRAM_SPAN * self.knotRange
-        return torch.linspace(-limit, limit, self.HISTOGRAM_BINS + 1)
+    def table(self):
+        """[sites, 4 + HISTOGRAM_BINS] on the inputs' device."""
+        return torch.stack(self.sites)
 
-    def results(self):
+    @classmethod
+    def results(cls, table, knotRange):
         """{'mean', 'max', 'outside', 'counts'} lists per site, 'histograms' [sites, bins] (the edge bins hold what
-        lies beyond the span) and their bin 'edges'."""
-        table = torch.stack(self.sites).cpu()
+        lies beyond the span) and their bin 'edges', from a table()."""
+        table = table.cpu()
+        limit = cls.HISTOGRAM_SPAN * float(knotRange)
         return {"mean": table[:, 0].tolist(), "max": table[:, 1].tolist(), "outside": table[:, 2].tolist(),
-                "counts": table[:, 3].tolist(), "histograms": table[:, 4:].numpy(), "edges": self.binEdges().numpy()}
+                "counts": table[:, 3].tolist(), "histograms": table[:, 4:].numpy(),
+                "edges": torch.linspace(-limit, limit, cls.HISTOGRAM_BINS + 1, device="cpu").numpy()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -306,13 +310,14 @@ class GPT(nn.Module):
     """nModels GPTs with stacked weights and shared AF modules.
 
     forward(tokens [n, B, T], targets [n, B, T], firstModel=f) runs models f..f+n-1 and returns per-model mean loss
-    [n] and token accuracy [n]; logits(tokens) returns float32 logits [n, B, T, vocab].
+    [n] and token accuracy [n]; logits(tokens) returns float32 logits [n, B, T, vocab]. device: where the model will
+    run (the caller moves it there); FlexAttention's compilation and kernel options follow it.
     """
 
     def __init__(self, vocabSize, nLayers=4, nHeads=4, dimEmb=256, nModels=1, afMlp="gelu", afAtt="linear",
                  afLayerSpecific=1, afRange=15.0, afNAnchors=64, afInit=0.01, tieEmbeddings=True,
                  freezeEmbeddings=0, contextSize=1024, tokenDocSep=50256, attention="sdpa", flexBlockSize=32,
-                 kanGridSize=5, kanSplineOrder=3, afScore="softmax", afInitAtt=None):
+                 kanGridSize=5, kanSplineOrder=3, afScore="softmax", afInitAtt=None, device="cpu"):
         super().__init__()
         self.config = {name: value for name, value in locals().items() if name not in ("self", "__class__")}
         if dimEmb % nHeads or (dimEmb // nHeads) % 2:
@@ -322,7 +327,7 @@ class GPT(nn.Module):
         self.tokenDocSep = tokenDocSep
         self.afMlpName, self.afAttName, self.afScoreName = afMlp, afAtt, afScore
         headDim = dimEmb // nHeads
-        self.kernel = AttentionKernel(attention, contextSize, flexBlockSize, headDim, afScore)
+        self.kernel = AttentionKernel(attention, contextSize, flexBlockSize, headDim, afScore, device)
         zeroInit = freezeEmbeddings >= 0  # training only embeddings through frozen zero matrices would learn nothing
 
         self.embed = stackedNormal(nModels, vocabSize, dimEmb)
@@ -428,6 +433,13 @@ class GPT(nn.Module):
             if i < self.nEncoder:
                 skips.append(x)
         return x
+
+    def afInputTable(self, tokens, knotRange, firstModel=0):
+        """AfInputStatistics.table() of model firstModel's AF inputs for tokens [1, B, T]: a function of tensors alone,
+        so torch.compile makes it one graph like the training and validation passes."""
+        stats = AfInputStatistics(knotRange)
+        self.hidden(tokens, stats, firstModel)  # the AF sites only: the output head would double the cost
+        return stats.table()
 
     def logits(self, tokens, firstModel=0):
         x = self.hidden(tokens, firstModel=firstModel)

@@ -53,10 +53,11 @@ def estimatePeakMemory(hp, vocabSize, nModels, modelsInPass):
 
     The model runs eagerly on fake tensors: torch.compile usually keeps fewer activations, so this errs high."""
     from model import GPT
-    from trainLmAf import modelArguments  # the model exactly as the trainer builds it for CUDA
+    from trainLmAf import modelArguments
 
     with FakeTensorMode():
-        model = GPT(**modelArguments(hp, vocabSize, "cuda", nModels))
+        # the model as the trainer builds it, but for its attention kernel, which the stand-in replaces
+        model = GPT(**modelArguments(hp, vocabSize, "cpu", nModels))
         model.kernel = FusedAttentionStandIn()
         trainable = [p for p in model.parameters() if p.requires_grad]
         for p in trainable:
@@ -127,10 +128,16 @@ def targetGpu(hp):
     if hp.preflightGpu:
         name, capability, total = parseGpu(hp.preflightGpu)
         return name, capability, total - CUDA_CONTEXT_BYTES, f"--preflightGpu, {total / 2**30:g} GiB less the CUDA context"
-    if torch.cuda.is_available():
-        free, total = torch.cuda.mem_get_info()
-        return (torch.cuda.get_device_name(), torch.cuda.get_device_capability(), free,
+    from trainLmAf import pickDevice
+    device = pickDevice(hp)
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        return (torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device), free,
                 f"this GPU, free of {total / 2**30:.1f} GiB")
+    if hp.device == "cpu":
+        raise PreflightError("--preflight checks a run on a GPU, and --device cpu names none: drop --device cpu on "
+                             "the GPU machine, or name the GPU with --preflightGpu NAME:CAPABILITY:GB (e.g. "
+                             "4090-laptop:8.9:16 or h100:9.0:80)")
     raise PreflightError("no GPU here: name the one to check for with --preflightGpu NAME:CAPABILITY:GB "
                          "(e.g. 4090-laptop:8.9:16 or h100:9.0:80)")
 
@@ -180,7 +187,7 @@ def checkAfFile(hp, vocabSize, report):
     from trainLmAf import modelArguments
 
     with torch.device("meta"):  # the checks need the layers and AF types, not the weights
-        model = GPT(**modelArguments(hp, vocabSize, "cuda", nModels=1))
+        model = GPT(**modelArguments(hp, vocabSize, "meta", nModels=1))
     try:
         notes = loadAfsIntoModel(model, hp.afFileToLoad, freeze=hp.afLr == 0)
     except AfFileError as err:
@@ -310,7 +317,7 @@ def runPreflight(hp):
         checkFlexAttention(hp, capability, report)
         startSteps = modelStartSteps(hp)
         variants = shapeVariants(runPasses(startSteps, 0, lambda n: n, perPass), hp.nModels, nValidation,
-                                 hp.seqLength)
+                                 hp.seqLength, statistics=hp.plottingLevel >= 1)
         backend = compileBackend(hp, torch.device("cuda"))
         report.add("compiled graphs", True,
                    f"{backend or 'none (eager)'}: {len(variants)} before step 1 — "

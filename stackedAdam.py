@@ -16,7 +16,7 @@ class StackedAdam:
         self.nModels, self.betas, self.eps, self.weightDecay = nModels, betas, eps, weightDecay
         self.expAvg = [torch.zeros_like(p) for p in self.params]
         self.expAvgSq = [torch.zeros_like(p) for p in self.params]
-        self.stepCounts = torch.zeros(nModels, dtype=torch.int64)
+        self.stepCounts = torch.zeros(nModels, dtype=torch.int64, device="cpu")  # host-side: read by Python
 
     def zero_grad(self):
         for p in self.params:
@@ -29,7 +29,7 @@ class StackedAdam:
         beta1, beta2 = self.betas
         self.stepCounts[:n] += 1
         steps = self.stepCounts[:n].double()
-        lrs = torch.as_tensor(lrs[:n], dtype=torch.float64)
+        lrs = torch.as_tensor(lrs[:n], dtype=torch.float64, device="cpu")
         stepSize = (lrs / (1 - beta1 ** steps)).float()
         bias2Sqrt = (1 - beta2 ** steps).sqrt().float()
         decay = (1 - lrs * self.weightDecay).float()

@@ -156,11 +156,13 @@ def buildParser():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(Hyperparameters):
-        kind = f.metadata["parse"] or (parseBool if f.type in (bool, "bool") else
+        isBool = f.type in (bool, "bool")
+        kind = f.metadata["parse"] or (parseBool if isBool else
                                        {"int": int, "float": float, "str": str}.get(f.type, f.type))
+        bare = dict(nargs="?", const=True) if isBool else {}  # `--preflight` alone means `--preflight 1`
         parser.add_argument(f"--{f.name}", type=kind, default=f.default, help=f.metadata["help"],
                             choices=f.metadata["choices"], metavar=f.name.upper() if f.metadata["choices"] is None
-                            else None)
+                            else None, **bare)
     return parser
 
 
@@ -455,7 +457,7 @@ def modelArguments(hp, vocabSize, device, nModels=None):
                 afRange=get("afRange"), afNAnchors=get("afNAnchors"), afInit=mlpInit, afInitAtt=attInit,
                 tieEmbeddings=get("tieEmbeddings"), freezeEmbeddings=get("freezeEmbeddings"),
                 contextSize=get("contextSize"), tokenDocSep=get("tokenDocSep"),
-                attention="flex" if torch.device(device).type == "cuda" else "sdpa",
+                attention="flex" if torch.device(device).type == "cuda" else "sdpa", device=str(device),
                 flexBlockSize=get("flexBlockSize"), kanGridSize=get("kanGridSize", 5),
                 kanSplineOrder=get("kanSplineOrder", 3), afScore=splitScoreType(get("afType"))[1])
 
@@ -502,13 +504,16 @@ def validationBatchSize(nSequences, seqLength):
     return max(1, min(nSequences, 16384 // seqLength))
 
 
-def shapeVariants(passes, nModels, nValidation, seqLength):
-    """The graphs a compiled run needs, as (kind, first model, models, batch): representative training passes and
-    the validation batches of nValidation sequences (0: no validation)."""
+def shapeVariants(passes, nModels, nValidation, seqLength, statistics=False):
+    """The graphs a compiled run needs, as (kind, first model, models, batch): representative training passes, the
+    validation batches of nValidation sequences (0: no validation) and, with statistics, the AF-input statistics
+    pass (on the first validation batch, or on one training sequence without validation)."""
     variants = [("train", first, n, 1) for first, n in representativePasses(passes, nModels)]
     if nValidation:
         perForward = validationBatchSize(nValidation, seqLength)
         variants += [("validation", 0, 1, batch) for batch in sorted({perForward, nValidation % perForward} - {0})]
+    if statistics:
+        variants.append(("statistics", 0, 1, validationBatchSize(nValidation, seqLength) if nValidation else 1))
     return variants
 
 
@@ -636,6 +641,7 @@ class Trainer:
         self.buildOptimizers()
         self.startSteps = modelStartSteps(hp)
         self.step = 0
+        self.updating = False
         self.history = {"train": [], "val": [], "actMean": [], "actMax": []}
         self.trainSeconds = 0.0
         self.window = self.newWindow()
@@ -647,6 +653,9 @@ class Trainer:
         self.modelsPerPass = self.chooseModelsPerPass()
         backend = compileBackend(hp, self.device)
         self.compiled = self.model if backend is None else torch.compile(self.model, backend=backend)
+        # the AF-input statistics read the model's AF sites at each report: a graph of its own, compiled before step 1
+        self.afInputTable = self.model.afInputTable if backend is None else \
+            torch.compile(self.model.afInputTable, backend=backend, dynamic=False)
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=hp.dtype == "bfloat16")
         self.attentionNotes = []
         self.compiledVariants = self.firstPasses(compiled=backend is not None)
@@ -881,6 +890,8 @@ class Trainer:
         failure = None
         try:
             variants = self.compileShapeVariants(allOfThem=compiled)
+        except torch.OutOfMemoryError:  # too little memory, not a FlexAttention defect: SDPA would need more
+            raise
         except Exception as err:  # compile and launch errors of other GPUs and library versions have many types
             failure = err
         anyFailed = self.dist.maxInPlace(torch.tensor([failure is not None], dtype=torch.int32, device=self.device))
@@ -896,7 +907,9 @@ class Trainer:
         so that no compile happens hours into a run; returns what was compiled (allOfThem False: the first only)."""
         passes = runPasses(self.startSteps, self.step, self.localActive, self.modelsPerPass)
         nValidation = len(self.vaSequences) if self.vaSequences is not None and self.dist.isMain else 0
-        variants = shapeVariants(passes, self.nLocal, nValidation, self.hp.seqLength)[:None if allOfThem else 1]
+        statistics = self.hp.plottingLevel >= 1 and self.dist.isMain
+        variants = shapeVariants(passes, self.nLocal, nValidation, self.hp.seqLength,
+                                 statistics)[:None if allOfThem else 1]
         def tokens(rows):  # laid out as nextBatch and validate lay out real ones, so the graphs' guards hold
             return torch.zeros(rows, self.hp.seqLength + 1, dtype=torch.long, device=self.device)
 
@@ -905,9 +918,11 @@ class Trainer:
                 if kind == "train":
                     losses, _ = self.forwardPass(tokens(first + n)[:, None, :][first:], first)
                     losses.sum().backward()
-                else:
+                elif kind == "validation":
                     with torch.no_grad():
                         self.forwardPass(tokens(batch)[None], 0)
+                else:
+                    self.afInputStatistics(tokens(batch)[None])
         finally:
             for p in self.model.parameters():
                 p.grad = None
@@ -952,6 +967,7 @@ class Trainer:
             self.smoothness().mul(hp.afSmoothness).backward()
         if hp.gradientClipping > 0:
             self.clipGradients(nActive, afParams)
+        self.updating = True  # from here until the AF step, the weights are neither before nor after this step
         if nActive:
             factors = modelLrFactors(hp, step, self.startSteps)[self.firstModel:self.stopModel]
             self.optimizer.step(nActive, [hp.lr * f for f in factors])
@@ -962,6 +978,7 @@ class Trainer:
                 group["lr"] = abs(hp.afLr) * afFactor
             self.afOptimizer.step()
             self.afOptimizer.zero_grad(set_to_none=True)
+        self.updating = False
         return nActive, lossSum / hp.batchSize, accSum / hp.batchSize
 
     @torch.no_grad()
@@ -1015,18 +1032,18 @@ class Trainer:
         return totalLoss / len(seqs), totalAcc / len(seqs)
 
     @torch.no_grad()
-    def afInputStatistics(self):
-        """AfInputStatistics.results() of model 0 on the first validation batch (or a training sequence)."""
-        if self.vaSequences is not None:
+    def afInputStatistics(self, tokens=None):
+        """AfInputStatistics.results() of model 0 on tokens [1, B, T+1]; by default the first validation batch (or a
+        training sequence)."""
+        if tokens is None and self.vaSequences is not None:
             batch = validationBatchSize(len(self.vaSequences), self.hp.seqLength)
             tokens = torch.from_numpy(self.vaSequences[:batch]).to(self.device)[None]
-        else:
+        elif tokens is None:
             tokens = torch.from_numpy(TokenStream(self.trFiles, self.hp.seqLength, self.hp.seed, 0, 0).next()
                                       ).to(self.device)[None, None]
-        stats = AfInputStatistics(self.afInputRange)
         with self.autocast:
-            self.model.hidden(tokens[..., :-1], stats)  # the AF sites only: the output head would double the cost
-        return stats.results()
+            table = self.afInputTable(tokens[..., :-1], self.afInputRange)
+        return AfInputStatistics.results(table, self.afInputRange)
 
     # -- outputs -----------------------------------------------------------------------------
 
@@ -1159,6 +1176,10 @@ class Trainer:
         except NonFiniteLoss as err:
             self.closeBar(bar)
             self.saveLastGoodAfs(err, pending)
+            raise
+        except torch.OutOfMemoryError as err:
+            self.closeBar(bar)
+            err.checkpoint = self.saveAfterOutOfMemory()
             raise
         finally:
             self.closeBar(bar)
@@ -1316,6 +1337,42 @@ class Trainer:
         for s, h in getattr(self, "previousHandlers", {}).items():
             signal.signal(s, h)
 
+    def saveAfterOutOfMemory(self):
+        """After an out-of-memory error in a forward or backward pass the weights are those after the last step:
+        save them, so that the run resumes with a smaller --modelsPerPass. Returns the checkpoint's path, or None
+        when the error came during the update (half-updated weights are not worth keeping)."""
+        if self.updating:
+            return None
+        for p in self.model.parameters():
+            p.grad = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        path = self.saveCheckpoint()
+        if self.dist.isMain and self.afOptimizer:
+            self.saveAfs()
+        return path
+
+    def outOfMemoryAdvice(self):
+        """One line for an out-of-memory error: the estimated peak of a pass, the GPU's free memory for this run, and
+        the --modelsPerPass to try."""
+        import preflight
+        hp, perPass = self.hp, getattr(self, "modelsPerPass", None)
+        if perPass is None:
+            return f"out of memory on {self.device} before training started: the model and its optimizer states do not fit"
+        peak, _ = preflight.estimatePeakMemory(hp, self.vocabSize, self.nLocal, perPass)
+        line = f"out of memory in a pass of {perPass} model(s) ({self.device}): estimated peak {peak / 2**30:.2f} GiB"
+        smaller = max(1, perPass // 2)
+        if self.device.type == "cuda":
+            for p in self.model.parameters():
+                p.grad = None
+            torch.cuda.empty_cache()
+            free = torch.cuda.mem_get_info(self.device)[0] + torch.cuda.memory_reserved(self.device)
+            line += f", {free / 2**30:.2f} GiB free for this run"
+            smaller = min(smaller, preflight.fittingModelsPerPass(hp, self.vocabSize, self.nLocal, free)[0])
+        if perPass > 1:
+            return line + f"; try --modelsPerPass {smaller}"
+        return line + "; one model per pass does not fit: try a smaller --seqLength or --dtype bfloat16"
+
     def saveOnInterrupt(self):
         path = self.saveCheckpoint()
         if not self.dist.isMain:
@@ -1359,6 +1416,11 @@ def main(argv=None):
         saved = f"; AF values before that step saved in {err.afFile}" if err.afFile else ""
         print(f"error: {err}{saved}", file=sys.stderr)
         return 3
+    except torch.OutOfMemoryError as err:
+        checkpoint = getattr(err, "checkpoint", None)
+        saved = f"; resume from {checkpoint} with --resumeFrom" if checkpoint else ""
+        print(f"error: {trainer.outOfMemoryAdvice()}{saved}", file=sys.stderr)
+        return 4
     except KeyboardInterrupt:
         print("error: interrupted before training started; nothing was written", file=sys.stderr)
         return 130

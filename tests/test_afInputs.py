@@ -14,7 +14,7 @@ def testStatisticsOfKnownInputs():
     stats = AfInputStatistics(knotRange=2.0)
     stats.record(torch.tensor([-3.0, -1.0, 0.5, 1.5, 2.5, 4.0, 0.0, -2.0]))
     stats.record(torch.zeros(4, 3))
-    result = stats.results()
+    result = AfInputStatistics.results(stats.table(), 2.0)
     assert result["outside"] == [pytest.approx(3 / 8), 0.0]  # -3, 2.5, 4 lie beyond +-2; -2 is on the knot
     assert result["mean"][0] == pytest.approx(14.5 / 8) and result["max"] == [4.0, 0.0] and result["counts"] == [8, 12]
     edges, histogram = result["edges"], result["histograms"][0]

@@ -32,7 +32,7 @@ def modelOnMockedGpu(monkeypatch, capability, sharedMemory, headDim, flexBlockSi
         m.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
         m.setattr(torch.cuda, "get_device_properties", lambda device=None: gpuProperties(capability, sharedMemory))
         return GPT(vocabSize=64, nLayers=1, nHeads=2, dimEmb=2 * headDim, contextSize=16, tokenDocSep=0,
-                   attention="flex", flexBlockSize=flexBlockSize)
+                   attention="flex", flexBlockSize=flexBlockSize, device="cuda")
 
 
 def whatFlexReceives(model, dtype, headDim, T=256):

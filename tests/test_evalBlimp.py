@@ -162,7 +162,7 @@ def testBlimpDirWithoutJsonlFiles(tmp_path):
 
 
 def testCommandLineScoresTheSampleAndWritesCsvAndPng(runs, capsys, offline):
-    assert evalBlimp.main(["--modelFile", runs["single"], "--blimpDir", BLIMP_SAMPLE, "--limit", "10"]) == 0
+    assert evalBlimp.main(["--device", "cpu", "--modelFile", runs["single"], "--blimpDir", BLIMP_SAMPLE, "--limit", "10"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert f"GPT-2 vocabulary: shipped copy {SHIPPED_VOCAB_FILE}" in out  # no flag, no cache, no network
     setLines = [line for line in out if line.endswith("(10 pairs)")]
@@ -198,7 +198,7 @@ def testPhaseOneCheckpointUsesModelZeroUnlessTold(runs, capsys, offline):
 @pytest.mark.parametrize("case", ["ptAf", "damaged", "missing", "trapped", "foreign"])
 def testBadModelFileIsOneErrorLine(runs, capsys, case):
     path, words, marker = runs["bad"][case]
-    assert evalBlimp.main(["--modelFile", path, "--blimpDir", BLIMP_SAMPLE]) == 1
+    assert evalBlimp.main(["--device", "cpu", "--modelFile", path, "--blimpDir", BLIMP_SAMPLE]) == 1
     captured = capsys.readouterr()
     assert captured.err.startswith("error: ") and captured.err.count("\n") == 1, captured.err
     assert all(word in captured.err for word in words), captured.err
@@ -208,13 +208,13 @@ def testBadModelFileIsOneErrorLine(runs, capsys, case):
 def testVocabFileThatIsNotGpt2IsOneErrorLine(runs, capsys, tmp_path):
     wrong = tmp_path / "other.tiktoken"
     wrong.write_bytes(open(SHIPPED_VOCAB_FILE, "rb").read()[:1000])
-    assert evalBlimp.main(["--modelFile", runs["single"], "--blimpDir", BLIMP_SAMPLE, "--vocab_file", str(wrong)]) == 1
+    assert evalBlimp.main(["--device", "cpu", "--modelFile", runs["single"], "--blimpDir", BLIMP_SAMPLE, "--vocab_file", str(wrong)]) == 1
     err = capsys.readouterr().err
     assert err.startswith(f"error: --vocab_file {wrong} is not the GPT-2 vocabulary") and err.count("\n") == 1, err
 
 
 def testCommandLineErrorsHaveNoTraceback(runs):
-    done = subprocess.run([sys.executable, os.path.join(REPO, "evalBlimp.py"), "--modelFile", runs["bad"]["ptAf"][0],
+    done = subprocess.run([sys.executable, os.path.join(REPO, "evalBlimp.py"), "--device", "cpu", "--modelFile", runs["bad"]["ptAf"][0],
                            "--blimpDir", BLIMP_SAMPLE], capture_output=True, text=True, timeout=120)
     assert done.returncode == 1 and done.stdout == ""
     assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1, done.stderr
@@ -227,5 +227,5 @@ def testCommandLineErrorsHaveNoTraceback(runs):
 ])
 def testBadFlagsAreOneErrorLine(capsys, flags, message):
     with pytest.raises(SystemExit) as exited:
-        evalBlimp.main(["--modelFile", "pt-x-step0001.pt", "--blimpDir", BLIMP_SAMPLE] + flags)
+        evalBlimp.main(["--device", "cpu", "--modelFile", "pt-x-step0001.pt", "--blimpDir", BLIMP_SAMPLE] + flags)
     assert exited.value.code == 2 and capsys.readouterr().err == f"error: {message}\n"

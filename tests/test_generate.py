@@ -66,7 +66,7 @@ def testPromptBeyondTheModelVocabularyIsAClearError():
 
 
 def runGenerate(capsys, modelFile, *flags):
-    code = generate.main(["--modelFile", modelFile, *flags])
+    code = generate.main(["--device", "cpu", "--modelFile", modelFile, *flags])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 
@@ -124,5 +124,5 @@ def testBadModelFileIsOneErrorLine(runs, capsys, case):
 ])
 def testBadFlagsAreOneErrorLine(capsys, flags, message):
     with pytest.raises(SystemExit) as exited:
-        generate.main(["--modelFile", "pt-x-step0001.pt"] + flags)
+        generate.main(["--device", "cpu", "--modelFile", "pt-x-step0001.pt"] + flags)
     assert exited.value.code == 2 and capsys.readouterr().err == f"error: {message}\n"

@@ -104,7 +104,7 @@ def testActivationStatistics():
     tokens = torch.randint(0, 128, (3, 1, 9))
     stats = AfInputStatistics(knotRange=15.0)
     model(tokens[..., :-1], tokens[..., 1:], stats=stats)
-    result = stats.results()
+    result = AfInputStatistics.results(stats.table(), 15.0)
     # The original's order: per layer, the attention site, then the MLP site.
     assert model.afSiteNames() == [f"{kind} {i}" for i in range(4) for kind in ("att", "MLP")]
     assert len(result["mean"]) == 8 and all(hi >= lo >= 0 for lo, hi in zip(result["mean"], result["max"]))

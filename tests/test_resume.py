@@ -117,3 +117,42 @@ def testNonFiniteLossStopsWithOneLine(tinyData, tmp_path):
     saved = lines[0].split("saved in ")[1]
     values = torch.load(saved, weights_only=True)["mlpValues"][0]
     assert torch.isfinite(values).all()
+
+
+def testOutOfMemoryStopsWithOneLineAndAResumableCheckpoint(tinyData, tmp_path, monkeypatch, capsys):
+    import trainLmAf
+    forwardPass = trainLmAf.Trainer.forwardPass
+
+    def runsOutAtStepFive(self, tokens, first):
+        if self.step == 4 and torch.is_grad_enabled():
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return forwardPass(self, tokens, first)
+
+    monkeypatch.setattr(trainLmAf.Trainer, "forwardPass", runsOutAtStepFive)
+    flags = tinyFlags(tinyData, tmp_path, runName="oom", nModels=4, staggeredStarts=0, afType="spline",
+                      modelsPerPass=4)
+    assert trainLmAf.main(flags) == 4
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("error: out of memory in a pass of 4 model(s) (cpu): estimated peak ")
+    assert "try --modelsPerPass 2; resume from " in err and err.rstrip().endswith("pt-oom-step0004.pt with --resumeFrom")
+    assert (tmp_path / "ptAf-oom-step0004.pt").exists()
+    monkeypatch.setattr(trainLmAf.Trainer, "forwardPass", forwardPass)
+    assert trainLmAf.main(["--resumeFrom", str(tmp_path / "pt-oom-step0004.pt"), "--modelsPerPass", "2"]) == 0
+    assert "Step 8/8   lossVa" in (tmp_path / "log-oom.txt").read_text()
+
+
+def testOutOfMemoryBeforeStepOneIsNotAFlexAttentionFailure(tinyData, tmp_path, monkeypatch, capsys):
+    import trainLmAf
+    arguments = trainLmAf.modelArguments
+    monkeypatch.setattr(trainLmAf, "modelArguments", lambda *a, **k: {**arguments(*a, **k), "attention": "flex"})
+
+    def outOfMemory(self, allOfThem=True):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(trainLmAf.Trainer, "compileShapeVariants", outOfMemory)
+    assert trainLmAf.main(tinyFlags(tinyData, tmp_path, runName="oom1", nModels=2, modelsPerPass=1)) == 4
+    out, err = capsys.readouterr()
+    assert "FlexAttention failed" not in out + err and err.count("\n") == 1
+    assert "out of memory in a pass of 1 model(s)" in err and "one model per pass does not fit" in err
+    assert not (tmp_path / "log-oom1.txt").exists()

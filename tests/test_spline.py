@@ -232,17 +232,21 @@ class FakeKernels:
 
     MAX_KNOTS = 256
 
-    def __init__(self, broken):
-        self.broken, self.calls = set(broken), []
+    def __init__(self, broken, outOfMemory=()):
+        self.broken, self.outOfMemory, self.calls = set(broken), set(outOfMemory), []
 
     def splineForwardTriton(self, x, values, knotMin, invStep):
         self.calls.append(("forward", "triton-tl"))
+        if ("forward", "triton-tl") in self.outOfMemory:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         if ("forward", "triton-tl") in self.broken:
             raise RuntimeError("forward kernel does not compile")
         return activationFunctions.splineForwardTorch(x, values, knotMin, invStep)
 
     def splineBackwardTriton(self, gradOut, x, values, knotMin, invStep, *, backend):
         self.calls.append(("backward", backend))
+        if ("backward", backend) in self.outOfMemory:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         if ("backward", backend) in self.broken:
             raise RuntimeError(f"{backend} does not compile\nAttributeError('no atomic_scatter_add')")
         return activationFunctions.splineBackwardTorch(gradOut, x, values, knotMin, invStep)
@@ -255,8 +259,8 @@ def fakeKernelsOnCpu(monkeypatch):
     monkeypatch.setattr(activationFunctions, "_kernelCandidates", lambda device: (candidates, FakeKernels.MAX_KNOTS))
     monkeypatch.setattr(activationFunctions, "_failedBackends", set())
 
-    def install(broken):
-        fake = FakeKernels(broken)
+    def install(broken, outOfMemory=()):
+        fake = FakeKernels(broken, outOfMemory)
         monkeypatch.setitem(sys.modules, "splineKernel", fake)
         return fake
 
@@ -303,3 +307,16 @@ def testEachFailureWarnsNamingKernelAndNextBackend(fakeKernelsOnCpu):
     with pytest.warns(UserWarning, match="forward kernel triton-tl failed .* now uses torch"):
         runCustomOp(x, values)
     assert splineBackends("cpu") == {"forward": "torch", "backward": "triton-tl"}
+
+
+@pytest.mark.parametrize("kernel", ["forward", "backward"])
+def testOutOfMemoryInAKernelIsRaisedAndKeepsTheKernel(fakeKernelsOnCpu, kernel):
+    # running out of memory says nothing about the kernel; the PyTorch path would need more memory, not less
+    fakeKernelsOnCpu(broken=(), outOfMemory={(kernel, "triton-tl" if kernel == "forward" else "triton-gluon")})
+    x = torch.randn(50, requires_grad=True)
+    values = torch.randn(8, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(torch.OutOfMemoryError):
+            runCustomOp(x, values)
+    assert splineBackends("cpu") == {"forward": "triton-tl", "backward": "triton-gluon"}
