@@ -339,3 +339,24 @@ def testFallBackToSdpaAfterAFailedCompiledStep():
 def testFlexBlockSizeIsValidated():
     with pytest.raises(ValueError, match="flexBlockSize must be one of"):
         attention.AttentionKernel("sdpa", 16, 48, 8)
+
+
+def testFlexAttentionCompiledAloneTakesEveryBatchSizeInTwoGraphs():
+    # --compileBackend none on CUDA compiles FlexAttention on its own; passes of 1..N models, validation and the
+    # AF-input statistics differ in batch size, and with static shapes each compiled a graph until dynamo's recompile
+    # limit (8), past which FlexAttention ran eagerly with dense scores
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    flex = attention.compiledFlexAttention(backend="aot_eager")
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for batch in range(1, 13):
+            q, k, v = (torch.randn(batch, 2, 64, 8, generator=generator) for _ in range(3))
+            docs = attention.documentIds(torch.randint(0, 6, (batch, 64), generator=generator), 0)
+            out = flex(q, k, v, block_mask=attention.flexBlockMask(docs, 16))
+            reference = torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, attn_mask=attention.denseAttentionMask(docs, 16))
+            torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-4)
+    assert counters["stats"]["unique_graphs"] <= 2
+    torch._dynamo.reset()

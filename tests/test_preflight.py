@@ -81,3 +81,10 @@ def testATileThatCannotFitIsNamed(gpt2Data, capsys):
     code, out, err = runMain(PHASE1 + gpt2Data + ["--preflight", "1", "--preflightGpu", "4090:8.9:24", "--nHeads", "2",
                                                   "--flexBlockSize", "64"], capsys)
     assert code == 1 and err.startswith("preflight: FlexAttention will not work") and "smaller --flexBlockSize" in err
+
+
+def testDeviceCpuNeedsAGpuNameAlsoWhereCudaIsPresent(tinyData, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)  # --device cpu: the local GPU is not the run's
+    code, out, err = runMain(tinyFlags(tinyData, tmp_path) + ["--preflight"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "--device cpu names none" in err
+    assert "--preflightGpu NAME:CAPABILITY:GB" in err and "Traceback" not in err
