@@ -384,11 +384,13 @@ def originalValueText(name, value):
     return str(value)
 
 
-def hyperparameterLines(hp):
-    """The 'Hyperparameters:' block of the log: the original's flags in its order and form, then ours."""
+def hyperparameterLines(hp, printedAs=None):
+    """The 'Hyperparameters:' block of the log: the original's flags in its order and form, then ours; printedAs:
+    values shown instead of hp's (those the original prints before forcing them)."""
+    values = {**dataclasses.asdict(hp), **(printedAs or {})}
     names = [f.name for f in dataclasses.fields(hp)]
     ordered = [n for n in ORIGINAL_FLAG_ORDER if n in names] + [n for n in names if n not in ORIGINAL_FLAG_ORDER]
-    return ["Hyperparameters:"] + [f"  {n} = {originalValueText(n, getattr(hp, n))}" for n in ordered]
+    return ["Hyperparameters:"] + [f"  {n} = {originalValueText(n, values[n])}" for n in ordered]
 
 
 
@@ -628,6 +630,8 @@ class Trainer:
         resume = None
         if hp.resumeFrom:
             resume = self.loadResumeCheckpoint()
+        # the original prints afLayerSpecific as given, not as forced (its GELU baseline log: 1, with afLr 0)
+        self.printedAs = {"afLayerSpecific": hp.afLayerSpecific}
         forced = validate(hp)
         self.paths()
         if finalLineWritten(self.logPath, hp.nSteps):  # also when resuming: the run finished after its checkpoint
@@ -827,7 +831,7 @@ class Trainer:
 
     def printHeader(self):
         hp, log = self.hp, self.log
-        for line in hyperparameterLines(hp):
+        for line in hyperparameterLines(hp, self.printedAs):
             log(line)
         log(SEPARATOR)
         log(f"==== trainLmAf.py  {datetime.datetime.now():%Y-%m-%d %H:%M:%S}  run '{hp.runName}'")
