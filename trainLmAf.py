@@ -90,8 +90,9 @@ class Hyperparameters:
                                    "cosine", ("trap", "warmup", "cos"))
     wtDecay: float = flag(0.0, "decoupled weight decay")
     nModels: int = flag(1, ">1: phase-I multi-model training with shared AFs")
-    staggeredStarts: int = flag(2, "nModels>1. 0: all start at step 0; 1: model i starts at round(i*nSteps/nModels) "
-                                   "on the global LR schedule; 2: same starts, model i's LR factor at step t is the "
+    staggeredStarts: int = flag(2, "nModels>1. 0: all start at step 0; 1: model i starts at about i*nSteps/nModels "
+                                   "(the original's np.round(np.linspace(0, nSteps, nModels, endpoint=False))) on the "
+                                   "global LR schedule; 2: same starts, model i's LR factor at step t is the "
                                    "global schedule's at t - start_i (late models never reach the cooldown)", (0, 1, 2))
     sameDataAcrossModels: bool = flag(False, "all models see the same batch each step")
     sameInitAcrossModels: bool = flag(False, "all models start from identical weights")
