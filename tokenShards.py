@@ -186,7 +186,7 @@ class TokenStream:
         self.mappedShard = self.tokens = None  # index (into self.files) of the mapped shard, its tokens
 
     def sequenceIndex(self, epoch, slot, local):
-        """Index inside its shard of the local-th sequence read from the shard at `slot` of the order in epoch."""
+        """Index inside its shard of the local-th sequence read in `epoch` from the shard at `slot` of the order."""
         if self.shuffle == 0:
             return local
         if self.cachedSlot != (epoch, slot):

@@ -168,7 +168,7 @@ def buildParser():
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(Hyperparameters):
         kind = f.metadata["parse"] or (parseBool if f.type in (bool, "bool") else
-                                       {"int": int, "float": parseNumber, "str": str, float: parseNumber}.get(f.type, f.type))
+                                       {float: parseNumber}.get(f.type, f.type))
         parser.add_argument(f"--{f.name}", type=kind, default=f.default, help=f.metadata["help"],
                             choices=f.metadata["choices"], metavar=f.name.upper() if f.metadata["choices"] is None
                             else None)
@@ -392,7 +392,6 @@ def hyperparameterLines(hp, printedAs=None):
     names = [f.name for f in dataclasses.fields(hp)]
     ordered = [n for n in ORIGINAL_FLAG_ORDER if n in names] + [n for n in names if n not in ORIGINAL_FLAG_ORDER]
     return ["Hyperparameters:"] + [f"  {n} = {originalValueText(n, values[n])}" for n in ordered]
-
 
 
 class RunLog:
