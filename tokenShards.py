@@ -6,8 +6,9 @@ checks the header against the file size, so a truncated or foreign file is an er
 the file and the fix instead of silently feeding garbage to the model.
 
 A training sequence is seqLength+1 consecutive tokens of one shard (inputs, and targets shifted by
-one). Sequence j of a shard starts at token j*seqLength, so a shard of n tokens holds
-(n-1)//seqLength of them.
+one). Sequence j of a shard starts at token j*seqLength; a training stream uses (n-2)//seqLength of
+them from a shard of n tokens, as the original (one fewer than fit when n-1 is a multiple of
+seqLength), validation all (n-1)//seqLength that fit.
 """
 import glob
 import os
@@ -26,7 +27,7 @@ TOKEN_DTYPE = np.dtype("<u2")
 MAX_HEADER_COUNT = 2**31 - 1
 
 # Tags that keep the random streams of one (seed, streamIndex) independent of each other.
-RNG_SHARD_ORDER, RNG_SEQUENCE_ORDER, RNG_TOKEN_ORDER = 0, 1, 2
+RNG_SEQUENCE_ORDER, RNG_TOKEN_ORDER = 1, 2
 FIX_HINT = "re-run preprocessFineweb.py"
 
 
@@ -128,6 +129,11 @@ def sequencesInShard(nTokens, seqLength):
     return max(nTokens - 1, 0) // seqLength
 
 
+def trainingSequencesInShard(nTokens, seqLength):
+    """How many sequences a training stream reads from a shard of nTokens tokens: the original's count."""
+    return max(nTokens - 2, 0) // seqLength
+
+
 def checkSeqLength(seqLength):
     if int(seqLength) != seqLength or seqLength < 1:
         raise ValueError(f"seqLength must be a positive integer, got {seqLength!r}")
@@ -144,14 +150,13 @@ class TokenStream:
 
     The sequence handed out at a given position is a pure function of (files, seqLength, seed,
     streamIndex, shuffle, position), so resuming only needs `position` (see state_dict).
-    Per epoch e the shard order and, lazily per shard, the order of its sequences come from
-    generators seeded with (seed, streamIndex, e, ...); only the current epoch's and the current
-    shard's orders are kept, and only the current shard is mapped (a memory map holds a file
-    descriptor, and 20 streams over 100 shards would otherwise hold 2000 of them).
-    shuffle = 0: shards in file order starting at shard (streamIndex + seed) mod nShards, sequences in
-    order; 1: shard order and sequence order shuffled every epoch (the epoch still starts at shard
-    (streamIndex + seed) mod nShards, as the original, so streams start on different shards); 2: as 1 and the seqLength+1
-    tokens of each sequence are permuted too (a control experiment without word order).
+    As the original, shards are read in file order, wrapping around, starting at shard streamIndex mod
+    nShards (shuffle 0) or (streamIndex + seed) mod nShards (shuffle 1, 2); an epoch is one pass over all
+    shards. shuffle = 0: sequences in order; 1: per shard and epoch e the order of its sequences comes
+    from a generator seeded with (seed, streamIndex, e, slot) (the original's is drawn unseeded); 2: as 1
+    and the seqLength+1 tokens of each sequence are permuted too (a control experiment without word
+    order). Only the current shard's order is kept and only the current shard is mapped (a memory map
+    holds a file descriptor, and 20 streams over 100 shards would otherwise hold 2000 of them).
     nShards counts only shards that hold at least one sequence.
     """
 
@@ -163,41 +168,25 @@ class TokenStream:
         self.seqLength = checkSeqLength(seqLength)
         self.seed = nonNegativeSeed(seed)
         self.streamIndex = int(streamIndex)
-        self.firstShard = self.streamIndex + int(seed)  # modulo the number of shards
+        self.firstShard = self.streamIndex + (int(seed) if shuffle else 0)  # modulo the number of shards
         self.shuffle = shuffle
         sizes = [readShardHeader(path) for path in files]
         self.nTokens = sum(sizes)
-        counts = [sequencesInShard(size, self.seqLength) for size in sizes]
+        counts = [trainingSequencesInShard(size, self.seqLength) for size in sizes]
         self.files = [path for path, count in zip(files, counts) if count > 0]
         self.sizes = [size for size, count in zip(sizes, counts) if count > 0]
         self.shardSequences = np.array([count for count in counts if count > 0], dtype=np.int64)
         if not self.files:
-            raise ShardError(f"the training data is shorter than seqLength+1 = {self.seqLength + 1} tokens in every file (largest file: {max(sizes)} tokens); lower --seqLength or use more data per shard")
+            raise ShardError(f"the training data is shorter than seqLength+2 = {self.seqLength + 2} tokens in every file (largest file: {max(sizes)} tokens); lower --seqLength or use more data per shard")
         self.sequencesPerEpoch = int(self.shardSequences.sum())
         self.position = 0
-        self.cachedEpoch = self.order = self.cumulative = None  # the shard order of cachedEpoch, its running counts
+        self.order = np.roll(np.arange(len(self.files)), -(self.firstShard % len(self.files)))  # every epoch's
+        self.cumulative = np.cumsum(self.shardSequences[self.order])
         self.cachedSlot = self.permutation = None  # (epoch, slot) and the sequence order of that shard
         self.mappedShard = self.tokens = None  # index (into self.files) of the mapped shard, its tokens
 
-    def epochPlan(self, epoch):
-        """Shard order of an epoch and the cumulative sequence counts along it (cached)."""
-        if self.cachedEpoch != epoch:
-            nShards = len(self.files)
-            start = self.firstShard % nShards
-            if self.shuffle == 0:
-                order = np.arange(nShards)
-            else:
-                rng = np.random.default_rng([self.seed, self.streamIndex, RNG_SHARD_ORDER, epoch])
-                order = rng.permutation(nShards)
-                # rotate so the first shard is `start`: streams with different indices then begin on different shards
-                start = int(np.flatnonzero(order == start)[0])
-            self.order = np.roll(order, -start)
-            self.cumulative = np.cumsum(self.shardSequences[self.order])
-            self.cachedEpoch = epoch
-        return self.order, self.cumulative
-
     def sequenceIndex(self, epoch, slot, local):
-        """Index inside its shard of the local-th sequence read from the shard at `slot` of the epoch's order."""
+        """Index inside its shard of the local-th sequence read in `epoch` from the shard at `slot` of the order."""
         if self.shuffle == 0:
             return local
         if self.cachedSlot != (epoch, slot):
@@ -209,7 +198,7 @@ class TokenStream:
     def next(self):
         """The next sequence: int64 array of seqLength+1 consecutive tokens of one shard."""
         epoch, offset = divmod(self.position, self.sequencesPerEpoch)
-        order, cumulative = self.epochPlan(epoch)
+        order, cumulative = self.order, self.cumulative
         slot = int(np.searchsorted(cumulative, offset, side="right"))
         local = offset - (int(cumulative[slot - 1]) if slot > 0 else 0)
         start = self.sequenceIndex(epoch, slot, local) * self.seqLength

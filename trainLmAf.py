@@ -34,6 +34,7 @@ from stackedAdam import StackedAdam
 from tokenShards import ShardError, TokenStream, listShards, maxTokenId, readShardHeader, validationSequences
 
 CHECKPOINT_FORMAT = "lm-afs checkpoint 1"
+PLOT_LABELS = {"tr": "loss/acc", "af": "AF", "act": "act"}  # in the original's 'Saving plot (...)' lines
 
 # ----------------------------------------------------------------------------------------------
 # Hyperparameters (every field is a --flag of the same name)
@@ -44,10 +45,19 @@ def flag(default, help, choices=None, parse=None):
     return field(default=default, metadata={"help": help, "choices": choices, "parse": parse})
 
 
+def parseNumber(text):
+    """A float flag's value; written without a point or exponent it stays an int, as the original's whole-number
+    values (its log prints afRange = 15)."""
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
 def parseAfInit(text):
     """--afInit: a number stays a number (as the original's float flag); an AF name or 'MLP;att-ATT' stays text."""
     try:
-        return float(text)
+        return parseNumber(text)
     except ValueError:
         return text.strip()
 
@@ -80,14 +90,15 @@ class Hyperparameters:
                                    "cosine", ("trap", "warmup", "cos"))
     wtDecay: float = flag(0.0, "decoupled weight decay")
     nModels: int = flag(1, ">1: phase-I multi-model training with shared AFs")
-    staggeredStarts: int = flag(2, "nModels>1. 0: all start at step 0; 1: model i starts at round(i*nSteps/nModels) "
-                                   "on the global LR schedule; 2: same starts, model i's LR factor at step t is the "
+    staggeredStarts: int = flag(2, "nModels>1. 0: all start at step 0; 1: model i starts at about i*nSteps/nModels "
+                                   "(the original's np.round(np.linspace(0, nSteps, nModels, endpoint=False))) on the "
+                                   "global LR schedule; 2: same starts, model i's LR factor at step t is the "
                                    "global schedule's at t - start_i (late models never reach the cooldown)", (0, 1, 2))
     sameDataAcrossModels: bool = flag(False, "all models see the same batch each step")
     sameInitAcrossModels: bool = flag(False, "all models start from identical weights")
     adamB1: float = flag(0.8, "Adam beta1 of the weights")
     adamB2: float = flag(0.95, "Adam beta2 of the weights")
-    gradientClipping: float = flag(0.0, ">0: clip the global gradient norm (all trained weights of all models and the "
+    gradientClipping: float = flag(0, ">0: clip the global gradient norm (all trained weights of all models and the "
                                         "AFs, one norm) to this")
     afType: str = flag("gelu;att-linear", "'MLP;att-ATT': MLP AF and pre-QKV attention AF. Splines: spline, "
                                           "splinePerDim; fixed: linear, gelu, relu, relu2, silu, tanh, elu, selu, "
@@ -98,7 +109,7 @@ class Hyperparameters:
                                           "softplus, sigmoid, spline (learned, like the other splines)")
     afLayerSpecific: int = flag(1, "0: one AF shared by all layers; 1: one per layer; 2: first and last layers own "
                                    "theirs, middle layers share one (needs >= 4 layers)", (0, 1, 2))
-    afRange: float = flag(15.0, "spline knots span [-afRange, afRange]")
+    afRange: float = flag(15, "spline knots span [-afRange, afRange]")
     afNAnchors: int = flag(64, "number of spline knots")
     afInit: float = flag(0.01, "initial knot values: a constant; -1: identity; a fixed AF's name (relu2, gelu, ...): "
                                "that AF at the knots; 'MLP;att-ATT' sets the attention sites' separately, e.g. "
@@ -157,8 +168,7 @@ def buildParser():
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(Hyperparameters):
         isBool = f.type in (bool, "bool")
-        kind = f.metadata["parse"] or (parseBool if isBool else
-                                       {"int": int, "float": float, "str": str}.get(f.type, f.type))
+        kind = f.metadata["parse"] or (parseBool if isBool else {float: parseNumber}.get(f.type, f.type))
         bare = dict(nargs="?", const=True) if isBool else {}  # `--preflight` alone means `--preflight 1`
         parser.add_argument(f"--{f.name}", type=kind, default=f.default, help=f.metadata["help"],
                             choices=f.metadata["choices"], metavar=f.name.upper() if f.metadata["choices"] is None
@@ -287,7 +297,7 @@ def validate(hp):
     forced = []
     if not (isLearnableAf(mlp) or isLearnableAf(att) or score == "spline") and (hp.afLr != 0 or
                                                                                  hp.afLayerSpecific != 0):
-        hp.afLr, hp.afLayerSpecific = 0.0, 0
+        hp.afLr, hp.afLayerSpecific = 0, 0
         forced.append("afLr=0 and afLayerSpecific=0 (no learnable AF)")
     if hp.afSmoothness and not (hasSpline and hp.afLr != 0):  # so that one flag set serves phase I, phase II and fixed AFs alike
         hp.afSmoothness = 0.0
@@ -324,9 +334,12 @@ def lrFactor(step, nSteps, nWarmup, nCooldown, schedule):
 
 
 def modelStartSteps(hp):
+    """Model i's first step: about i*nSteps/nModels, computed as the original computes it (numpy's linspace, then
+    its rounding, half to even), which differs from round(i*nSteps/nModels) by one step where float rounding breaks
+    a tie, e.g. model 15 of 24 over 100 steps."""
     if hp.nModels == 1 or hp.staggeredStarts == 0:
         return [0] * hp.nModels
-    return [round(i * hp.nSteps / hp.nModels) for i in range(hp.nModels)]
+    return [int(s) for s in np.round(np.linspace(0, hp.nSteps, hp.nModels, endpoint=False))]
 
 
 def modelLrFactors(hp, step, startSteps):
@@ -345,6 +358,41 @@ def activeModels(step, startSteps):
 
 # ----------------------------------------------------------------------------------------------
 # Log file (terminal + file, with a lock so two processes cannot write one log)
+
+SEPARATOR = "=" * 100  # between the original's header parts, and before the first Step line
+# The original's hyperparameters in the order its log prints them; ours that it lacks follow in field order (its
+# filesTokensTe, never read, is not a flag here).
+ORIGINAL_FLAG_ORDER = (
+    "runName", "seed", "plotMinAcc", "plotMaxAcc", "plotMinLoss", "plotMaxLoss", "shuffleTrData", "tokenDocSep",
+    "dtype", "flexBlockSize", "nLayers", "nHeads", "dimEmb", "tieEmbeddings", "afType", "afLayerSpecific", "afRange",
+    "afNAnchors", "afLr", "afInit", "afFileToLoad", "dirResults", "filesTokensTr", "filesTokensVa", "lr",
+    "freezeEmbeddings", "batchSize", "seqLength", "nSteps", "nStepsWarmup", "nStepsCooldown", "wtDecay", "nModels",
+    "staggeredStarts", "sameDataAcrossModels", "sameInitAcrossModels", "adamB1", "adamB2", "afAdamB1", "afAdamB2",
+    "gradientClipping", "contextSize", "lrSchedule", "nTokensVa", "valEvery", "saveModelEvery", "saveAfEvery",
+    "plotEvery", "plottingLevel")
+
+
+def originalValueText(name, value):
+    """A hyperparameter's value as the original prints it: strings in double quotes, afType as its list of parts
+    (MLP, attention; our score part, when given, third), dtype as the torch dtype."""
+    if name == "afType":
+        mlp, att = splitAfType(value)
+        score = splitScoreType(value)[1]
+        return str([mlp, att] + ([f"score-{score}"] if score != "softmax" else []))
+    if name == "dtype":
+        return f"torch.{value}"
+    if isinstance(value, str):
+        return f'"{value}"'
+    return str(value)
+
+
+def hyperparameterLines(hp, printedAs=None):
+    """The 'Hyperparameters:' block of the log: the original's flags in its order and form, then ours; printedAs:
+    values shown instead of hp's (those the original prints before forcing them)."""
+    values = {**dataclasses.asdict(hp), **(printedAs or {})}
+    names = [f.name for f in dataclasses.fields(hp)]
+    ordered = [n for n in ORIGINAL_FLAG_ORDER if n in names] + [n for n in names if n not in ORIGINAL_FLAG_ORDER]
+    return ["Hyperparameters:"] + [f"  {n} = {originalValueText(n, values[n])}" for n in ordered]
 
 
 class RunLog:
@@ -586,6 +634,8 @@ class Trainer:
         resume = None
         if hp.resumeFrom:
             resume = self.loadResumeCheckpoint()
+        # the original prints afLayerSpecific as given, not as forced (its GELU baseline log: 1, with afLr 0)
+        self.printedAs = {"afLayerSpecific": hp.afLayerSpecific}
         forced = validate(hp)
         self.paths()
         if finalLineWritten(self.logPath, hp.nSteps):  # also when resuming: the run finished after its checkpoint
@@ -772,6 +822,7 @@ class Trainer:
         state = self.checkpointDict()
         if state is not None:
             atomicWrite(path, lambda tmp: torch.save(state, tmp))
+            self.log(f"Saving model: {path}")
         return path
 
     def saveAfs(self):
@@ -779,17 +830,20 @@ class Trainer:
         if splineKnots(self.model) is None and scoreSplineKnots(self.model) is None:
             return None, None
         stem = os.path.join(self.hp.dirResults, f"ptAf-{self.hp.runName}-step{self.step:04d}")
-        return saveAfFiles(stem, self.model, dataclasses.asdict(self.hp), self.step)
+        ptPath, csvPath = saveAfFiles(stem, self.model, dataclasses.asdict(self.hp), self.step)
+        self.log(f"Saving AF: {ptPath}")
+        self.log(f"Saving AF (CSV): {csvPath}")
+        return ptPath, csvPath
 
     # -- header ------------------------------------------------------------------------------
 
     def printHeader(self):
         hp, log = self.hp, self.log
+        for line in hyperparameterLines(hp, self.printedAs):
+            log(line)
+        log(SEPARATOR)
         log(f"==== trainLmAf.py  {datetime.datetime.now():%Y-%m-%d %H:%M:%S}  run '{hp.runName}'")
         log("command: " + " ".join(sys.argv))
-        log("Hyperparameters:")
-        for f in dataclasses.fields(hp):
-            log(f"  {f.name} = {getattr(hp, f.name)!r}")
         for note in self.forced:
             log(f"Forced: {note}")
         for line in libraryInfo(self.device):
@@ -825,6 +879,7 @@ class Trainer:
         if hp.nModels > 1:
             log(f"Phase I: {hp.nModels} models, start steps {self.startSteps}; {self.modelsPerPass} models per pass "
                 f"({self.modelsPerPassNote})")
+        log(SEPARATOR)
 
     def kernelLines(self):
         """What runs the attention and what compiled, for the header."""
@@ -1047,7 +1102,8 @@ class Trainer:
 
     # -- outputs -----------------------------------------------------------------------------
 
-    def refreshPlots(self):
+    def refreshPlots(self, announce=False):
+        """Redraw the plots; announce: print their paths, as the original does for the last ones."""
         import plotting
         hp, stepTag = self.hp, f"step{self.step:06d}"
         made = []
@@ -1065,6 +1121,8 @@ class Trainer:
             made.append(("act", f"act-{hp.runName}-{stepTag}.png"))
             plotting.plotActivations(os.path.join(hp.dirResults, made[-1][1]), self.history, self.model.afSiteNames())
         self.removeOlderPlots({name for _, name in made}, {kind for kind, _ in made})
+        for kind, name in made if announce else []:
+            self.log(f"Saving plot ({PLOT_LABELS[kind]}): {os.path.join(hp.dirResults, name)}")
         if hp.plotShow:
             plotting.showFiles([os.path.join(hp.dirResults, name) for _, name in made])
 
@@ -1140,8 +1198,6 @@ class Trainer:
         self.installSignalHandlers()
         try:
             while self.step < hp.nSteps:
-                if self.validationDue(self.step + 1) and self.step + 1 < hp.nSteps:
-                    self.logValidation(self.step + 1)  # at the top of the step, as the original: Step 1 is the init
                 t0 = time.perf_counter()
                 afBefore = [p.detach().clone() for p in self.model.afParameters()]
                 nActive, losses, accs = self.trainStep()
@@ -1159,8 +1215,8 @@ class Trainer:
                 self.trainSeconds += seconds
                 self.window["seconds"] += seconds
                 bar.update(1)
-                if self.step == hp.nSteps and self.validationDue(self.step):
-                    self.logValidation(self.step)  # the last one after the last update
+                if self.validationDue(self.step):
+                    self.logValidation(self.step)  # after the update, as the original: Step 1 is one update in
                 if self.step in (6, 11, hp.nSteps) and self.tracksCudaMemory:
                     self.logPeakMemory()
                 if self.isReportStep(self.step):
@@ -1278,7 +1334,8 @@ class Trainer:
             raise NonFiniteLoss(self.step + 1, int(flags[1]) - 1)
 
     def validationDue(self, step):
-        """Whether step (1-based) has a validation: the first, every valEvery-th and the last (valEvery 0: the last)."""
+        """Whether the model after `step` updates is validated: after the first, every valEvery-th (1, 1 + valEvery,
+        ...) and the last (valEvery 0: the last only)."""
         hp = self.hp
         if not self.dist.isMain or self.vaSequences is None or hp.valEvery < 0:
             return False
@@ -1288,7 +1345,7 @@ class Trainer:
         lossVa, accVa = self.validate()
         self.history["val"].append((step, lossVa, accVa))
         self.metrics.write(step, 0, "val", lossVa, accVa, self.learningRate(0, step - 1), self.trainSeconds,
-                           self.tokensSeen(0, self.step))
+                           self.tokensSeen(0, step))
         self.log(f"Step {step}/{self.hp.nSteps}   lossVa {lossVa:.4f}   accVa {100 * accVa:.1f}")
 
     def periodicOutputs(self):
@@ -1299,7 +1356,7 @@ class Trainer:
         if self.isDue(hp.saveModelEvery, step):
             self.saveCheckpoint()
         if main and hp.plottingLevel >= 1 and (step == hp.nSteps or (step - 1) % hp.plotEvery == 0):
-            self.refreshPlots()
+            self.refreshPlots(announce=step == hp.nSteps)
 
     def logParameterMagnitudes(self):
         for name, p in self.model.named_parameters():
@@ -1380,7 +1437,7 @@ class Trainer:
         if self.afOptimizer:
             self.saveAfs()
         if self.hp.plottingLevel >= 1:
-            self.refreshPlots()
+            self.refreshPlots(announce=True)
         self.log(f"Stopped at step {self.step}/{self.hp.nSteps}; checkpoint {path}")
         self.log(f"Resume with: python {os.path.basename(__file__)} --resumeFrom {path}")
 

@@ -134,7 +134,8 @@ def testBooleanFlagsAndAfTypeWithoutAttentionPart(tinyData, tmp_path, capsys):
                          nStepsWarmup=0, nStepsCooldown=1, runName=f"b{value}", valEvery=-1)
         code, out, err = runMain(argv, capsys)
         assert code == 0, err
-        assert "afType = 'spline'" in out
+        assert "afType = ['spline', 'linear']" in out
+        assert f"  tieEmbeddings = {value in ('1', 'true', 'True')}\n" in out
     assert "att-linear" not in out or "afAtt" not in out
 
 

@@ -1,5 +1,6 @@
-"""The same numbers as the original code: default model size and first loss, the staggered LR schedule, the
-validation set, data streams, gradient clipping, head init, the log line for line and the AF CSV byte for byte."""
+"""The same numbers as the original code: default model size and first loss, the staggered LR schedule and start
+steps, the validation set and its timing, data streams, gradient clipping, head init, the log line for line and the
+AF CSV byte for byte."""
 import os
 import re
 import time
@@ -12,7 +13,9 @@ from afFiles import loadAfsIntoModel, saveAfFiles
 from conftest import UPSTREAM, randomDocuments, tinyFlags
 from model import GPT
 from tokenShards import TokenStream, writeShard
-from trainLmAf import Trainer, buildModel, lrFactor, modelLrFactors, modelStartSteps, parseArgs
+from tokenShards import validationSequences
+from trainLmAf import (SEPARATOR, Trainer, buildModel, hyperparameterLines, lrFactor, modelLrFactors, modelStartSteps,
+                       parseArgs, validate)
 
 GPT2_VOCAB = 50304  # GPT-2's 50,257 ids rounded up to a multiple of 128
 
@@ -65,6 +68,17 @@ def testStaggeredStarts2UsesTheGlobalScheduleAtEachModelsOwnStep(step):
             assert factors[i] == pytest.approx(referenceTrap(step - start), abs=1e-12)
 
 
+def testStartStepsAreTheOriginalsRoundedLinspace():
+    for nSteps in (7, 100, 101, 999, 20000, 20001):
+        for nModels in range(2, 41):
+            hp, _ = parseArgs(["--nModels", str(nModels), "--nSteps", str(nSteps), "--staggeredStarts", "1"])
+            expected = np.round(np.linspace(0, nSteps, nModels, endpoint=False)).astype(int).tolist()
+            assert modelStartSteps(hp) == expected, (nSteps, nModels)
+    # a float tie broken by rounding: 15 * (100 / 24) is 62.50000000000001, not 62.5 (round-half-even: 62)
+    hp, _ = parseArgs(["--nModels", "24", "--nSteps", "100"])
+    assert modelStartSteps(hp)[15] == 63 and round(15 * 100 / 24) == 62
+
+
 def testLateModelsNeverReachTheCooldown():
     hp, _ = parseArgs(["--nModels", "20", "--staggeredStarts", "2"])
     factors = modelLrFactors(hp, 19500, modelStartSteps(hp))
@@ -86,15 +100,17 @@ def testValidationHasNTokensVaOverSeqLengthSequences(tmp_path):
     np.testing.assert_array_equal(trainer.vaSequences[:, :-1].reshape(-1), np.arange(1024) % 500)
 
 
-def testModelIStartsReadingAtShardIPlusSeed(tmp_path):
+def testModelIStartsReadingAtShardIPlusSeedOrAtShardIWithoutShuffling(tmp_path):
     for i in range(3):  # shard i holds token i only, so a sequence names its shard
         writeShard(str(tmp_path / f"fineweb_train_{i + 1:06d}.bin"), np.full(200, i))
     writeShard(str(tmp_path / "fineweb_val_000000.bin"), np.arange(300) % 7)
     for seed in (0, 1, 5):
-        hp, given = parseArgs(tinyFlags(tmp_path, tmp_path / "results", seed=seed, nModels=4,
-                                        afType="spline;att-spline"))
-        trainer = Trainer(hp, given).setup()
-        assert [int(s.next()[0]) for s in trainer.streams] == [(i + seed) % 3 for i in range(4)]
+        for shuffle in (0, 1):
+            hp, given = parseArgs(tinyFlags(tmp_path, tmp_path / "results", seed=seed, nModels=4,
+                                            afType="spline;att-spline", shuffleTrData=shuffle))
+            trainer = Trainer(hp, given).setup()
+            # shuffleTrData 0: the original ignores the seed, model m starts at shard m
+            assert [int(s.next()[0]) for s in trainer.streams] == [(i + seed * shuffle) % 3 for i in range(4)]
 
 
 # ---------------------------------------------------------------- optimisation details
@@ -174,13 +190,97 @@ def testLogLinesComeInTheOriginalsOrderAndCadence(tinyData, tmp_path, monkeypatc
     assert all(0.6 < v < 1.0 for v in first[0::2]) and all(v < 0.5 for v in first[1::2])
 
 
-def testFirstValidationIsTheInitialModel(tinyData, tmp_path):
-    hp, given = parseArgs(tinyFlags(tinyData, tmp_path, runName="init", nSteps=4, nStepsWarmup=1, nStepsCooldown=1,
-                                    valEvery=2))
+def testStep1ValidationIsTheModelAfterOneUpdate(tinyData, tmp_path):
+    hp, given = parseArgs(tinyFlags(tinyData, tmp_path, runName="one", nSteps=4, nStepsWarmup=1, nStepsCooldown=1,
+                                    valEvery=2, lr=0.01, wtDecay=0.1))
     trainer = Trainer(hp, given).setup()
-    expected = trainer.validate()
+    # By hand: the same model from the same seed, one AdamW step on stream 0's first sequence, then validated.
+    torch.manual_seed(hp.seed)
+    model = buildModel(hp, trainer.vocabSize, "cpu")
+    weights = [p for p in model.weightParameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(weights, lr=hp.lr * lrFactor(0, hp.nSteps, hp.nStepsWarmup, hp.nStepsCooldown,
+                                                                 hp.lrSchedule),
+                                  betas=(hp.adamB1, hp.adamB2), weight_decay=hp.wtDecay)
+    tokens = torch.from_numpy(TokenStream(trainer.trFiles, hp.seqLength, hp.seed, 0, hp.shuffleTrData).next())
+    loss, _ = model(tokens[None, None, :-1], tokens[None, None, 1:])
+    loss.sum().backward()
+    sequences = torch.from_numpy(validationSequences(trainer.vaFiles, hp.seqLength, hp.nTokensVa))[None]
+
+    def validation():
+        with torch.no_grad():
+            losses, accs = model(sequences[..., :-1], sequences[..., 1:])
+        return float(losses[0]), float(accs[0])
+
+    initial = validation()
+    optimizer.step()
+    afterOne = validation()
+    assert abs(afterOne[0] - initial[0]) > 1e-2  # one update moves it far more than the tolerance below
     assert trainer.train() == 0
-    assert trainer.history["val"][0] == (1, pytest.approx(expected[0]), pytest.approx(expected[1]))
+    step, lossVa, accVa = trainer.history["val"][0]
+    assert step == 1 and lossVa == pytest.approx(afterOne[0], abs=1e-4) and accVa == pytest.approx(afterOne[1])
+    assert [s for s, _, _ in trainer.history["val"]] == [1, 3, 4]
+
+
+def testHyperparametersPrintAsInTheAuthorsLog():
+    theirs = open(os.path.join(UPSTREAM, "log-baseline-gelu.txt")).read().splitlines()
+    original = [line for line in theirs[:theirs.index(SEPARATOR)]
+                if not line.startswith("  filesTokensTe = ")]  # a flag the original never reads; not one of ours
+    hp, _ = parseArgs(["--seed", "0", "--afType", "gelu;att-linear", "--runName", "baseline-gelu"])  # README's
+    asGiven = {"afLayerSpecific": hp.afLayerSpecific}
+    validate(hp)
+    ours = hyperparameterLines(hp, asGiven)
+    assert ours[:len(original)] == original
+    assert [line.split(" = ")[0].strip() for line in ours[len(original):]] == [
+        "afSmoothness", "kanGridSize", "kanSplineOrder", "device", "modelsPerPass", "compileBackend", "plotShow",
+        "resumeFrom", "preflight", "preflightGpu"]
+
+
+def testValuesPrintAsGiven():
+    hp, _ = parseArgs(["--afRange", "7", "--plotMaxLoss", "12.0", "--lr", "1e-3", "--afInit", "-1", "--dtype",
+                       "bfloat16", "--afType", "relu2;att-none;score-spline", "--filesTokensVa", ""])
+    lines = hyperparameterLines(hp)
+    for line in ("  afRange = 7", "  plotMaxLoss = 12.0", "  lr = 0.001", "  afInit = -1", "  dtype = torch.bfloat16",
+                 "  afType = ['relu2', 'none', 'score-spline']", '  filesTokensVa = ""'):
+        assert line in lines
+
+
+def testHeaderAndSavingLinesAreTheOriginalsThenOurs(tinyData, tmp_path):
+    # The original's form of each kind of value, for this run: written here as its log would show it.
+    excerpt = f"""Hyperparameters:
+  runName = "fmt"
+  plotMaxLoss = 15.0
+  dtype = torch.float32
+  tieEmbeddings = True
+  afType = ['spline', 'spline']
+  afRange = 15
+  afInit = 0.01
+  dirResults = "{tmp_path}"
+  gradientClipping = 0
+  lrSchedule = "trap"
+  plottingLevel = 2""".splitlines()
+    hp, given = parseArgs(tinyFlags(tinyData, tmp_path, runName="fmt", nSteps=4, nStepsWarmup=1, nStepsCooldown=1,
+                                    valEvery=2, afType="spline;att-spline", saveAfEvery=0, saveModelEvery=0,
+                                    plottingLevel=2))
+    trainer = Trainer(hp, given).setup()
+    assert trainer.train() == 0
+    lines = (tmp_path / "log-fmt.txt").read_text().splitlines()
+    block = lines[:lines.index(SEPARATOR)]
+    assert block[0] == "Hyperparameters:" and [line for line in block if line in excerpt] == excerpt
+    assert block.index("  plottingLevel = 2") < block.index("  afSmoothness = 0.0")  # ours after the original's
+    # our own header lines between the separator and a second one, right before the first step line
+    ours = lines[len(block) + 1:]
+    assert ours.index(SEPARATOR) == next(i for i, line in enumerate(ours) if line.startswith("Step ")) - 1
+    assert any(line.startswith("Vocabulary size: ") for line in ours[:ours.index(SEPARATOR)])
+    stem, lossVa = os.path.join(str(tmp_path), "%s-fmt-step"), trainer.history["val"][-1][1]
+    saving = [f"Saving AF: {stem % 'ptAf'}0004.pt", f"Saving AF (CSV): {stem % 'ptAf'}0004.csv",
+              f"Saving model: {stem % 'pt'}0004.pt", f"Saving plot (loss/acc): {stem % 'tr'}000004-lossVa{lossVa:.4f}.png",
+              f"Saving plot (AF): {stem % 'af'}000004.png", f"Saving plot (act): {stem % 'act'}000004.png"]
+    assert lines[-len(saving):] == saving and lines[-len(saving) - 1].startswith("Step 4/4   ")
+    assert len([line for line in lines if line.startswith("Saving ")]) == len(saving)  # none at earlier refreshes
+    for line in saving:
+        assert os.path.isfile(line.split(": ", 1)[1]), line
+    theirs = open(os.path.join(UPSTREAM, "log-baseline-gelu.txt")).read().splitlines()[-3:]
+    assert [line.split(": ")[0] for line in theirs] == [line.split(": ")[0] for line in saving[-3:]]
 
 
 # ---------------------------------------------------------------- the AF CSV

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import REPO, runTrainer, tinyFlags
+from trainLmAf import lrFactor
 
 
 def phase1Flags(tinyData, results, **overrides):
@@ -58,7 +59,11 @@ def testMetricsCsvHasARowPerReportAndSurvivesAResume(tinyData, tmp_path):
     assert list(rows[0]) == ["step", "model", "split", "loss", "accuracy", "lr", "trainSeconds", "tokens"]
     val = [r for r in rows if r["split"] == "val"]
     assert [int(r["step"]) for r in val] == [1, 11, 21, 31, 40] and {r["model"] for r in val} == {"0"}
-    assert [int(r["tokens"]) for r in val] == [0, 320, 640, 960, 1280]  # steps done x 32 tokens
+    # validated after the update, as the original: Step k is the model after k steps (k x 32 tokens), whose last
+    # update used the LR of 0-based step k - 1
+    assert [int(r["tokens"]) for r in val] == [32, 352, 672, 992, 1280]
+    assert [float(r["lr"]) for r in val] == pytest.approx([6e-4 * lrFactor(k - 1, 40, 4, 10, "trap")
+                                                           for k in (1, 11, 21, 31, 40)])
     train = [r for r in rows if r["split"] == "train"]
     assert {(int(r["step"]), int(r["model"])) for r in train} == {
         (step, m) for step in (1, 6, 11, 21, 31, 40) for m, start in enumerate((0, 13, 27)) if step > start}

@@ -126,29 +126,47 @@ def testMaxTokenIdReadsInChunks(tmp_path):
 
 # ---------------------------------------------------------------- training stream
 
-def testShuffle0ReadsInOrderFromTheStreamsShard(tmp_path):
-    files = labelledShards(tmp_path, [45, 31, 5, 21])  # 4, 3, 0 (skipped), 2 sequences of 10+1 tokens
-    stream = TokenStream(files, 10, seed=0, streamIndex=1, shuffle=0)
-    assert stream.sequencesPerEpoch == 9 and stream.nTokens == 102
-    seen = [origin(stream.next()) for _ in range(18)]
-    epoch = [(1, 0), (1, 1), (1, 2), (3, 0), (3, 1), (0, 0), (0, 1), (0, 2), (0, 3)]
-    assert seen == epoch + epoch
-    assert stream.position == 18
+def testShuffle0ReadsInOrderFromTheStreamsShardWhateverTheSeed(tmp_path):
+    files = labelledShards(tmp_path, [45, 31, 5, 21])  # (n-2)//10: 4, 2, 0 (skipped), 1 sequences of 10+1 tokens
+    for seed in (0, 1, 7):
+        stream = TokenStream(files, 10, seed=seed, streamIndex=1, shuffle=0)
+        assert stream.sequencesPerEpoch == 7 and stream.nTokens == 102
+        seen = [origin(stream.next()) for _ in range(14)]
+        epoch = [(1, 0), (1, 1), (3, 0), (0, 0), (0, 1), (0, 2), (0, 3)]
+        assert seen == epoch + epoch
+        assert stream.position == 14
+
+
+@pytest.mark.parametrize("seqLength", [1, 3, 10])
+def testSequencesPerShardAreTheOriginalsCount(tmp_path, seqLength):
+    for n in range(1, 40):
+        files = labelledShards(tmp_path, [n])
+        count = (n - 2) // seqLength if n >= 2 else 0  # one fewer than fit when n - 1 is a multiple of seqLength
+        if count == 0:
+            with pytest.raises(ShardError, match="shorter than"):
+                TokenStream(files, seqLength, seed=0, streamIndex=0, shuffle=0)
+            continue
+        stream = TokenStream(files, seqLength, seed=0, streamIndex=0, shuffle=0)
+        assert stream.sequencesPerEpoch == count, n
+        assert [int(stream.next()[0]) for _ in range(count + 1)] == [j * seqLength for j in range(count)] + [0]
 
 
 @pytest.mark.parametrize("shuffle", [0, 1])
-def testEveryEpochReadsEverySequenceOnce(tmp_path, shuffle):
-    files = labelledShards(tmp_path, [101, 57, 11, 9, 40])
+def testEveryEpochReadsEverySequenceOnceWithTheShardsInFileOrder(tmp_path, shuffle):
+    files = labelledShards(tmp_path, [101, 57, 11, 9, 40])  # (n-2)//10: 9, 5, 0, 0, 3 sequences
     stream = TokenStream(files, 10, seed=3, streamIndex=2, shuffle=shuffle)
-    expected = sorted((s, j) for s, n in enumerate([10, 5, 1, 0, 3]) for j in range(n))
+    expected = sorted((s, j) for s, n in enumerate([9, 5, 0, 0, 3]) for j in range(n))
     epochs = [[origin(stream.next()) for _ in range(stream.sequencesPerEpoch)] for _ in range(3)]
+    # of the 3 shards holding sequences, the stream starts at (2 + seed*shuffle) mod 3, then wraps around in file order
+    first = [0, 1, 4][(2 + 3 * shuffle) % 3]
+    order = [first] + [s for s in (0, 1, 4) if s > first] + [s for s in (0, 1, 4) if s < first]
     for epoch in epochs:
         assert sorted(epoch) == expected
-        # one shard at a time: the shard changes only when all its sequences were read
-        shards = [s for s, _ in epoch]
-        assert len([i for i in range(1, len(shards)) if shards[i] != shards[i - 1]]) == 3
-    if shuffle:
+        assert [s for s, _ in epoch] == [s for s in order for _ in range({0: 9, 1: 5, 4: 3}[s])]
+    if shuffle:  # the sequences inside a shard come in another order every epoch
         assert epochs[0] != epochs[1] != epochs[2]
+    else:
+        assert epochs[0] == sorted(epochs[0], key=lambda o: (order.index(o[0]), o[1]))
 
 
 def testStreamsDifferAndAreReproducible(tmp_path):
@@ -170,7 +188,7 @@ def testStreamsDifferAndAreReproducible(tmp_path):
 def testResumeFromPosition(tmp_path, shuffle):
     files = labelledShards(tmp_path, [95, 41, 23])
     original = TokenStream(files, 10, seed=1, streamIndex=4, shuffle=shuffle)
-    for _ in range(17):  # past the end of the first epoch (13 sequences)
+    for _ in range(17):  # past the end of the first epoch (14 sequences)
         original.next()
     state = original.state_dict()
     assert state == {"position": 17}
@@ -198,8 +216,8 @@ def testShuffle2PermutesTokensInsideEachSequence(tmp_path):
 
 
 def testStreamTooShortData(tmp_path):
-    files = labelledShards(tmp_path, [8, 10])
-    with pytest.raises(ShardError, match=r"shorter than seqLength\+1 = 11 tokens.*lower --seqLength"):
+    files = labelledShards(tmp_path, [8, 11])
+    with pytest.raises(ShardError, match=r"shorter than seqLength\+2 = 12 tokens.*lower --seqLength"):
         TokenStream(files, 10, seed=0, streamIndex=0, shuffle=1)
     assert TokenStream(files, 9, seed=0, streamIndex=0, shuffle=1).sequencesPerEpoch == 1
 
