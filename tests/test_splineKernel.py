@@ -17,6 +17,7 @@ if str(REPO_ROOT) not in sys.path:
 import activationFunctions  # noqa: E402
 import splineKernel  # noqa: E402
 from activationFunctions import splineBackends, splineReference  # noqa: E402
+from conftest import requiresCuda  # noqa: E402
 from splineKernel import splineBackwardTriton, splineForwardTriton  # noqa: E402
 
 
@@ -269,7 +270,7 @@ def test_noKernelsOnCpuWithoutInterpreter():
     assert splineBackends("cpu") == {"forward": "torch", "backward": "torch"}
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@requiresCuda
 @pytest.mark.parametrize("backend", splineKernel.BACKWARD_KERNELS)
 @pytest.mark.parametrize("name", ["k64-bf16-3d", "k17-fp32-transposed", "k256-fp32"])
 def test_gpuKernelsMatchReference(backend, name):
