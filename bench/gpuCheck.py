@@ -120,8 +120,10 @@ def resolveSettings(args, gpu, argv=()):
         raise CheckError(f"--budget must be a positive number of seconds, got {args.budget:g}")
     if args.jobs < 0:
         raise CheckError(f"--jobs must be 0 (automatic) or a positive number, got {args.jobs}")
-    out = args.out or os.path.join(REPO, "bench", f"gpuCheck-{datetime.date.today():%Y-%m-%d}-"
-                                                  f"{slug(gpu.get('name', 'GPU').replace('NVIDIA', ''))}.md")
+    only = [name.strip() for name in args.only.split(",") if name.strip()]
+    # a rerun of some checks gets a report of its own instead of overwriting the full one
+    stem = f"gpuCheck-{datetime.date.today():%Y-%m-%d}-{slug(gpu.get('name', 'GPU').replace('NVIDIA', ''))}"
+    out = args.out or os.path.join(REPO, "bench", stem + (f"-only-{slug('-'.join(only))}" if only else "") + ".md")
     out = os.path.abspath(out)
     if not out.endswith(".md"):
         raise CheckError(f"--out {args.out!r} must name a Markdown file ending in .md")
@@ -130,7 +132,6 @@ def resolveSettings(args, gpu, argv=()):
         raise CheckError(f"--out {args.out!r}: the folder {folder} does not exist; create it or choose another path")
     if not args.dryRun and not os.access(folder, os.W_OK):
         raise CheckError(f"--out {args.out!r}: the folder {folder} is not writable; choose another path")
-    only = [name.strip() for name in args.only.split(",") if name.strip()]
     jobs = args.jobs or max(1, min(4, int(gpu.get("memoryGiB", 0) // 20)))
     workDir = out[:-len(".md")] + "-files"
     return Settings(out=out, workDir=workDir, dataDir=os.path.join(workDir, "data"), quick=args.quick, only=only,
@@ -293,7 +294,7 @@ def planChecks(settings):
         trainCheck(settings, "torchrun", "README phase I under torchrun, one process", phase1Flags(), 360,
                    launcher=[py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"]),
         Check("benchSpline", "bench/benchSpline.py: spline forward+backward vs GELU, each backend",
-              [py, "bench/benchSpline.py", "--device", "cuda"], evaluateBench, 180, alone=True),
+              [py, "bench/benchSpline.py", "--device", "cuda"], evaluateBenchSpline, 180, alone=True),
         Check("benchScores", "bench/benchScores.py: attention forward+backward per score type vs softmax",
               [py, "bench/benchScores.py", "--device", "cuda"], evaluateBench, 240, alone=True),
         Check("benchPhase1", "bench/benchPhase1.py: batched vs looped phase I s/step, memory, tokens/s",
@@ -478,6 +479,8 @@ def evaluateTraining(check, run):
     if not any("FlexAttention" in line for line in attention):
         problems.append(f"attention did not run in FlexAttention: {attention[0] if attention else 'no Attention line'}")
     problems += log["fallbacks"]
+    problems += [f"the scores did not run in FlexAttention: {line}" for line in log["kernels"]
+                 if line.startswith("Attention weights:") and "FlexAttention" not in line]
     splineLines = [line for line in log["kernels"] if line.startswith("Spline kernels:")]
     if check.splines and (not splineLines or re.search(r"\btorch\b", splineLines[0])):
         problems.append(f"the spline kernels did not run in Triton: {splineLines[0] if splineLines else 'no line'}")
@@ -536,6 +539,23 @@ def evaluateBench(check, run):
     return Result("FAIL" if problems else "PASS", problems, {"ratio": ratio})
 
 
+def evaluateBenchSpline(check, run):
+    """Also: what a model calls (splineActivation) ran in Triton, and every row's knot gradient agrees with the
+    bucketize reference (relative difference at most 1e-2, bf16 inputs and atomics included)."""
+    result = evaluateBench(check, run)
+    rows = re.findall(r"^(\S.*?)\s{2,}(torch|triton-\S+)\s+(torch|triton-\S+)\s+[\d.]+\s+[\d.]+(?:\s+([-+.\de]+))?\s*$",
+                      run.output, re.MULTILINE)
+    model = [row for row in rows if row[0] == "splineActivation"]
+    if not model:
+        result.problems.append("no splineActivation row")
+    elif "torch" in model[0][1:3]:
+        result.problems.append(f"splineActivation ran forward {model[0][1]}, backward {model[0][2]}: not Triton")
+    result.problems += [f"{name}: knot gradient differs from bucketize's by {error} (relative)"
+                        for name, _, _, error in rows if error and float(error) > 1e-2]
+    result.status = "FAIL" if result.problems else "PASS"
+    return result
+
+
 # ----------------------------------------------------------------------------------------------
 # Running the checks
 
@@ -561,8 +581,9 @@ class Runner:
                 "limit": limit}
 
     def stop(self, job):
-        """SIGTERM to the whole process group (the trainer then saves and exits), SIGKILL after 15 s."""
-        for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+        """SIGTERM to the whole process group, SIGKILL after 3 s: the trainer's save on SIGTERM (checkpoint, AF
+        files, plots) is not needed here, and the budget is."""
+        for sig, wait in ((signal.SIGTERM, 3), (signal.SIGKILL, 5)):
             try:
                 os.killpg(job["process"].pid, sig)
             except ProcessLookupError:
@@ -667,6 +688,28 @@ def throughputRows(results, gpuName):
                                  int(hp["seqLength"]), int(hp["contextSize"]))
         if speed["tokensPerSecond"]:
             rows.append(throughputRow(label, speed["tokensPerSecond"], flops, peak))
+    bench, phase1 = results.get("benchPhase1"), results.get("phase1")
+    if bench and bench.status == "PASS" and phase1 and phase1.status == "PASS":
+        # benchPhase1 trains the default phase-I model (spline;att-spline, 4 x 256, seqLength 4096, contextSize
+        # 1024, the GPT-2 vocabulary), so phase1's FLOPs per token apply; it synchronises the GPU around each step
+        log = phase1.figures["log"]
+        hp = log["hyperparameters"]
+        flops, _ = flopsPerToken(log["parameters"], log["vocabSize"], int(hp["nLayers"]), int(hp["dimEmb"]),
+                                 int(hp["seqLength"]), int(hp["contextSize"]))
+        for label, tokensPerSecond in benchPhase1Throughput(bench.output):
+            rows.append(throughputRow(f"benchPhase1: {label}", tokensPerSecond, flops, peak))
+    return rows
+
+
+def benchPhase1Throughput(output):
+    """(label, tokens/s) of benchPhase1.py's batched row and its single-model float32 and bfloat16 lines."""
+    rows = []
+    batched = re.search(r"^batched \(one pass, all models\)\s+[\d.]+\s+([\d,]+)", output, re.MULTILINE)
+    if batched:
+        rows.append(("phase I batched, float32", float(batched.group(1).replace(",", ""))))
+    for dtype, count in re.findall(r"^single model \(baseline path\) (\w+)\s*:\s+([\d,]+) tokens/s", output,
+                                   re.MULTILINE):
+        rows.append((f"one spline model, {dtype}", float(count.replace(",", ""))))
     return rows
 
 
@@ -733,7 +776,7 @@ def writeReport(settings, checks, results, wallSeconds):
     for check in checks:
         r = results.get(check.name, Result("not run (time)"))
         lines += [f"### {check.name}: {r.status}", "", f"{check.what}. Rerun: `python bench/gpuCheck.py --only "
-                                                        f"{check.name}`; the command it ran (from the repository):",
+                                                        f"{check.name}`; its command, run in the repository:",
                   "", "```", shlex.join(check.command), "```", ""]
         lines += [f"- {problem}" for problem in r.problems + r.notes] + ([""] if r.problems + r.notes else [])
         lines += figureLines(check, r)
@@ -790,7 +833,8 @@ def figureLines(check, result):
         log, lines = figures["log"], []
         if figures.get("lossVa") is not None:
             lines.append(f"- last lossTr {figures['lossTr']}, last lossVa {figures['lossVa']}; peak CUDA memory "
-                         f"{figures['peakGiB']} GB (max of {len(log['peakMemory'])} lines)")
+                         f"{figures['peakGiB']} GiB (the largest of {len(log['peakMemory'])} lines; the log's GB are "
+                         "2^30 bytes)")
         windows = ", ".join(f"step {step}: {seconds:.2f}" for step, _, seconds in log["lossTr"])
         lines.append(f"- s/step per report window (log): {windows}")
         speed = figures.get("throughput")
@@ -831,7 +875,8 @@ def main(argv=None):
     args = parseArgs(argv)
     try:
         # bad flags are reported before the GPU probe, which takes seconds
-        selectChecks(planChecks(resolveSettings(args, {})), args.only.split(",") if args.only else [])
+        preliminary = resolveSettings(args, {})
+        selectChecks(planChecks(preliminary), preliminary.only)
         gpu = {} if args.dryRun else probeGpu()
         settings = resolveSettings(args, gpu, argv)
         checks = selectChecks(planChecks(settings), settings.only)
@@ -852,7 +897,12 @@ def main(argv=None):
     return {"PASS": 0, "FAIL": 1, "INCOMPLETE": 3}[outcome]
 
 
+def interrupt(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM as Ctrl-C: the running checks, in sessions of their own, are stopped too
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, interrupt)
     try:
         sys.exit(main())
     except KeyboardInterrupt:

@@ -179,6 +179,9 @@ def testACompleteLogPassesAndEachDefectFails(tmp_path):
              "sdpa": (logText(attention="SDPA with the dense causal + document + window mask"),
                       "attention did not run in FlexAttention"),
              "torch": (logText(splines="torch"), "the spline kernels did not run in Triton"),
+             "explicit": (logText().replace("Attention: Flex", "Attention weights: sigmoid(s - log n), n = keys "
+                                            "attended, not normalised (explicit scores)\nAttention: Flex"),
+                          "the scores did not run in FlexAttention: Attention weights: sigmoid"),
              "short": (logText().replace("Step 30/30   lossTr", "Step 30/30   lossTx"),
                        "the last lossTr line is at step 21, not 30")}
     for name, (text, problem) in cases.items():
@@ -344,7 +347,8 @@ def testTheReportSaysPassFailOrIncomplete(tmp_path):
 
     outcome = gpuCheck.writeReport(settings, checks, {"baseline": passed, "benchSpline": late}, 100)
     assert outcome[0] == "INCOMPLETE"
-    assert open(settings.out).read().splitlines()[2] == "**INCOMPLETE**: nothing failed, but not run (time): benchSpline"
+    verdictLine = open(settings.out).read().splitlines()[2]
+    assert verdictLine == "**INCOMPLETE**: nothing failed, but not run (time): benchSpline"
 
 
 def testPreflightEstimateAgainstTheMeasuredPeak(tmp_path):
@@ -361,3 +365,58 @@ def testPreflightEstimateAgainstTheMeasuredPeak(tmp_path):
     status, line = gpuCheck.memoryComparison({"preflight": low, "phase1": phase1})
     assert status == "FAIL" and "needed more than the preflight estimated" in line
     assert gpuCheck.verdict({"phase1": phase1}, "FAIL") == ("FAIL", ["preflight estimate vs peak"], [])
+
+
+BENCH_PHASE1 = """device: CPU (1 threads); torch 2.13.0+cpu
+phase I: 4 models, spline;att-spline, layer-shared, 2 layers x 64, seqLength 128; 1 warm-up + 3 timed steps
+
+variant                                 s/step     tokens/s  peak GiB
+batched (one pass, all models)          0.6089          841       nan
+looped (one model after another)        0.4176        1,226       nan
+per-model losses after 4 steps, max |batched - looped|: 0.00e+00
+
+models modelsPerPass  estimated peak GiB  measured peak GiB
+     1             1               0.099                nan
+single model (baseline path) float32  :       12,690 tokens/s
+single model (baseline path) bfloat16 :          843 tokens/s
+ratio 1.46
+"""  # bench/benchPhase1.py --device cpu --quick, as it printed
+
+
+def testBenchPhase1FiguresJoinTheMfuTable(tmp_path):
+    assert gpuCheck.benchPhase1Throughput(BENCH_PHASE1) == [
+        ("phase I batched, float32", 841.0), ("one spline model, float32", 12690.0),
+        ("one spline model, bfloat16", 843.0)]
+    bench = gpuCheck.evaluateBench(None, gpuCheck.Run(0, BENCH_PHASE1, 1.0))
+    assert bench.status == "PASS" and bench.figures["ratio"] == 1.46
+    bench.output = BENCH_PHASE1
+    phase1 = gpuCheck.evaluateTraining(writeRun(tmp_path, "phase1", logText()), gpuCheck.Run(0, "", 1.0))
+    rows = gpuCheck.throughputRows({"phase1": phase1, "benchPhase1": bench}, "NVIDIA A100-SXM4-80GB")
+    flops = gpuCheck.flopsPerToken({"embed": 12877824, "blocks.0.attn.qkv": 196608}, 50304, 4, 256, 4096, 1024)[0]
+    assert [row[0] for row in rows] == ["benchPhase1: phase I batched, float32", "benchPhase1: one spline model, "
+                                        "float32", "benchPhase1: one spline model, bfloat16"]
+    assert rows[2][1:] == (843.0, flops, 843 * flops / 1e12, f"{100 * 843 * flops / 156e12:.1f}%",
+                           f"{100 * 843 * flops / 312e12:.1f}%")
+    assert gpuCheck.throughputRows({"phase1": phase1, "benchPhase1": bench}, "Tesla T4")[0][4:] == ("unknown",
+                                                                                                   "unknown")
+
+
+BENCH_SPLINE = """note: Triton kernels run on CUDA only: skipped
+implementation (forward+backward)              forward      backward        ms  vs GELU  knot-grad rel. diff vs bucketize
+gelu (torch.nn.functional)                                               0.374     1.00
+splineActivation                                 torch         torch     1.389     3.72                           4.9e-06
+torch bucketize+gather (autograd)                torch         torch    26.658    71.34
+lmafs::spline_forward custom op                  torch         torch     2.070     5.54                           4.9e-06
+ratio 3.72
+"""  # bench/benchSpline.py --device cpu --quick, as it printed
+
+
+def testBenchSplineNeedsTritonAndAgreeingGradients():
+    onCpu = gpuCheck.evaluateBenchSpline(None, gpuCheck.Run(0, BENCH_SPLINE, 1.0))
+    assert onCpu.problems == ["splineActivation ran forward torch, backward torch: not Triton"]
+    triton = BENCH_SPLINE.replace("splineActivation                                 torch         torch",
+                                  "splineActivation                             triton-tl     triton-tl")
+    assert gpuCheck.evaluateBenchSpline(None, gpuCheck.Run(0, triton, 1.0)).status == "PASS"
+    broken = triton.replace("5.54                           4.9e-06", "5.54                           3.1e-01")
+    assert gpuCheck.evaluateBenchSpline(None, gpuCheck.Run(0, broken, 1.0)).problems == [
+        "lmafs::spline_forward custom op: knot gradient differs from bucketize's by 3.1e-01 (relative)"]
