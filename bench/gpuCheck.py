@@ -831,10 +831,10 @@ def figureLines(check, result):
     figures = result.figures
     if "log" in figures:
         log, lines = figures["log"], []
-        if figures.get("lossVa") is not None:
-            lines.append(f"- last lossTr {figures['lossTr']}, last lossVa {figures['lossVa']}; peak CUDA memory "
-                         f"{figures['peakGiB']} GiB (the largest of {len(log['peakMemory'])} lines; the log's GB are "
-                         "2^30 bytes)")
+        lines.append(f"- last lossTr {figures['lossTr']}, last lossVa {figures['lossVa']}")
+        if figures.get("peakGiB") is not None:
+            lines.append(f"- peak CUDA memory {figures['peakGiB']} GiB, the largest of {len(log['peakMemory'])} lines "
+                         "(the log's GB are 2^30 bytes)")
         windows = ", ".join(f"step {step}: {seconds:.2f}" for step, _, seconds in log["lossTr"])
         lines.append(f"- s/step per report window (log): {windows}")
         speed = figures.get("throughput")

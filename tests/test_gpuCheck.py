@@ -420,3 +420,24 @@ def testBenchSplineNeedsTritonAndAgreeingGradients():
     broken = triton.replace("5.54                           4.9e-06", "5.54                           3.1e-01")
     assert gpuCheck.evaluateBenchSpline(None, gpuCheck.Run(0, broken, 1.0)).problems == [
         "lmafs::spline_forward custom op: knot gradient differs from bucketize's by 3.1e-01 (relative)"]
+
+
+def testMainWritesDataRunsThePlanAndReportsItsVerdict(tmp_path, monkeypatch, capsys):
+    """main's wiring, with the GPU probe and the plan replaced: the data shards, each check's output file, the
+    report, the printed verdict and the exit code."""
+    monkeypatch.setattr(gpuCheck, "probeGpu", lambda: {"name": "NVIDIA L40S", "memoryGiB": 44.4, "capability": "8.9",
+                                                       "count": 1, "torch": "2.13.0", "cuda": "12.8"})
+    monkeypatch.setattr(gpuCheck, "planChecks", lambda settings: [pythonCheck("benchA", "print('ratio 0.5')"),
+                                                                   pythonCheck("benchB", "print('no ratio')")])
+    out = tmp_path / "r.md"
+    assert gpuCheck.main(["--out", str(out), "--quick", "--budget", "60"]) == 1
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith("gpuCheck on NVIDIA L40S: 2 checks") and printed[-2:] == [
+        "FAIL: failed benchB", f"report: {out}"]
+    from tokenShards import readShardHeader
+    files = tmp_path / "r-files"
+    assert readShardHeader(str(files / "data" / "fineweb_train_000001.bin")) == 20 * 12 * 4097 + 4096
+    assert (files / "benchA.out").read_text() == "ratio 0.5\n"
+    text = out.read_text()
+    assert "**FAIL**: failed: benchB" in text and "| benchA | PASS |" in text and "--quick --budget 60" in text
+    assert "Peaks used (L40S, dense): TF32 183 TFLOPS, bf16 362.05 TFLOPS" in text
