@@ -211,7 +211,7 @@ class Check:
 @dataclasses.dataclass
 class Run:
     """How a check's process ended."""
-    returnCode: object  # None: killed
+    returnCode: int  # negative: killed by that signal
     output: str
     seconds: float
     stopped: str = ""  # "timeout" (its own limit) or "budget" (the whole run's)
