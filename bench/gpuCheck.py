@@ -798,9 +798,10 @@ def throughputSection(settings, results):
              "+ 12 x nLayers x dimEmb x effective context, the mean number of keys a query attends under the causal "
              "window (query i: min(i + 1, contextSize); 896.1 for seqLength 4096, contextSize 1024; document "
              "boundaries not subtracted). tokens/s: all models' training tokens between the first report (step 1, "
-             "left out) and the last, over the trainer's training seconds (metrics-RUN.csv); the trainer times each "
-             "step on the host, and the GPU work of the last step before each report finishes outside that time, "
-             "so the figure errs high by up to one step per report window.", ""]
+             "left out) and the last, over the trainer's training seconds (metrics-RUN.csv, to the millisecond; the "
+             "log's s/step has two digits). A step's time ends with the trainer's finiteness check of the previous "
+             "step's losses, which waits for the GPU, so it includes the step's GPU work. The bench rows time "
+             "synchronised steps of the same model (benchPhase1.py).", ""]
     if peak:
         lines += [f"Peaks used ({peak[0]}, dense): TF32 {peak[1]:g} TFLOPS, bf16 {peak[2]:g} TFLOPS "
                   "(sources in bench/gpuCheck.py, PEAK_TFLOPS).", ""]
