@@ -333,8 +333,7 @@ def parseTrainingLog(text):
     """The figures of a trainLmAf.py log: losses (model 0's lossTr with its s/step, every model's, lossVa), peak
     memory lines, activation-magnitude lines, the kernel lines of the header and the settings it printed."""
     log = {"lossTr": [], "modelLossTr": [], "lossVa": [], "peakMemory": [], "activationLines": 0, "kernels": [],
-           "fallbacks": [], "hyperparameters": {}, "parameters": {}, "vocabSize": None, "modelsPerPass": None,
-           "startSteps": None}
+           "fallbacks": [], "hyperparameters": {}, "parameters": {}, "vocabSize": None, "modelsPerPass": None}
     for line in text.splitlines():
         match = STEP.match(line)
         if match:
@@ -356,9 +355,8 @@ def parseTrainingLog(text):
             log["parameters"][m.group(1)] = int(m.group(3).replace(",", ""))
         elif m := re.match(r"^Vocabulary size: ([\d,]+)", line):
             log["vocabSize"] = int(m.group(1).replace(",", ""))
-        elif m := re.match(r"^Phase I: \d+ models, start steps \[([\d, ]*)\]; (\d+) models per pass", line):
-            log["startSteps"] = [int(s) for s in m.group(1).split(",") if s.strip()]
-            log["modelsPerPass"] = int(m.group(2))
+        elif m := re.match(r"^Phase I: \d+ models, start steps \[[\d, ]*\]; (\d+) models per pass", line):
+            log["modelsPerPass"] = int(m.group(1))
         elif line.startswith(("Spline kernels:", "Attention:", "Attention weights:", "Compiled before step 1")):
             log["kernels"].append(line)
         elif line.startswith("FlexAttention failed"):  # the trainer's line when it switches to SDPA
@@ -372,7 +370,7 @@ def readMetrics(path):
     with open(path, newline="") as f:
         for row in csv.DictReader(f):
             if row["split"] == "train":
-                seconds, tokens = reports.setdefault(int(row["step"]), (float(row["trainSeconds"]), {}))
+                _, tokens = reports.setdefault(int(row["step"]), (float(row["trainSeconds"]), {}))
                 tokens[int(row["model"])] = int(row["tokens"])
     return reports
 
