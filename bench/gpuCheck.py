@@ -886,10 +886,15 @@ def main(argv=None):
         printPlan(settings, checks)
         return 0
     began = time.monotonic()
-    print(f"gpuCheck on {gpu['name']}: {len(checks)} checks, budget {settings.budget:g} s; writing random data")
-    writeRandomData(settings.dataDir, tokensNeeded(settings), VALIDATION_TOKENS + 4096)
-    results = Runner(settings, checks).runAll()
-    outcome, failed, missing = writeReport(settings, checks, results, time.monotonic() - began)
+    print(f"gpuCheck on {gpu['name']}: {len(checks)} checks, budget {settings.budget:g} s; writing random data",
+          flush=True)
+    try:
+        writeRandomData(settings.dataDir, tokensNeeded(settings), VALIDATION_TOKENS + 4096)
+        results = Runner(settings, checks, say=lambda line: print(line, flush=True)).runAll()
+        outcome, failed, missing = writeReport(settings, checks, results, time.monotonic() - began)
+    except OSError as err:  # a full disk or a folder removed meanwhile
+        print(f"error: cannot write in {settings.workDir} or {settings.out}: {err}", file=sys.stderr)
+        return 2
     print(f"{outcome}" + (f": failed {', '.join(failed)}" if failed else "")
           + (f"; not run (time): {', '.join(missing)}" if missing else ""))
     print(f"report: {settings.out}")
