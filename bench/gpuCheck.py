@@ -1,0 +1,914 @@
+"""The GPU acceptance check: one command that runs the CUDA paths end to end and writes one Markdown report.
+
+    python bench/gpuCheck.py                    # about 8 minutes on one H100; the report path is printed
+    python bench/gpuCheck.py --dryRun           # the planned checks and their commands; needs no GPU
+    python bench/gpuCheck.py --only phase2      # rerun some checks (and what they need)
+
+It runs, in order of importance: tests/test_cuda.py; the README's baseline, 20-model phase I and phase II at the
+default size (4 layers x 256, seqLength 4096, contextSize 1024) and default --plottingLevel 2, a few dozen steps
+each; every attention score type in phase I and II; bfloat16; torchrun with one process; --preflight's memory
+estimate against the measured peak; bench/benchSpline.py, benchScores.py and benchPhase1.py. From the logs it
+takes tokens/s and the model-FLOPs utilisation (MFU) against the GPU's peak dense TF32 and bf16 throughput.
+Training data are random GPT-2 token ids written as FineWeb shards (the GPU box needs no data and no network).
+
+Checks that time something run alone on the GPU; the others run side by side (--jobs). Every check has a timeout,
+and the whole run a budget (--budget): what does not fit is marked "not run (time)" and the verdict is then
+INCOMPLETE unless something failed. Exit code: 0 PASS, 1 FAIL, 3 INCOMPLETE, 2 bad input or no GPU.
+"""
+import argparse
+import csv
+import dataclasses
+import datetime
+import json
+import math
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from tokenShards import writeShard  # noqa: E402
+
+SCORE_TYPES = ("softplus", "sigmoid", "spline")  # softmax is what the plain runs use
+DEFAULT_BUDGET = 460  # seconds: 8 minutes, less the data, the GPU probe and the report
+SEPARATOR = 50256  # GPT-2's <|endoftext|>, the trainer's default --tokenDocSep
+VALIDATION_TOKENS = 16 * 4096  # 16 sequences per validation, instead of the default 2,560, to fit the time
+
+# Peak dense (no 2:4 sparsity) tensor-core throughput, TFLOPS: (pattern in torch.cuda.get_device_name(), label,
+# TF32, bf16 with float32 accumulation). First match wins; a GPU matching none gets MFU "unknown".
+# Sources: H100 SXM/H200: glennklockwood.com/garden/processors/h100 (TF32 494.7, BF16 989.4; "H200 GPUs are the
+# same as H100 GPUs ... with 144 GB"); H100 PCIe: NVIDIA's H100 table at archive-lib.hpctech.co.jp/gpuproduct/
+# nvidia-h100.html (TF32 756, BF16 1,513 "shown with sparsity, 1/2 lower without"); A100 (SXM and PCIe alike):
+# glennklockwood.com/garden/processors/A100, from NVIDIA's A100 datasheet (TF32 156, BF16 312 dense); RTX 4090:
+# waredb.com/processor/nvidia-geforce-rtx-4090 (TF32 82.58, BF16 165.15 dense); L40S: NVIDIA's L40/L40S table at
+# mullet.se/product.html?product_id=355414 (TF32 183, BF16 362.05 dense). NVL and laptop parts differ: unknown.
+PEAK_TFLOPS = (
+    (r"H200(?!.*NVL)", "H200 (SXM)", 494.7, 989.4),
+    (r"H100.*(SXM|HBM3)", "H100 SXM", 494.7, 989.4),
+    (r"H100.*PCIe", "H100 PCIe", 378.0, 756.5),
+    (r"A100", "A100", 156.0, 312.0),
+    (r"RTX 4090(?!.*Laptop)", "RTX 4090", 82.58, 165.15),
+    (r"L40S", "L40S", 183.0, 362.05),
+)
+
+
+class CheckError(Exception):
+    """Bad input or an unusable machine; the message is one line for the user."""
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f"error: {message}\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# Settings
+
+
+@dataclasses.dataclass
+class Settings:
+    """What a run of this script uses: its flags resolved, and the folders and GPU it works with."""
+    out: str
+    workDir: str
+    dataDir: str
+    quick: bool
+    only: list
+    budget: float
+    jobs: int
+    dryRun: bool
+    gpu: dict
+    argv: list = dataclasses.field(default_factory=list)  # the flags given, for the report
+    python: str = sys.executable
+
+    @property
+    def steps(self):
+        """(nSteps, nStepsWarmup, nStepsCooldown, valEvery/plotEvery): the default 20000/2000/10000 scaled down, and
+        reports and validations often enough that several of each happen (reports at 1, 6, every plotEvery, last)."""
+        return (12, 1, 6, 5) if self.quick else (30, 3, 15, 10)
+
+
+def parseArgs(argv):
+    parser = OneLineErrorParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--out", default="", help="report path (.md); default bench/gpuCheck-DATE-GPU.md. The runs' "
+                                                  "logs, plots and data go to a folder next to it (REPORT-files/)")
+    parser.add_argument("--quick", action="store_true", help="12 steps per run instead of 30")
+    parser.add_argument("--only", default="", help="comma-separated check names to run (plus the checks they need); "
+                                                   "--dryRun lists the names")
+    parser.add_argument("--dryRun", action="store_true", help="print the planned checks and commands; needs no GPU")
+    parser.add_argument("--budget", type=float, default=DEFAULT_BUDGET,
+                        help="seconds for all checks; what does not fit is reported as not run (time)")
+    parser.add_argument("--jobs", type=int, default=0, help="checks that run side by side (those that time nothing); "
+                                                            "0: one per 20 GiB of GPU memory, at most 4")
+    return parser.parse_args(argv)
+
+
+def slug(text):
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-") or "GPU"
+
+
+def resolveSettings(args, gpu, argv=()):
+    """Settings from the parsed flags; raises CheckError naming a bad one."""
+    if not args.budget > 0:
+        raise CheckError(f"--budget must be a positive number of seconds, got {args.budget:g}")
+    if args.jobs < 0:
+        raise CheckError(f"--jobs must be 0 (automatic) or a positive number, got {args.jobs}")
+    only = [name.strip() for name in args.only.split(",") if name.strip()]
+    # a rerun of some checks gets a report of its own instead of overwriting the full one
+    stem = f"gpuCheck-{datetime.date.today():%Y-%m-%d}-{slug(gpu.get('name', 'GPU').replace('NVIDIA', ''))}"
+    out = args.out or os.path.join(REPO, "bench", stem + (f"-only-{slug('-'.join(only))}" if only else "") + ".md")
+    out = os.path.abspath(out)
+    if not out.endswith(".md"):
+        raise CheckError(f"--out {args.out!r} must name a Markdown file ending in .md")
+    folder = os.path.dirname(out)
+    if not os.path.isdir(folder):
+        raise CheckError(f"--out {args.out!r}: the folder {folder} does not exist; create it or choose another path")
+    if not args.dryRun and not os.access(folder, os.W_OK):
+        raise CheckError(f"--out {args.out!r}: the folder {folder} is not writable; choose another path")
+    jobs = args.jobs or max(1, min(4, int(gpu.get("memoryGiB", 0) // 20)))
+    workDir = out[:-len(".md")] + "-files"
+    return Settings(out=out, workDir=workDir, dataDir=os.path.join(workDir, "data"), quick=args.quick, only=only,
+                    budget=args.budget, jobs=jobs, dryRun=args.dryRun, gpu=gpu, argv=list(argv))
+
+
+PROBE = """import json, torch
+info = {"torch": torch.__version__, "cuda": torch.version.cuda, "available": torch.cuda.is_available()}
+if info["available"]:
+    p = torch.cuda.get_device_properties(0)
+    info.update(name=p.name, capability=f"{p.major}.{p.minor}", memoryGiB=p.total_memory / 2**30,
+                count=torch.cuda.device_count())
+print(json.dumps(info))
+"""
+
+
+def probeGpu(python=sys.executable):
+    """The GPU as PyTorch sees it, asked in a child process so that this one holds no CUDA context (whose memory
+    would shrink what the runs find free); raises CheckError without one."""
+    try:
+        done = subprocess.run([python, "-c", PROBE], capture_output=True, text=True, timeout=120, cwd=REPO)
+    except subprocess.TimeoutExpired:
+        raise CheckError("PyTorch did not answer within 120 s whether a CUDA GPU is present") from None
+    if done.returncode != 0 or not done.stdout.strip():
+        lines = done.stderr.strip().splitlines()
+        raise CheckError(f"PyTorch cannot be imported: {lines[-1] if lines else done.returncode}")
+    info = json.loads(done.stdout.strip().splitlines()[-1])
+    if not info["available"]:
+        build = f"CUDA {info['cuda']}" if info["cuda"] else "a CPU-only build"
+        raise CheckError(f"no CUDA GPU is visible to PyTorch (torch {info['torch']}, {build}): gpuCheck needs one; "
+                         "--dryRun prints what it would run")
+    return info
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: random GPT-2 token ids in the FineWeb shard format
+
+
+def writeRandomData(folder, nTrain, nValidation, seed=0):
+    """One validation and one training shard of random GPT-2 ids in documents of ~1000 tokens (FineWeb's mean);
+    the separator is GPT-2's largest id, so the vocabulary is the default run's 50,304."""
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for name, count in (("fineweb_val_000000.bin", nValidation), ("fineweb_train_000001.bin", nTrain)):
+        tokens = rng.integers(0, SEPARATOR, count)
+        tokens[rng.random(count) < 1e-3] = SEPARATOR
+        tokens[0] = SEPARATOR
+        writeShard(os.path.join(folder, name), tokens)
+
+
+def tokensNeeded(settings):
+    """Training tokens for the largest run: 20 models each reading nSteps sequences of 4097 tokens (a stream may
+    also wrap around, but distinct data keeps the losses honest)."""
+    return 20 * settings.steps[0] * 4097 + 4096
+
+
+# ----------------------------------------------------------------------------------------------
+# The checks
+
+
+@dataclasses.dataclass
+class Check:
+    name: str
+    what: str
+    command: list
+    evaluate: object  # (check, run) -> Result
+    timeout: float
+    alone: bool = False  # it times something: nothing else runs meanwhile
+    needs: tuple = ()  # checks that must pass first
+    runDir: str = ""  # trainLmAf checks: their --dirResults
+    runName: str = ""
+    nSteps: int = 0
+    expectFiles: tuple = ()  # file names the run must write in runDir
+    splines: bool = False  # the afType has splines: their Triton kernels must run
+
+
+@dataclasses.dataclass
+class Run:
+    """How a check's process ended."""
+    returnCode: int  # negative: killed by that signal
+    output: str
+    seconds: float
+    stopped: str = ""  # "timeout" (its own limit) or "budget" (the whole run's)
+
+
+@dataclasses.dataclass
+class Result:
+    status: str  # PASS, FAIL, "not run (time)", "skipped"
+    problems: list = dataclasses.field(default_factory=list)  # why it failed
+    figures: dict = dataclasses.field(default_factory=dict)
+    notes: list = dataclasses.field(default_factory=list)  # observations that do not fail it
+    seconds: float = 0.0
+    output: str = ""
+
+
+def trainArgs(settings, runName, flags):
+    """A trainLmAf.py command line: the README's flags, plus the scaled-down schedule and this check's folders."""
+    nSteps, warmup, cooldown, every = settings.steps
+    return (["trainLmAf.py"] + flags
+            + ["--runName", runName, "--dirResults", os.path.join(settings.workDir, runName),
+               "--filesTokensTr", os.path.join(settings.dataDir, "fineweb_train_*.bin"),
+               "--filesTokensVa", os.path.join(settings.dataDir, "fineweb_val_*.bin"), "--nTokensVa",
+               str(VALIDATION_TOKENS), "--nSteps", str(nSteps), "--nStepsWarmup", str(warmup), "--nStepsCooldown",
+               str(cooldown), "--valEvery", str(every), "--plotEvery", str(every), "--device", "cuda"])
+
+
+def phase1Flags(afType="spline;att-spline"):
+    return ["--seed", "1234", "--nModels", "20", "--staggeredStarts", "1", "--afLayerSpecific", "0", "--afType",
+            afType, "--afLr", "0.1"]
+
+
+def phase2Flags(settings, phase1Run, afType="spline;att-spline"):
+    return ["--seed", "0", "--afLayerSpecific", "0", "--afType", afType, "--afLr", "0", "--afFileToLoad",
+            ptAfPath(settings, phase1Run)]
+
+
+def ptAfPath(settings, runName):
+    return os.path.join(settings.workDir, runName, f"ptAf-{runName}-step{settings.steps[0]:04d}.pt")
+
+
+def trainCheck(settings, name, what, flags, timeout, alone=False, needs=(), launcher=None, writesAfs=False):
+    nSteps = settings.steps[0]
+    afType = flags[flags.index("--afType") + 1]
+    command = (launcher or [settings.python]) + trainArgs(settings, name, flags)
+    expect = (f"ptAf-{name}-step{nSteps:04d}.pt",) if writesAfs else ()
+    # the Triton kernels serve the MLP and pre-QKV splines ('spline'; splinePerDim runs on PyTorch)
+    splines = "spline" in [part.strip().removeprefix("att-") for part in afType.split(";")[:2]]
+    return Check(name, what, command, evaluateTraining, timeout, alone, needs, os.path.join(settings.workDir, name),
+                 name, nSteps, expect, splines)
+
+
+def planChecks(settings):
+    """Every check in the order they start: first the timed runs, alone, then the rest side by side in order of
+    importance, then the benchmarks, alone (the first to be dropped when time runs out). Timeouts are for an H100,
+    with room for a cold compile cache."""
+    py = settings.python
+    checks = [
+        Check("preflight", "--preflight of the default phase I: estimate, modelsPerPass, kernels",
+              [py] + trainArgs(settings, "phase1", phase1Flags()) + ["--preflight", "1"], evaluatePreflight, 180,
+              alone=True),  # alone: it reads the free GPU memory, as phase1 will
+        trainCheck(settings, "baseline", "README baseline: gelu;att-linear, 1 model", ["--seed", "0", "--afType",
+                   "gelu;att-linear"], 300, alone=True),
+        trainCheck(settings, "phase1", "README phase I: 20 models, spline;att-spline, staggered starts",
+                   phase1Flags(), 360, alone=True, writesAfs=True),
+        Check("testCuda", "tests/test_cuda.py (pytest)", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                                                          "tests/test_cuda.py"], evaluatePytest, 420),
+        trainCheck(settings, "phase2", "README phase II: loads phase1's ptAf file, AFs frozen",
+                   phase2Flags(settings, "phase1"), 300, needs=("phase1",)),
+    ]
+    for score in SCORE_TYPES:
+        afType = f"spline;att-spline;score-{score}"
+        checks.append(trainCheck(settings, f"phase1-{score}", f"phase I, 20 models, {afType}", phase1Flags(afType),
+                                 360, writesAfs=True))
+        checks.append(trainCheck(settings, f"phase2-{score}", f"phase II of {afType}, loads phase1-{score}'s file",
+                                 phase2Flags(settings, f"phase1-{score}", afType), 300, needs=(f"phase1-{score}",)))
+    checks += [
+        trainCheck(settings, "bf16", "README phase I in --dtype bfloat16", phase1Flags() + ["--dtype", "bfloat16"],
+                   360),
+        # torchrun's own module, run by this Python: the same as the torchrun script, found on any PATH
+        trainCheck(settings, "torchrun", "README phase I under torchrun, one process", phase1Flags(), 360,
+                   launcher=[py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"]),
+        Check("benchSpline", "bench/benchSpline.py: spline forward+backward vs GELU, each backend",
+              [py, "bench/benchSpline.py", "--device", "cuda"], evaluateBenchSpline, 180, alone=True),
+        Check("benchScores", "bench/benchScores.py: attention forward+backward per score type vs softmax",
+              [py, "bench/benchScores.py", "--device", "cuda"], evaluateBench, 240, alone=True),
+        Check("benchPhase1", "bench/benchPhase1.py: batched vs looped phase I s/step, memory, tokens/s",
+              [py, "bench/benchPhase1.py", "--device", "cuda"] + (["--steps", "3"] if settings.quick else []),
+              evaluateBench, 420, alone=True),
+    ]
+    return checks
+
+
+def selectChecks(checks, only):
+    """The checks named in --only and, transitively, those they need, in plan order; raises CheckError for an
+    unknown name."""
+    if not only:
+        return checks
+    byName = {check.name: check for check in checks}
+    unknown = [name for name in only if name not in byName]
+    if unknown:
+        raise CheckError(f"--only: unknown check {unknown[0]!r}; the checks are {', '.join(byName)}")
+    wanted, todo = set(), list(only)
+    while todo:
+        name = todo.pop()
+        if name not in wanted:
+            wanted.add(name)
+            todo.extend(byName[name].needs)
+    return [check for check in checks if check.name in wanted]
+
+
+# ----------------------------------------------------------------------------------------------
+# Parsing logs and outputs
+
+NUMBER = r"([-+]?(?:\d+(?:\.\d*)?(?:e[-+]?\d+)?|nan|inf))"
+STEP = re.compile(r"^Step (\d+)/(\d+)\s+(.*)$")
+
+
+def parseTrainingLog(text):
+    """The figures of a trainLmAf.py log: losses (model 0's lossTr with its s/step, every model's, lossVa), peak
+    memory lines, activation-magnitude lines, the kernel lines of the header and the settings it printed."""
+    log = {"lossTr": [], "modelLossTr": [], "lossVa": [], "peakMemory": [], "activationLines": 0, "kernels": [],
+           "fallbacks": [], "hyperparameters": {}, "parameters": {}, "vocabSize": None, "modelsPerPass": None}
+    for line in text.splitlines():
+        match = STEP.match(line)
+        if match:
+            step, rest = int(match.group(1)), match.group(3)
+            if m := re.match(rf"lossTr {NUMBER}\s+accTr {NUMBER}\s+(\d+)s = {NUMBER}s/step", rest):
+                log["lossTr"].append((step, float(m.group(1)), float(m.group(4))))
+            elif m := re.match(rf"model (\d+)\s+lossTr {NUMBER}", rest):
+                log["modelLossTr"].append((step, int(m.group(1)), float(m.group(2))))
+            elif m := re.match(rf"lossVa {NUMBER}", rest):
+                log["lossVa"].append((step, float(m.group(1))))
+            elif m := re.match(rf"Peak CUDA memory usage: {NUMBER} GB", rest):
+                log["peakMemory"].append((step, float(m.group(1))))
+            elif rest.startswith("Activation magnitudes"):
+                log["activationLines"] += 1
+            continue
+        if m := re.match(r"^  (\w+) = (.*)$", line):
+            log["hyperparameters"][m.group(1)] = m.group(2).strip("'")
+        elif m := re.match(r"^  (\S+)\s+\(([\d, ]*)\)\s+([\d,]+) (trainable|frozen)", line):
+            log["parameters"][m.group(1)] = int(m.group(3).replace(",", ""))
+        elif m := re.match(r"^Vocabulary size: ([\d,]+)", line):
+            log["vocabSize"] = int(m.group(1).replace(",", ""))
+        elif m := re.match(r"^Phase I: \d+ models, start steps \[[\d, ]*\]; (\d+) models per pass", line):
+            log["modelsPerPass"] = int(m.group(1))
+        elif line.startswith(("Spline kernels:", "Attention:", "Attention weights:", "Compiled before step 1")):
+            log["kernels"].append(line)
+        elif line.startswith("FlexAttention failed"):  # the trainer's line when it switches to SDPA
+            log["fallbacks"].append(line)
+    return log
+
+
+def readMetrics(path):
+    """metrics-RUN.csv's training rows as {step: (trainSeconds, {model: tokens})}."""
+    reports = {}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            if row["split"] == "train":
+                _, tokens = reports.setdefault(int(row["step"]), (float(row["trainSeconds"]), {}))
+                tokens[int(row["model"])] = int(row["tokens"])
+    return reports
+
+
+def throughput(reports):
+    """Training tokens per second of all models together between the first report and the last, or None with
+    fewer than two reports. The first report's window holds step 1, whose first launches still warm up kernels,
+    so it is left out; the metrics file's trainSeconds has millisecond resolution, the log's s/step two digits."""
+    steps = sorted(reports)
+    if len(steps) < 2:
+        return None
+    (firstSeconds, firstTokens), (lastSeconds, lastTokens) = reports[steps[0]], reports[steps[-1]]
+    tokens = sum(count - firstTokens.get(model, 0) for model, count in lastTokens.items())
+    seconds = lastSeconds - firstSeconds
+    return {"tokens": tokens, "seconds": seconds, "tokensPerSecond": tokens / seconds if seconds > 0 else None,
+            "fromStep": steps[0], "toStep": steps[-1]}
+
+
+def effectiveContext(seqLength, contextSize):
+    """Mean number of keys a query attends under the causal sliding window (query i sees min(i + 1, window) keys;
+    document boundaries, which only remove keys, are not counted: the model FLOPs of the configuration)."""
+    window = min(contextSize, seqLength)
+    return (window * (window + 1) / 2 + (seqLength - window) * window) / seqLength
+
+
+def flopsPerToken(parameters, vocabSize, nLayers, dimEmb, seqLength, contextSize):
+    """Training FLOPs per token: 6 x (parameters outside the embedding and head + vocab x dim, the head's matmul)
+    + 12 x nLayers x dimEmb x effective context (attention scores and values, forward and backward)."""
+    body = sum(count for name, count in parameters.items() if name not in ("embed", "head"))
+    matmulParameters = body + vocabSize * dimEmb
+    return 6 * matmulParameters + 12 * nLayers * dimEmb * effectiveContext(seqLength, contextSize), matmulParameters
+
+
+def peakTflops(gpuName):
+    """(label, TF32 TFLOPS, bf16 TFLOPS) of a known GPU, or None."""
+    for pattern, label, tf32, bf16 in PEAK_TFLOPS:
+        if re.search(pattern, gpuName):
+            return label, tf32, bf16
+    return None
+
+
+def mfu(tokensPerSecond, flops, peak):
+    """Model-FLOPs utilisation (fraction) against a peak in TFLOPS."""
+    return tokensPerSecond * flops / (peak * 1e12)
+
+
+def pytestCounts(output):
+    """{outcome: count} from pytest's last summary line ('3 passed, 1 skipped in 12.3s')."""
+    for line in reversed(output.splitlines()):
+        found = re.findall(r"(\d+) (passed|failed|skipped|errors?|xfailed|xpassed|deselected)", line)
+        if found and re.search(r" in [\d.]+s", line):
+            counts = {}
+            for count, outcome in found:
+                counts[outcome.rstrip("s") if outcome.startswith("error") else outcome] = int(count)
+            return counts
+    return {}
+
+
+def benchRatio(output):
+    match = re.search(rf"^ratio {NUMBER}\s*$", output, re.MULTILINE)
+    return float(match.group(1)) if match else None
+
+
+def tail(text, lines=40):
+    return "\n".join(text.rstrip().splitlines()[-lines:])
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluating a finished check
+
+
+def processProblems(run):
+    if run.stopped == "timeout":
+        return [f"timed out after {run.seconds:.0f} s"]
+    if run.returnCode != 0:
+        return [f"exit code {run.returnCode}"]
+    return []
+
+
+def evaluateTraining(check, run):
+    problems, figures = processProblems(run), {}
+    logPath = os.path.join(check.runDir, f"log-{check.runName}.txt")
+    if not os.path.isfile(logPath):
+        return Result("FAIL", problems + [f"no log file {logPath}"])
+    with open(logPath, errors="replace") as f:
+        log = parseTrainingLog(f.read())
+    n = check.nSteps
+    for key, label in (("lossTr", "lossTr"), ("lossVa", "lossVa"), ("peakMemory", "Peak CUDA memory")):
+        if not log[key]:
+            problems.append(f"the log has no {label} line")
+    if not log["activationLines"]:
+        problems.append("the log has no Activation magnitudes line (AF-input statistics at --plottingLevel 2)")
+    if log["lossTr"] and log["lossTr"][-1][0] != n:
+        problems.append(f"the last lossTr line is at step {log['lossTr'][-1][0]}, not {n}")
+    missingPeaks = sorted({6, 11, n} - {step for step, _ in log["peakMemory"]})
+    if log["peakMemory"] and missingPeaks:
+        problems.append(f"no Peak CUDA memory line at step(s) {', '.join(map(str, missingPeaks))}")
+    losses = ([("lossTr", s, v) for s, v, _ in log["lossTr"]] + [("lossVa", s, v) for s, v in log["lossVa"]]
+              + [(f"model {m} lossTr", s, v) for s, m, v in log["modelLossTr"]])
+    bad = [(what, step, value) for what, step, value in losses if not math.isfinite(value)]
+    if bad:
+        problems.append(f"non-finite loss: {bad[0][0]} {bad[0][2]} at step {bad[0][1]} ({len(bad)} in all)")
+    attention = [line for line in log["kernels"] if line.startswith("Attention:")]
+    if not any("FlexAttention" in line for line in attention):
+        problems.append(f"attention did not run in FlexAttention: {attention[0] if attention else 'no Attention line'}")
+    problems += log["fallbacks"]
+    problems += [f"the scores did not run in FlexAttention: {line}" for line in log["kernels"]
+                 if line.startswith("Attention weights:") and "FlexAttention" not in line]
+    splineLines = [line for line in log["kernels"] if line.startswith("Spline kernels:")]
+    if check.splines and (not splineLines or re.search(r"\btorch\b", splineLines[0])):
+        problems.append(f"the spline kernels did not run in Triton: {splineLines[0] if splineLines else 'no line'}")
+    # a Triton kernel that fails later warns (on stderr, not in the log) and hands over to the next backend
+    switches = re.findall(r"spline \w+ kernel \S+ failed.*", run.output)
+    problems += [f"during the run: {line}" for line in switches if line.rstrip().endswith("now uses torch")]
+    notes = [f"during the run: {line}" for line in switches if not line.rstrip().endswith("now uses torch")]
+    for name in check.expectFiles:
+        if not os.path.isfile(os.path.join(check.runDir, name)):
+            problems.append(f"{name} was not written")
+    plots = [f for f in os.listdir(check.runDir) if f.endswith(".png")]
+    if not any(f.startswith(f"tr-{check.runName}") for f in plots):
+        problems.append("no loss plot (tr-*.png) was written")
+    figures.update(log=log, peakGiB=max((v for _, v in log["peakMemory"]), default=None),
+                   lossTr=log["lossTr"][-1][1] if log["lossTr"] else None,
+                   lossVa=log["lossVa"][-1][1] if log["lossVa"] else None)
+    metricsPath = os.path.join(check.runDir, f"metrics-{check.runName}.csv")
+    if os.path.isfile(metricsPath):
+        figures["throughput"] = throughput(readMetrics(metricsPath))
+    return Result("FAIL" if problems else "PASS", problems, figures, notes=notes)
+
+
+def evaluatePytest(check, run):
+    problems = processProblems(run)
+    counts = pytestCounts(run.output)
+    if not counts:
+        problems.append("no pytest summary line")
+    elif counts.get("failed") or counts.get("error"):
+        problems.append(f"{counts.get('failed', 0)} failed, {counts.get('error', 0)} error(s)")
+    elif not counts.get("passed"):
+        problems.append("no test passed (were they all skipped? then PyTorch saw no GPU)")
+    return Result("FAIL" if problems else "PASS", problems, {"counts": counts})
+
+
+def evaluatePreflight(check, run):
+    problems = processProblems(run)
+    estimate = re.search(r"^peak memory per pass\s+(?:ok|FAIL)\s+([\d.]+) GiB estimated", run.output, re.MULTILINE)
+    perPass = re.search(r"^modelsPerPass\s+(?:ok|FAIL)\s+(\d+)", run.output, re.MULTILINE)
+    if "the run will fit and compile" not in run.output:
+        problems.append("the preflight did not say 'the run will fit and compile'")
+    if not estimate or not perPass:
+        problems.append("no 'peak memory per pass' or 'modelsPerPass' row")
+    figures = {"estimateGiB": float(estimate.group(1)) if estimate else None,
+               "modelsPerPass": int(perPass.group(1)) if perPass else None,
+               "table": [line for line in run.output.splitlines() if re.match(r"^\S.*\s(ok  |FAIL)\s", line)]}
+    return Result("FAIL" if problems else "PASS", problems, figures)
+
+
+def evaluateBench(check, run):
+    problems = processProblems(run)
+    ratio = benchRatio(run.output)
+    if ratio is None or not math.isfinite(ratio):
+        problems.append("no finite 'ratio X' line")
+    failures = [line for line in run.output.splitlines() if line.startswith("note:") and " failed: " in line]
+    problems += failures
+    return Result("FAIL" if problems else "PASS", problems, {"ratio": ratio})
+
+
+def evaluateBenchSpline(check, run):
+    """Also: what a model calls (splineActivation) ran in Triton, and every row's knot gradient agrees with the
+    bucketize reference (relative difference at most 1e-2, bf16 inputs and atomics included)."""
+    result = evaluateBench(check, run)
+    rows = re.findall(r"^(\S.*?)\s{2,}(torch|triton-\S+)\s+(torch|triton-\S+)\s+[\d.]+\s+[\d.]+(?:\s+([-+.\de]+))?\s*$",
+                      run.output, re.MULTILINE)
+    model = [row for row in rows if row[0] == "splineActivation"]
+    if not model:
+        result.problems.append("no splineActivation row")
+    elif "torch" in model[0][1:3]:
+        result.problems.append(f"splineActivation ran forward {model[0][1]}, backward {model[0][2]}: not Triton")
+    result.problems += [f"{name}: knot gradient differs from bucketize's by {error} (relative)"
+                        for name, _, _, error in rows if error and float(error) > 1e-2]
+    result.status = "FAIL" if result.problems else "PASS"
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# Running the checks
+
+
+class Runner:
+    """Starts checks as processes, each in its own session (torchrun and pytest start children of their own), with
+    its output in WORKDIR/NAME.out; alone checks wait for an idle GPU and keep it idle."""
+
+    def __init__(self, settings, checks, say=print, minimumStart=20):
+        self.settings, self.checks, self.say = settings, checks, say
+        self.minimumStart = minimumStart  # seconds of budget below which no check starts: none would finish
+        self.results = {}
+
+    def start(self, check, limit):
+        os.makedirs(self.settings.workDir, exist_ok=True)
+        outPath = os.path.join(self.settings.workDir, f"{check.name}.out")
+        out = open(outPath, "w")
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        process = subprocess.Popen(check.command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                   start_new_session=True)
+        self.say(f"[{self.elapsed():5.0f}s] start {check.name}: {shlex.join(check.command)}")
+        return {"check": check, "process": process, "out": out, "outPath": outPath, "start": time.monotonic(),
+                "limit": limit}
+
+    def stop(self, job):
+        """SIGTERM to the whole process group, SIGKILL after 3 s: the trainer's save on SIGTERM (checkpoint, AF
+        files, plots) is not needed here, and the budget is."""
+        for sig, wait in ((signal.SIGTERM, 3), (signal.SIGKILL, 5)):
+            try:
+                os.killpg(job["process"].pid, sig)
+            except ProcessLookupError:
+                return
+            try:
+                job["process"].wait(wait)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+
+    def finish(self, job, stopped=""):
+        job["out"].close()
+        with open(job["outPath"], errors="replace") as f:
+            output = f.read()
+        seconds = time.monotonic() - job["start"]
+        check = job["check"]
+        run = Run(job["process"].returncode, output, seconds, stopped)
+        if stopped == "budget":
+            result = Result("not run (time)", [f"stopped after {seconds:.0f} s: the --budget of "
+                                               f"{self.settings.budget:g} s ran out"])
+        else:
+            try:
+                result = check.evaluate(check, run)
+            except Exception as err:  # a parser meeting output it does not know must not lose the other results
+                result = Result("FAIL", [f"its output could not be read: {type(err).__name__}: {err}"])
+        result.seconds, result.output = seconds, output
+        self.results[check.name] = result
+        self.say(f"[{self.elapsed():5.0f}s] {result.status:<4} {check.name} ({seconds:.0f} s)"
+                 + (f": {result.problems[0]}" if result.problems else ""))
+
+    def elapsed(self):
+        return time.monotonic() - self.began
+
+    def runAll(self):
+        self.began = time.monotonic()
+        running = []
+        try:
+            self.schedule(running)
+        finally:  # an interrupt: the checks run in sessions of their own, so Ctrl-C did not reach them
+            for job in running:
+                self.stop(job)
+                job["out"].close()
+        return self.results
+
+    def schedule(self, running):
+        deadline = self.began + self.settings.budget
+        pending = list(self.checks)
+        while pending or running:
+            for job in list(running):
+                overdue = time.monotonic() - job["start"] > job["limit"]
+                if job["process"].poll() is None and not overdue:
+                    continue
+                running.remove(job)
+                if job["process"].poll() is None:
+                    self.stop(job)
+                    self.finish(job, "budget" if job["budgetBound"] else "timeout")
+                else:
+                    self.finish(job)
+            remaining = deadline - time.monotonic()
+            for check in list(pending):
+                states = [self.results[name].status if name in self.results else None for name in check.needs]
+                if any(state not in (None, "PASS") for state in states):
+                    pending.remove(check)
+                    failed = [n for n, s in zip(check.needs, states) if s not in (None, "PASS")]
+                    timeOnly = all(self.results[n].status == "not run (time)" for n in failed)
+                    self.results[check.name] = Result("not run (time)" if timeOnly else "skipped",
+                                                      [f"needs {', '.join(failed)}, which did not pass"])
+                    continue
+                if None in states:
+                    continue  # its prerequisite is still running or waiting
+                if remaining < self.minimumStart:
+                    pending.remove(check)
+                    self.results[check.name] = Result("not run (time)", [f"the --budget of {self.settings.budget:g} "
+                                                                         "s ran out before it started"])
+                    continue
+                if check.alone and running:
+                    break  # an idle GPU first; later checks wait too, so nothing joins it
+                if running and (running[0]["check"].alone or len(running) >= self.settings.jobs):
+                    break
+                pending.remove(check)
+                job = self.start(check, min(check.timeout, remaining))
+                job["budgetBound"] = remaining < check.timeout
+                running.append(job)
+            time.sleep(0.5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Figures derived from several checks, and the report
+
+
+def throughputRows(results, gpuName):
+    """Rows (what, tokens/s, FLOPs/token, achieved TFLOPS, MFU vs TF32, MFU vs bf16, note) for the timed runs."""
+    peak = peakTflops(gpuName)
+    rows = []
+    for name, label in (("baseline", "baseline (float32, TF32 matmuls)"), ("phase1", "phase I, 20 models (float32)")):
+        result = results.get(name)
+        if result is None or result.status != "PASS" or not result.figures.get("throughput"):
+            continue
+        log, speed = result.figures["log"], result.figures["throughput"]
+        hp = log["hyperparameters"]
+        flops, _ = flopsPerToken(log["parameters"], log["vocabSize"], int(hp["nLayers"]), int(hp["dimEmb"]),
+                                 int(hp["seqLength"]), int(hp["contextSize"]))
+        if speed["tokensPerSecond"]:
+            rows.append(throughputRow(label, speed["tokensPerSecond"], flops, peak))
+    bench, phase1 = results.get("benchPhase1"), results.get("phase1")
+    if bench and bench.status == "PASS" and phase1 and phase1.status == "PASS":
+        # benchPhase1 trains the default phase-I model (spline;att-spline, 4 x 256, seqLength 4096, contextSize
+        # 1024, the GPT-2 vocabulary), so phase1's FLOPs per token apply; it synchronises the GPU around each step
+        log = phase1.figures["log"]
+        hp = log["hyperparameters"]
+        flops, _ = flopsPerToken(log["parameters"], log["vocabSize"], int(hp["nLayers"]), int(hp["dimEmb"]),
+                                 int(hp["seqLength"]), int(hp["contextSize"]))
+        for label, tokensPerSecond in benchPhase1Throughput(bench.output):
+            rows.append(throughputRow(f"benchPhase1: {label}", tokensPerSecond, flops, peak))
+    return rows
+
+
+def benchPhase1Throughput(output):
+    """(label, tokens/s) of benchPhase1.py's batched row and its single-model float32 and bfloat16 lines."""
+    rows = []
+    batched = re.search(r"^batched \(one pass, all models\)\s+[\d.]+\s+([\d,]+)", output, re.MULTILINE)
+    if batched:
+        rows.append(("phase I batched, float32", float(batched.group(1).replace(",", ""))))
+    for dtype, count in re.findall(r"^single model \(baseline path\) (\w+)\s*:\s+([\d,]+) tokens/s", output,
+                                   re.MULTILINE):
+        rows.append((f"one spline model, {dtype}", float(count.replace(",", ""))))
+    return rows
+
+
+def throughputRow(label, tokensPerSecond, flops, peak):
+    achieved = tokensPerSecond * flops / 1e12
+    if peak is None:
+        return (label, tokensPerSecond, flops, achieved, "unknown", "unknown")
+    return (label, tokensPerSecond, flops, achieved, f"{100 * mfu(tokensPerSecond, flops, peak[1]):.1f}%",
+            f"{100 * mfu(tokensPerSecond, flops, peak[2]):.1f}%")
+
+
+def memoryComparison(results):
+    """(status, line): --preflight's estimated peak per pass against phase I's measured peak."""
+    preflight, phase1 = results.get("preflight"), results.get("phase1")
+    if not (preflight and phase1 and preflight.figures.get("estimateGiB") and phase1.figures.get("peakGiB")):
+        return None, "not available: it needs the preflight and phase1 checks' figures"
+    estimate, measured = preflight.figures["estimateGiB"], phase1.figures["peakGiB"]
+    perPassPreflight, perPassRun = preflight.figures["modelsPerPass"], phase1.figures["log"]["modelsPerPass"]
+    line = (f"estimated {estimate:.2f} GiB per pass ({perPassPreflight} models per pass), measured "
+            f"{measured:.2f} GiB ({perPassRun} models per pass): estimate / measured = {estimate / measured:.2f}")
+    if perPassPreflight != perPassRun:
+        return "info", line + "; the two chose different modelsPerPass, so they are not comparable"
+    # the preflight runs eager autograd on fake tensors and is meant to err high; 5% below is the slack for
+    # allocator rounding that max_memory_allocated sees and the estimate does not
+    if measured > 1.05 * estimate:
+        return "FAIL", line + ": the run needed more than the preflight estimated"
+    return "PASS", line
+
+
+def verdict(results, memoryStatus):
+    failed = [name for name, r in results.items() if r.status in ("FAIL", "skipped")]
+    if memoryStatus == "FAIL":
+        failed.append("preflight estimate vs peak")
+    missing = [name for name, r in results.items() if r.status == "not run (time)"]
+    if failed:
+        return "FAIL", failed, missing
+    return ("INCOMPLETE" if missing else "PASS"), failed, missing
+
+
+def writeReport(settings, checks, results, wallSeconds):
+    """Write the Markdown report; returns (verdict, failed names, names not run)."""
+    memoryStatus, memoryLine = memoryComparison(results)
+    outcome, failed, missing = verdict(results, memoryStatus)
+    gpu = settings.gpu
+    lines = [f"# GPU check: {gpu.get('name', '?')}, {datetime.datetime.now():%Y-%m-%d %H:%M}", ""]
+    summary = {"PASS": "every check passed",
+               "FAIL": "failed: " + ", ".join(failed) + (f"; not run (time): {', '.join(missing)}" if missing else ""),
+               "INCOMPLETE": "nothing failed, but not run (time): " + ", ".join(missing)}[outcome]
+    lines += [f"**{outcome}**: {summary}", ""]
+    lines += [f"- command: `{shlex.join(['python', 'bench/gpuCheck.py'] + settings.argv)}`",
+              f"- GPU: {gpu.get('name')} (compute capability {gpu.get('capability')}, {gpu.get('memoryGiB', 0):.1f} "
+              f"GiB, {gpu.get('count')} visible); torch {gpu.get('torch')}, CUDA {gpu.get('cuda')}; git commit "
+              f"{gitCommit()}",
+              f"- {len(checks)} checks in {wallSeconds:.0f} s (budget {settings.budget:g} s, {settings.jobs} side by "
+              f"side where nothing is timed); runs of {settings.steps[0]} steps; logs, plots and data in "
+              f"`{settings.workDir}`", ""]
+    lines += ["## Checks", "", "| check | result | s | what |", "|---|---|---:|---|"]
+    for check in checks:
+        r = results.get(check.name, Result("not run (time)"))
+        lines.append(f"| {check.name} | {r.status} | {r.seconds:.0f} | {check.what} |")
+    lines.append(f"| preflight estimate vs peak | {memoryStatus or 'not available'} | | {memoryLine} |")
+    lines += [""] + throughputSection(settings, results) + [""] + kernelSection(checks, results)
+    lines += ["", "## Each check", ""]
+    for check in checks:
+        r = results.get(check.name, Result("not run (time)"))
+        lines += [f"### {check.name}: {r.status}", "", f"{check.what}. Rerun: `python bench/gpuCheck.py --only "
+                                                        f"{check.name}`; its command, run in the repository:",
+                  "", "```", shlex.join(check.command), "```", ""]
+        lines += [f"- {problem}" for problem in r.problems + r.notes] + ([""] if r.problems + r.notes else [])
+        lines += figureLines(check, r)
+        if r.status == "FAIL" and r.output:
+            lines += ["Last lines of its output:", "", "```", tail(r.output), "```", ""]
+    text = "\n".join(lines).rstrip() + "\n"
+    temporary = settings.out + ".tmp"
+    with open(temporary, "w") as f:
+        f.write(text)
+    os.replace(temporary, settings.out)
+    return outcome, failed, missing
+
+
+def throughputSection(settings, results):
+    gpuName = settings.gpu.get("name", "")
+    peak = peakTflops(gpuName)
+    lines = ["## Throughput and model-FLOPs utilisation", "",
+             "FLOPs per token = 6 x (parameters outside the embedding and head + vocab x dimEmb, the head's matmul) "
+             "+ 12 x nLayers x dimEmb x effective context, the mean number of keys a query attends under the causal "
+             "window (query i: min(i + 1, contextSize); 896.1 for seqLength 4096, contextSize 1024; document "
+             "boundaries not subtracted). tokens/s: all models' training tokens between the first report (step 1, "
+             "left out) and the last, over the trainer's training seconds (metrics-RUN.csv, to the millisecond; the "
+             "log's s/step has two digits). A step's time ends with the trainer's finiteness check of the previous "
+             "step's losses, which waits for the GPU, so it includes the step's GPU work. The bench rows time "
+             "synchronised steps of the same model (benchPhase1.py).", ""]
+    if peak:
+        lines += [f"Peaks used ({peak[0]}, dense): TF32 {peak[1]:g} TFLOPS, bf16 {peak[2]:g} TFLOPS "
+                  "(sources in bench/gpuCheck.py, PEAK_TFLOPS).", ""]
+    else:
+        lines += [f"MFU unknown: {gpuName!r} is not in bench/gpuCheck.py's PEAK_TFLOPS table (dense TF32 and bf16 "
+                  "peaks); add its datasheet figures there.", ""]
+    rows = throughputRows(results, gpuName)
+    if not rows:
+        return lines + ["No timed run passed, so there are no figures."]
+    lines += ["| run | tokens/s | GFLOPs/token | achieved TFLOPS | MFU vs TF32 peak | MFU vs bf16 peak |",
+              "|---|---:|---:|---:|---:|---:|"]
+    for label, tokensPerSecond, flops, achieved, versusTf32, versusBf16 in rows:
+        lines.append(f"| {label} | {tokensPerSecond:,.0f} | {flops / 1e9:.4f} | {achieved:.1f} | {versusTf32} | "
+                     f"{versusBf16} |")
+    return lines
+
+
+def kernelSection(checks, results):
+    lines = ["## Kernels that ran", ""]
+    for check in checks:
+        r = results.get(check.name)
+        if r and r.figures.get("log"):
+            lines += [f"- {check.name}: " + "; ".join(r.figures["log"]["kernels"])]
+    return lines
+
+
+def figureLines(check, result):
+    figures = result.figures
+    if "log" in figures:
+        log, lines = figures["log"], []
+        lines.append(f"- last lossTr {figures['lossTr']}, last lossVa {figures['lossVa']}")
+        if figures.get("peakGiB") is not None:
+            lines.append(f"- peak CUDA memory {figures['peakGiB']} GiB, the largest of {len(log['peakMemory'])} lines "
+                         "(the log's GB are 2^30 bytes)")
+        windows = ", ".join(f"step {step}: {seconds:.2f}" for step, _, seconds in log["lossTr"])
+        lines.append(f"- s/step per report window (log): {windows}")
+        speed = figures.get("throughput")
+        if speed and speed["tokensPerSecond"]:
+            alone = "" if check.alone else " (ran side by side with other checks)"
+            lines.append(f"- {speed['tokensPerSecond']:,.0f} tokens/s, steps {speed['fromStep'] + 1}-{speed['toStep']}"
+                         + alone)
+        return lines + [""]
+    if "counts" in figures:
+        return [f"- pytest: {', '.join(f'{n} {k}' for k, n in figures['counts'].items()) or 'no summary'}", ""]
+    if "estimateGiB" in figures:
+        return ["```"] + figures["table"] + ["```", ""]
+    if "ratio" in figures and result.output:
+        return ["```"] + [line for line in result.output.splitlines() if line.strip()][-30:] + ["```", ""]
+    return []
+
+
+def gitCommit():
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=REPO).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def printPlan(settings, checks):
+    print(f"gpuCheck plan: {len(checks)} checks, budget {settings.budget:g} s, runs of {settings.steps[0]} steps; "
+          f"report {settings.out}; data and logs in {settings.workDir}")
+    for check in checks:
+        how = ("alone on the GPU" if check.alone else "side by side") + f", timeout {check.timeout:g} s"
+        if check.needs:
+            how += f", after {', '.join(check.needs)}"
+        print(f"\n{check.name}: {check.what} ({how})\n  {shlex.join(check.command)}")
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    args = parseArgs(argv)
+    try:
+        # bad flags are reported before the GPU probe, which takes seconds
+        preliminary = resolveSettings(args, {})
+        selectChecks(planChecks(preliminary), preliminary.only)
+        gpu = {} if args.dryRun else probeGpu()
+        settings = resolveSettings(args, gpu, argv)
+        checks = selectChecks(planChecks(settings), settings.only)
+    except CheckError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if settings.dryRun:
+        printPlan(settings, checks)
+        return 0
+    began = time.monotonic()
+    print(f"gpuCheck on {gpu['name']}: {len(checks)} checks, budget {settings.budget:g} s; writing random data",
+          flush=True)
+    try:
+        writeRandomData(settings.dataDir, tokensNeeded(settings), VALIDATION_TOKENS + 4096)
+        results = Runner(settings, checks, say=lambda line: print(line, flush=True)).runAll()
+        outcome, failed, missing = writeReport(settings, checks, results, time.monotonic() - began)
+    except OSError as err:  # a full disk or a folder removed meanwhile
+        print(f"error: cannot write in {settings.workDir} or {settings.out}: {err}", file=sys.stderr)
+        return 2
+    print(f"{outcome}" + (f": failed {', '.join(failed)}" if failed else "")
+          + (f"; not run (time): {', '.join(missing)}" if missing else ""))
+    print(f"report: {settings.out}")
+    return {"PASS": 0, "FAIL": 1, "INCOMPLETE": 3}[outcome]
+
+
+def interrupt(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM as Ctrl-C: the running checks, in sessions of their own, are stopped too
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("error: interrupted; the checks that were running were stopped with it", file=sys.stderr)
+        sys.exit(130)
