@@ -97,8 +97,19 @@ def childEnv(interpret):
     return env
 
 
+def interpreterTakesProgramIdBounds():
+    """Triton before 3.7 keeps program ids as 1-element arrays in its interpreter, which numpy from 2.4 refuses to
+    turn into the Python int a loop bound needs; compiling for a GPU is not affected."""
+    import numpy
+    import triton
+    version = lambda text: tuple(int(part) for part in text.split(".")[:2])  # noqa: E731
+    return version(triton.__version__) >= (3, 7) or version(numpy.__version__) < (2, 4)
+
+
 @pytest.fixture(scope="module")
 def interpretedRuns(tmp_path_factory):
+    if not interpreterTakesProgramIdBounds():
+        pytest.skip("this Triton's interpreter cannot run a loop bounded by program ids under this numpy")
     cases = buildCases()
     workDir = tmp_path_factory.mktemp("splineKernel")
     inputPath, outputPath = workDir / "cases.pt", workDir / "results.pt"
