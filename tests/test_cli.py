@@ -222,3 +222,12 @@ def testPhase2LoadsAPtAfDictFromOtherCode(tinyData, tmp_path, capsys):
     checkpoint = torch.load(tmp_path / "pt-other-step0002.pt", weights_only=True)
     assert all(torch.equal(v, mlp) for v in checkpoint["afValuesMlp"])
     assert all(torch.equal(v, att) for v in checkpoint["afValuesAtt"])
+
+
+def testBooleanFlagsMayBeGivenBare():
+    from trainLmAf import parseArgs
+    hp, given = parseArgs(["--preflight", "--plotShow", "--seed", "3"])
+    assert hp.preflight is True and hp.plotShow is True and hp.seed == 3 and {"preflight", "plotShow"} <= given
+    hp, _ = parseArgs(["--preflight", "0", "--tieEmbeddings", "false", "--sameDataAcrossModels"])
+    assert hp.preflight is False and hp.tieEmbeddings is False and hp.sameDataAcrossModels is True
+    assert parseArgs([])[0].preflight is False

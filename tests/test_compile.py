@@ -9,20 +9,25 @@ from conftest import tinyFlags
 from trainLmAf import Trainer, parseArgs, representativePasses
 
 
-@pytest.mark.parametrize("modelsPerPass", [2])
-def testNoCompileAfterStartUpInAStaggeredPhaseOne(tinyData, tmp_path, monkeypatch, modelsPerPass):
+@pytest.mark.parametrize("modelsPerPass, plottingLevel", [(2, 0), (2, 2)])
+def testNoCompileAfterStartUpInAStaggeredPhaseOne(tinyData, tmp_path, monkeypatch, modelsPerPass, plottingLevel):
+    # plottingLevel >= 1: the AF-input statistics of each report run a graph of their own, compiled before step 1
     torch._dynamo.reset()
     counters.clear()
     hp, given = parseArgs(tinyFlags(tinyData, tmp_path, runName="compiled", nModels=4, afType="spline;att-spline",
                                     afLayerSpecific=0, staggeredStarts=1, nSteps=8, nStepsWarmup=1, nStepsCooldown=2,
-                                    valEvery=3, nTokensVa=224, compileBackend="aot_eager", modelsPerPass=modelsPerPass))
+                                    valEvery=3, nTokensVa=224, compileBackend="aot_eager", modelsPerPass=modelsPerPass,
+                                    plottingLevel=plottingLevel, plotEvery=3))
     trainer = Trainer(hp, given).setup()
-    assert trainer.compiledVariants[-1] == ("validation", 0, 1, 7)
+    last = [("validation", 0, 1, 7)] + ([("statistics", 0, 1, 7)] if plottingLevel else [])
+    assert trainer.compiledVariants[-len(last):] == last
     graphs = counters["stats"]["unique_graphs"]
     assert graphs >= 3
     monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)  # a recompile would raise
     assert trainer.train() == 0
     assert counters["stats"]["unique_graphs"] == graphs  # and no new graph either
+    if plottingLevel:
+        assert "Step 8/8   Activation magnitudes (2):" in (tmp_path / "log-compiled.txt").read_text()
     torch._dynamo.reset()
 
 

@@ -283,6 +283,17 @@ def testEveryScoreModPassesInductorsJointGraphValidation(monkeypatch, score):
         assert len(scatters) == 2
 
 
+def testFlexKernelFollowsItsDeviceNotTheMachine(monkeypatch):
+    # a CPU model where a GPU exists runs FlexAttention eagerly, as without one: compiling it would hand CPU tensors
+    # to inductor's CPU flex, which fails
+    from torch.nn.attention.flex_attention import flex_attention
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    kernel = AttentionKernel("flex", 7, 16, 8, "spline")
+    assert kernel.flexAttention is flex_attention and kernel.kernelOptions[torch.float32] == {
+        name: 16 for name in ("BLOCK_M", "BLOCK_N", "BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2")}
+    assert GPT(vocabSize=64, nLayers=1, nHeads=2, dimEmb=16, attention="flex").kernel.flexAttention is flex_attention
+
+
 def testSplineScoreModIsTheSpline():
     torch.manual_seed(0)
     spline = identitySpline(16, nKnots=9)
