@@ -314,7 +314,8 @@ def formatPaired(paired):
 
 def pairedTable(title, comparisons, seeds):
     """Markdown lines: one row per comparison, its Δ per seed, mean ± s.e. and seeds won."""
-    lines = ["", title, "", "| difference | " + " | ".join(f"Δ seed {s}" for s in seeds) + " | mean Δ ± s.e. | won |",
+    lines = ["", title, "",
+             "| difference | " + " | ".join(f"Δ seed {s}" for s in seeds) + " | mean Δ ± s.e. | won |",
              "|---|" + "---:|" * (len(seeds) + 2)]
     for label, paired in comparisons:
         if paired is None:
@@ -413,8 +414,8 @@ def plotComparison(path, rows, title, againstBaseline=(), pairs=()):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    panels = [(c, name) for c, name in ((againstBaseline, "paired against the baseline"), (pairs, "chosen pairs (--pairs)"))
-              if c]
+    panels = [(c, name) for c, name in ((againstBaseline, "paired against the baseline"),
+                                        (pairs, "chosen pairs (--pairs)")) if c]
     pairedHeight = 0.9 + 0.32 * max((len(c) for c, _ in panels), default=0)
     fig = Figure(figsize=(13, 5.4 + (pairedHeight if panels else 0)), layout="constrained")
     FigureCanvasAgg(fig)

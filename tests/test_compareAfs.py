@@ -247,11 +247,13 @@ def testFrozenAndSingleModelVariantsAreControls(tinyData, tmp_path):
     args, trainerArgv, hp = compareAfs.parseArgs(argv)
     runs = compareAfs.planRuns(args, trainerArgv, hp)
     compareAfs.checkRuns(runs, args)
-    assert [(r["runName"], r["phase"]) for r in runs] == [("c-sp-s0-phase1", 1), ("c-sp-s0", 2), ("c-sp-frozen-s0", None),
-                                                          ("c-sp-1-s0-phase1", 1), ("c-sp-1-s0", 2)]
+    assert [(r["runName"], r["phase"]) for r in runs] == [("c-sp-s0-phase1", 1), ("c-sp-s0", 2),
+                                                          ("c-sp-frozen-s0", None), ("c-sp-1-s0-phase1", 1),
+                                                          ("c-sp-1-s0", 2)]
     parsed = {r["runName"]: compareAfs.trainLmAf.parseArgs(r["argv"])[0] for r in runs}
     assert parsed["c-sp-s0-phase1"].nModels == 3 and parsed["c-sp-1-s0-phase1"].nModels == 1
-    assert parsed["c-sp-1-s0"].nModels == 1 and parsed["c-sp-1-s0"].afFileToLoad.endswith("ptAf-c-sp-1-s0-phase1-step0006.pt")
+    assert parsed["c-sp-1-s0"].nModels == 1
+    assert parsed["c-sp-1-s0"].afFileToLoad.endswith("ptAf-c-sp-1-s0-phase1-step0006.pt")
     assert (parsed["c-sp-frozen-s0"].afLr, parsed["c-sp-frozen-s0"].afFileToLoad) == (0, "")
 
 
