@@ -15,7 +15,15 @@ A run whose log already holds its final step is not trained again (trainLmAf.py'
 comparison that was stopped continues where it stopped; use another --name for new settings.
 
 --splinePhases 2: an AF with a spline is first trained in phase I (--splineModels models sharing it, the given
---afLr), then in phase II from phase I's ptAf file with --afLr 0; the table reports phase II.
+--afLr), then in phase II from phase I's ptAf file with --afLr 0; the table reports phase II. A variant's own
+--nModels sets its phase I's model count (--nModels 1: the single-model control; its phase II trains the common
+--nModels). A spline variant whose own flags say --afLr 0 is a frozen-init control: one run, the spline frozen at its
+--afInit shape, no phase I.
+
+--baseline LABEL adds a table of paired differences: every other row's final validation loss minus the baseline's on
+the same seed (same data order and initialisation), their mean ± standard error (sample std / sqrt(n)) and the seeds
+won (lower loss). --pairs LEARNED:CONTROL (repeatable) adds the same for chosen pairs, e.g. a phase-II row against
+its frozen-init control. Both go into the table and into a lower row of the plot.
 
 Every learnable AF gets the same --afLr. The spline's default 0.1 bends `rational` into spikes within a few hundred
 steps (its coefficients multiply x^5); about 0.01 keeps it smooth.
@@ -67,6 +75,10 @@ def parseArgs(argv):
     parser.add_argument("--splinePhases", type=int, choices=(1, 2), default=1,
                         help="2: spline AFs are learned in phase I, then frozen in phase II (reported)")
     parser.add_argument("--splineModels", type=int, default=4, help="--splinePhases 2: models in phase I")
+    parser.add_argument("--baseline", default="", metavar="LABEL",
+                        help="paired per-seed differences of every other row from this row (an AF or variant label)")
+    parser.add_argument("--pairs", action="append", default=[], metavar="LEARNED:CONTROL",
+                        help="paired per-seed differences LEARNED - CONTROL of two rows (repeatable)")
     parser.add_argument("--dryRun", action="store_true",
                         help="check every run's flags and print the trainLmAf.py commands, without training")
     args, trainerArgv = parser.parse_known_args(argv)
@@ -75,7 +87,8 @@ def parseArgs(argv):
     if clash:
         raise CompareError(f"--{clash[0]} is set per run by compareAfs.py; use --afTypes, --seeds or --name instead")
     args.afTypes = [af.strip() for af in args.afTypes.split(",") if af.strip()]
-    args.entries = [{"label": af, "af": af, "slug": slug(af), "flags": []} for af in args.afTypes]
+    args.entries = [{"label": af, "af": af, "slug": slug(af), "flags": [], "frozen": False, "phase1Models": None}
+                    for af in args.afTypes]
     args.entries += [parseVariant(text) for text in args.variant]
     labels = [entry["label"] for entry in args.entries]
     if not args.entries or len(set(labels)) != len(labels) or len({e["slug"] for e in args.entries}) != len(labels):
@@ -92,7 +105,18 @@ def parseArgs(argv):
         raise CompareError(f"--splineModels must be >= 1, got {args.splineModels}")
     if not hp.filesTokensVa or hp.valEvery < 0:
         raise CompareError("the comparison reports validation loss: give --filesTokensVa and --valEvery >= 0")
+    if args.baseline and args.baseline not in labels:
+        raise CompareError(f"--baseline {args.baseline!r} is none of the rows ({', '.join(labels)})")
+    args.pairs = [parsePair(text, labels) for text in args.pairs]
     return args, trainerArgv, hp
+
+
+def parsePair(text, labels):
+    """'LEARNED:CONTROL' -> (LEARNED, CONTROL), both row labels."""
+    learned, sep, control = (part.strip() for part in text.partition(":"))
+    if not sep or learned not in labels or control not in labels or learned == control:
+        raise CompareError(f"--pairs {text!r} must be LEARNED:CONTROL, two different rows of {', '.join(labels)}")
+    return learned, control
 
 
 def parseVariant(text):
@@ -101,11 +125,12 @@ def parseVariant(text):
     label, words = label.strip(), shlex.split(rest)
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", label) or not words:
         raise CompareError(f"--variant {text!r} must look like LABEL=AFTYPE [FLAGS], LABEL of letters, digits, _ . -")
-    _, given = trainLmAf.parseArgs(words[1:])
+    own, given = trainLmAf.parseArgs(words[1:])
     clash = [name for name in PER_RUN_FLAGS if name in given]
     if clash:
         raise CompareError(f"--variant {label}: --{clash[0]} is set per run by compareAfs.py")
-    return {"label": label, "af": words[0], "slug": label, "flags": words[1:]}
+    return {"label": label, "af": words[0], "slug": label, "flags": words[1:],
+            "frozen": "afLr" in given and own.afLr == 0, "phase1Models": own.nModels if "nModels" in given else None}
 
 
 def isSplineAf(afType):
@@ -118,6 +143,11 @@ def slug(afType):
     return re.sub(r"[^A-Za-z0-9_-]+", "_", afType.replace(";", "_"))
 
 
+def hasPhaseOne(entry, splinePhases):
+    """Whether the entry's reported runs load splines learned in a phase I (a frozen-init control has none)."""
+    return splinePhases == 2 and isSplineAf(entry["af"]) and not entry["frozen"]
+
+
 def planRuns(args, trainerArgv, hp):
     """One dict per trainLmAf.py run, in order; a phase-II run names the phase-I run it loads."""
     runs = []
@@ -126,14 +156,17 @@ def planRuns(args, trainerArgv, hp):
         for seed in args.seeds:
             runName = f"{args.name}-{entry['slug']}-s{seed}"
             argv = trainerArgv + entry["flags"] + ["--afType", entry["af"], "--seed", str(seed)]
-            if args.splinePhases == 2 and isSplineAf(entry["af"]):
+            if hasPhaseOne(entry, args.splinePhases):
                 phase1 = {"af": af, "seed": seed, "runName": runName + "-phase1", "phase": 1, "reported": False,
-                          "argv": argv + ["--runName", runName + "-phase1", "--nModels", str(args.splineModels),
-                                          "--saveAfEvery", "0"]}
+                          "argv": argv + ["--runName", runName + "-phase1", "--nModels",
+                                          str(entry["phase1Models"] or args.splineModels), "--saveAfEvery", "0"]}
                 afFile = os.path.join(hp.dirResults, f"ptAf-{phase1['runName']}-step{hp.nSteps:04d}.pt")
+                # The variant's --nModels is its phase I's; phase II trains as many models as every other row.
+                ownModels = ["--nModels", str(hp.nModels)] if entry["phase1Models"] else []
                 runs.append(phase1)
                 runs.append({"af": af, "seed": seed, "runName": runName, "phase": 2, "reported": True, "after": phase1,
-                             "argv": argv + ["--runName", runName, "--afLr", "0", "--afFileToLoad", afFile]})
+                             "argv": argv + ownModels + ["--runName", runName, "--afLr", "0", "--afFileToLoad",
+                                                         afFile]})
             else:
                 runs.append({"af": af, "seed": seed, "runName": runName, "phase": None, "reported": True,
                              "argv": argv + ["--runName", runName]})
@@ -236,8 +269,10 @@ def summarize(runs, entries, splinePhases):
         af = entry["label"]
         mine = [r for r in runs if r["af"] == af and r["reported"]]
         done = [r["result"] for r in mine if "result" in r]
-        label = af + (" (phase II)" if splinePhases == 2 and isSplineAf(entry["af"]) else "")
-        row = {"af": af, "label": label, "nRuns": len(mine), "nDone": len(done), "runs": done}
+        suffix = " (frozen init)" if entry["frozen"] and isSplineAf(entry["af"]) else \
+            " (phase II)" if hasPhaseOne(entry, splinePhases) else ""
+        row = {"af": af, "label": af + suffix, "nRuns": len(mine), "nDone": len(done), "runs": done,
+               "seedLoss": {r["seed"]: r["result"]["val"][-1][1] for r in mine if "result" in r}}
         if done:
             row.update(params=done[0]["params"], loss=[d["val"][-1][1] for d in done],
                        acc=[100 * d["val"][-1][2] for d in done], speed=[d["tokensPerSecond"] for d in done])
@@ -245,14 +280,63 @@ def summarize(runs, entries, splinePhases):
     return rows
 
 
+def pairedDifference(row, control):
+    """row's final validation loss minus control's, seed by seed over the seeds both finished: {'seeds', 'deltas',
+    'mean', 'se' (sample std / sqrt(n); None for one seed), 'won' (seeds where row's loss is lower)}; None when they
+    share no finished seed."""
+    seeds = sorted(set(row["seedLoss"]) & set(control["seedLoss"]))
+    if not seeds:
+        return None
+    deltas = np.array([row["seedLoss"][s] - control["seedLoss"][s] for s in seeds])
+    se = float(deltas.std(ddof=1) / np.sqrt(len(deltas))) if len(deltas) > 1 else None
+    return {"seeds": seeds, "deltas": deltas.tolist(), "mean": float(deltas.mean()), "se": se,
+            "won": int((deltas < 0).sum())}
+
+
+def pairedComparisons(rows, args):
+    """(baseline comparisons, --pairs comparisons): lists of (label, paired difference or None)."""
+    byLabel = {row["af"]: row for row in rows}
+    againstBaseline = []
+    if args.baseline:
+        base = byLabel[args.baseline]
+        againstBaseline = [(f"{row['label']} − {base['label']}", pairedDifference(row, base))
+                           for row in rows if row is not base]
+    pairs = [(f"{byLabel[a]['label']} − {byLabel[b]['label']}", pairedDifference(byLabel[a], byLabel[b]))
+             for a, b in args.pairs]
+    return againstBaseline, pairs
+
+
+def formatPaired(paired):
+    if paired["se"] is None:
+        return f"{paired['mean']:+.4f}"
+    return f"{paired['mean']:+.4f} ± {paired['se']:.4f}"
+
+
+def pairedTable(title, comparisons, seeds):
+    """Markdown lines: one row per comparison, its Δ per seed, mean ± s.e. and seeds won."""
+    lines = ["", title, "",
+             "| difference | " + " | ".join(f"Δ seed {s}" for s in seeds) + " | mean Δ ± s.e. | won |",
+             "|---|" + "---:|" * (len(seeds) + 2)]
+    for label, paired in comparisons:
+        if paired is None:
+            lines.append(f"| {label} | " + " | ".join("–" for _ in seeds) + " | – | – |")
+            continue
+        perSeed = dict(zip(paired["seeds"], paired["deltas"]))
+        cells = [f"{perSeed[s]:+.4f}" if s in perSeed else "–" for s in seeds]
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {formatPaired(paired)} | "
+                     f"{paired['won']}/{len(paired['seeds'])} |")
+    return lines
+
+
 def markdownTable(rows, args, trainerArgv, hp, failures):
     finished = [row for row in rows if row["nDone"]]
     best = min((meanStd(row["loss"])[0] for row in finished), default=None)
-    baseline = meanStd(rows[0]["loss"])[0] if rows[0]["nDone"] else None
+    reference = next(row for row in rows if row["af"] == args.baseline) if args.baseline else rows[0]
+    baseline = meanStd(reference["loss"])[0] if reference["nDone"] else None
     lines = [f"# Activation-function comparison `{args.name}`", "",
              f"Every run: `trainLmAf.py {shlex.join(trainerArgv)}` plus its `--afType`, `--seed` and `--runName`; "
              f"seeds {', '.join(map(str, args.seeds))}; {hp.nSteps} steps. Validation loss and accuracy of model 0 "
-             "at the last step, mean ± std over seeds; Δ loss against the first AF; parameters per model "
+             f"at the last step, mean ± std over seeds; Δ loss against {reference['label']}; parameters per model "
              "(embeddings included).", "",
              "| AF | params | val loss | Δ loss | val acc (%) | tokens/s | seeds |",
              "|---|---:|---:|---:|---:|---:|---:|"]
@@ -273,23 +357,74 @@ def markdownTable(rows, args, trainerArgv, hp, failures):
         lines += ["", "Variants: " + "; ".join(f"`{e['label']}` = `{shlex.join(['--afType', e['af']] + e['flags'])}`"
                                                  for e in variants) + "."]
     if args.splinePhases == 2:
-        lines += ["", f"Phase II rows: splines learned by {args.splineModels} models in phase I "
-                      "(runs NAME-AF-sSEED-phase1), then loaded frozen (--afLr 0)."]
+        lines += ["", f"Phase II rows: splines learned by {args.splineModels} models in phase I (unless the variant "
+                      "sets its own --nModels; runs NAME-AF-sSEED-phase1), then loaded frozen (--afLr 0)."]
+    if any(entry["frozen"] and isSplineAf(entry["af"]) for entry in args.entries):
+        lines += ["", "Frozen-init rows: the spline frozen at its --afInit shape from step 0 (--afLr 0, no phase I)."]
+    againstBaseline, pairs = pairedComparisons(rows, args)
+    pairedNote = ("Δ: final validation loss of the first row minus the second's on the same seed (same data order "
+                  "and initialisation); mean over seeds ± standard error (sample std / √n); won: seeds where the "
+                  "first row's loss is lower.")
+    if againstBaseline:
+        lines += pairedTable(f"Paired against {reference['label']} (per seed). {pairedNote}", againstBaseline,
+                             args.seeds)
+    if pairs:
+        lines += pairedTable("Chosen pairs, --pairs (per seed)." + ("" if againstBaseline else f" {pairedNote}"), pairs,
+                             args.seeds)
     if failures:
         lines += ["", "Failed runs:"] + [f"- `{name}`: {why}" for name, why in failures]
     return "\n".join(lines) + "\n"
 
 
-def plotComparison(path, rows, title):
+def drawPaired(ax, comparisons, title):
+    """Paired differences as a dot plot: a row per comparison, each seed a dot, the mean a bar ± s.e., 0 dashed;
+    the right margin names mean ± s.e. and the seeds won."""
+    shown = [(label, paired) for label, paired in comparisons if paired is not None]
+    ax.set_title(title, fontsize=10)
+    ax.axvline(0.0, color="grey", linestyle="--", linewidth=0.9)
+    ax.grid(True, axis="x", alpha=0.3)
+    ax.set_xlabel("Δ final val loss (first − second, same seed); left of 0: the first is better")
+    if not shown:
+        ax.text(0.5, 0.5, "no seed finished in both rows", transform=ax.transAxes, ha="center", va="center",
+                color="grey")
+        ax.set_yticks([])
+        return
+    for y, (label, paired) in enumerate(shown):
+        color = "tab:green" if paired["mean"] < 0 else "tab:red"
+        ax.plot(paired["deltas"], [y] * len(paired["deltas"]), linestyle="none", marker="o", markersize=4,
+                color="dimgrey", alpha=0.7)
+        ax.errorbar(paired["mean"], y, xerr=paired["se"], fmt="|", markersize=14, markeredgewidth=2.2, color=color,
+                    ecolor=color, elinewidth=1.6, capsize=4)
+        ax.annotate(f"{formatPaired(paired)}   won {paired['won']}/{len(paired['seeds'])}", (1.0, y),
+                    xycoords=("axes fraction", "data"), xytext=(6, 0), textcoords="offset points", va="center",
+                    fontsize=8)
+    ax.set_yticks(range(len(shown)), [label for label, _ in shown], fontsize=8)
+    ax.set_ylim(len(shown) - 0.5, -0.5)
+    low = min(min(p["deltas"]) for _, p in shown)
+    high = max(max(p["deltas"]) for _, p in shown)
+    pad = 0.1 * max(high - low, 1e-3)
+    ax.set_xlim(min(low, 0.0) - pad, max(high, 0.0) + pad)
+
+
+def plotComparison(path, rows, title, againstBaseline=(), pairs=()):
     """Validation loss over steps, one colour per AF: each seed thin, the mean over seeds thick; right panel
-    zooms on the last third of training, where the AFs' differences are small next to the early drop."""
+    zooms on the last third of training, where the AFs' differences are small next to the early drop. With paired
+    comparisons (--baseline, --pairs), a lower row draws their per-seed differences."""
     from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(13, 5.4), layout="constrained")
+    panels = [(c, name) for c, name in ((againstBaseline, "paired against the baseline"),
+                                        (pairs, "chosen pairs (--pairs)")) if c]
+    pairedHeight = 0.9 + 0.32 * max((len(c) for c, _ in panels), default=0)
+    fig = Figure(figsize=(13, 5.4 + (pairedHeight if panels else 0)), layout="constrained")
     FigureCanvasAgg(fig)
-    axFull, axZoom = fig.subplots(1, 2)
+    top = fig
+    if panels:  # subfigures, so the paired panels' long labels do not narrow the curves above them
+        top, bottom = fig.subfigures(2, 1, height_ratios=[5.4, pairedHeight])
+        for ax, (comparisons, name) in zip(np.atleast_1d(bottom.subplots(1, len(panels))), panels):
+            drawPaired(ax, comparisons, name)
+    axFull, axZoom = top.subplots(1, 2)
     colors = colormaps["tab10" if len(rows) <= 10 else "tab20"].colors
     lastStep = max((d["val"][-1][0] for row in rows for d in row["runs"]), default=1)
     zoomFrom = lastStep * 2 / 3
@@ -330,7 +465,7 @@ def plotComparison(path, rows, title):
     axZoom.set_xlim(zoomFrom - 0.02 * lastStep, lastStep * 1.02)
     if axFull.get_legend_handles_labels()[0]:
         longest = max(len(r["label"]) for r in rows if r["nDone"])
-        fig.legend(loc="outside lower center", ncols=min(4 if longest < 28 else 3, sum(1 for r in rows if r["nDone"])),
+        top.legend(loc="outside lower center", ncols=min(4 if longest < 28 else 3, sum(1 for r in rows if r["nDone"])),
                    frameon=False,
                    title="AF: final val loss (mean ± std over seeds); thin lines: single seeds")
     fig.suptitle(title, fontweight="bold")
@@ -377,7 +512,8 @@ def main(argv=None):
     stem = os.path.join(hp.dirResults, f"compare-{args.name}")
     table = markdownTable(rows, args, trainerArgv, hp, failures)
     atomicWrite(stem + ".md", lambda tmp: writeText(tmp, table))
-    plotComparison(stem + ".png", rows, f"{args.name}: {len(args.entries)} AFs x {len(args.seeds)} seeds")
+    plotComparison(stem + ".png", rows, f"{args.name}: {len(args.entries)} AFs x {len(args.seeds)} seeds",
+                   *pairedComparisons(rows, args))
     print(table)
     print(f"wrote {stem}.md and {stem}.png")
     if failures:

@@ -124,7 +124,40 @@ def _afGridColumns(afs):
     return max(1, min(len(afs), 4))
 
 
-def _afsFigure(afs, title, newFigure):
+def inputRange(inputs, low=0.001, high=0.999):
+    """The low and high quantiles (default 0.1% and 99.9%) of the AF inputs, read off their histogram with the
+    inputs spread evenly within each bin; None without inputs."""
+    edges, counts = np.asarray(inputs["edges"], dtype=float), np.asarray(inputs["histogram"], dtype=float)
+    if counts.sum() <= 0:
+        return None
+    cdf = np.concatenate([[0.0], np.cumsum(counts) / counts.sum()])
+    return _quantile(cdf, edges, low), _quantile(cdf, edges, high)
+
+
+def _quantile(cdf, edges, q):
+    """x where the piecewise-linear cdf first reaches q (empty bins keep it flat, so np.interp would not do)."""
+    k = min(max(int(np.searchsorted(cdf, q, side="left")), 1), len(cdf) - 1)
+    return float(edges[k - 1] + (q - cdf[k - 1]) / (cdf[k] - cdf[k - 1]) * (edges[k] - edges[k - 1]))
+
+
+def zoomWindow(af):
+    """The x-range a tile zooms to: where the AF's inputs lie (0.1 to 99.9 percentiles, padded by 5%), or None when
+    the inputs are unknown or fill most of the drawn range anyway."""
+    inputs = af.get("inputs")
+    window = inputRange(inputs) if inputs is not None else None
+    if window is None:
+        return None
+    knots = np.asarray(af["knots"], dtype=float)
+    drawn = 1.2 * (knots[-1] - knots[0])  # _drawAf shows 10% constant extrapolation on each side
+    low, high = window
+    # at least two histogram bins wide, so a spike of identical inputs still gets a readable window
+    width = max(high - low, 2 * float(np.diff(inputs["edges"]).max()))
+    centre = (low + high) / 2
+    low, high = centre - 0.55 * width, centre + 0.55 * width
+    return (low, high) if high - low < 0.6 * drawn else None
+
+
+def _afsFigure(afs, title, newFigure, zoom=False):
     ncols = _afGridColumns(afs)
     nrows = max(1, math.ceil(len(afs) / ncols))
     withInputs = any(af.get("inputs") is not None for af in afs)
@@ -135,7 +168,7 @@ def _afsFigure(afs, title, newFigure):
     for index, af in enumerate(afs):
         row, col = divmod(index, ncols)
         ax = fig.add_subplot(grid[2 * row if withInputs else row, col])
-        _drawAf(ax, af)
+        _drawAf(ax, af, zoomWindow(af) if zoom else None)
         if withInputs:
             strip = fig.add_subplot(grid[2 * row + 1, col], sharex=ax)
             _drawInputs(strip, af.get("inputs"), af.get("inputsNote", "inputs not measured yet"))
@@ -148,7 +181,30 @@ def _afsFigure(afs, title, newFigure):
     return fig
 
 
-def _drawAf(ax, af):
+# Where a zoomed tile's full-range inset may go (axes fractions), leaving room for its own tick labels.
+INSET_BOUNDS = {"upper left": [0.13, 0.57, 0.34, 0.38], "upper right": [0.62, 0.57, 0.34, 0.38],
+                "lower left": [0.13, 0.1, 0.34, 0.38], "lower right": [0.62, 0.1, 0.34, 0.38],
+                "center left": [0.13, 0.33, 0.34, 0.38], "center right": [0.62, 0.33, 0.34, 0.38]}
+
+
+def _emptiestCorners(lines, xs, window, yLimits):
+    """The tile's corners and side middles, those the curves cross least first: the inset takes the first, the
+    legend the second."""
+    grid = np.linspace(window[0], window[1], 400)
+    u = (grid - window[0]) / (window[1] - window[0])
+    points = [(u, (np.interp(grid, xs, line) - yLimits[0]) / (yLimits[1] - yLimits[0])) for line in lines]
+
+    def crossed(corner):
+        x0, y0, width, height = INSET_BOUNDS[corner]
+        return sum(int(np.sum((px > x0 - 0.1) & (px < x0 + width) & (py > y0 - 0.05) & (py < y0 + height + 0.05)))
+                   for px, py in points)
+
+    return sorted(INSET_BOUNDS, key=crossed)  # a stable sort: ties keep the upper left first
+
+
+def _drawAf(ax, af, window=None):
+    """The AF's tile; with window (x-low, x-high), the tile spans that window, its y-range the curve's within it,
+    and an inset draws the whole curve with the window shaded."""
     knots = np.asarray(af["knots"], dtype=float)
     values = np.asarray(af["values"], dtype=float)
     channels = values.reshape(-1, values.shape[-1])
@@ -166,18 +222,42 @@ def _drawAf(ax, af):
     start = None if curve or af.get("start") is None else \
         np.asarray(af["start"], dtype=float).reshape(-1, values.shape[-1]).mean(axis=0)
     if start is not None:  # the spline at step 0, under the current one
-        ax.plot(xs, np.concatenate([start[:1], start, start[-1:]]), color="tab:green", linestyle="-.",
-                linewidth=1.2, label="step 0")
+        start = np.concatenate([start[:1], start, start[-1:]])
+        ax.plot(xs, start, color="tab:green", linestyle="-.", linewidth=1.2, label="step 0")
     ax.plot(xs, mean, color="navy", linewidth=2.0 if values.ndim > 1 else 1.6,
             label="now" if start is not None else None)
     if not curve:
         ax.plot(knots, mean[1:-1], linestyle="none", marker="o", markersize=2.2, color="navy")
+    legendCorner = "upper left"
+    if window is not None:
+        # piecewise linear: the curves' extremes within the window lie at knots inside it or at its ends
+        inside = np.concatenate([[window[0]], xs[(xs > window[0]) & (xs < window[1])], [window[1]]])
+        lines = list(extended) + ([start] if start is not None else [])
+        ys = [np.interp(inside, xs, line) for line in lines]
+        low, high = float(np.min(ys)), float(np.max(ys))
+        pad = 0.08 * (high - low) if high > low else max(0.5, 0.1 * abs(high))
+        yLimits = (low - pad, high + pad)
+        insetCorner, legendCorner = _emptiestCorners(lines, xs, window, yLimits)[:2]
     if start is not None:
-        ax.legend(fontsize=7, loc="upper left", frameon=False)
+        ax.legend(fontsize=7, loc=legendCorner, frameon=False)
     # axline does not take part in autoscaling, so the spline, not the identity, sets the y-range.
     ax.axline((0.0, 0.0), slope=1.0, color="grey", linestyle="--", linewidth=0.8, alpha=0.6)
     ax.set_xlim(xs[0], xs[-1])
-    ax.set_title(af["name"] + (f"  ({len(channels)} ch)" if values.ndim > 1 else ""), fontsize=10)
+    title = af["name"] + (f"  ({len(channels)} ch)" if values.ndim > 1 else "")
+    if window is not None:
+        ax.set_xlim(*window)
+        ax.set_ylim(*yLimits)
+        title += "  (inputs' 0.1–99.9%)"
+        inset = ax.inset_axes(INSET_BOUNDS[insetCorner])
+        inset.plot(xs, mean, color="navy", linewidth=1.0)
+        if start is not None:
+            inset.plot(xs, start, color="tab:green", linestyle="-.", linewidth=0.8)
+        inset.axvspan(*window, color="tab:orange", alpha=0.25, linewidth=0)
+        inset.set_xlim(xs[0], xs[-1])
+        inset.tick_params(labelsize=5.5, length=2, pad=1)
+        inset.set_title("full range", fontsize=6, pad=2)
+        inset.set_facecolor("white")
+    ax.set_title(title, fontsize=10)
     ax.set_xlabel("input")
     ax.set_ylabel("output")
     ax.grid(True, alpha=0.3)
@@ -204,13 +284,14 @@ def _drawInputs(ax, inputs, note="inputs not measured yet"):
     ax.set_ylabel(f"inputs\nstep {inputs['step']}", fontsize=7)
 
 
-def plotAfs(path, afs, title=""):
+def plotAfs(path, afs, title="", zoom=False):
     """Grid of learned AFs, one tile per AF (per-channel ones drawn thin around their mean); each af is
     {'name', 'knots', 'values'} for a spline (and 'start': its values at step 0, drawn dash-dotted), plus 'curve':
     True for another AF sampled on a grid, and 'inputs':
     {'edges', 'histogram', 'outside', 'range', 'step'} to draw where its inputs lie in a strip below it ('inputsNote':
-    the text of that strip when it has no histogram)."""
-    _atomicSave(_afsFigure(afs, title, _makeFigure), path)
+    the text of that strip when it has no histogram). zoom: a tile whose inputs lie in a narrow part of the knot
+    range spans just that part (their 0.1 to 99.9 percentiles), with the whole curve in an inset."""
+    _atomicSave(_afsFigure(afs, title, _makeFigure, zoom), path)
 
 
 def _comparisonFigure(runs, title, newFigure):

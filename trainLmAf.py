@@ -133,6 +133,8 @@ class Hyperparameters:
     plotEvery: int = flag(200, "print progress and refresh plots every N steps")
     plottingLevel: int = flag(2, "0: no plots; 1: loss/acc + AF shapes; 2: + activation magnitudes; "
                                  "3: + max magnitudes and per-parameter magnitudes printed", (0, 1, 2, 3))
+    plotAfZoom: bool = flag(True, "AF plot: each tile spans its inputs' 0.1-99.9 percentiles, the whole curve in an "
+                                  "inset; 0: the whole knot range")
     dtype: str = flag("float32", "float32, or bfloat16 (mixed precision; weights and spline knots stay float32)",
                       ("float32", "bfloat16"))
     flexBlockSize: int = flag(32, "FlexAttention kernel tile size, 16, 32, 64 or 128 (speed/memory only)")
@@ -1116,7 +1118,8 @@ class Trainer:
             afs = self.afTiles()
             if afs:
                 made.append(("af", f"af-{hp.runName}-{stepTag}.png"))
-                plotting.plotAfs(os.path.join(hp.dirResults, made[-1][1]), afs, title=hp.runName)
+                plotting.plotAfs(os.path.join(hp.dirResults, made[-1][1]), afs, title=hp.runName,
+                                 zoom=hp.plotAfZoom)
         if hp.plottingLevel >= 2 and self.history["actMean"]:
             made.append(("act", f"act-{hp.runName}-{stepTag}.png"))
             plotting.plotActivations(os.path.join(hp.dirResults, made[-1][1]), self.history, self.model.afSiteNames())

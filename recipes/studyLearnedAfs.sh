@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # The learned-AF study: fixed ReLU², GELU and SwiGLU against phase-II splines from four phase-I recipes (the default
-# start; a start at ReLU²; a start at ReLU² with the smoothness prior, strong and weak), 3 seeds, one compareAfs.py
-# table and plot.
+# start; a start at ReLU²; a start at ReLU² with the smoothness prior, strong and weak), with controls: each start
+# frozen as it is (no phase I), phase I with a single model, and the ReLU² start with a knot at 0 (--afNAnchors 65)
+# and its frozen control; 3 seeds, one compareAfs.py table with paired per-seed differences, and its plot.
 #
-#   bash recipes/studyLearnedAfs.sh CORPUS [OUTDIR] [more compareAfs.py / trainLmAf.py flags]
+#   bash recipes/studyLearnedAfs.sh CORPUS [OUTDIR] [--preset medium] [more compareAfs.py / trainLmAf.py flags]
 #
 # CORPUS: text files (a glob in quotes works), tokenized into OUTDIR/data with the first 50,000 tokens as the
 # validation shard. Results: OUTDIR/compare-study.md and OUTDIR/compare-study.png (and every run's log, metrics and
-# plots in OUTDIR). Flags given after OUTDIR override the ones below (later flags win), e.g. --nSteps 300 --seeds 0,1.
-# Stopped? Run the same command again: finished runs are kept.
+# plots in OUTDIR). Flags given after OUTDIR override the ones below (later flags win), e.g. --nSteps 1200 --seeds 0,1.
+# --preset medium: 4 layers x 128, seqLength 512 (see the README for its cost). Stopped? Run the same command
+# again: finished runs are kept.
 set -euo pipefail
 if [[ $# -lt 1 || $1 == -h || $1 == --help ]]; then
-    sed -n 2,11p "$0" | sed 's/^# \{0,1\}//'
+    sed -n 2,13p "$0" | sed 's/^# \{0,1\}//'
     exit 2
 fi
 corpus=$1
@@ -19,14 +21,44 @@ out=${2:-study}
 shift $(( $# >= 2 ? 2 : 1 ))
 repo=$(cd "$(dirname "$0")/.." && pwd)
 
+# The model size and schedule; a preset replaces them, and flags after OUTDIR still win over both.
+size=(--nLayers 2 --dimEmb 64 --nHeads 2 --seqLength 256 --contextSize 256
+      --nSteps 600 --nStepsWarmup 60 --nStepsCooldown 300 --valEvery 100 --plotEvery 100)
+rest=()
+while (( $# )); do
+    case $1 in
+        --preset|--preset=*)
+            if [[ $1 == --preset ]]; then preset=${2:-}; shift; else preset=${1#--preset=}; fi
+            case $preset in
+                small) ;;
+                medium) size=(--nLayers 4 --dimEmb 128 --nHeads 4 --seqLength 512 --contextSize 512
+                              --nSteps 1000 --nStepsWarmup 100 --nStepsCooldown 500
+                              --valEvery 100 --plotEvery 250) ;;
+                *) echo "error: --preset must be small or medium, got '$preset'" >&2; exit 2 ;;
+            esac ;;
+        *) rest+=("$1") ;;
+    esac
+    shift
+done
+
 python "$repo/preprocessFineweb.py" "$out/data" --input "$corpus" --shard_size 50000
 python "$repo/compareAfs.py" --name study --seeds 0,1,2 --splinePhases 2 --splineModels 8 \
     --afTypes "relu2,gelu,swiglu" \
     --variant "spline=spline;att-spline" \
+    --variant "spline-frozen=spline;att-spline --afLr 0" \
+    --variant "spline-1model=spline;att-spline --nModels 1" \
     --variant "spline-relu2=spline;att-spline --afInit relu2;att-linear" \
+    --variant "spline-relu2-frozen=spline;att-spline --afInit relu2;att-linear --afLr 0" \
+    --variant "spline-relu2-1model=spline;att-spline --afInit relu2;att-linear --nModels 1" \
     --variant "spline-relu2-smooth=spline;att-spline --afInit relu2;att-linear --afSmoothness 0.001" \
     --variant "spline-relu2-smooth1e-5=spline;att-spline --afInit relu2;att-linear --afSmoothness 0.00001" \
+    --variant "spline-relu2-knot0=spline;att-spline --afInit relu2;att-linear --afNAnchors 65" \
+    --variant "spline-relu2-knot0-frozen=spline;att-spline --afInit relu2;att-linear --afNAnchors 65 --afLr 0" \
+    --baseline relu2 \
+    --pairs spline:spline-frozen --pairs spline:spline-1model \
+    --pairs spline-relu2:spline-relu2-frozen --pairs spline-relu2:spline-relu2-1model \
+    --pairs spline-relu2-smooth:spline-relu2-frozen --pairs spline-relu2-smooth1e-5:spline-relu2-frozen \
+    --pairs spline-relu2-knot0:spline-relu2-knot0-frozen --pairs spline-relu2-knot0:spline-relu2 \
+    --pairs spline-relu2-knot0-frozen:spline-relu2-frozen \
     --filesTokensTr "$out/data/fineweb_train_*.bin" --filesTokensVa "$out/data/fineweb_val_*.bin" --dirResults "$out" \
-    --nLayers 2 --dimEmb 64 --nHeads 2 --seqLength 256 --contextSize 256 --afLayerSpecific 0 \
-    --nSteps 600 --nStepsWarmup 60 --nStepsCooldown 300 --lr 0.002 \
-    --valEvery 100 --plotEvery 100 --nTokensVa 16384 --plottingLevel 1 "$@"
+    "${size[@]}" --afLayerSpecific 0 --lr 0.002 --nTokensVa 16384 --plottingLevel 1 "${rest[@]}"

@@ -179,3 +179,91 @@ def testBadVariantsStopBeforeTraining(variant, message, tinyData, tmp_path, caps
     assert compareAfs.main(["--afTypes", "gelu", "--variant", variant] + trainerFlags(tinyData, tmp_path)) == 2
     assert message in capsys.readouterr().err
     assert not os.listdir(tmp_path)
+
+
+def testPairedStatisticsMatchAHandComputation(tmp_path, capsys, monkeypatch):
+    # A stand-in trainer that writes the final validation loss this table gives each run (seed 2 of the frozen
+    # control fails), so the paired differences can be checked against numbers worked out by hand.
+    losses = {"p-relu2-s0": 6.0, "p-relu2-s1": 6.2, "p-relu2-s2": 5.9,
+              "p-gelu-s0": 5.9, "p-gelu-s1": 6.3, "p-gelu-s2": 5.8,
+              "p-sp-s0": 5.7, "p-sp-s1": 6.0, "p-sp-s2": 5.85,
+              "p-sp-frozen-s0": 5.8, "p-sp-frozen-s1": 5.95}
+    fake = tmp_path / "fakeTrainer.py"
+    fake.write_text("import os, sys\n"
+                    "argv = sys.argv[1:]\n"
+                    "flag = lambda name: argv[len(argv) - 1 - argv[::-1].index('--' + name) + 1]\n"
+                    "run, out, steps = flag('runName'), flag('dirResults'), int(flag('nSteps'))\n"
+                    f"loss = {losses!r}.get(run, 7.0 if run.endswith('phase1') else None)\n"
+                    "if loss is None:\n"
+                    "    sys.exit('error: no loss for ' + run)\n"
+                    "os.makedirs(out, exist_ok=True)\n"
+                    "with open(os.path.join(out, f'metrics-{run}.csv'), 'w') as f:\n"
+                    "    f.write('step,model,split,loss,accuracy,lr,trainSeconds,tokens\\n')\n"
+                    "    f.write(f'{steps},0,val,{loss},0.2,0.001,2.0,100\\n')\n"
+                    "with open(os.path.join(out, f'log-{run}.txt'), 'w') as f:\n"
+                    "    f.write('Parameters per model: 10 trainable, 0 frozen, 10 total\\n')\n")
+    monkeypatch.setattr(compareAfs, "TRAINER", str(fake))
+    argv = ["--afTypes", "relu2,gelu", "--variant", "sp=spline;att-spline", "--variant",
+            "sp-frozen=spline;att-spline --afLr 0", "--splinePhases", "2", "--seeds", "0,1,2", "--name", "p",
+            "--baseline", "relu2", "--pairs", "sp:sp-frozen", "--pairs", "gelu:sp-frozen"] \
+        + trainerFlags(str(tmp_path), tmp_path)
+    assert compareAfs.main(argv) == 1
+    assert "1 of 15 runs failed: p-sp-frozen-s2" in capsys.readouterr().err
+    with open(tmp_path / "compare-p.md") as f:
+        table = f.read()
+    # gelu - relu2: -0.1, +0.1, -0.1: mean -1/30, sample std 0.11547, s.e. 0.11547 / sqrt(3) = 0.066667
+    # sp - relu2: -0.3, -0.2, -0.05: mean -0.18333, std 0.125831, s.e. 0.072648
+    # sp-frozen - relu2 (seeds 0, 1): -0.2, -0.25: mean -0.225, std 0.035355, s.e. 0.025
+    # sp - sp-frozen (seeds 0, 1): -0.1, +0.05: mean -0.025, std 0.106066, s.e. 0.075
+    # gelu - sp-frozen (seeds 0, 1): +0.1, +0.35: mean +0.225, std 0.176777, s.e. 0.125
+    for line in ("| gelu − relu2 | -0.1000 | +0.1000 | -0.1000 | -0.0333 ± 0.0667 | 2/3 |",
+                 "| sp (phase II) − relu2 | -0.3000 | -0.2000 | -0.0500 | -0.1833 ± 0.0726 | 3/3 |",
+                 "| sp-frozen (frozen init) − relu2 | -0.2000 | -0.2500 | – | -0.2250 ± 0.0250 | 2/2 |",
+                 "| sp (phase II) − sp-frozen (frozen init) | -0.1000 | +0.0500 | – | -0.0250 ± 0.0750 | 1/2 |",
+                 "| gelu − sp-frozen (frozen init) | +0.1000 | +0.3500 | – | +0.2250 ± 0.1250 | 0/2 |"):
+        assert line in table
+    assert table.index("Paired against relu2") < table.index("| gelu − relu2 |") < table.index("Chosen pairs") \
+        < table.index("| sp (phase II) − sp-frozen (frozen init) |")
+    assert "Frozen-init rows" in table and "| relu2 | 10 | 6.0333 ± 0.1528 | +0.0000 |" in table
+    assert not (tmp_path / "metrics-p-sp-frozen-s0-phase1.csv").exists()  # a frozen-init control has no phase I
+    checkPng(tmp_path / "compare-p.png")
+    args, _, _ = compareAfs.parseArgs(argv)
+    rows = compareAfs.summarize([], args.entries, 2)
+    assert compareAfs.pairedDifference(rows[0], rows[1]) is None  # no finished seed in common
+
+
+def testPairedDifferenceOfOneSeedHasNoStandardError():
+    one = compareAfs.pairedDifference({"seedLoss": {3: 5.0, 4: 6.0}}, {"seedLoss": {3: 5.5}})
+    assert one == {"seeds": [3], "deltas": [-0.5], "mean": -0.5, "se": None, "won": 1}
+    assert compareAfs.formatPaired(one) == "-0.5000"
+    tie = compareAfs.pairedDifference({"seedLoss": {0: 5.0, 1: 6.0}}, {"seedLoss": {0: 5.0, 1: 6.5}})
+    assert tie["won"] == 1 and tie["se"] == pytest.approx(0.25)
+
+
+def testFrozenAndSingleModelVariantsAreControls(tinyData, tmp_path):
+    argv = ["--variant", "sp=spline;att-spline", "--variant", "sp-frozen=spline;att-spline --afLr 0",
+            "--variant", "sp-1=spline;att-spline --nModels 1", "--splinePhases", "2", "--splineModels", "3",
+            "--name", "c"] + trainerFlags(tinyData, tmp_path)
+    args, trainerArgv, hp = compareAfs.parseArgs(argv)
+    runs = compareAfs.planRuns(args, trainerArgv, hp)
+    compareAfs.checkRuns(runs, args)
+    assert [(r["runName"], r["phase"]) for r in runs] == [("c-sp-s0-phase1", 1), ("c-sp-s0", 2),
+                                                          ("c-sp-frozen-s0", None), ("c-sp-1-s0-phase1", 1),
+                                                          ("c-sp-1-s0", 2)]
+    parsed = {r["runName"]: compareAfs.trainLmAf.parseArgs(r["argv"])[0] for r in runs}
+    assert parsed["c-sp-s0-phase1"].nModels == 3 and parsed["c-sp-1-s0-phase1"].nModels == 1
+    assert parsed["c-sp-1-s0"].nModels == 1
+    assert parsed["c-sp-1-s0"].afFileToLoad.endswith("ptAf-c-sp-1-s0-phase1-step0006.pt")
+    assert (parsed["c-sp-frozen-s0"].afLr, parsed["c-sp-frozen-s0"].afFileToLoad) == (0, "")
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--baseline", "nope"], "--baseline 'nope' is none of the rows"),
+    (["--pairs", "gelu"], "--pairs 'gelu' must be LEARNED:CONTROL"),
+    (["--pairs", "gelu:gelu"], "two different rows"),
+    (["--pairs", "gelu:x"], "two different rows of gelu, relu"),
+])
+def testBadPairedFlags(extra, message, tinyData, tmp_path, capsys):
+    assert compareAfs.main(["--afTypes", "gelu,relu"] + trainerFlags(tinyData, tmp_path) + extra) == 2
+    assert message in capsys.readouterr().err
+    assert not os.listdir(tmp_path)

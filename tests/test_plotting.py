@@ -269,3 +269,60 @@ def testOverlayOfAMissingLogIsOneErrorLine(tmp_path):
     result = subprocess.run([sys.executable, script, str(tmp_path / "nope.txt"), "--out", str(tmp_path / "c.png")],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stderr.strip().startswith("error: log file") and "Traceback" not in result.stderr
+
+
+def testInputRangeReadsPercentilesOffTheHistogram():
+    uniform = {"edges": np.linspace(0, 10, 11), "histogram": np.ones(10)}
+    assert plotting.inputRange(uniform) == pytest.approx((0.01, 9.99))
+    # empty bins around the data: inputs spread evenly within bins [2, 3) and [3, 4)
+    gaps = {"edges": np.arange(6.0), "histogram": np.array([0, 0, 5, 5, 0.0])}
+    assert plotting.inputRange(gaps) == pytest.approx((2.002, 3.998))
+    assert plotting.inputRange(gaps, 0.25, 0.75) == pytest.approx((2.5, 3.5))
+    assert plotting.inputRange({"edges": np.arange(3.0), "histogram": np.zeros(2)}) is None
+
+
+def relu2SplineTile():
+    """A ReLU²-shaped spline on the default knots (225 at the far end) whose inputs lie within ±6."""
+    knots = np.linspace(-15, 15, 64)
+    edges = np.linspace(-22.5, 22.5, 91)  # the span and bins of AfInputStatistics for afRange 15
+    centres = (edges[:-1] + edges[1:]) / 2
+    histogram = np.where(np.abs(centres) < 6, np.exp(-centres ** 2 / (2 * 1.8 ** 2)) * 1e5, 0.0)
+    inputs = {"edges": edges, "histogram": histogram, "outside": 0.0, "range": 15.0, "step": 600}
+    return {"name": "MLP (all layers)", "knots": knots, "values": np.maximum(knots, 0) ** 2,
+            "start": np.maximum(knots, 0) ** 2, "inputs": inputs}
+
+
+def testZoomedAfTileSpansTheInputsOfAReluSquaredSpline(tmp_path):
+    af = relu2SplineTile()
+    low, high = plotting.inputRange(af["inputs"])
+    assert -6 < low < -4.5 and 4.5 < high < 6  # the 0.1% and 99.9% points of the inputs
+    window = plotting.zoomWindow(af)
+    assert window == pytest.approx(((low + high) / 2 - 0.55 * (high - low), (low + high) / 2 + 0.55 * (high - low)))
+    fig = plotting._afsFigure([af], "", plotting._makeFigure, zoom=True)
+    tile, strip = fig.axes[0], fig.axes[1]
+    assert tile.get_xlim() == pytest.approx(window) and strip.get_xlim() == pytest.approx(window)
+    # y: the spline's own range within the window (0 up to its value at the window's right end), padded by 8%
+    top = np.interp(window[1], af["knots"], af["values"])
+    assert 25 < top < 45
+    assert tile.get_ylim() == pytest.approx((-0.08 * top, 1.08 * top))
+    inset, = tile.child_axes  # the whole curve, the far knots' 225 included
+    assert inset.get_xlim() == pytest.approx((-18, 18)) and inset.get_ylim()[1] > 225
+    assert "0.1–99.9%" in tile.get_title()
+    # without zoom: the whole knot range, scaled to 225 as before
+    full = plotting._afsFigure([af], "", plotting._makeFigure).axes[0]
+    assert full.get_xlim() == pytest.approx((-18, 18)) and full.get_ylim()[1] > 225 and not full.child_axes
+    plotting.plotAfs(str(tmp_path / "af.png"), [af], title="relu2", zoom=True)
+    checkPng(tmp_path / "af.png")
+
+
+def testNoZoomWithoutInputsOrWhenTheyFillTheRange():
+    af = relu2SplineTile()
+    edges = af["inputs"]["edges"]
+    wide = dict(af, inputs=dict(af["inputs"], histogram=np.ones(len(edges) - 1)))
+    assert plotting.zoomWindow(wide) is None and plotting.zoomWindow(dict(af, inputs=None)) is None
+    for tile in (wide, dict(af, inputs=None)):
+        ax = plotting._afsFigure([tile], "", plotting._makeFigure, zoom=True).axes[0]
+        assert ax.get_xlim() == pytest.approx((-18, 18)) and not ax.child_axes
+    # inputs all in one bin, [0, 0.5): the window is still two bins wide (1.0, padded by 10%), around the bin
+    spike = dict(af, inputs=dict(af["inputs"], histogram=np.eye(len(edges) - 1)[45]))
+    assert plotting.zoomWindow(spike) == pytest.approx((0.25 - 0.55, 0.25 + 0.55))

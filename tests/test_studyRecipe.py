@@ -1,45 +1,104 @@
-"""recipes/studyLearnedAfs.sh: a corpus in, its tokens and the study's 33 runs with their flags (checked, not trained:
-compareAfs.py's variants and the afInit/afSmoothness runs have their own tests)."""
+"""recipes/studyLearnedAfs.sh: a corpus in, its tokens and the study's 60 runs with their flags, controls and paired
+comparisons included, at the default size and with --preset medium (checked, not trained: compareAfs.py's variants
+and paired statistics and the afInit/afSmoothness runs have their own tests)."""
 import os
 import shlex
 import subprocess
 
 import numpy as np
+import pytest
 
 import trainLmAf
 from conftest import REPO
 
 SCRIPT = os.path.join(REPO, "recipes", "studyLearnedAfs.sh")
+PHASE_TWO = ("spline", "spline-1model", "spline-relu2", "spline-relu2-1model", "spline-relu2-smooth",
+             "spline-relu2-smooth1e-5", "spline-relu2-knot0")
+FROZEN = ("spline-frozen", "spline-relu2-frozen", "spline-relu2-knot0-frozen")
 
 
-def testStudyRecipePlansEveryRun(tmp_path):
+def planStudy(tmp_path, *flags):
+    """{run name: its trainLmAf.py Hyperparameters} from the recipe's --dryRun, and the output folder."""
     rng = np.random.default_rng(0)
     words = np.array("the king and queen of a far land spoke with their people about bread war peace".split())
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n\n".join(" ".join(rng.choice(words, 60)) + "." for _ in range(1100)))
     out = tmp_path / "study"
-    proc = subprocess.run(["bash", SCRIPT, str(corpus), str(out), "--dryRun", "--device", "cpu"], capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(["bash", SCRIPT, str(corpus), str(out), *flags, "--dryRun", "--device", "cpu"],
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(os.listdir(out / "data"))[:2] == ["fineweb_train_000001.bin", "fineweb_val_000000.bin"]
     runs = {line.split(": ")[0].split("] ")[1]: shlex.split(line.split(": trainLmAf.py ")[1])
             for line in proc.stdout.splitlines() if line.startswith("[")}
-    expected = [f"study-{af}-s{seed}" for af in ("relu2", "gelu", "swiglu") for seed in range(3)]
-    expected += [f"study-{variant}-s{seed}{phase}"
-                 for variant in ("spline", "spline-relu2", "spline-relu2-smooth", "spline-relu2-smooth1e-5")
-                 for seed in range(3) for phase in ("-phase1", "")]
-    assert sorted(runs) == sorted(expected)
-    hps = {name: trainLmAf.parseArgs(argv)[0] for name, argv in runs.items()}
+    return {name: trainLmAf.parseArgs(argv)[0] for name, argv in runs.items()}, out
+
+
+def testStudyRecipePlansEveryRunAndControl(tmp_path):
+    hps, out = planStudy(tmp_path)
+    expected = [f"study-{af}-s{seed}" for af in ("relu2", "gelu", "swiglu") + FROZEN for seed in range(3)]
+    expected += [f"study-{variant}-s{seed}{phase}" for variant in PHASE_TWO for seed in range(3)
+                 for phase in ("-phase1", "")]
+    assert sorted(hps) == sorted(expected) and len(hps) == 60
     for name, hp in hps.items():
         assert (hp.nLayers, hp.dimEmb, hp.seqLength, hp.nSteps, hp.dirResults) == (2, 64, 256, 600, str(out)), name
     phase1 = {name: hp for name, hp in hps.items() if name.endswith("-phase1")}
-    assert {(hp.nModels, hp.afType, hp.afLayerSpecific) for hp in phase1.values()} == {(8, "spline;att-spline", 0)}
+    assert {(hp.afType, hp.afLayerSpecific) for hp in phase1.values()} == {("spline;att-spline", 0)}
+    for name, hp in phase1.items():
+        assert hp.afLr > 0 and hp.nModels == (1 if "-1model-" in name else 8), name
     assert hps["study-spline-s1-phase1"].afInit == 0.01 and hps["study-spline-s1-phase1"].afSmoothness == 0
     assert (hps["study-spline-relu2-s2-phase1"].afInit, hps["study-spline-relu2-s2-phase1"].afSmoothness) == (
         "relu2;att-linear", 0)
     assert hps["study-spline-relu2-smooth-s0-phase1"].afSmoothness == 0.001
     assert hps["study-spline-relu2-smooth1e-5-s1-phase1"].afSmoothness == 0.00001
-    assert hps["study-spline-relu2-smooth-s0"].afLr == 0 and hps["study-spline-relu2-smooth-s0"].afFileToLoad.endswith(
-        "ptAf-study-spline-relu2-smooth-s0-phase1-step0600.pt")
+    for variant in PHASE_TWO:  # phase II: one model, frozen at the AFs of its own phase I, same seed
+        for seed in range(3):
+            hp = hps[f"study-{variant}-s{seed}"]
+            assert (hp.afLr, hp.nModels, hp.seed) == (0, 1, seed)
+            assert hp.afFileToLoad == os.path.join(str(out), f"ptAf-study-{variant}-s{seed}-phase1-step0600.pt")
+    # frozen-init controls: the recipe's start, no phase I, nothing learned, nothing loaded
+    for variant, init, anchors in zip(FROZEN, (0.01, "relu2;att-linear", "relu2;att-linear"), (64, 64, 65)):
+        for seed in range(3):
+            hp = hps[f"study-{variant}-s{seed}"]
+            assert (hp.afType, hp.afInit, hp.afNAnchors, hp.afLr, hp.afFileToLoad, hp.nModels, hp.seed) == (
+                "spline;att-spline", init, anchors, 0, "", 1, seed)
+    # the knot at 0: 65 knots on ±15 in phase I and phase II (a knot every 30/64, the middle one at 0)
+    for name in ("study-spline-relu2-knot0-s0-phase1", "study-spline-relu2-knot0-s0"):
+        assert (hps[name].afNAnchors, hps[name].afRange, hps[name].afInit) == (65, 15.0, "relu2;att-linear")
+    assert np.linspace(-15, 15, 65)[32] == 0
+    assert all(hp.afNAnchors == 64 for name, hp in hps.items() if "knot0" not in name)
     assert hps["study-swiglu-s2"].afType == "swiglu" and hps["study-swiglu-s2"].nModels == 1
     assert subprocess.run(["bash", SCRIPT], capture_output=True, text=True).returncode == 2
+
+
+def testStudyRecipeAsksForThePairedComparisons():
+    with open(SCRIPT) as f:
+        script = f.read()
+    pairs = {tuple(p.split(":")) for p in script.split("--pairs ")[1:] for p in [p.split()[0]]}
+    assert pairs == {("spline", "spline-frozen"), ("spline", "spline-1model"),
+                     ("spline-relu2", "spline-relu2-frozen"), ("spline-relu2", "spline-relu2-1model"),
+                     ("spline-relu2-smooth", "spline-relu2-frozen"), ("spline-relu2-smooth1e-5", "spline-relu2-frozen"),
+                     ("spline-relu2-knot0", "spline-relu2-knot0-frozen"), ("spline-relu2-knot0", "spline-relu2"),
+                     ("spline-relu2-knot0-frozen", "spline-relu2-frozen")}
+    assert "--baseline relu2" in script
+
+
+def testMediumPreset(tmp_path):
+    hps, out = planStudy(tmp_path, "--preset", "medium", "--seeds", "0")
+    assert len(hps) == 20
+    for name, hp in hps.items():
+        assert (hp.nLayers, hp.dimEmb, hp.nHeads, hp.seqLength, hp.contextSize, hp.nSteps, hp.nStepsWarmup,
+                hp.nStepsCooldown) == (4, 128, 4, 512, 512, 1000, 100, 500), name
+    assert hps["study-spline-relu2-s0"].afFileToLoad.endswith("ptAf-study-spline-relu2-s0-phase1-step1000.pt")
+    assert hps["study-spline-relu2-s0-phase1"].nModels == 8
+    # flags after the preset still win
+    (tmp_path / "later").mkdir()
+    hps, _ = planStudy(tmp_path / "later", "--preset=medium", "--seeds", "0", "--nSteps", "2000")
+    assert {hp.nSteps for hp in hps.values()} == {2000} and {hp.dimEmb for hp in hps.values()} == {128}
+
+
+@pytest.mark.parametrize("preset", ["large", ""])
+def testUnknownPresetIsOneErrorLine(preset, tmp_path):
+    proc = subprocess.run(["bash", SCRIPT, str(tmp_path / "none.txt"), str(tmp_path / "out"), "--preset", preset],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr == f"error: --preset must be small or medium, got '{preset}'\n"
+    assert not (tmp_path / "out").exists()
