@@ -57,11 +57,13 @@ def _computeDtype(x):
 def _splineCoordinates(x, nKnots, knotMin, invStep):
     """Interval index i (int64), weight w and the in-range mask of every element (w in float32, or float64)."""
     uRaw = (x.to(_computeDtype(x)) - knotMin) * invStep
-    u = uRaw.clamp(0.0, nKnots - 1)
+    inside = (uRaw >= 0) & (uRaw <= nKnots - 1)
+    # The end knots belong to the range (slope of the end interval, as the fast paths): clamp's own gradient there is
+    # 1 up to torch 2.14 and 0 from 2.15, so inside values bypass it
+    u = torch.where(inside, uRaw, uRaw.clamp(0.0, nKnots - 1))
     # A NaN input gets a valid index (no out-of-bounds gather) and a NaN weight, so NaN propagates.
     index = torch.nan_to_num(u, nan=0.0).floor().clamp_(max=nKnots - 2)
     weight = u - index
-    inside = (uRaw >= 0) & (uRaw <= nKnots - 1)
     return index.long(), weight, inside
 
 
