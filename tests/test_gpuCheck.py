@@ -13,7 +13,9 @@ sys.path.insert(0, os.path.join(REPO, "bench"))
 import gpuCheck  # noqa: E402
 
 SCRIPT = os.path.join(REPO, "bench", "gpuCheck.py")
-NO_GPU = dict(os.environ, CUDA_VISIBLE_DEVICES="")  # also on a machine with one: the tests never start the check
+# also on a machine with one, or under tests/pretendCuda: the tests never start the check
+NO_GPU = dict({k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "LMAFS_PRETENDED_CUDA")},
+              CUDA_VISIBLE_DEVICES="")
 
 
 def runScript(args):
