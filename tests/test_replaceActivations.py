@@ -146,3 +146,23 @@ def test_savePretrainedFromPretrainedRoundTrip(tmp_path):
         assert torch.equal(loaded(tokens).logits, expected)
     for name in ("transformer.h.0.mlp.act", "transformer.h.1.mlp.act"):
         assert torch.equal(loaded.get_submodule(name).values, model.get_submodule(name).values)
+
+
+def test_plainModelRoundTripsThroughLoadStateDict(tmp_path):
+    ptPath, _ = ptAfFile(tmp_path, afLayerSpecific=1)
+
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(4, 16), nn.GELU(), nn.Linear(16, 16), nn.GELU(), nn.Linear(16, 2))
+
+    model = build()
+    replaceActivations(model, afFile=ptPath, verbose=False)  # the default match, nn.GELU
+    saved = model.state_dict()
+    fresh = build()
+    replaceActivations(fresh, nKnots=8, verbose=False)  # other knots: loading adopts the saved ones
+    fresh.load_state_dict(saved)
+    x = torch.randn(5, 4, generator=torch.Generator(device="cpu").manual_seed(0), device="cpu")
+    assert fresh[1].nKnots == 64 and torch.equal(fresh(x), model(x))
+    again = build()
+    replaceActivations(again, afFile=saved, verbose=False)
+    assert torch.equal(again(x), model(x))
