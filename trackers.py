@@ -22,6 +22,10 @@ TRACKERS = ("tensorboard", "wandb")
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
 
 
+class TrackerError(Exception):
+    """A tracker that cannot start (e.g. W&B online without a login); the message is one line for the user."""
+
+
 def missingPackage(name):
     """The one-line error when --tracker name's package is not installed, else None (nothing is imported)."""
     if name and importlib.util.find_spec(PACKAGES[name]) is None:
@@ -122,5 +126,10 @@ def openTracker(hp, resumeStep):
     if hp.tracker == "tensorboard":
         return TensorBoardTracker(os.path.join(hp.dirResults, "tensorboard", hp.runName), resumeStep)
     if hp.tracker == "wandb":
-        return WandbTracker(hp.dirResults, hp.runName, wandbRunId(hp.dirResults, hp.runName), vars(hp))
+        try:
+            return WandbTracker(hp.dirResults, hp.runName, wandbRunId(hp.dirResults, hp.runName), vars(hp))
+        except Exception as err:  # wandb raises many types (no API key, no network, a bad project name)
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise TrackerError(f"--tracker wandb could not start a run ({reason}); log in with `wandb login`, or "
+                               "set WANDB_MODE=offline to keep the run on this machine") from None
     return NoTracker()

@@ -1366,7 +1366,7 @@ def main(argv=None):
             print(f"Run '{hp.runName}' already complete ({trainer.logPath} holds its final step); nothing to do.")
             return 0
         return trainer.train()
-    except (ConfigError, ShardError, AfFileError) as err:
+    except (ConfigError, ShardError, AfFileError, trackers.TrackerError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except NonFiniteLoss as err:

@@ -101,3 +101,16 @@ def test_missingTrackerPackageIsOneErrorLine(tinyData, tmp_path, monkeypatch, ca
     err = capsys.readouterr().err.strip()
     assert err == "error: --tracker wandb needs the wandb package: pip install wandb"
     assert not os.path.exists(tmp_path / "log-tracked.txt")  # stopped before anything was written
+
+
+def test_wandbThatCannotStartIsOneErrorLine(tinyData, tmp_path, monkeypatch, capsys):
+    wandb = pytest.importorskip("wandb")
+
+    def noLogin(**kwargs):
+        raise wandb.errors.UsageError("api_key not configured (no-tty). call wandb.login(key=[your_api_key])")
+
+    monkeypatch.setattr(wandb, "init", noLogin)
+    assert trainLmAf.main(trackedFlags(tinyData, tmp_path, tracker="wandb")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --tracker wandb could not start a run (api_key not configured") and "\n" not in err
+    assert "WANDB_MODE=offline" in err
