@@ -33,6 +33,7 @@ Besides the spline: fixed AFs (FIXED_TYPES), elementwise AFs with a few trained 
 (LEARNABLE_TYPES) and the token-adaptive mixture `moa` (MLP only); each class names its formula and paper.
 """
 import functools
+import glob
 import itertools
 import os
 import re
@@ -726,7 +727,8 @@ def _describeCandidates(model):
     """The parameter-free leaf modules (where activation functions are), by class: what match could name."""
     counts = {}
     for name, module in model.named_modules():
-        if name and not any(True for _ in module.children()) and not any(True for _ in module.parameters(recurse=False)):
+        isLeaf = not any(True for _ in module.children())
+        if name and isLeaf and not any(True for _ in module.parameters(recurse=False)):
             counts.setdefault(type(module).__name__, []).append(name)
     return "; ".join(f"{cls} x{len(names)} ({names[0]}{', ...' if len(names) > 1 else ''})"
                      for cls, names in counts.items()) or "none"
@@ -738,9 +740,6 @@ def _savedSplines(source):
     if isinstance(source, dict):
         tensors = source
     else:
-        import glob
-        import os
-
         paths = sorted(glob.glob(os.path.join(glob.escape(source), "*.safetensors")))
         tensors = {}
         if paths:
@@ -838,8 +837,8 @@ def replaceActivations(model, afFile=None, match=nn.GELU, init=0.01, freeze=True
     lines = []
     for index, name in enumerate(sites):
         old = model.get_submodule(name)
-        device = next(itertools.chain(old.parameters(), old.buffers()), None)
-        device = device.device if device is not None else next(model.parameters(), torch.empty(0)).device
+        # an activation module rarely has tensors of its own: then the model's first parameter tells the device
+        anyTensor = next(itertools.chain(old.parameters(), old.buffers(), model.parameters()), torch.empty(0))
         if fromWeights:
             values, knots = saved[name]
         elif afFile is not None:
@@ -851,7 +850,7 @@ def replaceActivations(model, afFile=None, match=nn.GELU, init=0.01, freeze=True
             spline = Spline(channels=values.shape[0] if values.dim() == 2 else None)
             # own knots per module: save_pretrained refuses tensors shared between modules it does not know are tied
             spline.loadValues(values.float(), knots.clone(), freeze=freeze)
-        spline.to(device)
+        spline.to(anyTensor.device)
         parentName, _, childName = name.rpartition(".")
         setattr(model.get_submodule(parentName), childName, spline)
         lines.append(f"{name}: {type(old).__name__} -> spline, {spline.nKnots} knots on "
