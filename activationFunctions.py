@@ -701,12 +701,12 @@ def evaluateOnGrid(module, nPoints=1001, xMin=-5.0, xMax=5.0):
 
 def _matcher(match):
     """match as a function (name, module) -> bool: classes by isinstance, a string as a regular expression searched in
-    the module's qualified name, or a function of (name, module) itself."""
+    the module's qualified name or matching its class name in full, or a function of (name, module) itself."""
     if isinstance(match, type) or isinstance(match, tuple) and all(isinstance(m, type) for m in match):
         return lambda name, module: isinstance(module, match)
     if isinstance(match, str):
         pattern = re.compile(match)
-        return lambda name, module: pattern.search(name) is not None
+        return lambda name, module: bool(pattern.search(name) or pattern.fullmatch(type(module).__name__))
     if callable(match):
         return match
     raise ValueError(f"match must be a module class, a tuple of classes, a regular expression for module names or a "
@@ -730,8 +730,13 @@ def _describeCandidates(model):
         isLeaf = not any(True for _ in module.children())
         if name and isLeaf and not any(True for _ in module.parameters(recurse=False)):
             counts.setdefault(type(module).__name__, []).append(name)
+    if not counts:
+        return "none"
+    # the likeliest activation first, and as the example
+    ordered = sorted(counts.items(), key=lambda item: not re.search(r"act|elu|tanh|sigmoid|swish", item[0], re.I))
     return "; ".join(f"{cls} x{len(names)} ({names[0]}{', ...' if len(names) > 1 else ''})"
-                     for cls, names in counts.items()) or "none"
+                     for cls, names in ordered) + f'; e.g. match="{ordered[0][0]}"'
+
 
 
 def _savedSplines(source):
@@ -803,9 +808,9 @@ def replaceActivations(model, afFile=None, match=nn.GELU, init=0.01, freeze=True
                        verbose=True):
     r"""Swap the activation modules of any PyTorch model for splines, in module order; returns one line per swap.
 
-    match selects the modules: a class or a tuple of classes (isinstance; e.g. a Hugging Face model's
-    type(model.transformer.h[0].mlp.act)), a regular expression searched in the modules' qualified names (e.g.
-    r"mlp\.act"), or a function (name, module) -> bool. A module inside a selected one is left alone.
+    match selects the modules: a class or a tuple of classes (isinstance), a string (a regular expression searched in
+    the modules' qualified names or matching their class name in full: "NewGELUActivation" selects GPT-2's, r"mlp\.act"
+    too), or a function (name, module) -> bool. A module inside a selected one is left alone.
     afFile None: fresh splines of nKnots knots on [-knotRange, knotRange], values from init (a number, -1 the identity,
       or a fixed AF's name such as "gelu" or "relu2"), one per module.
     afFile a ptAf .pt/.csv file: its MLP splines, on its own knots; one shared spline is copied to every module, one

@@ -91,8 +91,17 @@ def test_countThatDoesNotFitTheFileIsOneClearError(tmp_path):
 
 def test_matchThatSelectsNothingNamesTheCandidates():
     model = tinyGpt2()
-    with pytest.raises(ValueError, match="NewGELUActivation x2 \\(transformer.h.0.mlp.act"):
+    with pytest.raises(ValueError, match="NewGELUActivation x2 \\(transformer.h.0.mlp.act") as info:
         replaceActivations(model)  # the default match, nn.GELU, is not what GPT-2 uses
+    assert str(info.value).endswith('e.g. match="NewGELUActivation"')
+    assert sites(model, NewGELUActivation)  # nothing was swapped
+
+
+def test_aClassNameSelectsLikeTheClass():
+    byName, byClass = tinyLlama(), tinyLlama()
+    assert replaceActivations(byName, match="SiLUActivation", verbose=False) == \
+        replaceActivations(byClass, match=SiLUActivation, verbose=False)
+    assert not sites(byName, SiLUActivation) and len(sites(byName, Spline)) == 2
 
 
 def test_freshSplinesByNamePatternWithAFixedAfsInit():
