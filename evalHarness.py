@@ -18,7 +18,6 @@ import argparse
 import sys
 
 import torch
-import torch.nn.functional as F
 
 from checkpoints import LoadError, addModelArguments, checkModelArguments, exitCode, gpt2Encoding, loadModel, pickDevice
 from generate import pickToken
@@ -45,6 +44,7 @@ class LmAfsModel(TemplateLM):
     """lm_eval model for trainLmAf.py checkpoints; model_args: modelFile, modelId, vocab_file, batch_size, device."""
 
     def __init__(self, modelFile, modelId=None, vocab_file=None, batch_size=None, device=None, **unused):
+        # unused: what simple_evaluate passes every model by name (max_batch_size, ...), meaningless here
         super().__init__()
         self._device = torch.device(device) if device else pickDevice()
         self.trained = loadModel(modelFile, None if modelId in (None, "") else int(modelId), self._device)
