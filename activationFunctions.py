@@ -26,10 +26,17 @@ On CUDA the forward and backward run as Triton kernels (splineKernel.py), each c
 Triton offers; elsewhere, and for any kernel that fails, as the PyTorch code below. splineBackends(device) tells
 which runs. Both are tested against splineReference.
 
+replaceActivations(model, afFile=..., match=...) swaps the activation modules of any PyTorch model (a Hugging Face
+transformers model included) for splines: fresh ones or the MLP splines a ptAf file of phase I holds.
+
 Besides the spline: fixed AFs (FIXED_TYPES), elementwise AFs with a few trained parameters
 (LEARNABLE_TYPES) and the token-adaptive mixture `moa` (MLP only); each class names its formula and paper.
 """
 import functools
+import glob
+import itertools
+import os
+import re
 import warnings
 
 import torch
@@ -694,9 +701,188 @@ def evaluateOnGrid(module, nPoints=1001, xMin=-5.0, xMax=5.0):
         return xs, module(xs[:, None].expand(nPoints, channels).contiguous()).t()
 
 
+# ----------------------------------------------------------------------------------------------
+# Learned AFs in any PyTorch model
+
+
+def _matcher(match):
+    """match as a function (name, module) -> bool: classes by isinstance, a string as a regular expression searched in
+    the module's qualified name or matching its class name in full, or a function of (name, module) itself."""
+    if isinstance(match, type) or isinstance(match, tuple) and all(isinstance(m, type) for m in match):
+        return lambda name, module: isinstance(module, match)
+    if isinstance(match, str):
+        pattern = re.compile(match)
+        return lambda name, module: bool(pattern.search(name) or pattern.fullmatch(type(module).__name__))
+    if callable(match):
+        return match
+    raise ValueError(f"match must be a module class, a tuple of classes, a regular expression for module names or a "
+                     f"function (name, module) -> bool, got {match!r}")
+
+
+def _matchedSites(model, match):
+    """Qualified names of the modules match selects, in module order; a module inside a selected one is not a site."""
+    isSite = _matcher(match)
+    sites = []
+    for name, module in model.named_modules():
+        if name and not any(name.startswith(site + ".") for site in sites) and isSite(name, module):
+            sites.append(name)
+    return sites
+
+
+def _describeCandidates(model):
+    """The parameter-free leaf modules (where activation functions are), by class: what match could name."""
+    counts = {}
+    for name, module in model.named_modules():
+        isLeaf = not any(True for _ in module.children())
+        if name and isLeaf and not any(True for _ in module.parameters(recurse=False)):
+            counts.setdefault(type(module).__name__, []).append(name)
+    if not counts:
+        return "none"
+    # the likeliest activation first, and as the example
+    ordered = sorted(counts.items(), key=lambda item: not re.search(r"act|elu|tanh|sigmoid|swish", item[0], re.I))
+    return "; ".join(f"{cls} x{len(names)} ({names[0]}{', ...' if len(names) > 1 else ''})"
+                     for cls, names in ordered) + f'; e.g. match="{ordered[0][0]}"'
+
+
+
+def _savedSplines(source):
+    """{site name: (values, knots)} from a state dict, or from a folder written by save_pretrained (safetensors or
+    pytorch_model.bin weights, sharded or not)."""
+    if isinstance(source, dict):
+        tensors = source
+    else:
+        paths = sorted(glob.glob(os.path.join(glob.escape(source), "*.safetensors")))
+        tensors = {}
+        if paths:
+            from safetensors import safe_open
+
+            for path in paths:
+                with safe_open(path, framework="pt") as f:
+                    for key in f.keys():
+                        if key.endswith((".values", ".knots")):
+                            tensors[key] = f.get_tensor(key)
+        else:
+            for path in sorted(glob.glob(os.path.join(glob.escape(source), "*.bin"))):
+                tensors.update(torch.load(path, map_location="cpu", weights_only=True))
+    sites = {}
+    for key, values in tensors.items():
+        if key.endswith(".values") and key[:-len("values")] + "knots" in tensors:
+            sites[key[:-len(".values")]] = (values, tensors[key[:-len("values")] + "knots"])
+    if not sites:
+        where = "the state dict" if isinstance(source, dict) else f"{source!r}"
+        raise ValueError(f"{where} holds no spline values and knots (keys NAME.values and NAME.knots); give a ptAf "
+                         ".pt/.csv file, or the folder save_pretrained wrote for a model whose activations were replaced")
+    return sites
+
+
+def _fileMlpSplines(path, nSites, sites):
+    """The MLP splines of a ptAf .pt/.csv file, one per site: (values per site, knots, 'shared'/'per layer')."""
+    import afFiles  # the file format; imported here so that plain Spline users need only this module
+
+    try:
+        data = afFiles.readAfFile(path)
+    except afFiles.AfFileError as err:
+        raise ValueError(str(err).replace("afFileToLoad ", "afFile ", 1)) from None
+    if data["rows"] is not None:
+        # A CSV lists the MLP splines, then the attention's on the same knots (then score splines on others), one line
+        # per layer even where layers share one: its MLP lines are all of them or the first half, one per module or
+        # all equal (shared).
+        rows = [row for row, knots in zip(data["rows"], data["rowKnots"]) if torch.equal(knots, data["knots"])]
+        readings = [rows] + ([rows[:len(rows) // 2]] if len(rows) % 2 == 0 else [])
+        values = next((mlp for mlp in readings if len(mlp) == nSites), None) or next(
+            (mlp[:1] for mlp in readings if all(torch.equal(row, mlp[0]) for row in mlp)), None)
+        if values is None:
+            raise ValueError(f"afFile {path!r} holds {len(rows)} different splines, which fit neither one shared MLP "
+                             f"spline nor one per selected module ({nSites}, or {2 * nSites} with the attention's); "
+                             f"selected: {', '.join(sites)}")
+    else:
+        if data["afTypeMlp"] not in SPLINE_TYPES or not data["mlpValues"]:
+            raise ValueError(f"afFile {path!r} holds no MLP splines (its MLP AF is {data['afTypeMlp']!r})")
+        values = data["mlpValues"]
+        # a run with --afLayerSpecific 0 stores its one shared spline once per layer
+        if all(torch.equal(v, values[0]) for v in values[1:]):
+            values = values[:1]
+        elif len(values) != nSites:
+            raise ValueError(f"afFile {path!r} holds {len(values)} different MLP splines (one per layer), but match "
+                             f"selected {nSites} modules ({', '.join(sites)}); give a model with {len(values)} "
+                             "activation sites, or a match that selects that many")
+    kind = "shared" if len(values) == 1 else "per layer"
+    return (values * nSites if len(values) == 1 else values), data["knots"], kind
+
+
+def replaceActivations(model, afFile=None, match=nn.GELU, init=0.01, freeze=True, nKnots=64, knotRange=15.0,
+                       verbose=True):
+    r"""Swap the activation modules of any PyTorch model for splines, in module order; returns one line per swap.
+
+    match selects the modules: a class or a tuple of classes (isinstance), a string (a regular expression searched in
+    the modules' qualified names or matching their class name in full: "NewGELUActivation" selects GPT-2's, r"mlp\.act"
+    too), or a function (name, module) -> bool. A module inside a selected one is left alone.
+    afFile None: fresh splines of nKnots knots on [-knotRange, knotRange], values from init (a number, -1 the identity,
+      or a fixed AF's name such as "gelu" or "relu2"), one per module.
+    afFile a ptAf .pt/.csv file: its MLP splines, on its own knots; one shared spline is copied to every module, one
+      per layer needs as many selected modules as the file has layers (else ValueError).
+    afFile a folder written by save_pretrained (or a state dict) of a model whose activations were replaced: every
+      module NAME with NAME.values and NAME.knots saved gets its spline back, whatever match says.
+    freeze=True: the spline values take no gradient. Each spline lives on the device of the module it replaces
+    (its values stay float32). verbose prints the lines too.
+    """
+    fromWeights = afFile is not None and (isinstance(afFile, dict) or os.path.isdir(afFile))
+    if fromWeights:
+        saved = _savedSplines(afFile)
+        missing = [name for name in saved if not _hasSubmodule(model, name)]
+        if missing:
+            raise ValueError(f"the saved splines' modules {', '.join(missing)} are not in this model; load the saved "
+                             "folder into the class it was saved from")
+        sites = list(saved)
+        source = "saved"
+    else:
+        sites = _matchedSites(model, match)
+        if not sites:
+            raise ValueError(f"match={match!r} selects no module of this model; its parameter-free modules are: "
+                             f"{_describeCandidates(model)}")
+        if afFile is not None:
+            fileValues, knots, kind = _fileMlpSplines(os.fspath(afFile), len(sites), sites)
+            source = f"{os.path.basename(os.fspath(afFile))}, {kind}"
+        else:
+            source = f"init {init!r}"
+    lines = []
+    for index, name in enumerate(sites):
+        old = model.get_submodule(name)
+        # an activation module rarely has tensors of its own: then the model's first parameter tells the device
+        anyTensor = next(itertools.chain(old.parameters(), old.buffers(), model.parameters()), torch.empty(0))
+        if fromWeights:
+            values, knots = saved[name]
+        elif afFile is not None:
+            values = fileValues[index]
+        if afFile is None:
+            spline = Spline(nKnots=nKnots, knotRange=knotRange, init=init)
+            spline.values.requires_grad_(not freeze)
+        else:
+            spline = Spline(channels=values.shape[0] if values.dim() == 2 else None)
+            # own knots per module: save_pretrained refuses tensors shared between modules it does not know are tied
+            spline.loadValues(values.float(), knots.clone(), freeze=freeze)
+        spline.to(anyTensor.device)
+        parentName, _, childName = name.rpartition(".")
+        setattr(model.get_submodule(parentName), childName, spline)
+        lines.append(f"{name}: {type(old).__name__} -> spline, {spline.nKnots} knots on "
+                     f"[{-spline.knotRange:g}, {spline.knotRange:g}] ({source}), "
+                     f"{'frozen' if freeze else 'trainable'}")
+    if verbose:
+        print("\n".join(lines))
+    return lines
+
+
+def _hasSubmodule(model, name):
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
+
+
 __all__ = ["Spline", "SplinePerDim", "ReLU2", "SiLU", "Tanh", "ELU", "SELU", "Softplus", "PReLU", "Swish", "LGELU",
            "CRReLU", "Rational", "PolyReLU", "PolyNorm", "LearnableActivation", "MixtureOfActivations",
            "makeActivation", "splineActivation", "splineBackends", "splineReference", "uniformKnots",
-           "splineInitValues", "splineSmoothness",
+           "splineInitValues", "splineSmoothness", "replaceActivations",
            "checkUniformKnots", "isLearnable", "evaluateOnGrid", "dictionaryActivations", "SPLINE_TYPES", "FIXED_TYPES",
            "LEARNABLE_TYPES", "MLP_INPUT_TYPES", "MIX_DICTIONARY"]

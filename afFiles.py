@@ -10,11 +10,11 @@ layers, then score layers; per-channel splines one row per channel), a line of k
 values, as published by the original authors (whose files have no score rows).
 """
 import csv
+import itertools
 import os
 import pickle
 import warnings
 
-import numpy as np
 import torch
 
 from activationFunctions import SPLINE_TYPES, checkUniformKnots
@@ -99,6 +99,8 @@ def saveAfFiles(stem, model, hyperparameters, step):
     atomicWrite(stem + ".pt", lambda tmp: torch.save(data, tmp))
 
     def writeCsv(tmp):
+        import numpy as np  # only writing needs numpy: the installed package (pip install .) reads files with torch alone
+
         with open(tmp, "w", newline="") as f:
             writer = csv.writer(f, lineterminator="\n")  # the original's line endings, so files compare byte for byte
             for knots, allValues in ((data["knots"], data["mlpValues"] + data["attValues"]),
@@ -187,7 +189,7 @@ def readAfCsv(path):
     try:
         with open(path, newline="") as f:
             lines = [row for row in csv.reader(f) if row]
-        rows = [np.array([float(v) for v in row], dtype=np.float32) for row in lines]
+        rows = [torch.tensor([float(v) for v in row], dtype=torch.float32) for row in lines]
     except (ValueError, UnicodeDecodeError, OSError) as err:
         raise AfFileError(f"afFileToLoad {path!r} is not a CSV of numbers ({err})") from None
     if not rows or len(rows) % 2:
@@ -197,13 +199,13 @@ def readAfCsv(path):
             raise AfFileError(f"afFileToLoad {path!r}: line {i + 2} has {len(rows[i + 1])} values for the "
                               f"{len(rows[i])} knots of line {i + 1}")
         try:
-            checkUniformKnots(torch.from_numpy(rows[i]))
+            checkUniformKnots(rows[i])
         except ValueError as err:
             raise AfFileError(f"afFileToLoad {path!r}: line {i + 1}: {err}") from None
-    return {"knots": torch.from_numpy(rows[0]), "mlpValues": None, "attValues": None, "afTypeMlp": None,
+    return {"knots": rows[0], "mlpValues": None, "attValues": None, "afTypeMlp": None,
             "afTypeAtt": None, "scoreKnots": None, "scoreValues": None, "afTypeScore": None, "nLayers": None,
-            "rows": [torch.from_numpy(rows[i + 1]) for i in range(0, len(rows), 2)],
-            "rowKnots": [torch.from_numpy(rows[i]) for i in range(0, len(rows), 2)]}
+            "rows": [rows[i + 1] for i in range(0, len(rows), 2)],
+            "rowKnots": [rows[i] for i in range(0, len(rows), 2)]}
 
 
 def splitCsvRows(rows, rowKnots, path, nLayers, afMlp, afAtt, afScore, channelsMlp, channelsAtt):
@@ -234,7 +236,7 @@ def splitCsvRows(rows, rowKnots, path, nLayers, afMlp, afAtt, afScore, channelsM
                               f"'{afMlp};att-{afAtt};score-{afScore}' with {nLayers} layers needs "
                               f"{nMlp + nAtt + nScore} (MLP layers first, then attention, then score layers)")
         counts = (nMlp, nAtt, nScore)
-    ends = np.cumsum(counts)
+    ends = list(itertools.accumulate(counts))
     groups = [range(end - count, end) for count, end in zip(counts, ends)]
     for group in (list(groups[0]) + list(groups[1]), list(groups[2])):
         for i in group[1:]:

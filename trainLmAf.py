@@ -32,6 +32,7 @@ from afFiles import (AfFileError, atomicWrite, loadAfsIntoModel, perLayerValues,
 from model import GPT, MLP_VARIANT_AFS, AfInputStatistics, copyInitAcrossModels, permuteInitAcrossModels
 from stackedAdam import StackedAdam
 from tokenShards import ShardError, TokenStream, listShards, maxTokenId, readShardHeader, validationSequences
+import trackers
 
 CHECKPOINT_FORMAT = "lm-afs checkpoint 1"
 PLOT_LABELS = {"tr": "loss/acc", "af": "AF", "act": "act"}  # in the original's 'Saving plot (...)' lines
@@ -146,6 +147,9 @@ class Hyperparameters:
                                ("auto", "inductor", "aot_eager", "none"))
     plotShow: bool = flag(False, "also show the plots in a live window (only when a display exists)")
     resumeFrom: str = flag("", "pt-RUN-stepNNNN.pt checkpoint (from --saveModelEvery or an interrupt) to continue")
+    tracker: str = flag("", "also send the metrics, AF-input statistics and plots to tensorboard (event files in "
+                            "dirResults/tensorboard/RUN/) or wandb (WANDB_MODE=offline works); empty: none",
+                        ("",) + trackers.TRACKERS)
     preflight: bool = flag(False, "check the configured run without training (flags, files, estimated peak memory per "
                                   "pass against the GPU, modelsPerPass, kernels, FlexAttention configs, compiled "
                                   "graphs); exit 0 when it will fit and compile")
@@ -296,6 +300,8 @@ def validate(hp):
     splitAfInit(hp.afInit)
     if not hp.afSmoothness >= 0:
         raise ConfigError(f"--afSmoothness must be >= 0, got {hp.afSmoothness}")
+    if trackers.missingPackage(hp.tracker):
+        raise ConfigError(trackers.missingPackage(hp.tracker))
     forced = []
     if not (isLearnableAf(mlp) or isLearnableAf(att) or score == "spline") and (hp.afLr != 0 or
                                                                                  hp.afLayerSpecific != 0):
@@ -435,8 +441,8 @@ class MetricsFile:
 
     COLUMNS = ("step", "model", "split", "loss", "accuracy", "lr", "trainSeconds", "tokens")
 
-    def __init__(self, path, resumeStep):
-        self.file = None
+    def __init__(self, path, resumeStep, tracker=None):
+        self.file, self.tracker = None, tracker or trackers.NoTracker()  # every row also goes to the tracker
         if path is None:
             return
         kept = []
@@ -458,10 +464,12 @@ class MetricsFile:
             self.writer.writerow([step, model, split, f"{loss:.6f}", f"{accuracy:.6f}", f"{lr:.6g}",
                                   f"{trainSeconds:.3f}", tokens])
             self.file.flush()
+        self.tracker.write(step, model, split, loss, accuracy, lr, trainSeconds, tokens)
 
     def close(self):
         if self.file is not None:
             self.file.close()
+        self.tracker.close()
 
 
 def finalLineWritten(logPath, nSteps):
@@ -1123,6 +1131,7 @@ class Trainer:
         if hp.plottingLevel >= 2 and self.history["actMean"]:
             made.append(("act", f"act-{hp.runName}-{stepTag}.png"))
             plotting.plotActivations(os.path.join(hp.dirResults, made[-1][1]), self.history, self.model.afSiteNames())
+        self.tracker.images(self.step, [(kind, os.path.join(hp.dirResults, name)) for kind, name in made])
         self.removeOlderPlots({name for _, name in made}, {kind for kind, _ in made})
         for kind, name in made if announce else []:
             self.log(f"Saving plot ({PLOT_LABELS[kind]}): {os.path.join(hp.dirResults, name)}")
@@ -1190,7 +1199,8 @@ class Trainer:
         if self.dist.isMain:
             os.makedirs(hp.dirResults, exist_ok=True)
         self.log = RunLog(self.logPath if self.dist.isMain else None)
-        self.metrics = MetricsFile(self.metricsPath if self.dist.isMain else None, self.step)
+        self.tracker = trackers.openTracker(hp, self.step) if self.dist.isMain else trackers.NoTracker()
+        self.metrics = MetricsFile(self.metricsPath if self.dist.isMain else None, self.step, self.tracker)
         if self.step:
             self.log(f"==== resuming from {hp.resumeFrom} at step {self.step}")
         self.printHeader()
@@ -1298,6 +1308,8 @@ class Trainer:
                 roughness = float(self.smoothness())
             self.log(f"Step {self.step}/{hp.nSteps}   AF smoothness S {roughness:.4f}   penalty "
                      f"afSmoothness*S {hp.afSmoothness * roughness:.4f}")
+            self.tracker.scalars(self.step, {"afSmoothness/S": roughness,
+                                             "afSmoothness/penalty": hp.afSmoothness * roughness})
         bar.set_postfix(lossTr=f"{loss[0]:.3f}")
         self.window = self.newWindow()
         if hp.plottingLevel >= 1 and self.dist.isMain:
@@ -1316,6 +1328,8 @@ class Trainer:
             self.log(prefix + "Activation magnitudes (3): " + " ".join(f"{v:.2f}" for v in stats["max"]))
         self.log(prefix + "AF inputs out of range: " + " ".join(f"{100 * v:.2f}%" for v in stats["outside"]))
         names = self.model.afSiteNames()
+        self.tracker.scalars(self.step, {f"afInputsOutOfRange/{name}": share
+                                         for name, share in zip(names, stats["outside"])})
         over = [(name, share) for name, share in zip(names, stats["outside"]) if share > 0.01]
         if {name for name, _ in over} != self.sitesOutOfRange:  # once, and again when the sites change
             self.sitesOutOfRange = {name for name, _ in over}
@@ -1469,7 +1483,7 @@ def main(argv=None):
             print(f"Run '{hp.runName}' already complete ({trainer.logPath} holds its final step); nothing to do.")
             return 0
         return trainer.train()
-    except (ConfigError, ShardError, AfFileError) as err:
+    except (ConfigError, ShardError, AfFileError, trackers.TrackerError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except NonFiniteLoss as err:
