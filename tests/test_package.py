@@ -30,7 +30,7 @@ lines = replaceActivations(model, afFile=PTAF.replace(".pt", ".csv"), verbose=Fa
 assert len(lines) == 2 and isinstance(model[3], Spline), lines
 assert "triton" not in sys.modules, "Triton was imported on the CPU"
 from importlib.metadata import requires
-assert requires("lm-afs") == ["torch>=2.5"] + [r for r in requires("lm-afs") if 'extra == "train"' in r], requires("lm-afs")
+assert requires("lm-afs") == ["torch>=2.11"] + [r for r in requires("lm-afs") if 'extra == "train"' in r], requires("lm-afs")
 print("ok", activationFunctions.__file__)
 """
 
