@@ -46,7 +46,7 @@ class LmAfsModel(TemplateLM):
     def __init__(self, modelFile, modelId=None, vocab_file=None, batch_size=None, device=None, **unused):
         # unused: what simple_evaluate passes every model by name (max_batch_size, ...), meaningless here
         super().__init__()
-        self._device = torch.device(device) if device else pickDevice()
+        self._device = pickDevice(device or "auto")
         self.trained = loadModel(modelFile, None if modelId in (None, "") else int(modelId), self._device)
         self.encoding, self.vocabSource = gpt2Encoding(vocab_file)
         self.maxLength = int(self.trained.hyperparameters["seqLength"])
@@ -202,7 +202,7 @@ def evaluate(args):
     if unknown:
         raise HarnessError(f"--tasks: unknown task(s) {', '.join(unknown)}; `lm_eval ls tasks` lists the harness's, "
                            "--include_path adds a folder of your own task YAML files")
-    model = LmAfsModel(args.modelFile, args.modelId, args.vocab_file, args.batchSize)
+    model = LmAfsModel(args.modelFile, args.modelId, args.vocab_file, args.batchSize, args.device)
     print(model.trained.describe(args.modelFile) + f", device {model.device.type}")
     print(f"GPT-2 vocabulary: {model.vocabSource}")
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit

@@ -183,7 +183,7 @@ def testCommandLineScoresTheSampleAndWritesCsvAndPng(runs, capsys, offline):
 
 
 def testPhaseOneCheckpointUsesModelZeroUnlessTold(runs, capsys, offline):
-    common = ["--modelFile", runs["phase1"], "--blimpDir", BLIMP_SAMPLE, "--limit", "4"]
+    common = ["--device", "cpu", "--modelFile", runs["phase1"], "--blimpDir", BLIMP_SAMPLE, "--limit", "4"]
     assert evalBlimp.main(common) == 0
     assert "model 0 of 2" in capsys.readouterr().out
     assert evalBlimp.main(common + ["--modelId", "1"]) == 0

@@ -102,7 +102,7 @@ metadata:
 def test_blimpAccuracyEqualsEvalBlimpsOnTheSamePairs(run, capsys):
     limit = 25
     names = writeTasks(run["folder"] / "tasks", run)
-    args = evalHarness.parseArgs(["--modelFile", run["modelFile"], "--tasks", ",".join(names),
+    args = evalHarness.parseArgs(["--device", "cpu", "--modelFile", run["modelFile"], "--tasks", ",".join(names),
                                   "--include_path", str(run["folder"] / "tasks"), "--limit", str(limit)])
     results = evalHarness.evaluate(args)
     table = capsys.readouterr().out
@@ -121,7 +121,7 @@ def test_blimpAccuracyEqualsEvalBlimpsOnTheSamePairs(run, capsys):
 
 
 def test_rollingLogLikelihoodEqualsTheValidationLoss(run):
-    model = evalHarness.LmAfsModel(run["modelFile"])
+    model = evalHarness.LmAfsModel(run["modelFile"], device="cpu")
     request = Instance(request_type="loglikelihood_rolling", doc={}, arguments=(run["text"],), idx=0)
     # two windows of SEQ_LENGTH predicted tokens: the trainer's two validation sequences
     (logLikelihood,) = model.loglikelihood_rolling([request])
@@ -139,7 +139,7 @@ def test_localRollingTaskRunsEndToEndByItsRegisteredName(run):
 
     assert get_model("lmafs") is evalHarness.LmAfsModel
     writeTasks(run["folder"] / "tasks", run)
-    results = lm_eval.simple_evaluate(model="lmafs", model_args={"modelFile": run["modelFile"]},
+    results = lm_eval.simple_evaluate(model="lmafs", model_args={"modelFile": run["modelFile"], "device": "cpu"},
                                       tasks=["lmafs_rolling"],
                                       task_manager=TaskManager(include_path=str(run["folder"] / "tasks")))
     bitsPerByte = results["results"]["lmafs_rolling"]["bits_per_byte,none"]
@@ -148,7 +148,7 @@ def test_localRollingTaskRunsEndToEndByItsRegisteredName(run):
 
 
 def test_loglikelihoodOfAContinuationIsTheDifferenceOfTwoSentenceScores(run):
-    model = evalHarness.LmAfsModel(run["modelFile"])
+    model = evalHarness.LmAfsModel(run["modelFile"], device="cpu")
     requests = [Instance(request_type="loglikelihood", doc={}, arguments=("The harness reads", " our checkpoints"),
                          idx=0),
                 Instance(request_type="loglikelihood", doc={}, arguments=("", "The harness"), idx=1)]
@@ -164,7 +164,7 @@ def test_loglikelihoodOfAContinuationIsTheDifferenceOfTwoSentenceScores(run):
 
 
 def test_generateUntilIsGreedyTextCutAtTheStopString(run):
-    model = evalHarness.LmAfsModel(run["modelFile"])
+    model = evalHarness.LmAfsModel(run["modelFile"], device="cpu")
     context = "The harness reads"
     trained = model.trained
     tokens = [model.eot_token_id] + model.encoding.encode_ordinary(context)
@@ -181,6 +181,6 @@ def test_generateUntilIsGreedyTextCutAtTheStopString(run):
 
 
 def test_unknownTaskIsOneErrorLine(run, capsys):
-    assert evalHarness.main(["--modelFile", run["modelFile"], "--tasks", "no_such_task_anywhere"]) == 1
+    assert evalHarness.main(["--device", "cpu", "--modelFile", run["modelFile"], "--tasks", "no_such_task_anywhere"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --tasks: unknown task(s) no_such_task_anywhere") and "\n" not in err
