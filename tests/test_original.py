@@ -231,8 +231,8 @@ def testHyperparametersPrintAsInTheAuthorsLog():
     ours = hyperparameterLines(hp, asGiven)
     assert ours[:len(original)] == original
     assert [line.split(" = ")[0].strip() for line in ours[len(original):]] == [
-        "afSmoothness", "kanGridSize", "kanSplineOrder", "device", "modelsPerPass", "compileBackend", "plotShow",
-        "resumeFrom", "preflight", "preflightGpu"]
+        "afSmoothness", "kanGridSize", "kanSplineOrder", "plotAfZoom", "device", "modelsPerPass", "compileBackend",
+        "plotShow", "resumeFrom", "tracker", "preflight", "preflightGpu"]
 
 
 def testValuesPrintAsGiven():
