@@ -9,7 +9,6 @@ import csv
 import dataclasses
 import datetime
 import fcntl
-import math
 import os
 import platform
 import random
@@ -23,18 +22,21 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+import checkpoints
 from activationFunctions import (FIXED_TYPES, LEARNABLE_TYPES, MLP_INPUT_TYPES, SPLINE_TYPES, Spline, evaluateOnGrid,
                                  isLearnable, splineBackends, splineSmoothness)
 from distributed import Distributed
 from attention import FLEX_MASK_BLOCK, FLEX_TILE_SIZES, SCORE_TYPES
-from afFiles import (AfFileError, atomicWrite, loadAfsIntoModel, perLayerValues, safeTorchLoad, saveAfFiles,
-                     scoreSplineKnots, splineKnots)
-from model import GPT, MLP_VARIANT_AFS, AfInputStatistics, copyInitAcrossModels, permuteInitAcrossModels
+from afFiles import AfFileError, atomicWrite, loadAfsIntoModel, saveAfFiles, scoreSplineKnots, splineKnots
+import preflight
+from model import MLP_VARIANT_AFS, AfInputStatistics, copyInitAcrossModels, permuteInitAcrossModels
+from runPlan import (ConfigError, activeModels, buildModel, compileBackend, lrFactor, modelLrFactors, modelPasses,
+                     modelStartSteps, parseAfInit, parseNumber, pickDevice, roundUpVocab, runPasses, shapeVariants,
+                     splitAfInit, splitAfType, splitScoreType, validationBatchSize)
 from stackedAdam import StackedAdam
 from tokenShards import ShardError, TokenStream, listShards, maxTokenId, readShardHeader, validationSequences
 import trackers
 
-CHECKPOINT_FORMAT = "lm-afs checkpoint 1"
 PLOT_LABELS = {"tr": "loss/acc", "af": "AF", "act": "act"}  # in the original's 'Saving plot (...)' lines
 
 # ----------------------------------------------------------------------------------------------
@@ -44,23 +46,6 @@ PLOT_LABELS = {"tr": "loss/acc", "af": "AF", "act": "act"}  # in the original's 
 def flag(default, help, choices=None, parse=None):
     """A hyperparameter and its CLI flag; parse: the flag's parser, when its type's own does not fit."""
     return field(default=default, metadata={"help": help, "choices": choices, "parse": parse})
-
-
-def parseNumber(text):
-    """A float flag's value; written without a point or exponent it stays an int, as the original's whole-number
-    values (its log prints afRange = 15)."""
-    try:
-        return int(text)
-    except ValueError:
-        return float(text)
-
-
-def parseAfInit(text):
-    """--afInit: a number stays a number (as the original's float flag); an AF name or 'MLP;att-ATT' stays text."""
-    try:
-        return parseNumber(text)
-    except ValueError:
-        return text.strip()
 
 
 @dataclass
@@ -157,10 +142,6 @@ class Hyperparameters:
                                  "4090-laptop:8.9:16 or h100:9.0:80")
 
 
-class ConfigError(Exception):
-    """Bad flags or inputs; the message is one line for the user."""
-
-
 def parseBool(text):
     if text in ("1", "true", "True"):
         return True
@@ -195,43 +176,6 @@ def parseArgs(argv=None):
                                                      or any(x.startswith(opt + "=") for x in (argv or sys.argv[1:]))
                                                      for opt in a.option_strings)}
     return Hyperparameters(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Hyperparameters)}), given
-
-
-def splitScoreType(afType):
-    """'MLP;att-ATT;score-SCORE' -> ('MLP;att-ATT', SCORE); an afType without a score part -> (afType, 'softmax')."""
-    parts = afType.split(";")
-    if len(parts) > 1 and parts[-1].strip().startswith("score-"):
-        return ";".join(parts[:-1]), parts[-1].strip()[len("score-"):]
-    return afType, "softmax"
-
-
-def splitAfType(afType):
-    """'MLP;att-ATT' -> (MLP, ATT); 'MLP' -> (MLP, 'linear'); a last ';score-SCORE' part is left to splitScoreType."""
-    afType = splitScoreType(afType)[0]
-    parts = afType.split(";")
-    mlp = parts[0].strip()
-    if len(parts) == 1:
-        return mlp, "linear"
-    if len(parts) != 2 or not parts[1].strip().startswith("att-"):
-        raise ConfigError(f"--afType {afType!r} must look like 'MLP', 'MLP;att-ATT' or 'MLP;att-ATT;score-SCORE' "
-                          "(e.g. 'spline;att-spline')")
-    return mlp, parts[1].strip()[len("att-"):]
-
-
-def splitAfInit(afInit):
-    """--afInit -> (MLP sites' init, attention sites' init), each a number or a fixed AF's name; a single value
-    applies to both."""
-    if isinstance(afInit, (int, float)):
-        return afInit, afInit
-    parts = [part.strip() for part in afInit.split(";")]
-    if len(parts) > 2 or len(parts) == 2 and not parts[1].startswith("att-"):
-        raise ConfigError(f"--afInit {afInit!r} must look like 'INIT' or 'INIT;att-INIT' (e.g. 'relu2;att-0.01')")
-    inits = [parseAfInit(part) for part in (parts[0], parts[-1][len("att-"):] if len(parts) == 2 else parts[0])]
-    for init in inits:
-        if isinstance(init, str) and init not in FIXED_TYPES:
-            raise ConfigError(f"--afInit: {init!r} is neither a number nor a fixed AF; use a number (-1: identity) or "
-                              f"one of {', '.join(FIXED_TYPES)}")
-    return tuple(inits)
 
 
 def isLearnableAf(name):
@@ -319,49 +263,6 @@ def validate(hp):
     if not hp.runName:
         hp.runName = datetime.datetime.now().strftime("%y%m%d%H%M")
     return forced
-
-
-# ----------------------------------------------------------------------------------------------
-# Learning-rate schedules and staggered starts
-
-
-def lrFactor(step, nSteps, nWarmup, nCooldown, schedule):
-    """Multiplier of the base LR at 0-based step `step` of a run of nSteps steps."""
-    warm = min(1.0, (step + 1) / nWarmup) if nWarmup > 0 else 1.0
-    if schedule == "warmup":
-        return warm
-    if schedule == "cos":
-        if step < nWarmup:
-            return warm
-        progress = min(1.0, (step - nWarmup) / max(1, nSteps - nWarmup))
-        return 5e-4 + 0.5 * (1 - 5e-4) * (1 + math.cos(math.pi * progress))
-    if step >= nSteps:
-        return 0.05
-    cool = min(1.0, (nSteps - step) / nCooldown) if nCooldown > 0 else 1.0
-    return min(warm, cool)
-
-
-def modelStartSteps(hp):
-    """Model i's first step: about i*nSteps/nModels, computed as the original computes it (numpy's linspace, then
-    its rounding, half to even), which differs from round(i*nSteps/nModels) by one step where float rounding breaks
-    a tie, e.g. model 15 of 24 over 100 steps."""
-    if hp.nModels == 1 or hp.staggeredStarts == 0:
-        return [0] * hp.nModels
-    return [int(s) for s in np.round(np.linspace(0, hp.nSteps, hp.nModels, endpoint=False))]
-
-
-def modelLrFactors(hp, step, startSteps):
-    """Per-model LR multipliers at a global step: the global schedule, or (staggeredStarts 2) the global schedule
-    at the model's own step count, as the original, whose per-model scheduler is not advanced before its model
-    starts (nSteps, warmup and cooldown unchanged, so a late model never reaches the cooldown)."""
-    if hp.staggeredStarts == 2 and hp.nModels > 1:
-        return [lrFactor(step - s, hp.nSteps, hp.nStepsWarmup, hp.nStepsCooldown, hp.lrSchedule) for s in startSteps]
-    return [lrFactor(step, hp.nSteps, hp.nStepsWarmup, hp.nStepsCooldown, hp.lrSchedule)] * hp.nModels
-
-
-def activeModels(step, startSteps):
-    """Number of models started by this step; they are always models 0..n-1 (start steps increase)."""
-    return sum(1 for s in startSteps if s <= step)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -484,95 +385,15 @@ def finalLineWritten(logPath, nSteps):
 # Setup
 
 
-def pickDevice(hp):
-    if hp.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(hp.device)
-
-
 def seedEverything(seed):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
 
 
-def roundUpVocab(maxId):
-    return (maxId + 1 + 127) // 128 * 128
-
-
 def splineValues(model):
     """{id(spline): its values as a numpy copy} for every spline of model."""
     return {id(spline): spline.values.detach().float().cpu().numpy().copy() for spline in model.splines()}
-
-
-def modelArguments(hp, vocabSize, device, nModels=None):
-    """GPT's constructor arguments for these hyperparameters (a dict or Hyperparameters) on device."""
-    get = hp.get if isinstance(hp, dict) else lambda name, default=None: getattr(hp, name, default)
-    mlp, att = splitAfType(get("afType"))
-    mlpInit, attInit = splitAfInit(get("afInit"))
-    return dict(vocabSize=vocabSize, nLayers=get("nLayers"), nHeads=get("nHeads"), dimEmb=get("dimEmb"),
-                nModels=nModels or get("nModels"), afMlp=mlp, afAtt=att, afLayerSpecific=get("afLayerSpecific"),
-                afRange=get("afRange"), afNAnchors=get("afNAnchors"), afInit=mlpInit, afInitAtt=attInit,
-                tieEmbeddings=get("tieEmbeddings"), freezeEmbeddings=get("freezeEmbeddings"),
-                contextSize=get("contextSize"), tokenDocSep=get("tokenDocSep"),
-                attention="flex" if torch.device(device).type == "cuda" else "sdpa", device=str(device),
-                flexBlockSize=get("flexBlockSize"), kanGridSize=get("kanGridSize", 5),
-                kanSplineOrder=get("kanSplineOrder", 3), afScore=splitScoreType(get("afType"))[1])
-
-
-def buildModel(hp, vocabSize, device, nModels=None):
-    """The stacked GPT for these hyperparameters (a dict or Hyperparameters), on device."""
-    return GPT(**modelArguments(hp, vocabSize, device, nModels)).to(device)
-
-
-def compileBackend(hp, device):
-    """The torch.compile backend of the run, or None for eager."""
-    if hp.compileBackend == "auto":
-        return "inductor" if device.type == "cuda" else None
-    return None if hp.compileBackend == "none" else hp.compileBackend
-
-
-def modelPasses(nActive, modelsPerPass):
-    """(first model, number of models) of each batched pass over nActive active models."""
-    return [(first, min(modelsPerPass, nActive - first)) for first in range(0, nActive, modelsPerPass)]
-
-
-def representativePasses(passes, nModels):
-    """A few of the passes (first, n) a run makes, enough to compile every graph it needs: per kind of pass
-    (first model 0 or not, one model or several, up to the last model, all models) two with different first
-    models, so that the first model's index becomes dynamic too."""
-    byKind = {}
-    for first, n in sorted(passes):
-        kind = (first == 0, n == 1, first + n == nModels, n == nModels)
-        chosen = byKind.setdefault(kind, [])
-        if len(chosen) < 2 and all(f != first for f, _ in chosen):
-            chosen.append((first, n))
-    return sorted(p for chosen in byKind.values() for p in chosen)
-
-
-def runPasses(startSteps, fromStep, localActive, modelsPerPass):
-    """Every (first model, number of models) of a training pass from fromStep to the end of a run; localActive maps
-    the run's number of active models to this process's."""
-    steps = [fromStep] + [s for s in startSteps if s > fromStep]
-    return {p for step in steps for p in modelPasses(localActive(activeModels(step, startSteps)), modelsPerPass)}
-
-
-def validationBatchSize(nSequences, seqLength):
-    """Validation sequences per forward pass: about 16k tokens."""
-    return max(1, min(nSequences, 16384 // seqLength))
-
-
-def shapeVariants(passes, nModels, nValidation, seqLength, statistics=False):
-    """The graphs a compiled run needs, as (kind, first model, models, batch): representative training passes, the
-    validation batches of nValidation sequences (0: no validation) and, with statistics, the AF-input statistics
-    pass (on the first validation batch, or on one training sequence without validation)."""
-    variants = [("train", first, n, 1) for first, n in representativePasses(passes, nModels)]
-    if nValidation:
-        perForward = validationBatchSize(nValidation, seqLength)
-        variants += [("validation", 0, 1, batch) for batch in sorted({perForward, nValidation % perForward} - {0})]
-    if statistics:
-        variants.append(("statistics", 0, 1, validationBatchSize(nValidation, seqLength) if nValidation else 1))
-    return variants
 
 
 def frozenParameters(model, freezeEmbeddings):
@@ -643,7 +464,7 @@ class Trainer:
         hp = self.hp
         resume = None
         if hp.resumeFrom:
-            resume = self.loadResumeCheckpoint()
+            resume = checkpoints.loadResumeCheckpoint(hp, self.given)
         # the original prints afLayerSpecific as given, not as forced (its GELU baseline log: 1, with afLr 0)
         self.printedAs = {"afLayerSpecific": hp.afLayerSpecific}
         forced = validate(hp)
@@ -656,7 +477,7 @@ class Trainer:
         if self.dist.enabled and hp.nModels > 1 and hp.nModels < self.dist.worldSize:
             raise ConfigError(f"--nModels {hp.nModels} is fewer than the {self.dist.worldSize} processes; "
                               "give every process at least one model")
-        self.device = self.dist.start(pickDevice(hp))
+        self.device = self.dist.start(pickDevice(hp.device))
         self.tracksCudaMemory = self.device.type == "cuda"
         if self.device.type == "cuda":
             torch.set_float32_matmul_precision("high")  # TF32 matmuls, as the original
@@ -709,7 +530,7 @@ class Trainer:
         knots = splineKnots(self.model)  # a phase-II spline keeps the knots of its file
         self.afInputRange = float(knots[-1]) if knots is not None else hp.afRange
         if resume:
-            self.restore(resume)
+            checkpoints.restore(self, resume)
         self.modelsPerPass = self.chooseModelsPerPass()
         backend = compileBackend(hp, self.device)
         self.compiled = self.model if backend is None else torch.compile(self.model, backend=backend)
@@ -738,102 +559,6 @@ class Trainer:
             self.afOptimizer = torch.optim.Adam(afParams, lr=hp.afLr, betas=(hp.afAdamB1, hp.afAdamB2))
         else:
             self.afOptimizer = torch.optim.SGD(afParams, lr=-hp.afLr)
-
-    # -- checkpoints -------------------------------------------------------------------------
-
-    def localState(self):
-        """What differs between ranks: this rank's models' weights, optimizer state, data positions, window."""
-        weightNames = [name for name, _ in self.model.namedWeightParameters()]
-        state = self.model.state_dict()
-        return {"weights": {name: state[name].cpu() for name in weightNames},
-                "optimizer": {k: [t.cpu() for t in v] if isinstance(v, list) else v.cpu()
-                              for k, v in self.optimizer.state_dict().items()},
-                "dataPositions": [s.state_dict() for s in self.streams],
-                "window": {k: v.cpu() if torch.is_tensor(v) else v for k, v in self.window.items()}}
-
-    def checkpointDict(self):
-        """The whole run's state on the main rank (gathered from all ranks under torchrun); None elsewhere."""
-        parts = self.dist.gatherToMain(self.localState())
-        if not self.dist.isMain:
-            return None
-        if self.dataParallel:
-            parts = parts[:1]  # every rank holds the same model and reads the same (strided) stream
-
-        def cat(tensors):
-            return torch.cat(tensors) if len(tensors) > 1 else tensors[0]
-
-        model = self.model.state_dict()
-        for name in parts[0]["weights"]:
-            model[name] = cat([p["weights"][name] for p in parts])
-        optimizer = {key: [cat([p["optimizer"][key][i] for p in parts]) for i in range(len(parts[0]["optimizer"][key]))]
-                     for key in ("expAvg", "expAvgSq")}
-        optimizer["stepCounts"] = cat([p["optimizer"]["stepCounts"] for p in parts])
-        window = {key: cat([p["window"][key] for p in parts]) for key in ("loss", "acc", "count")}
-        window["steps"], window["seconds"] = parts[0]["window"]["steps"], parts[0]["window"]["seconds"]
-        return {
-            "format": CHECKPOINT_FORMAT,
-            "hyperparameters": dataclasses.asdict(self.hp),
-            "step": self.step,
-            "vocabSize": self.vocabSize,
-            "model": model,
-            "optimizer": optimizer,
-            "afOptimizer": self.afOptimizer.state_dict() if self.afOptimizer else None,
-            "dataPositions": [position for p in parts for position in p["dataPositions"]],
-            "history": self.history,
-            "trainSeconds": self.trainSeconds,
-            "window": window,
-            "rng": {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(np.random.get_state()[1].copy()),
-                    "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else []},
-            "knots": splineKnots(self.model),
-            "afValuesMlp": perLayerValues(self.model, "mlp"),
-            "afValuesAtt": perLayerValues(self.model, "att"),
-            "scoreKnots": scoreSplineKnots(self.model),
-            "afValuesScore": perLayerValues(self.model, "score"),
-        }
-
-    def loadResumeCheckpoint(self):
-        path = self.hp.resumeFrom
-        try:
-            ckpt = safeTorchLoad(path, "--resumeFrom")
-        except AfFileError as err:
-            raise ConfigError(str(err)) from None
-        if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-            raise ConfigError(f"--resumeFrom {path!r} is not a model checkpoint (pt-RUN-stepNNNN.pt) of trainLmAf.py")
-        saved = ckpt["hyperparameters"]
-        for name, value in saved.items():
-            if name != "resumeFrom" and name not in self.given and hasattr(self.hp, name):
-                setattr(self.hp, name, value)
-        return ckpt
-
-    def restore(self, ckpt):
-        """Continue from a checkpoint (the model weights were loaded before this rank took its block)."""
-        mine = slice(self.firstModel, self.stopModel)
-        self.optimizer.load_state_dict(ckpt["optimizer"], models=slice(None) if self.dataParallel else mine)
-        if self.afOptimizer and ckpt["afOptimizer"]:
-            self.afOptimizer.load_state_dict(ckpt["afOptimizer"])
-        positions = ckpt["dataPositions"] if len(self.streams) == 1 else ckpt["dataPositions"][mine]
-        for stream, state in zip(self.streams, positions):
-            stream.load_state_dict(state)
-        self.history = ckpt["history"]
-        self.step = ckpt["step"]
-        self.trainSeconds = ckpt["trainSeconds"]
-        window = ckpt["window"]
-        self.window = {key: window[key][:self.nLocal] if self.dataParallel else window[key][mine]
-                       for key in ("loss", "acc", "count")}
-        self.window = {key: value.to(self.device) for key, value in self.window.items()}
-        self.window["steps"], self.window["seconds"] = window["steps"], window.get("seconds", 0.0)
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if self.device.type == "cuda" and ckpt["rng"]["cuda"]:
-            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-
-    def saveCheckpoint(self):
-        """Write pt-RUN-stepNNNN.pt (a collective under torchrun: every rank must call it)."""
-        path = os.path.join(self.hp.dirResults, f"pt-{self.hp.runName}-step{self.step:04d}.pt")
-        state = self.checkpointDict()
-        if state is not None:
-            atomicWrite(path, lambda tmp: torch.save(state, tmp))
-            self.log(f"Saving model: {path}")
-        return path
 
     def saveAfs(self):
         """Write ptAf-RUN-stepNNNN.pt/.csv; (None, None) without splines (other learned AFs are in pt-RUN files)."""
@@ -936,7 +661,6 @@ class Trainer:
         if self.device.type != "cuda" or self.nLocal == 1:
             self.modelsPerPassNote = "all models in one pass"
             return self.nLocal
-        import preflight
         # the weights and optimizer states are already allocated, and counted in the estimate
         free = torch.cuda.mem_get_info(self.device)[0] + torch.cuda.memory_reserved(self.device)
         perPass, peak = preflight.fittingModelsPerPass(hp, self.vocabSize, self.nLocal, free)
@@ -1371,7 +1095,7 @@ class Trainer:
         if main and self.isDue(hp.saveAfEvery, step) and self.afOptimizer:
             self.saveAfs()
         if self.isDue(hp.saveModelEvery, step):
-            self.saveCheckpoint()
+            checkpoints.saveCheckpoint(self)
         if main and hp.plottingLevel >= 1 and (step == hp.nSteps or (step - 1) % hp.plotEvery == 0):
             self.refreshPlots(announce=step == hp.nSteps)
 
@@ -1421,7 +1145,7 @@ class Trainer:
             p.grad = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-        path = self.saveCheckpoint()
+        path = checkpoints.saveCheckpoint(self)
         if self.dist.isMain and self.afOptimizer:
             self.saveAfs()
         return path
@@ -1429,7 +1153,6 @@ class Trainer:
     def outOfMemoryAdvice(self):
         """One line for an out-of-memory error: the estimated peak of a pass, the GPU's free memory for this run, and
         the --modelsPerPass to try."""
-        import preflight
         hp, perPass = self.hp, getattr(self, "modelsPerPass", None)
         if perPass is None:
             return f"out of memory on {self.device} before training started: the model and its optimizer states do not fit"
@@ -1448,7 +1171,7 @@ class Trainer:
         return line + "; one model per pass does not fit: try a smaller --seqLength or --dtype bfloat16"
 
     def saveOnInterrupt(self):
-        path = self.saveCheckpoint()
+        path = checkpoints.saveCheckpoint(self)
         if not self.dist.isMain:
             return
         if self.afOptimizer:
@@ -1474,8 +1197,12 @@ class NonFiniteLoss(Exception):
 def main(argv=None):
     hp, given = parseArgs(argv)
     if hp.preflight:
-        import preflight
-        return preflight.runPreflight(hp)
+        try:
+            forced = validate(hp)
+        except ConfigError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        return preflight.runPreflight(hp, forced)
     trainer = Trainer(hp, given)
     try:
         trainer.setup()
