@@ -112,12 +112,11 @@ def restore(trainer, ckpt):
 
 
 def saveCheckpoint(trainer):
-    """Write pt-RUN-stepNNNN.pt (a collective under torchrun: every rank must call it)."""
+    """Write pt-RUN-stepNNNN.pt (a collective under torchrun: every rank must call it); returns its path."""
     path = os.path.join(trainer.hp.dirResults, f"pt-{trainer.hp.runName}-step{trainer.step:04d}.pt")
     state = checkpointDict(trainer)
     if state is not None:
         atomicWrite(path, lambda tmp: torch.save(state, tmp))
-        trainer.log(f"Saving model: {path}")
     return path
 
 

@@ -5,16 +5,11 @@ all active models in one batched pass. Phase II (--afFileToLoad): a fresh model 
 phase I, frozen when --afLr 0. See README.md for the commands and SPEC of every flag (--help).
 """
 import argparse
-import csv
 import dataclasses
 import datetime
-import fcntl
 import os
-import platform
 import random
-import re
 import signal
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -23,11 +18,11 @@ import numpy as np
 import torch
 
 import checkpoints
-from activationFunctions import (FIXED_TYPES, LEARNABLE_TYPES, MLP_INPUT_TYPES, SPLINE_TYPES, Spline, evaluateOnGrid,
-                                 isLearnable, splineBackends, splineSmoothness)
+import runOutputs
+from activationFunctions import FIXED_TYPES, LEARNABLE_TYPES, MLP_INPUT_TYPES, SPLINE_TYPES, splineSmoothness
 from distributed import Distributed
 from attention import FLEX_MASK_BLOCK, FLEX_TILE_SIZES, SCORE_TYPES
-from afFiles import AfFileError, atomicWrite, loadAfsIntoModel, saveAfFiles, scoreSplineKnots, splineKnots
+from afFiles import AfFileError, loadAfsIntoModel, splineKnots
 import preflight
 from model import MLP_VARIANT_AFS, AfInputStatistics, copyInitAcrossModels, permuteInitAcrossModels
 from runPlan import (ConfigError, activeModels, buildModel, compileBackend, lrFactor, modelLrFactors, modelPasses,
@@ -37,7 +32,6 @@ from stackedAdam import StackedAdam
 from tokenShards import ShardError, TokenStream, listShards, maxTokenId, readShardHeader, validationSequences
 import trackers
 
-PLOT_LABELS = {"tr": "loss/acc", "af": "AF", "act": "act"}  # in the original's 'Saving plot (...)' lines
 
 # ----------------------------------------------------------------------------------------------
 # Hyperparameters (every field is a --flag of the same name)
@@ -266,122 +260,6 @@ def validate(hp):
 
 
 # ----------------------------------------------------------------------------------------------
-# Log file (terminal + file, with a lock so two processes cannot write one log)
-
-SEPARATOR = "=" * 100  # between the original's header parts, and before the first Step line
-# The original's hyperparameters in the order its log prints them; ours that it lacks follow in field order (its
-# filesTokensTe, never read, is not a flag here).
-ORIGINAL_FLAG_ORDER = (
-    "runName", "seed", "plotMinAcc", "plotMaxAcc", "plotMinLoss", "plotMaxLoss", "shuffleTrData", "tokenDocSep",
-    "dtype", "flexBlockSize", "nLayers", "nHeads", "dimEmb", "tieEmbeddings", "afType", "afLayerSpecific", "afRange",
-    "afNAnchors", "afLr", "afInit", "afFileToLoad", "dirResults", "filesTokensTr", "filesTokensVa", "lr",
-    "freezeEmbeddings", "batchSize", "seqLength", "nSteps", "nStepsWarmup", "nStepsCooldown", "wtDecay", "nModels",
-    "staggeredStarts", "sameDataAcrossModels", "sameInitAcrossModels", "adamB1", "adamB2", "afAdamB1", "afAdamB2",
-    "gradientClipping", "contextSize", "lrSchedule", "nTokensVa", "valEvery", "saveModelEvery", "saveAfEvery",
-    "plotEvery", "plottingLevel")
-
-
-def originalValueText(name, value):
-    """A hyperparameter's value as the original prints it: strings in double quotes, afType as its list of parts
-    (MLP, attention; our score part, when given, third), dtype as the torch dtype."""
-    if name == "afType":
-        mlp, att = splitAfType(value)
-        score = splitScoreType(value)[1]
-        return str([mlp, att] + ([f"score-{score}"] if score != "softmax" else []))
-    if name == "dtype":
-        return f"torch.{value}"
-    if isinstance(value, str):
-        return f'"{value}"'
-    return str(value)
-
-
-def hyperparameterLines(hp, printedAs=None):
-    """The 'Hyperparameters:' block of the log: the original's flags in its order and form, then ours; printedAs:
-    values shown instead of hp's (those the original prints before forcing them)."""
-    values = {**dataclasses.asdict(hp), **(printedAs or {})}
-    names = [f.name for f in dataclasses.fields(hp)]
-    ordered = [n for n in ORIGINAL_FLAG_ORDER if n in names] + [n for n in names if n not in ORIGINAL_FLAG_ORDER]
-    return ["Hyperparameters:"] + [f"  {n} = {originalValueText(n, values[n])}" for n in ordered]
-
-
-class RunLog:
-    """Lines to the terminal and the log file; RunLog(None) (a non-main torchrun process) writes nothing."""
-
-    def __init__(self, path):
-        self.path = path
-        self.progressBar = None
-        self.file = open(path, "a") if path else None
-        if path is None:
-            return
-        try:
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.file.close()
-            raise ConfigError(f"another process is writing {path}; wait for it or choose another --runName") from None
-
-    def __call__(self, line="", terminal=True):
-        if self.file is None:
-            return
-        self.file.write(line + "\n")
-        self.file.flush()
-        if terminal:
-            if self.progressBar is not None:
-                self.progressBar.write(line)
-            else:
-                print(line, flush=True)
-
-    def close(self):
-        if self.file is not None:
-            self.file.close()
-
-
-class MetricsFile:
-    """metrics-RUN.csv: one row per report (step, model, split, loss, accuracy, lr, trainSeconds, tokens), for
-    pandas rather than parsing logs. A resumed run first drops the rows after its checkpoint's step (they are
-    trained again), then appends; MetricsFile(None) (a non-main torchrun process) writes nothing."""
-
-    COLUMNS = ("step", "model", "split", "loss", "accuracy", "lr", "trainSeconds", "tokens")
-
-    def __init__(self, path, resumeStep, tracker=None):
-        self.file, self.tracker = None, tracker or trackers.NoTracker()  # every row also goes to the tracker
-        if path is None:
-            return
-        kept = []
-        if os.path.isfile(path):
-            with open(path, newline="") as f:
-                kept = [row for row in csv.DictReader(f) if int(row["step"]) <= resumeStep]
-        atomicWrite(path, lambda tmp: self.writeRows(tmp, kept))
-        self.file = open(path, "a", newline="")
-        self.writer = csv.writer(self.file, lineterminator="\n")
-
-    def writeRows(self, path, rows):
-        with open(path, "w", newline="") as f:
-            writer = csv.DictWriter(f, self.COLUMNS, lineterminator="\n")
-            writer.writeheader()
-            writer.writerows(rows)
-
-    def write(self, step, model, split, loss, accuracy, lr, trainSeconds, tokens):
-        if self.file is not None:
-            self.writer.writerow([step, model, split, f"{loss:.6f}", f"{accuracy:.6f}", f"{lr:.6g}",
-                                  f"{trainSeconds:.3f}", tokens])
-            self.file.flush()
-        self.tracker.write(step, model, split, loss, accuracy, lr, trainSeconds, tokens)
-
-    def close(self):
-        if self.file is not None:
-            self.file.close()
-        self.tracker.close()
-
-
-def finalLineWritten(logPath, nSteps):
-    if not os.path.isfile(logPath):
-        return False
-    prefix = f"Step {nSteps}/{nSteps} "
-    with open(logPath, errors="replace") as f:
-        return any(line.startswith(prefix) for line in f)
-
-
-# ----------------------------------------------------------------------------------------------
 # Setup
 
 
@@ -407,40 +285,6 @@ def frozenParameters(model, freezeEmbeddings):
         keepIds = {id(p) for p in keep}
         return [p for p in model.weightParameters() if id(p) not in keepIds]
     return []
-
-
-def libraryInfo(device):
-    lines = [f"python {platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}, "
-             f"platform {platform.platform()}"]
-    if device.type == "cuda":
-        lines.append(f"device: {torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda}); float32 matmuls in "
-                     f"TF32 (precision {torch.get_float32_matmul_precision()!r}), as the original")
-    else:
-        lines.append(f"device: CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)")
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-        if commit:
-            lines.append(f"git commit {commit}")
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return lines
-
-
-def parameterReport(model, nModels):
-    """Lines with per-tensor and total parameter counts, per model (stacked tensors divided by nModels)."""
-    lines, trainable, frozen = [], 0, 0
-    afIds = {id(p) for p in model.afParameters()}
-    for name, p in model.named_parameters():
-        perModel = p.numel() if id(p) in afIds else p.numel() // nModels
-        shape = tuple(p.shape) if id(p) in afIds else tuple(p.shape[1:])
-        state = "trainable" if p.requires_grad else "frozen"
-        lines.append(f"  {name:40s} {str(shape):20s} {perModel:>12,} {state}{' (AF, shared)' if id(p) in afIds else ''}")
-        if p.requires_grad:
-            trainable += perModel
-        else:
-            frozen += perModel
-    return lines, trainable, frozen
 
 
 # ----------------------------------------------------------------------------------------------
@@ -469,7 +313,7 @@ class Trainer:
         self.printedAs = {"afLayerSpecific": hp.afLayerSpecific}
         forced = validate(hp)
         self.paths()
-        if finalLineWritten(self.logPath, hp.nSteps):  # also when resuming: the run finished after its checkpoint
+        if runOutputs.finalLineWritten(self.logPath, hp.nSteps):  # also when resuming: the run finished after its checkpoint
             self.alreadyComplete = True
             return self
         self.alreadyComplete = False
@@ -526,7 +370,6 @@ class Trainer:
         self.history = {"train": [], "val": [], "actMean": [], "actMax": []}
         self.trainSeconds = 0.0
         self.window = self.newWindow()
-        self.latestAfInputs, self.sitesOutOfRange = None, set()
         knots = splineKnots(self.model)  # a phase-II spline keeps the knots of its file
         self.afInputRange = float(knots[-1]) if knots is not None else hp.afRange
         if resume:
@@ -559,84 +402,6 @@ class Trainer:
             self.afOptimizer = torch.optim.Adam(afParams, lr=hp.afLr, betas=(hp.afAdamB1, hp.afAdamB2))
         else:
             self.afOptimizer = torch.optim.SGD(afParams, lr=-hp.afLr)
-
-    def saveAfs(self):
-        """Write ptAf-RUN-stepNNNN.pt/.csv; (None, None) without splines (other learned AFs are in pt-RUN files)."""
-        if splineKnots(self.model) is None and scoreSplineKnots(self.model) is None:
-            return None, None
-        stem = os.path.join(self.hp.dirResults, f"ptAf-{self.hp.runName}-step{self.step:04d}")
-        ptPath, csvPath = saveAfFiles(stem, self.model, dataclasses.asdict(self.hp), self.step)
-        self.log(f"Saving AF: {ptPath}")
-        self.log(f"Saving AF (CSV): {csvPath}")
-        return ptPath, csvPath
-
-    # -- header ------------------------------------------------------------------------------
-
-    def printHeader(self):
-        hp, log = self.hp, self.log
-        for line in hyperparameterLines(hp, self.printedAs):
-            log(line)
-        log(SEPARATOR)
-        log(f"==== trainLmAf.py  {datetime.datetime.now():%Y-%m-%d %H:%M:%S}  run '{hp.runName}'")
-        log("command: " + " ".join(sys.argv))
-        for note in self.forced:
-            log(f"Forced: {note}")
-        for line in libraryInfo(self.device):
-            log(line)
-        nTr = sum(readShardHeader(p) for p in self.trFiles)
-        log(f"Training data: {len(self.trFiles)} files, {nTr:,} tokens ({hp.filesTokensTr})")
-        if self.vaFiles:
-            nVa = self.vaSequences.shape[0] * hp.seqLength
-            log(f"Validation data: {len(self.vaFiles)} files, {nVa:,} tokens used per evaluation "
-                f"({self.vaSequences.shape[0]} sequences; {hp.filesTokensVa})")
-        else:
-            log("Validation data: none (--filesTokensVa is empty)")
-        log(f"Vocabulary size: {self.vocabSize:,} (max token id + 1, rounded up to a multiple of 128)")
-        tokensPerModel = hp.nSteps * hp.batchSize * hp.seqLength
-        log(f"Projected training tokens per model: {tokensPerModel:,} = {tokensPerModel / max(1, nTr):.2f} epochs")
-        lines, trainable, frozen = parameterReport(self.model, hp.nModels)
-        log("Parameters per model (AF parameters are shared by all models):")
-        for line in lines:
-            log(line, terminal=hp.plottingLevel >= 3)
-        log(f"Parameters per model: {trainable:,} trainable, {frozen:,} frozen, {trainable + frozen:,} total")
-        log(f"Tokens per parameter: {tokensPerModel / max(1, trainable + frozen):.2f}")
-        log(f"Optimizer (weights): {self.optimizer.describe()}, lr={hp.lr}, schedule {hp.lrSchedule}")
-        if self.afOptimizer:
-            log(f"Optimizer (AFs): {type(self.afOptimizer).__name__} lr={abs(hp.afLr)}"
-                + (f" betas=({hp.afAdamB1}, {hp.afAdamB2})" if hp.afLr > 0 else "")
-                + f", {sum(p.numel() for p in self.model.afParameters()):,} AF parameters")
-        else:
-            log("Optimizer (AFs): none (AFs fixed or frozen)")
-        for note in self.afNotes:
-            log(note)
-        for line in self.kernelLines():
-            log(line)
-        if hp.nModels > 1:
-            log(f"Phase I: {hp.nModels} models, start steps {self.startSteps}; {self.modelsPerPass} models per pass "
-                f"({self.modelsPerPassNote})")
-        log(SEPARATOR)
-
-    def kernelLines(self):
-        """What runs the attention and what compiled, for the header."""
-        kernel, hp = self.model.kernel, self.hp
-        lines = list(self.attentionNotes)
-        splines = [af for af in list(self.model.mlpAfs) + list(self.model.attAfs) if isinstance(af, Spline)]
-        if splines:
-            backends = splineBackends(self.device, splines[0].nKnots, perChannel=splines[0].channels is not None,
-                                      dtype=torch.bfloat16 if hp.dtype == "bfloat16" else torch.float32)
-            lines.append(f"Spline kernels: forward {backends['forward']}, backward {backends['backward']}")
-        if kernel.implementation == "flex":
-            options = kernel.kernelOptions.get(torch.bfloat16 if hp.dtype == "bfloat16" else torch.float32)
-            lines.append(f"Attention: FlexAttention, mask block {FLEX_MASK_BLOCK}, kernel options {options}")
-        else:
-            lines.append("Attention: SDPA with the dense causal + document + window mask")
-        if kernel.score != "softmax":
-            lines.append(f"Attention weights: {kernel.describeScore()}")
-        if self.compiledVariants:
-            lines.append(f"Compiled before step 1 ({compileBackend(hp, self.device)}): " + ", ".join(
-                f"{kind} {n} model(s) from {first}" + (f" x {batch} sequences" if batch > 1 else "")
-                for kind, first, n, batch in self.compiledVariants))
-        return lines
 
     # -- one step ----------------------------------------------------------------------------
 
@@ -834,100 +599,13 @@ class Trainer:
             table = self.afInputTable(tokens[..., :-1], self.afInputRange)
         return AfInputStatistics.results(table, self.afInputRange)
 
-    # -- outputs -----------------------------------------------------------------------------
-
-    def refreshPlots(self, announce=False):
-        """Redraw the plots; announce: print their paths, as the original does for the last ones."""
-        import plotting
-        hp, stepTag = self.hp, f"step{self.step:06d}"
-        made = []
-        if hp.plottingLevel >= 1:
-            lastVal = self.history["val"][-1] if self.history["val"] else None
-            suffix = f"-lossVa{lastVal[1]:.4f}" if lastVal else ""
-            made.append(("tr", f"tr-{hp.runName}-{stepTag}{suffix}.png"))
-            plotting.plotTraining(os.path.join(hp.dirResults, made[-1][1]), self.history, hp.plotMinLoss,
-                                  hp.plotMaxLoss, hp.plotMinAcc, hp.plotMaxAcc, title=hp.runName)
-            afs = self.afTiles()
-            if afs:
-                made.append(("af", f"af-{hp.runName}-{stepTag}.png"))
-                plotting.plotAfs(os.path.join(hp.dirResults, made[-1][1]), afs, title=hp.runName,
-                                 zoom=hp.plotAfZoom)
-        if hp.plottingLevel >= 2 and self.history["actMean"]:
-            made.append(("act", f"act-{hp.runName}-{stepTag}.png"))
-            plotting.plotActivations(os.path.join(hp.dirResults, made[-1][1]), self.history, self.model.afSiteNames())
-        self.tracker.images(self.step, [(kind, os.path.join(hp.dirResults, name)) for kind, name in made])
-        self.removeOlderPlots({name for _, name in made}, {kind for kind, _ in made})
-        for kind, name in made if announce else []:
-            self.log(f"Saving plot ({PLOT_LABELS[kind]}): {os.path.join(hp.dirResults, name)}")
-        if hp.plotShow:
-            plotting.showFiles([os.path.join(hp.dirResults, name) for _, name in made])
-
-    def removeOlderPlots(self, keep, kinds):
-        """One current file per figure: older refreshes of this run's figures are removed."""
-        pattern = re.compile(rf"^({'|'.join(kinds)})-{re.escape(self.hp.runName)}-step\d{{6}}.*\.png$")
-        for name in os.listdir(self.hp.dirResults):
-            if pattern.match(name) and name not in keep:
-                os.remove(os.path.join(self.hp.dirResults, name))
-
-    def afTiles(self):
-        tiles = []
-        for kind, afName, modules, index in (("MLP", self.model.afMlpName, self.model.mlpAfs, self.model.mlpAfIndex),
-                                             ("att", self.model.afAttName, self.model.attAfs, self.model.attAfIndex),
-                                             ("score", self.model.afScoreName, self.model.scoreAfs,
-                                              self.model.scoreAfIndex)):
-            for m, module in enumerate(modules):
-                isSpline = hasattr(module, "knots")
-                # Fixed AFs have nothing learned to show; moa's curve differs from token to token.
-                if not isSpline and (not isLearnable(module) or afName in MLP_INPUT_TYPES):
-                    continue
-                layers = [i for i, j in enumerate(index) if j == m]
-                where = "all layers" if len(layers) == len(index) and len(index) > 1 else \
-                    "layer " + ",".join(map(str, layers)) if len(layers) <= 2 else f"layers {layers[0]}-{layers[-1]}"
-                if isSpline:
-                    values, start = module.values.detach().float().cpu().numpy(), self.startValues.get(id(module))
-                    tiles.append({"name": f"{kind} ({where})", "knots": module.knots.cpu().numpy(), "values": values,
-                                  "start": None if start is None or np.array_equal(start, values) else start})
-                else:  # sampled on a grid: plotted as a curve, without knot dots or constant extrapolation
-                    xs, ys = evaluateOnGrid(module)
-                    tiles.append({"name": f"{kind} {afName} ({where})", "knots": xs.cpu().numpy(),
-                                  "values": ys.float().cpu().numpy(), "curve": True})
-                if kind == "score":  # not an AF-input site (GPT.afSiteNames)
-                    tiles[-1]["inputsNote"] = f"attention scores, all within ±{module.knotRange:.3g}"
-                else:
-                    tiles[-1]["inputs"] = self.tileInputs([f"{kind} {layer}" for layer in layers])
-        return tiles
-
-    def tileInputs(self, sites):
-        """The histogram of the AF inputs of these sites at the last report, for the plot under their AF's tile."""
-        stats = self.latestAfInputs
-        if stats is None:
-            return None
-        rows = [self.model.afSiteNames().index(site) for site in sites]
-        counts = [stats["counts"][r] for r in rows]
-        outside = sum(stats["outside"][r] * c for r, c in zip(rows, counts)) / max(1.0, sum(counts))
-        return {"edges": stats["edges"], "histogram": stats["histograms"][rows].sum(0), "outside": outside,
-                "range": self.afInputRange, "step": self.step}
-
-    def isDue(self, every, step):
-        """Whether an every-N output is due after `step` steps are complete (0: only at the end)."""
-        if every < 0:
-            return False
-        return step == self.hp.nSteps or (every > 0 and step % every == 0)
-
     # -- the loop ----------------------------------------------------------------------------
 
     def train(self):
         from tqdm import tqdm
 
         hp = self.hp
-        if self.dist.isMain:
-            os.makedirs(hp.dirResults, exist_ok=True)
-        self.log = RunLog(self.logPath if self.dist.isMain else None)
-        self.tracker = trackers.openTracker(hp, self.step) if self.dist.isMain else trackers.NoTracker()
-        self.metrics = MetricsFile(self.metricsPath if self.dist.isMain else None, self.step, self.tracker)
-        if self.step:
-            self.log(f"==== resuming from {hp.resumeFrom} at step {self.step}")
-        self.printHeader()
+        runOutputs.openOutputs(self)
         bar = tqdm(total=hp.nSteps, initial=self.step, desc=hp.runName, unit="step", dynamic_ncols=True,
                    disable=None if self.dist.isMain else True, file=sys.stderr)
         self.log.progressBar = bar
@@ -952,14 +630,14 @@ class Trainer:
                 self.trainSeconds += seconds
                 self.window["seconds"] += seconds
                 bar.update(1)
-                if self.validationDue(self.step):
-                    self.logValidation(self.step)  # after the update, as the original: Step 1 is one update in
+                if runOutputs.validationDue(self, self.step):
+                    runOutputs.logValidation(self, self.step)  # after the update, as the original: Step 1 is one update in
                 if self.step in (6, 11, hp.nSteps) and self.tracksCudaMemory:
-                    self.logPeakMemory()
-                if self.isReportStep(self.step):
+                    runOutputs.logPeakMemory(self)
+                if runOutputs.isReportStep(self, self.step):
                     self.checkFinite(*pending)
-                    self.reportTraining(bar)
-                self.periodicOutputs()
+                    runOutputs.reportTraining(self, bar)
+                runOutputs.periodicOutputs(self)
                 if self.stopSignal is not None:
                     raise Interrupted()
         except Interrupted:
@@ -977,8 +655,7 @@ class Trainer:
         finally:
             self.closeBar(bar)
             self.restoreSignalHandlers()
-            self.log.close()
-            self.metrics.close()
+            runOutputs.closeOutputs(self)
         return 0
 
     def closeBar(self, bar):
@@ -989,81 +666,6 @@ class Trainer:
         zeros = torch.zeros(self.nLocal, device=self.device)
         return {"loss": zeros, "acc": zeros.clone(), "count": zeros.clone(), "steps": 0, "seconds": 0.0}
 
-    def logPeakMemory(self):
-        """The peak CUDA memory since the last such line, in GiB, as the original prints it."""
-        self.log(f"Step {self.step}/{self.hp.nSteps}   Peak CUDA memory usage: "
-                 f"{torch.cuda.max_memory_allocated(self.device) / 2**30:.3f} GB")
-        torch.cuda.reset_peak_memory_stats(self.device)
-
-    def learningRate(self, model, stepIndex):
-        return self.hp.lr * modelLrFactors(self.hp, stepIndex, self.startSteps)[model]
-
-    def tokensSeen(self, model, stepsDone):
-        """Training tokens model has seen after stepsDone steps of the run (all processes' under data parallelism)."""
-        perStep = self.hp.batchSize * self.hp.seqLength * (self.dist.worldSize if self.dataParallel else 1)
-        return max(0, stepsDone - self.startSteps[model]) * perStep
-
-    def isReportStep(self, step):
-        """Training lines at steps 1 and 6, every plotEvery steps and at the last step, as the original."""
-        return step in (1, 6, self.hp.nSteps) or (step - 1) % self.hp.plotEvery == 0
-
-    def reportTraining(self, bar):
-        """Print model 0's training loss/accuracy since the last report (and every model's to the log), then the
-        activation magnitudes; the s/step figure counts training time only."""
-        hp, window = self.hp, self.window
-        totals = torch.zeros(3, hp.nModels, device=self.device)
-        for row, key in enumerate(("loss", "acc", "count")):
-            totals[row, self.firstModel:self.stopModel] = window[key]
-        self.dist.sumInPlace([totals])
-        count = totals[2].clamp(min=1).cpu()
-        loss, acc = (totals[0].cpu() / count).tolist(), (totals[1].cpu() / count).tolist()
-        self.log(f"Step {self.step}/{hp.nSteps}   lossTr {loss[0]:.4f}   accTr {100 * acc[0]:.1f}   "
-                 f"{self.trainSeconds:.0f}s = {window['seconds'] / max(1, window['steps']):.2f}s/step")
-        for m in range(hp.nModels):
-            if totals[2, m] > 0:
-                self.history["train"].append((self.step, m, loss[m], acc[m]))
-                self.metrics.write(self.step, m, "train", loss[m], acc[m], self.learningRate(m, self.step - 1),
-                                   self.trainSeconds, self.tokensSeen(m, self.step))
-                if m > 0:
-                    self.log(f"Step {self.step}/{hp.nSteps}   model {m}   lossTr {loss[m]:.4f}   accTr {100 * acc[m]:.1f}",
-                             terminal=False)
-        if hp.afSmoothness > 0:
-            with torch.no_grad():
-                roughness = float(self.smoothness())
-            self.log(f"Step {self.step}/{hp.nSteps}   AF smoothness S {roughness:.4f}   penalty "
-                     f"afSmoothness*S {hp.afSmoothness * roughness:.4f}")
-            self.tracker.scalars(self.step, {"afSmoothness/S": roughness,
-                                             "afSmoothness/penalty": hp.afSmoothness * roughness})
-        bar.set_postfix(lossTr=f"{loss[0]:.3f}")
-        self.window = self.newWindow()
-        if hp.plottingLevel >= 1 and self.dist.isMain:
-            self.reportAfInputs()
-
-    def reportAfInputs(self):
-        """Activation magnitudes (the original's lines, plottingLevel >= 2) and the share of AF inputs outside the
-        knot range, with a warning when a site passes 1%; the histograms go to the AF plot."""
-        hp, prefix = self.hp, f"Step {self.step}/{self.hp.nSteps}   "
-        stats = self.afInputStatistics()
-        self.latestAfInputs = stats
-        self.history["actMean"].append((self.step, stats["mean"]))
-        self.history["actMax"].append((self.step, stats["max"]))
-        if hp.plottingLevel >= 2:
-            self.log(prefix + "Activation magnitudes (2): " + " ".join(f"{v:.2f}" for v in stats["mean"]))
-            self.log(prefix + "Activation magnitudes (3): " + " ".join(f"{v:.2f}" for v in stats["max"]))
-        self.log(prefix + "AF inputs out of range: " + " ".join(f"{100 * v:.2f}%" for v in stats["outside"]))
-        names = self.model.afSiteNames()
-        self.tracker.scalars(self.step, {f"afInputsOutOfRange/{name}": share
-                                         for name, share in zip(names, stats["outside"])})
-        over = [(name, share) for name, share in zip(names, stats["outside"]) if share > 0.01]
-        if {name for name, _ in over} != self.sitesOutOfRange:  # once, and again when the sites change
-            self.sitesOutOfRange = {name for name, _ in over}
-            if over:
-                self.log(prefix + f"Warning: more than 1% of the AF inputs lie outside [-{self.afInputRange:g}, "
-                         f"{self.afInputRange:g}] at " + ", ".join(f"{name} ({100 * share:.1f}%)" for name, share in over)
-                         + "; a spline is constant there: consider a larger --afRange")
-        if hp.plottingLevel >= 3:
-            self.logParameterMagnitudes()
-
     def agreeAcrossProcesses(self, losses):
         """Under torchrun every process must stop at the same step: share the stop signal and non-finite losses."""
         bad = (~torch.isfinite(losses)).nonzero().flatten().tolist()
@@ -1073,36 +675,6 @@ class Trainer:
             self.stopSignal = int(flags[0])
         if flags[1]:
             raise NonFiniteLoss(self.step + 1, int(flags[1]) - 1)
-
-    def validationDue(self, step):
-        """Whether the model after `step` updates is validated: after the first, every valEvery-th (1, 1 + valEvery,
-        ...) and the last (valEvery 0: the last only)."""
-        hp = self.hp
-        if not self.dist.isMain or self.vaSequences is None or hp.valEvery < 0:
-            return False
-        return step == hp.nSteps or (hp.valEvery > 0 and (step - 1) % hp.valEvery == 0)
-
-    def logValidation(self, step):
-        lossVa, accVa = self.validate()
-        self.history["val"].append((step, lossVa, accVa))
-        self.metrics.write(step, 0, "val", lossVa, accVa, self.learningRate(0, step - 1), self.trainSeconds,
-                           self.tokensSeen(0, step))
-        self.log(f"Step {step}/{self.hp.nSteps}   lossVa {lossVa:.4f}   accVa {100 * accVa:.1f}")
-
-    def periodicOutputs(self):
-        hp, step = self.hp, self.step
-        main = self.dist.isMain
-        if main and self.isDue(hp.saveAfEvery, step) and self.afOptimizer:
-            self.saveAfs()
-        if self.isDue(hp.saveModelEvery, step):
-            checkpoints.saveCheckpoint(self)
-        if main and hp.plottingLevel >= 1 and (step == hp.nSteps or (step - 1) % hp.plotEvery == 0):
-            self.refreshPlots(announce=step == hp.nSteps)
-
-    def logParameterMagnitudes(self):
-        for name, p in self.model.named_parameters():
-            self.log(f"Step {self.step}/{self.hp.nSteps}   |{name}| mean {p.detach()[0].float().abs().mean():.4f}",
-                     terminal=False)
 
     def checkFinite(self, losses, step, afBefore):
         bad = (~torch.isfinite(losses)).nonzero().flatten().tolist()
@@ -1118,7 +690,7 @@ class Trainer:
             for p, good in zip(self.model.afParameters(), afBefore):
                 p.copy_(good)
         self.step = failedStep
-        err.afFile = self.saveAfs()[0]
+        err.afFile = runOutputs.saveAfs(self)[0]
 
     # -- interrupts --------------------------------------------------------------------------
 
@@ -1145,9 +717,9 @@ class Trainer:
             p.grad = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-        path = checkpoints.saveCheckpoint(self)
+        path = runOutputs.saveModel(self)
         if self.dist.isMain and self.afOptimizer:
-            self.saveAfs()
+            runOutputs.saveAfs(self)
         return path
 
     def outOfMemoryAdvice(self):
@@ -1171,13 +743,13 @@ class Trainer:
         return line + "; one model per pass does not fit: try a smaller --seqLength or --dtype bfloat16"
 
     def saveOnInterrupt(self):
-        path = checkpoints.saveCheckpoint(self)
+        path = runOutputs.saveModel(self)
         if not self.dist.isMain:
             return
         if self.afOptimizer:
-            self.saveAfs()
+            runOutputs.saveAfs(self)
         if self.hp.plottingLevel >= 1:
-            self.refreshPlots(announce=True)
+            runOutputs.refreshPlots(self, announce=True)
         self.log(f"Stopped at step {self.step}/{self.hp.nSteps}; checkpoint {path}")
         self.log(f"Resume with: python {os.path.basename(__file__)} --resumeFrom {path}")
 

@@ -14,8 +14,9 @@ from conftest import UPSTREAM, randomDocuments, tinyFlags
 from model import GPT
 from tokenShards import TokenStream, writeShard
 from tokenShards import validationSequences
-from trainLmAf import (SEPARATOR, Trainer, buildModel, hyperparameterLines, lrFactor, modelLrFactors, modelStartSteps,
-                       parseArgs, validate)
+from runOutputs import SEPARATOR, hyperparameterLines
+from runPlan import buildModel, lrFactor, modelLrFactors, modelStartSteps
+from trainLmAf import Trainer, parseArgs, validate
 
 GPT2_VOCAB = 50304  # GPT-2's 50,257 ids rounded up to a multiple of 128
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import REPO, runTrainer, tinyFlags
-from trainLmAf import lrFactor
+from runPlan import lrFactor
 
 
 def phase1Flags(tinyData, results, **overrides):
@@ -148,9 +148,10 @@ def testOutOfMemoryStopsWithOneLineAndAResumableCheckpoint(tinyData, tmp_path, m
 
 
 def testOutOfMemoryBeforeStepOneIsNotAFlexAttentionFailure(tinyData, tmp_path, monkeypatch, capsys):
+    import runPlan
     import trainLmAf
-    arguments = trainLmAf.modelArguments
-    monkeypatch.setattr(trainLmAf, "modelArguments", lambda *a, **k: {**arguments(*a, **k), "attention": "flex"})
+    arguments = runPlan.modelArguments
+    monkeypatch.setattr(runPlan, "modelArguments", lambda *a, **k: {**arguments(*a, **k), "attention": "flex"})
 
     def outOfMemory(self, allOfThem=True):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
