@@ -99,6 +99,19 @@ def fittingModelsPerPass(hp, vocabSize, nModels, freeBytes):
     return balanced, estimatePeakMemory(hp, vocabSize, nModels, balanced)[0]
 
 
+def chooseModelsPerPass(hp, device, vocabSize, nLocal):
+    """The models per pass of a run whose nLocal models and optimizer states are on device, and how they were chosen:
+    --modelsPerPass, else on CUDA the most that fit the free memory (fittingModelsPerPass), else all."""
+    if hp.modelsPerPass:
+        return min(hp.modelsPerPass, nLocal), "given"
+    if device.type != "cuda" or nLocal == 1:
+        return nLocal, "all models in one pass"
+    # the weights and optimizer states are already allocated, and counted in the estimate
+    free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)
+    perPass, peak = fittingModelsPerPass(hp, vocabSize, nLocal, free)
+    return perPass, f"chosen from the free GPU memory, {free / 2**30:.1f} GiB; estimated peak {peak / 2**30:.1f} GiB"
+
+
 # ----------------------------------------------------------------------------------------------
 # --preflight
 

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 import checkpoints
+import forwardPasses
 import trackers
 from activationFunctions import MLP_INPUT_TYPES, Spline, evaluateOnGrid, isLearnable, splineBackends
 from afFiles import atomicWrite, saveAfFiles, scoreSplineKnots, splineKnots
@@ -187,7 +188,6 @@ def openOutputs(trainer):
     trainer.log = RunLog(trainer.logPath if trainer.dist.isMain else None)
     trainer.tracker = trackers.openTracker(hp, trainer.step) if trainer.dist.isMain else trackers.NoTracker()
     trainer.metrics = MetricsFile(trainer.metricsPath if trainer.dist.isMain else None, trainer.step, trainer.tracker)
-    trainer.latestAfInputs, trainer.sitesOutOfRange = None, set()
     if trainer.step:
         trainer.log(f"==== resuming from {hp.resumeFrom} at step {trainer.step}")
     printHeader(trainer)
@@ -303,7 +303,7 @@ def reportAfInputs(trainer):
     """Activation magnitudes (the original's lines, plottingLevel >= 2) and the share of AF inputs outside the
     knot range, with a warning when a site passes 1%; the histograms go to the AF plot."""
     hp, prefix = trainer.hp, f"Step {trainer.step}/{trainer.hp.nSteps}   "
-    stats = trainer.afInputStatistics()
+    stats = forwardPasses.afInputStatistics(trainer)
     trainer.latestAfInputs = stats
     trainer.history["actMean"].append((trainer.step, stats["mean"]))
     trainer.history["actMax"].append((trainer.step, stats["max"]))
@@ -332,7 +332,7 @@ def logParameterMagnitudes(trainer):
 
 
 def logValidation(trainer, step):
-    lossVa, accVa = trainer.validate()
+    lossVa, accVa = forwardPasses.validate(trainer)
     trainer.history["val"].append((step, lossVa, accVa))
     trainer.metrics.write(step, 0, "val", lossVa, accVa, learningRate(trainer, 0, step - 1), trainer.trainSeconds,
                        tokensSeen(trainer, 0, step))

@@ -9,7 +9,6 @@ import dataclasses
 import datetime
 import os
 import random
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -18,19 +17,20 @@ import numpy as np
 import torch
 
 import checkpoints
-import runOutputs
-from activationFunctions import FIXED_TYPES, LEARNABLE_TYPES, MLP_INPUT_TYPES, SPLINE_TYPES, splineSmoothness
-from distributed import Distributed
-from attention import FLEX_MASK_BLOCK, FLEX_TILE_SIZES, SCORE_TYPES
-from afFiles import AfFileError, loadAfsIntoModel, splineKnots
+import forwardPasses
 import preflight
-from model import MLP_VARIANT_AFS, AfInputStatistics, copyInitAcrossModels, permuteInitAcrossModels
-from runPlan import (ConfigError, activeModels, buildModel, compileBackend, lrFactor, modelLrFactors, modelPasses,
-                     modelStartSteps, parseAfInit, parseNumber, pickDevice, roundUpVocab, runPasses, shapeVariants,
-                     splitAfInit, splitAfType, splitScoreType, validationBatchSize)
+import runOutputs
+import stopping
+import trackers
+from activationFunctions import FIXED_TYPES, LEARNABLE_TYPES, MLP_INPUT_TYPES, SPLINE_TYPES, splineSmoothness
+from afFiles import AfFileError, loadAfsIntoModel, splineKnots
+from attention import FLEX_MASK_BLOCK, FLEX_TILE_SIZES, SCORE_TYPES
+from distributed import Distributed
+from model import MLP_VARIANT_AFS, copyInitAcrossModels, permuteInitAcrossModels
+from runPlan import (ConfigError, activeModels, buildModel, lrFactor, modelLrFactors, modelPasses, modelStartSteps,
+                     parseAfInit, parseNumber, pickDevice, roundUpVocab, splitAfInit, splitAfType, splitScoreType)
 from stackedAdam import StackedAdam
 from tokenShards import ShardError, TokenStream, listShards, maxTokenId, readShardHeader, validationSequences
-import trackers
 
 
 # ----------------------------------------------------------------------------------------------
@@ -291,10 +291,6 @@ def frozenParameters(model, freezeEmbeddings):
 # Training run
 
 
-class Interrupted(Exception):
-    pass
-
-
 class Trainer:
     """One training run: data, model, optimizers, loop, outputs. Built by setup(), run by train()."""
 
@@ -370,19 +366,14 @@ class Trainer:
         self.history = {"train": [], "val": [], "actMean": [], "actMax": []}
         self.trainSeconds = 0.0
         self.window = self.newWindow()
+        self.latestAfInputs, self.sitesOutOfRange = None, set()
         knots = splineKnots(self.model)  # a phase-II spline keeps the knots of its file
         self.afInputRange = float(knots[-1]) if knots is not None else hp.afRange
         if resume:
             checkpoints.restore(self, resume)
-        self.modelsPerPass = self.chooseModelsPerPass()
-        backend = compileBackend(hp, self.device)
-        self.compiled = self.model if backend is None else torch.compile(self.model, backend=backend)
-        # the AF-input statistics read the model's AF sites at each report: a graph of its own, compiled before step 1
-        self.afInputTable = self.model.afInputTable if backend is None else \
-            torch.compile(self.model.afInputTable, backend=backend, dynamic=False)
-        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=hp.dtype == "bfloat16")
-        self.attentionNotes = []
-        self.compiledVariants = self.firstPasses(compiled=backend is not None)
+        self.modelsPerPass, self.modelsPerPassNote = preflight.chooseModelsPerPass(hp, self.device, self.vocabSize,
+                                                                                   self.nLocal)
+        forwardPasses.compileModel(self)
         self.forced = forced
         return self
 
@@ -417,70 +408,6 @@ class Trainer:
         if self.device.type == "cuda":
             batch = batch.pin_memory().to(self.device, non_blocking=True)
         return batch[:, None, :]
-
-    def chooseModelsPerPass(self):
-        hp = self.hp
-        if hp.modelsPerPass:
-            self.modelsPerPassNote = "given"
-            return min(hp.modelsPerPass, self.nLocal)
-        if self.device.type != "cuda" or self.nLocal == 1:
-            self.modelsPerPassNote = "all models in one pass"
-            return self.nLocal
-        # the weights and optimizer states are already allocated, and counted in the estimate
-        free = torch.cuda.mem_get_info(self.device)[0] + torch.cuda.memory_reserved(self.device)
-        perPass, peak = preflight.fittingModelsPerPass(hp, self.vocabSize, self.nLocal, free)
-        self.modelsPerPassNote = (f"chosen from the free GPU memory, {free / 2**30:.1f} GiB; estimated peak "
-                                  f"{peak / 2**30:.1f} GiB")
-        return perPass
-
-    def firstPasses(self, compiled):
-        """Run, before step 1, every graph a compiled run will need (or, eagerly, one pass when FlexAttention is in
-        use): a failure of FlexAttention here (a compile error, too little shared memory at the first launch)
-        switches every process to SDPA with one printed line instead of stopping the run. Returns the compiled
-        variants."""
-        kernel = self.model.kernel
-        if not compiled and kernel.implementation != "flex":
-            return []
-        failure = None
-        try:
-            variants = self.compileShapeVariants(allOfThem=compiled)
-        except torch.OutOfMemoryError:  # too little memory, not a FlexAttention defect: SDPA would need more
-            raise
-        except Exception as err:  # compile and launch errors of other GPUs and library versions have many types
-            failure = err
-        anyFailed = self.dist.maxInPlace(torch.tensor([failure is not None], dtype=torch.int32, device=self.device))
-        if not anyFailed[0]:
-            return variants if compiled else []
-        line = kernel.fallBackToSdpa(failure or RuntimeError("FlexAttention failed in another process"))
-        print(line, flush=True)
-        self.attentionNotes.append(line)
-        return self.compileShapeVariants() if compiled else []
-
-    def compileShapeVariants(self, allOfThem=True):
-        """Compile, before step 1, every graph the run will need (training passes of 1..N models, validation),
-        so that no compile happens hours into a run; returns what was compiled (allOfThem False: the first only)."""
-        passes = runPasses(self.startSteps, self.step, self.localActive, self.modelsPerPass)
-        nValidation = len(self.vaSequences) if self.vaSequences is not None and self.dist.isMain else 0
-        statistics = self.hp.plottingLevel >= 1 and self.dist.isMain
-        variants = shapeVariants(passes, self.nLocal, nValidation, self.hp.seqLength,
-                                 statistics)[:None if allOfThem else 1]
-        def tokens(rows):  # laid out as nextBatch and validate lay out real ones, so the graphs' guards hold
-            return torch.zeros(rows, self.hp.seqLength + 1, dtype=torch.long, device=self.device)
-
-        try:
-            for kind, first, n, batch in variants:
-                if kind == "train":
-                    losses, _ = self.forwardPass(tokens(first + n)[:, None, :][first:], first)
-                    losses.sum().backward()
-                elif kind == "validation":
-                    with torch.no_grad():
-                        self.forwardPass(tokens(batch)[None], 0)
-                else:
-                    self.afInputStatistics(tokens(batch)[None])
-        finally:
-            for p in self.model.parameters():
-                p.grad = None
-        return variants
 
     def localActive(self, nActiveAll):
         """How many of this process's models are active when nActiveAll models of the run are."""
@@ -572,33 +499,6 @@ class Trainer:
 
     # -- evaluation --------------------------------------------------------------------------
 
-    @torch.no_grad()
-    def validate(self):
-        """Mean loss and accuracy of model 0 over the validation sequences."""
-        seqs = self.vaSequences
-        perForward = validationBatchSize(len(seqs), self.hp.seqLength)
-        totalLoss = totalAcc = 0.0
-        for start in range(0, len(seqs), perForward):
-            chunk = torch.from_numpy(seqs[start:start + perForward]).to(self.device)[None]
-            losses, accs = self.forwardPass(chunk, 0)
-            totalLoss += float(losses[0]) * chunk.shape[1]
-            totalAcc += float(accs[0]) * chunk.shape[1]
-        return totalLoss / len(seqs), totalAcc / len(seqs)
-
-    @torch.no_grad()
-    def afInputStatistics(self, tokens=None):
-        """AfInputStatistics.results() of model 0 on tokens [1, B, T+1]; by default the first validation batch (or a
-        training sequence)."""
-        if tokens is None and self.vaSequences is not None:
-            batch = validationBatchSize(len(self.vaSequences), self.hp.seqLength)
-            tokens = torch.from_numpy(self.vaSequences[:batch]).to(self.device)[None]
-        elif tokens is None:
-            tokens = torch.from_numpy(TokenStream(self.trFiles, self.hp.seqLength, self.hp.seed, 0, 0).next()
-                                      ).to(self.device)[None, None]
-        with self.autocast:
-            table = self.afInputTable(tokens[..., :-1], self.afInputRange)
-        return AfInputStatistics.results(table, self.afInputRange)
-
     # -- the loop ----------------------------------------------------------------------------
 
     def train(self):
@@ -610,17 +510,17 @@ class Trainer:
                    disable=None if self.dist.isMain else True, file=sys.stderr)
         self.log.progressBar = bar
         pending = None  # (losses, step, AF values before that step): checked one step late to avoid a GPU sync
-        self.installSignalHandlers()
+        stopping.installSignalHandlers(self)
         try:
             while self.step < hp.nSteps:
                 t0 = time.perf_counter()
                 afBefore = [p.detach().clone() for p in self.model.afParameters()]
                 nActive, losses, accs = self.trainStep()
                 if pending is not None:
-                    self.checkFinite(*pending)
+                    stopping.checkFinite(self, *pending)
                 pending = (losses, self.step, afBefore)
                 if self.dist.enabled:
-                    self.agreeAcrossProcesses(losses)
+                    stopping.agreeAcrossProcesses(self, losses)
                 self.step += 1
                 self.window["loss"][:nActive] += losses
                 self.window["acc"][:nActive] += accs
@@ -635,26 +535,26 @@ class Trainer:
                 if self.step in (6, 11, hp.nSteps) and self.tracksCudaMemory:
                     runOutputs.logPeakMemory(self)
                 if runOutputs.isReportStep(self, self.step):
-                    self.checkFinite(*pending)
+                    stopping.checkFinite(self, *pending)
                     runOutputs.reportTraining(self, bar)
                 runOutputs.periodicOutputs(self)
                 if self.stopSignal is not None:
-                    raise Interrupted()
-        except Interrupted:
+                    raise stopping.Interrupted()
+        except stopping.Interrupted:
             self.closeBar(bar)
-            self.saveOnInterrupt()
+            stopping.saveOnInterrupt(self)
             return 128 + self.stopSignal
-        except NonFiniteLoss as err:
+        except stopping.NonFiniteLoss as err:
             self.closeBar(bar)
-            self.saveLastGoodAfs(err, pending)
+            stopping.saveLastGoodAfs(self, err, pending)
             raise
         except torch.OutOfMemoryError as err:
             self.closeBar(bar)
-            err.checkpoint = self.saveAfterOutOfMemory()
+            err.checkpoint = stopping.saveAfterOutOfMemory(self)
             raise
         finally:
             self.closeBar(bar)
-            self.restoreSignalHandlers()
+            stopping.restoreSignalHandlers(self)
             runOutputs.closeOutputs(self)
         return 0
 
@@ -666,101 +566,7 @@ class Trainer:
         zeros = torch.zeros(self.nLocal, device=self.device)
         return {"loss": zeros, "acc": zeros.clone(), "count": zeros.clone(), "steps": 0, "seconds": 0.0}
 
-    def agreeAcrossProcesses(self, losses):
-        """Under torchrun every process must stop at the same step: share the stop signal and non-finite losses."""
-        bad = (~torch.isfinite(losses)).nonzero().flatten().tolist()
-        flags = torch.tensor([self.stopSignal or 0, self.firstModel + bad[0] + 1 if bad else 0], device=self.device)
-        self.dist.maxInPlace(flags)
-        if flags[0]:
-            self.stopSignal = int(flags[0])
-        if flags[1]:
-            raise NonFiniteLoss(self.step + 1, int(flags[1]) - 1)
-
-    def checkFinite(self, losses, step, afBefore):
-        bad = (~torch.isfinite(losses)).nonzero().flatten().tolist()
-        if bad:
-            raise NonFiniteLoss(step + 1, self.firstModel + bad[0])
-
-    def saveLastGoodAfs(self, err, pending):
-        """Write the AF values as they were before the step whose loss was not finite."""
-        if not self.afOptimizer or pending is None or not self.dist.isMain:
-            return
-        _, failedStep, afBefore = pending
-        with torch.no_grad():
-            for p, good in zip(self.model.afParameters(), afBefore):
-                p.copy_(good)
-        self.step = failedStep
-        err.afFile = runOutputs.saveAfs(self)[0]
-
     # -- interrupts --------------------------------------------------------------------------
-
-    def installSignalHandlers(self):
-        def handler(signum, frame):
-            if self.stopSignal is not None:
-                os._exit(128 + signum)  # second signal: stop at once
-            self.stopSignal = signum
-            self.log(f"Received {signal.Signals(signum).name}: finishing step {self.step + 1}, then saving "
-                     "(send it again to stop at once)")
-        self.previousHandlers = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-
-    def restoreSignalHandlers(self):
-        for s, h in getattr(self, "previousHandlers", {}).items():
-            signal.signal(s, h)
-
-    def saveAfterOutOfMemory(self):
-        """After an out-of-memory error in a forward or backward pass the weights are those after the last step:
-        save them, so that the run resumes with a smaller --modelsPerPass. Returns the checkpoint's path, or None
-        when the error came during the update (half-updated weights are not worth keeping)."""
-        if self.updating:
-            return None
-        for p in self.model.parameters():
-            p.grad = None
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-        path = runOutputs.saveModel(self)
-        if self.dist.isMain and self.afOptimizer:
-            runOutputs.saveAfs(self)
-        return path
-
-    def outOfMemoryAdvice(self):
-        """One line for an out-of-memory error: the estimated peak of a pass, the GPU's free memory for this run, and
-        the --modelsPerPass to try."""
-        hp, perPass = self.hp, getattr(self, "modelsPerPass", None)
-        if perPass is None:
-            return f"out of memory on {self.device} before training started: the model and its optimizer states do not fit"
-        peak, _ = preflight.estimatePeakMemory(hp, self.vocabSize, self.nLocal, perPass)
-        line = f"out of memory in a pass of {perPass} model(s) ({self.device}): estimated peak {peak / 2**30:.2f} GiB"
-        smaller = max(1, perPass // 2)
-        if self.device.type == "cuda":
-            for p in self.model.parameters():
-                p.grad = None
-            torch.cuda.empty_cache()
-            free = torch.cuda.mem_get_info(self.device)[0] + torch.cuda.memory_reserved(self.device)
-            line += f", {free / 2**30:.2f} GiB free for this run"
-            smaller = min(smaller, preflight.fittingModelsPerPass(hp, self.vocabSize, self.nLocal, free)[0])
-        if perPass > 1:
-            return line + f"; try --modelsPerPass {smaller}"
-        return line + "; one model per pass does not fit: try a smaller --seqLength or --dtype bfloat16"
-
-    def saveOnInterrupt(self):
-        path = runOutputs.saveModel(self)
-        if not self.dist.isMain:
-            return
-        if self.afOptimizer:
-            runOutputs.saveAfs(self)
-        if self.hp.plottingLevel >= 1:
-            runOutputs.refreshPlots(self, announce=True)
-        self.log(f"Stopped at step {self.step}/{self.hp.nSteps}; checkpoint {path}")
-        self.log(f"Resume with: python {os.path.basename(__file__)} --resumeFrom {path}")
-
-
-class NonFiniteLoss(Exception):
-    def __init__(self, step, modelIndex):
-        super().__init__(f"non-finite training loss at step {step} in model {modelIndex}; lower --lr or --afLr, "
-                         "or enable --gradientClipping")
-        self.step, self.modelIndex = step, modelIndex
-        self.afFile = None
-
 
 # ----------------------------------------------------------------------------------------------
 # Entry point
@@ -785,14 +591,14 @@ def main(argv=None):
     except (ConfigError, ShardError, AfFileError, trackers.TrackerError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except NonFiniteLoss as err:
+    except stopping.NonFiniteLoss as err:
         saved = f"; AF values before that step saved in {err.afFile}" if err.afFile else ""
         print(f"error: {err}{saved}", file=sys.stderr)
         return 3
     except torch.OutOfMemoryError as err:
         checkpoint = getattr(err, "checkpoint", None)
         saved = f"; resume from {checkpoint} with --resumeFrom" if checkpoint else ""
-        print(f"error: {trainer.outOfMemoryAdvice()}{saved}", file=sys.stderr)
+        print(f"error: {stopping.outOfMemoryAdvice(trainer)}{saved}", file=sys.stderr)
         return 4
     except KeyboardInterrupt:
         print("error: interrupted before training started; nothing was written", file=sys.stderr)

@@ -148,6 +148,7 @@ def testOutOfMemoryStopsWithOneLineAndAResumableCheckpoint(tinyData, tmp_path, m
 
 
 def testOutOfMemoryBeforeStepOneIsNotAFlexAttentionFailure(tinyData, tmp_path, monkeypatch, capsys):
+    import forwardPasses
     import runPlan
     import trainLmAf
     arguments = runPlan.modelArguments
@@ -156,7 +157,7 @@ def testOutOfMemoryBeforeStepOneIsNotAFlexAttentionFailure(tinyData, tmp_path, m
     def outOfMemory(self, allOfThem=True):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    monkeypatch.setattr(trainLmAf.Trainer, "compileShapeVariants", outOfMemory)
+    monkeypatch.setattr(forwardPasses, "compileShapeVariants", outOfMemory)
     assert trainLmAf.main(tinyFlags(tinyData, tmp_path, runName="oom1", nModels=2, modelsPerPass=1)) == 4
     out, err = capsys.readouterr()
     assert "FlexAttention failed" not in out + err and err.count("\n") == 1
