@@ -1,6 +1,7 @@
 """The run's outputs: the log file and its header, the original's report lines in their order and when they are
 due, the AF-input statistics, the metrics CSV, the ptAf files' saving lines and the plots; every line and row also
-goes to the tracker (trackers.py). The functions take the Trainer of trainLmAf.py and only read its state."""
+goes to the tracker (trackers.py). The functions take the Trainer of trainLmAf.py; what they keep between reports
+(log, metrics file, tracker, history, the report window) lives on it, where a checkpoint finds it."""
 import csv
 import dataclasses
 import datetime
@@ -142,6 +143,10 @@ def finalLineWritten(logPath, nSteps):
         return any(line.startswith(prefix) for line in f)
 
 
+# ----------------------------------------------------------------------------------------------
+# The header
+
+
 def libraryInfo(device):
     lines = [f"python {platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}, "
              f"platform {platform.platform()}"]
@@ -174,28 +179,6 @@ def parameterReport(model, nModels):
         else:
             frozen += perModel
     return lines, trainable, frozen
-
-
-# ----------------------------------------------------------------------------------------------
-# A run's outputs
-
-
-def openOutputs(trainer):
-    """Open the log (it says first when the run resumes), the tracker and the metrics file; print the header."""
-    hp = trainer.hp
-    if trainer.dist.isMain:
-        os.makedirs(hp.dirResults, exist_ok=True)
-    trainer.log = RunLog(trainer.logPath if trainer.dist.isMain else None)
-    trainer.tracker = trackers.openTracker(hp, trainer.step) if trainer.dist.isMain else trackers.NoTracker()
-    trainer.metrics = MetricsFile(trainer.metricsPath if trainer.dist.isMain else None, trainer.step, trainer.tracker)
-    if trainer.step:
-        trainer.log(f"==== resuming from {hp.resumeFrom} at step {trainer.step}")
-    printHeader(trainer)
-
-
-def closeOutputs(trainer):
-    trainer.log.close()
-    trainer.metrics.close()
 
 
 def printHeader(trainer):
@@ -264,6 +247,28 @@ def kernelLines(trainer):
             f"{kind} {n} model(s) from {first}" + (f" x {batch} sequences" if batch > 1 else "")
             for kind, first, n, batch in trainer.compiledVariants))
     return lines
+
+
+def openOutputs(trainer):
+    """Open the log (it says first when the run resumes), the tracker and the metrics file; print the header."""
+    hp = trainer.hp
+    if trainer.dist.isMain:
+        os.makedirs(hp.dirResults, exist_ok=True)
+    trainer.log = RunLog(trainer.logPath if trainer.dist.isMain else None)
+    trainer.tracker = trackers.openTracker(hp, trainer.step) if trainer.dist.isMain else trackers.NoTracker()
+    trainer.metrics = MetricsFile(trainer.metricsPath if trainer.dist.isMain else None, trainer.step, trainer.tracker)
+    if trainer.step:
+        trainer.log(f"==== resuming from {hp.resumeFrom} at step {trainer.step}")
+    printHeader(trainer)
+
+
+def closeOutputs(trainer):
+    trainer.log.close()
+    trainer.metrics.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# The report lines, in the original's order, and when they are due
 
 
 def reportTraining(trainer, bar):
@@ -388,6 +393,10 @@ def periodicOutputs(trainer):
         refreshPlots(trainer, announce=step == hp.nSteps)
 
 
+# ----------------------------------------------------------------------------------------------
+# Saving lines (the files themselves: checkpoints.py, afFiles.py)
+
+
 def saveModel(trainer):
     """Write the model checkpoint pt-RUN-stepNNNN.pt (a collective under torchrun: every rank must call it) and say
     so; returns its path."""
@@ -406,6 +415,10 @@ def saveAfs(trainer):
     trainer.log(f"Saving AF: {ptPath}")
     trainer.log(f"Saving AF (CSV): {csvPath}")
     return ptPath, csvPath
+
+
+# ----------------------------------------------------------------------------------------------
+# Plots (drawn by plotting.py)
 
 
 def refreshPlots(trainer, announce=False):

@@ -292,7 +292,9 @@ def frozenParameters(model, freezeEmbeddings):
 
 
 class Trainer:
-    """One training run: data, model, optimizers, loop, outputs. Built by setup(), run by train()."""
+    """One training run: data, model, optimizers, the step and the loop. Built by setup(), run by train(). What it
+    writes is runOutputs.py's (log, metrics, plots, ptAf files) and checkpoints.py's (model checkpoints); its other
+    passes are forwardPasses.py's and its early stops stopping.py's: functions of the Trainer."""
 
     def __init__(self, hp, given=frozenset()):
         self.hp, self.given = hp, given
@@ -497,8 +499,6 @@ class Trainer:
         """S, the sum of splineSmoothness over the learned splines (the prior's penalty is afSmoothness * S)."""
         return sum(splineSmoothness(spline) for spline in self.model.splines() if spline.values.requires_grad)
 
-    # -- evaluation --------------------------------------------------------------------------
-
     # -- the loop ----------------------------------------------------------------------------
 
     def train(self):
@@ -566,7 +566,6 @@ class Trainer:
         zeros = torch.zeros(self.nLocal, device=self.device)
         return {"loss": zeros, "acc": zeros.clone(), "count": zeros.clone(), "steps": 0, "seconds": 0.0}
 
-    # -- interrupts --------------------------------------------------------------------------
 
 # ----------------------------------------------------------------------------------------------
 # Entry point
