@@ -11,7 +11,7 @@ import torch
 
 import afFiles
 from afFiles import AfFileError, atomicWrite, perLayerValues, safeTorchLoad, scoreSplineKnots, splineKnots
-from runPlan import ConfigError, buildModel, pickDevice  # noqa: F401 (pickDevice: for the loading scripts)
+from runPlan import ConfigError, buildModel
 
 CHECKPOINT_FORMAT = "lm-afs checkpoint 1"
 

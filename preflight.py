@@ -1,8 +1,6 @@
 """What a run needs before it runs: its peak GPU memory per pass, estimated on fake tensors (shapes only, nothing
 allocated, so it works on a machine without a GPU), the modelsPerPass that fits a GPU, and the --preflight report
 (flags and files, memory, kernels, FlexAttention configs, compiled graphs) for the GPU a run will use."""
-import math
-
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed._tools.mem_tracker import MemTracker
