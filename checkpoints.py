@@ -1,11 +1,127 @@
-"""Turning a model checkpoint of trainLmAf.py (pt-RUN-stepNNNN.pt) back into a runnable model, with the GPT-2 tokenizer it reads."""
+"""The model checkpoint pt-RUN-stepNNNN.pt: its format and version string, writing it from a run and restoring a run
+from it (trainLmAf.py), and turning it back into a runnable model with the GPT-2 tokenizer it reads (generate.py,
+evalBlimp.py, evalHarness.py)."""
+import dataclasses
+import os
 import sys
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 import afFiles
-import trainLmAf
+from afFiles import AfFileError, atomicWrite, perLayerValues, safeTorchLoad, scoreSplineKnots, splineKnots
+from runPlan import ConfigError, buildModel
+
+CHECKPOINT_FORMAT = "lm-afs checkpoint 1"
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing and restoring a run (the Trainer of trainLmAf.py)
+
+
+def localState(trainer):
+    """What differs between ranks: this rank's models' weights, optimizer state, data positions, window."""
+    weightNames = [name for name, _ in trainer.model.namedWeightParameters()]
+    state = trainer.model.state_dict()
+    return {"weights": {name: state[name].cpu() for name in weightNames},
+            "optimizer": {k: [t.cpu() for t in v] if isinstance(v, list) else v.cpu()
+                          for k, v in trainer.optimizer.state_dict().items()},
+            "dataPositions": [s.state_dict() for s in trainer.streams],
+            "window": {k: v.cpu() if torch.is_tensor(v) else v for k, v in trainer.window.items()}}
+
+
+def checkpointDict(trainer):
+    """The whole run's state on the main rank (gathered from all ranks under torchrun); None elsewhere."""
+    parts = trainer.dist.gatherToMain(localState(trainer))
+    if not trainer.dist.isMain:
+        return None
+    if trainer.dataParallel:
+        parts = parts[:1]  # every rank holds the same model and reads the same (strided) stream
+
+    def cat(tensors):
+        return torch.cat(tensors) if len(tensors) > 1 else tensors[0]
+
+    model = trainer.model.state_dict()
+    for name in parts[0]["weights"]:
+        model[name] = cat([p["weights"][name] for p in parts])
+    optimizer = {key: [cat([p["optimizer"][key][i] for p in parts]) for i in range(len(parts[0]["optimizer"][key]))]
+                 for key in ("expAvg", "expAvgSq")}
+    optimizer["stepCounts"] = cat([p["optimizer"]["stepCounts"] for p in parts])
+    window = {key: cat([p["window"][key] for p in parts]) for key in ("loss", "acc", "count")}
+    window["steps"], window["seconds"] = parts[0]["window"]["steps"], parts[0]["window"]["seconds"]
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "hyperparameters": dataclasses.asdict(trainer.hp),
+        "step": trainer.step,
+        "vocabSize": trainer.vocabSize,
+        "model": model,
+        "optimizer": optimizer,
+        "afOptimizer": trainer.afOptimizer.state_dict() if trainer.afOptimizer else None,
+        "dataPositions": [position for p in parts for position in p["dataPositions"]],
+        "history": trainer.history,
+        "trainSeconds": trainer.trainSeconds,
+        "window": window,
+        "rng": {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(np.random.get_state()[1].copy()),
+                "cuda": torch.cuda.get_rng_state_all() if trainer.device.type == "cuda" else []},
+        "knots": splineKnots(trainer.model),
+        "afValuesMlp": perLayerValues(trainer.model, "mlp"),
+        "afValuesAtt": perLayerValues(trainer.model, "att"),
+        "scoreKnots": scoreSplineKnots(trainer.model),
+        "afValuesScore": perLayerValues(trainer.model, "score"),
+    }
+
+
+def loadResumeCheckpoint(hp, given):
+    """The checkpoint --resumeFrom names; its hyperparameters replace hp's, except the flags given on the command
+    line."""
+    path = hp.resumeFrom
+    try:
+        ckpt = safeTorchLoad(path, "--resumeFrom")
+    except AfFileError as err:
+        raise ConfigError(str(err)) from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ConfigError(f"--resumeFrom {path!r} is not a model checkpoint (pt-RUN-stepNNNN.pt) of trainLmAf.py")
+    saved = ckpt["hyperparameters"]
+    for name, value in saved.items():
+        if name != "resumeFrom" and name not in given and hasattr(hp, name):
+            setattr(hp, name, value)
+    return ckpt
+
+
+def restore(trainer, ckpt):
+    """Continue from a checkpoint (the model weights were loaded before this rank took its block)."""
+    mine = slice(trainer.firstModel, trainer.stopModel)
+    trainer.optimizer.load_state_dict(ckpt["optimizer"], models=slice(None) if trainer.dataParallel else mine)
+    if trainer.afOptimizer and ckpt["afOptimizer"]:
+        trainer.afOptimizer.load_state_dict(ckpt["afOptimizer"])
+    positions = ckpt["dataPositions"] if len(trainer.streams) == 1 else ckpt["dataPositions"][mine]
+    for stream, state in zip(trainer.streams, positions):
+        stream.load_state_dict(state)
+    trainer.history = ckpt["history"]
+    trainer.step = ckpt["step"]
+    trainer.trainSeconds = ckpt["trainSeconds"]
+    window = ckpt["window"]
+    trainer.window = {key: window[key][:trainer.nLocal] if trainer.dataParallel else window[key][mine]
+                      for key in ("loss", "acc", "count")}
+    trainer.window = {key: value.to(trainer.device) for key, value in trainer.window.items()}
+    trainer.window["steps"], trainer.window["seconds"] = window["steps"], window.get("seconds", 0.0)
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    if trainer.device.type == "cuda" and ckpt["rng"]["cuda"]:
+        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+
+
+def saveCheckpoint(trainer):
+    """Write pt-RUN-stepNNNN.pt (a collective under torchrun: every rank must call it); returns its path."""
+    path = os.path.join(trainer.hp.dirResults, f"pt-{trainer.hp.runName}-step{trainer.step:04d}.pt")
+    state = checkpointDict(trainer)
+    if state is not None:
+        atomicWrite(path, lambda tmp: torch.save(state, tmp))
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading a trained model
 
 
 class LoadError(Exception):
@@ -60,13 +176,6 @@ class TrainedModel:
                 f"vocabSize {self.vocabSize}")
 
 
-def pickDevice(name="auto"):
-    """The device --device names; auto: CUDA if present, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def readCheckpoint(path):
     """The checkpoint dict at path (loaded with weights_only=True); LoadError for anything else."""
     try:
@@ -77,9 +186,9 @@ def readCheckpoint(path):
     if marker == afFiles.FORMAT:
         raise LoadError(f"--modelFile {path!r} is a ptAf file: it holds only the activation functions, not the model; "
                         "give a model checkpoint pt-RUN-stepNNNN.pt (trainLmAf.py writes them with --saveModelEvery)")
-    if marker != trainLmAf.CHECKPOINT_FORMAT:
+    if marker != CHECKPOINT_FORMAT:
         raise LoadError(f"--modelFile {path!r} is not a model checkpoint of trainLmAf.py (no "
-                        f"'{trainLmAf.CHECKPOINT_FORMAT}' marker); give a pt-RUN-stepNNNN.pt file")
+                        f"'{CHECKPOINT_FORMAT}' marker); give a pt-RUN-stepNNNN.pt file")
     missing = [key for key in ("hyperparameters", "vocabSize", "model", "step") if key not in checkpoint]
     if missing:
         raise LoadError(f"--modelFile {path!r} is an incomplete checkpoint (no {', '.join(missing)})")
@@ -97,9 +206,9 @@ def loadModel(path, modelId, device):
     try:
         # Built on the CPU, so attention is SDPA with a dense mask on every device: FlexAttention (what
         # buildModel picks on CUDA) would recompile for every new batch shape, and those vary here.
-        stacked = trainLmAf.buildModel(hyperparameters, checkpoint["vocabSize"], "cpu")
+        stacked = buildModel(hyperparameters, checkpoint["vocabSize"], "cpu")
         stacked.load_state_dict(checkpoint["model"])
-    except (trainLmAf.ConfigError, RuntimeError, ValueError, KeyError, TypeError, AttributeError) as err:
+    except (ConfigError, RuntimeError, ValueError, KeyError, TypeError, AttributeError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise LoadError(f"--modelFile {path!r}: its weights do not match the model its hyperparameters "
                         f"describe ({reason})") from None

@@ -40,6 +40,7 @@ import time
 
 import numpy as np
 
+import runPlan
 import trainLmAf
 from activationFunctions import SPLINE_TYPES
 from afFiles import atomicWrite
@@ -134,7 +135,7 @@ def parseVariant(text):
 
 
 def isSplineAf(afType):
-    return any(part in SPLINE_TYPES for part in trainLmAf.splitAfType(afType) + (trainLmAf.splitScoreType(afType)[1],))
+    return any(part in SPLINE_TYPES for part in runPlan.splitAfType(afType) + (runPlan.splitScoreType(afType)[1],))
 
 
 def slug(afType):
@@ -181,7 +182,7 @@ def checkRuns(runs, args):
             hp.afFileToLoad = ""  # the file appears only once phase I has run
         try:
             trainLmAf.validate(hp)
-        except trainLmAf.ConfigError as err:
+        except runPlan.ConfigError as err:
             raise CompareError(f"{run['runName']}: {err}") from None
         if run["phase"] == 1 and hp.afLr == 0:
             raise CompareError("--splinePhases 2 learns the splines in phase I: --afLr must not be 0")
@@ -193,7 +194,7 @@ def checkRuns(runs, args):
 
 def trainedTokens(hp):
     """Tokens all models of a run train on (staggered phase-I models start late)."""
-    return hp.batchSize * hp.seqLength * sum(hp.nSteps - start for start in trainLmAf.modelStartSteps(hp))
+    return hp.batchSize * hp.seqLength * sum(hp.nSteps - start for start in runPlan.modelStartSteps(hp))
 
 
 def readRun(dirResults, runName, nSteps):

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from afFiles import atomicWrite
-from checkpoints import LoadError, addModelArguments, checkModelArguments, checkTokensFit, exitCode, gpt2Encoding, loadModel, pickDevice
+from checkpoints import LoadError, addModelArguments, checkModelArguments, checkTokensFit, exitCode, gpt2Encoding, loadModel
+from runPlan import pickDevice
 from trainLmAf import OneLineErrorParser
 
 HUB_DATASET = "nyu-mll/blimp"

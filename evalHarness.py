@@ -19,8 +19,9 @@ import sys
 
 import torch
 
-from checkpoints import LoadError, addModelArguments, checkModelArguments, exitCode, gpt2Encoding, loadModel, pickDevice
+from checkpoints import LoadError, addModelArguments, checkModelArguments, exitCode, gpt2Encoding, loadModel
 from generate import pickToken
+from runPlan import pickDevice
 from trainLmAf import OneLineErrorParser
 
 try:

@@ -13,7 +13,8 @@ import sys
 import torch
 from tqdm import tqdm
 
-from checkpoints import addModelArguments, checkModelArguments, checkTokensFit, exitCode, gpt2Encoding, loadModel, pickDevice
+from checkpoints import addModelArguments, checkModelArguments, checkTokensFit, exitCode, gpt2Encoding, loadModel
+from runPlan import pickDevice
 from trainLmAf import OneLineErrorParser
 
 

@@ -1,11 +1,13 @@
 """What a run needs before it runs: its peak GPU memory per pass, estimated on fake tensors (shapes only, nothing
 allocated, so it works on a machine without a GPU), the modelsPerPass that fits a GPU, and the --preflight report
 (flags and files, memory, kernels, FlexAttention configs, compiled graphs) for the GPU a run will use."""
-import math
-
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed._tools.mem_tracker import MemTracker
+
+from model import GPT
+from runPlan import (compileBackend, modelArguments, modelStartSteps, pickDevice, roundUpVocab, runPasses,
+                     shapeVariants, splitAfType)
 
 # What the CUDA context, cuBLAS workspaces and the caching allocator's fragmentation take beyond the tensors
 # themselves: a pass is planned to use at most this share of the free memory.
@@ -53,8 +55,6 @@ def estimatePeakMemory(hp, vocabSize, nModels, modelsInPass):
 
     The model runs eagerly on fake tensors: torch.compile usually keeps fewer activations, so this errs high."""
     from model import GPT
-    from trainLmAf import modelArguments
-
     with FakeTensorMode():
         # the model as the trainer builds it, but for its attention kernel, which the stand-in replaces
         model = GPT(**modelArguments(hp, vocabSize, "cpu", nModels))
@@ -97,6 +97,19 @@ def fittingModelsPerPass(hp, vocabSize, nModels, freeBytes):
     return balanced, estimatePeakMemory(hp, vocabSize, nModels, balanced)[0]
 
 
+def chooseModelsPerPass(hp, device, vocabSize, nLocal):
+    """The models per pass of a run whose nLocal models and optimizer states are on device, and how they were chosen:
+    --modelsPerPass, else on CUDA the most that fit the free memory (fittingModelsPerPass), else all."""
+    if hp.modelsPerPass:
+        return min(hp.modelsPerPass, nLocal), "given"
+    if device.type != "cuda" or nLocal == 1:
+        return nLocal, "all models in one pass"
+    # the weights and optimizer states are already allocated, and counted in the estimate
+    free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)
+    perPass, peak = fittingModelsPerPass(hp, vocabSize, nLocal, free)
+    return perPass, f"chosen from the free GPU memory, {free / 2**30:.1f} GiB; estimated peak {peak / 2**30:.1f} GiB"
+
+
 # ----------------------------------------------------------------------------------------------
 # --preflight
 
@@ -128,8 +141,7 @@ def targetGpu(hp):
     if hp.preflightGpu:
         name, capability, total = parseGpu(hp.preflightGpu)
         return name, capability, total - CUDA_CONTEXT_BYTES, f"--preflightGpu, {total / 2**30:g} GiB less the CUDA context"
-    from trainLmAf import pickDevice
-    device = pickDevice(hp)
+    device = pickDevice(hp.device)
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         return (torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device), free,
@@ -164,7 +176,6 @@ class Report:
 def checkData(hp, report):
     """Rows for the token files; returns (vocabulary size, validation sequences) or None when they are unusable."""
     from tokenShards import ShardError, listShards, maxTokenId, readShardHeader, sequencesInShard
-    from trainLmAf import roundUpVocab
 
     try:
         trFiles = listShards(hp.filesTokensTr, "--filesTokensTr")
@@ -183,9 +194,6 @@ def checkData(hp, report):
 
 def checkAfFile(hp, vocabSize, report):
     from afFiles import AfFileError, loadAfsIntoModel
-    from model import GPT
-    from trainLmAf import modelArguments
-
     with torch.device("meta"):  # the checks need the layers and AF types, not the weights
         model = GPT(**modelArguments(hp, vocabSize, "meta", nModels=1))
     try:
@@ -222,7 +230,6 @@ def compileSplineKernels(kernels, architecture, dtype, nKnots):
 def checkSplineKernels(hp, capability, report):
     """Which spline kernels will run, each compiled here for the GPU's architecture (Triton needs no GPU for it)."""
     from activationFunctions import SPLINE_TYPES, splineBackends
-    from trainLmAf import splitAfType
 
     kinds = [name for name in splitAfType(hp.afType) if name in SPLINE_TYPES]
     if not kinds:
@@ -275,21 +282,18 @@ def checkFlexAttention(hp, capability, report):
     report.details += ["", "FlexAttention:"] + plan.lines()
 
 
-def runPreflight(hp):
-    """Check a configured run without training and print one table; returns the exit code (0: it will fit and
-    compile), after one line on stderr naming what will not."""
+def runPreflight(hp, forced):
+    """Check a configured run, whose flags passed trainLmAf.validate (forced: the values it forced), without training
+    and print one table; returns the exit code (0: it will fit and compile), after one line on stderr naming what
+    will not."""
     import sys
-
-    from trainLmAf import (ConfigError, compileBackend, modelStartSteps, runPasses, shapeVariants, splitAfType,
-                           validate)
 
     report = Report()
     try:
-        forced = validate(hp)
         report.add("flags", True, f"{hp.nModels} model(s), {hp.nLayers} x {hp.dimEmb}, seqLength {hp.seqLength}, "
                                   f"{hp.dtype}, afType {hp.afType!r}" + "".join(f"; forced {f}" for f in forced))
         name, capability, free, origin = targetGpu(hp)
-    except (ConfigError, PreflightError) as err:
+    except PreflightError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"Preflight of run '{hp.runName}' for {name} (compute capability {capability[0]}.{capability[1]}, "

@@ -5,17 +5,10 @@ all active models in one batched pass. Phase II (--afFileToLoad): a fresh model 
 phase I, frozen when --afLr 0. See README.md for the commands and SPEC of every flag (--help).
 """
 import argparse
-import csv
 import dataclasses
 import datetime
-import fcntl
-import math
 import os
-import platform
 import random
-import re
-import signal
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -23,19 +16,22 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from activationFunctions import (FIXED_TYPES, LEARNABLE_TYPES, MLP_INPUT_TYPES, SPLINE_TYPES, Spline, evaluateOnGrid,
-                                 isLearnable, splineBackends, splineSmoothness)
-from distributed import Distributed
+import checkpoints
+import forwardPasses
+import preflight
+import runOutputs
+import stopping
+import trackers
+from activationFunctions import FIXED_TYPES, LEARNABLE_TYPES, MLP_INPUT_TYPES, SPLINE_TYPES, splineSmoothness
+from afFiles import AfFileError, loadAfsIntoModel, splineKnots
 from attention import FLEX_MASK_BLOCK, FLEX_TILE_SIZES, SCORE_TYPES
-from afFiles import (AfFileError, atomicWrite, loadAfsIntoModel, perLayerValues, safeTorchLoad, saveAfFiles,
-                     scoreSplineKnots, splineKnots)
-from model import GPT, MLP_VARIANT_AFS, AfInputStatistics, copyInitAcrossModels, permuteInitAcrossModels
+from distributed import Distributed
+from model import MLP_VARIANT_AFS, copyInitAcrossModels, permuteInitAcrossModels
+from runPlan import (ConfigError, activeModels, buildModel, lrFactor, modelLrFactors, modelPasses, modelStartSteps,
+                     parseAfInit, parseNumber, pickDevice, roundUpVocab, splitAfInit, splitAfType, splitScoreType)
 from stackedAdam import StackedAdam
 from tokenShards import ShardError, TokenStream, listShards, maxTokenId, readShardHeader, validationSequences
-import trackers
 
-CHECKPOINT_FORMAT = "lm-afs checkpoint 1"
-PLOT_LABELS = {"tr": "loss/acc", "af": "AF", "act": "act"}  # in the original's 'Saving plot (...)' lines
 
 # ----------------------------------------------------------------------------------------------
 # Hyperparameters (every field is a --flag of the same name)
@@ -44,23 +40,6 @@ PLOT_LABELS = {"tr": "loss/acc", "af": "AF", "act": "act"}  # in the original's 
 def flag(default, help, choices=None, parse=None):
     """A hyperparameter and its CLI flag; parse: the flag's parser, when its type's own does not fit."""
     return field(default=default, metadata={"help": help, "choices": choices, "parse": parse})
-
-
-def parseNumber(text):
-    """A float flag's value; written without a point or exponent it stays an int, as the original's whole-number
-    values (its log prints afRange = 15)."""
-    try:
-        return int(text)
-    except ValueError:
-        return float(text)
-
-
-def parseAfInit(text):
-    """--afInit: a number stays a number (as the original's float flag); an AF name or 'MLP;att-ATT' stays text."""
-    try:
-        return parseNumber(text)
-    except ValueError:
-        return text.strip()
 
 
 @dataclass
@@ -157,10 +136,6 @@ class Hyperparameters:
                                  "4090-laptop:8.9:16 or h100:9.0:80")
 
 
-class ConfigError(Exception):
-    """Bad flags or inputs; the message is one line for the user."""
-
-
 def parseBool(text):
     if text in ("1", "true", "True"):
         return True
@@ -195,43 +170,6 @@ def parseArgs(argv=None):
                                                      or any(x.startswith(opt + "=") for x in (argv or sys.argv[1:]))
                                                      for opt in a.option_strings)}
     return Hyperparameters(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Hyperparameters)}), given
-
-
-def splitScoreType(afType):
-    """'MLP;att-ATT;score-SCORE' -> ('MLP;att-ATT', SCORE); an afType without a score part -> (afType, 'softmax')."""
-    parts = afType.split(";")
-    if len(parts) > 1 and parts[-1].strip().startswith("score-"):
-        return ";".join(parts[:-1]), parts[-1].strip()[len("score-"):]
-    return afType, "softmax"
-
-
-def splitAfType(afType):
-    """'MLP;att-ATT' -> (MLP, ATT); 'MLP' -> (MLP, 'linear'); a last ';score-SCORE' part is left to splitScoreType."""
-    afType = splitScoreType(afType)[0]
-    parts = afType.split(";")
-    mlp = parts[0].strip()
-    if len(parts) == 1:
-        return mlp, "linear"
-    if len(parts) != 2 or not parts[1].strip().startswith("att-"):
-        raise ConfigError(f"--afType {afType!r} must look like 'MLP', 'MLP;att-ATT' or 'MLP;att-ATT;score-SCORE' "
-                          "(e.g. 'spline;att-spline')")
-    return mlp, parts[1].strip()[len("att-"):]
-
-
-def splitAfInit(afInit):
-    """--afInit -> (MLP sites' init, attention sites' init), each a number or a fixed AF's name; a single value
-    applies to both."""
-    if isinstance(afInit, (int, float)):
-        return afInit, afInit
-    parts = [part.strip() for part in afInit.split(";")]
-    if len(parts) > 2 or len(parts) == 2 and not parts[1].startswith("att-"):
-        raise ConfigError(f"--afInit {afInit!r} must look like 'INIT' or 'INIT;att-INIT' (e.g. 'relu2;att-0.01')")
-    inits = [parseAfInit(part) for part in (parts[0], parts[-1][len("att-"):] if len(parts) == 2 else parts[0])]
-    for init in inits:
-        if isinstance(init, str) and init not in FIXED_TYPES:
-            raise ConfigError(f"--afInit: {init!r} is neither a number nor a fixed AF; use a number (-1: identity) or "
-                              f"one of {', '.join(FIXED_TYPES)}")
-    return tuple(inits)
 
 
 def isLearnableAf(name):
@@ -322,172 +260,7 @@ def validate(hp):
 
 
 # ----------------------------------------------------------------------------------------------
-# Learning-rate schedules and staggered starts
-
-
-def lrFactor(step, nSteps, nWarmup, nCooldown, schedule):
-    """Multiplier of the base LR at 0-based step `step` of a run of nSteps steps."""
-    warm = min(1.0, (step + 1) / nWarmup) if nWarmup > 0 else 1.0
-    if schedule == "warmup":
-        return warm
-    if schedule == "cos":
-        if step < nWarmup:
-            return warm
-        progress = min(1.0, (step - nWarmup) / max(1, nSteps - nWarmup))
-        return 5e-4 + 0.5 * (1 - 5e-4) * (1 + math.cos(math.pi * progress))
-    if step >= nSteps:
-        return 0.05
-    cool = min(1.0, (nSteps - step) / nCooldown) if nCooldown > 0 else 1.0
-    return min(warm, cool)
-
-
-def modelStartSteps(hp):
-    """Model i's first step: about i*nSteps/nModels, computed as the original computes it (numpy's linspace, then
-    its rounding, half to even), which differs from round(i*nSteps/nModels) by one step where float rounding breaks
-    a tie, e.g. model 15 of 24 over 100 steps."""
-    if hp.nModels == 1 or hp.staggeredStarts == 0:
-        return [0] * hp.nModels
-    return [int(s) for s in np.round(np.linspace(0, hp.nSteps, hp.nModels, endpoint=False))]
-
-
-def modelLrFactors(hp, step, startSteps):
-    """Per-model LR multipliers at a global step: the global schedule, or (staggeredStarts 2) the global schedule
-    at the model's own step count, as the original, whose per-model scheduler is not advanced before its model
-    starts (nSteps, warmup and cooldown unchanged, so a late model never reaches the cooldown)."""
-    if hp.staggeredStarts == 2 and hp.nModels > 1:
-        return [lrFactor(step - s, hp.nSteps, hp.nStepsWarmup, hp.nStepsCooldown, hp.lrSchedule) for s in startSteps]
-    return [lrFactor(step, hp.nSteps, hp.nStepsWarmup, hp.nStepsCooldown, hp.lrSchedule)] * hp.nModels
-
-
-def activeModels(step, startSteps):
-    """Number of models started by this step; they are always models 0..n-1 (start steps increase)."""
-    return sum(1 for s in startSteps if s <= step)
-
-
-# ----------------------------------------------------------------------------------------------
-# Log file (terminal + file, with a lock so two processes cannot write one log)
-
-SEPARATOR = "=" * 100  # between the original's header parts, and before the first Step line
-# The original's hyperparameters in the order its log prints them; ours that it lacks follow in field order (its
-# filesTokensTe, never read, is not a flag here).
-ORIGINAL_FLAG_ORDER = (
-    "runName", "seed", "plotMinAcc", "plotMaxAcc", "plotMinLoss", "plotMaxLoss", "shuffleTrData", "tokenDocSep",
-    "dtype", "flexBlockSize", "nLayers", "nHeads", "dimEmb", "tieEmbeddings", "afType", "afLayerSpecific", "afRange",
-    "afNAnchors", "afLr", "afInit", "afFileToLoad", "dirResults", "filesTokensTr", "filesTokensVa", "lr",
-    "freezeEmbeddings", "batchSize", "seqLength", "nSteps", "nStepsWarmup", "nStepsCooldown", "wtDecay", "nModels",
-    "staggeredStarts", "sameDataAcrossModels", "sameInitAcrossModels", "adamB1", "adamB2", "afAdamB1", "afAdamB2",
-    "gradientClipping", "contextSize", "lrSchedule", "nTokensVa", "valEvery", "saveModelEvery", "saveAfEvery",
-    "plotEvery", "plottingLevel")
-
-
-def originalValueText(name, value):
-    """A hyperparameter's value as the original prints it: strings in double quotes, afType as its list of parts
-    (MLP, attention; our score part, when given, third), dtype as the torch dtype."""
-    if name == "afType":
-        mlp, att = splitAfType(value)
-        score = splitScoreType(value)[1]
-        return str([mlp, att] + ([f"score-{score}"] if score != "softmax" else []))
-    if name == "dtype":
-        return f"torch.{value}"
-    if isinstance(value, str):
-        return f'"{value}"'
-    return str(value)
-
-
-def hyperparameterLines(hp, printedAs=None):
-    """The 'Hyperparameters:' block of the log: the original's flags in its order and form, then ours; printedAs:
-    values shown instead of hp's (those the original prints before forcing them)."""
-    values = {**dataclasses.asdict(hp), **(printedAs or {})}
-    names = [f.name for f in dataclasses.fields(hp)]
-    ordered = [n for n in ORIGINAL_FLAG_ORDER if n in names] + [n for n in names if n not in ORIGINAL_FLAG_ORDER]
-    return ["Hyperparameters:"] + [f"  {n} = {originalValueText(n, values[n])}" for n in ordered]
-
-
-class RunLog:
-    """Lines to the terminal and the log file; RunLog(None) (a non-main torchrun process) writes nothing."""
-
-    def __init__(self, path):
-        self.path = path
-        self.progressBar = None
-        self.file = open(path, "a") if path else None
-        if path is None:
-            return
-        try:
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.file.close()
-            raise ConfigError(f"another process is writing {path}; wait for it or choose another --runName") from None
-
-    def __call__(self, line="", terminal=True):
-        if self.file is None:
-            return
-        self.file.write(line + "\n")
-        self.file.flush()
-        if terminal:
-            if self.progressBar is not None:
-                self.progressBar.write(line)
-            else:
-                print(line, flush=True)
-
-    def close(self):
-        if self.file is not None:
-            self.file.close()
-
-
-class MetricsFile:
-    """metrics-RUN.csv: one row per report (step, model, split, loss, accuracy, lr, trainSeconds, tokens), for
-    pandas rather than parsing logs. A resumed run first drops the rows after its checkpoint's step (they are
-    trained again), then appends; MetricsFile(None) (a non-main torchrun process) writes nothing."""
-
-    COLUMNS = ("step", "model", "split", "loss", "accuracy", "lr", "trainSeconds", "tokens")
-
-    def __init__(self, path, resumeStep, tracker=None):
-        self.file, self.tracker = None, tracker or trackers.NoTracker()  # every row also goes to the tracker
-        if path is None:
-            return
-        kept = []
-        if os.path.isfile(path):
-            with open(path, newline="") as f:
-                kept = [row for row in csv.DictReader(f) if int(row["step"]) <= resumeStep]
-        atomicWrite(path, lambda tmp: self.writeRows(tmp, kept))
-        self.file = open(path, "a", newline="")
-        self.writer = csv.writer(self.file, lineterminator="\n")
-
-    def writeRows(self, path, rows):
-        with open(path, "w", newline="") as f:
-            writer = csv.DictWriter(f, self.COLUMNS, lineterminator="\n")
-            writer.writeheader()
-            writer.writerows(rows)
-
-    def write(self, step, model, split, loss, accuracy, lr, trainSeconds, tokens):
-        if self.file is not None:
-            self.writer.writerow([step, model, split, f"{loss:.6f}", f"{accuracy:.6f}", f"{lr:.6g}",
-                                  f"{trainSeconds:.3f}", tokens])
-            self.file.flush()
-        self.tracker.write(step, model, split, loss, accuracy, lr, trainSeconds, tokens)
-
-    def close(self):
-        if self.file is not None:
-            self.file.close()
-        self.tracker.close()
-
-
-def finalLineWritten(logPath, nSteps):
-    if not os.path.isfile(logPath):
-        return False
-    prefix = f"Step {nSteps}/{nSteps} "
-    with open(logPath, errors="replace") as f:
-        return any(line.startswith(prefix) for line in f)
-
-
-# ----------------------------------------------------------------------------------------------
 # Setup
-
-
-def pickDevice(hp):
-    if hp.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(hp.device)
 
 
 def seedEverything(seed):
@@ -496,83 +269,9 @@ def seedEverything(seed):
     torch.manual_seed(seed)
 
 
-def roundUpVocab(maxId):
-    return (maxId + 1 + 127) // 128 * 128
-
-
 def splineValues(model):
     """{id(spline): its values as a numpy copy} for every spline of model."""
     return {id(spline): spline.values.detach().float().cpu().numpy().copy() for spline in model.splines()}
-
-
-def modelArguments(hp, vocabSize, device, nModels=None):
-    """GPT's constructor arguments for these hyperparameters (a dict or Hyperparameters) on device."""
-    get = hp.get if isinstance(hp, dict) else lambda name, default=None: getattr(hp, name, default)
-    mlp, att = splitAfType(get("afType"))
-    mlpInit, attInit = splitAfInit(get("afInit"))
-    return dict(vocabSize=vocabSize, nLayers=get("nLayers"), nHeads=get("nHeads"), dimEmb=get("dimEmb"),
-                nModels=nModels or get("nModels"), afMlp=mlp, afAtt=att, afLayerSpecific=get("afLayerSpecific"),
-                afRange=get("afRange"), afNAnchors=get("afNAnchors"), afInit=mlpInit, afInitAtt=attInit,
-                tieEmbeddings=get("tieEmbeddings"), freezeEmbeddings=get("freezeEmbeddings"),
-                contextSize=get("contextSize"), tokenDocSep=get("tokenDocSep"),
-                attention="flex" if torch.device(device).type == "cuda" else "sdpa", device=str(device),
-                flexBlockSize=get("flexBlockSize"), kanGridSize=get("kanGridSize", 5),
-                kanSplineOrder=get("kanSplineOrder", 3), afScore=splitScoreType(get("afType"))[1])
-
-
-def buildModel(hp, vocabSize, device, nModels=None):
-    """The stacked GPT for these hyperparameters (a dict or Hyperparameters), on device."""
-    return GPT(**modelArguments(hp, vocabSize, device, nModels)).to(device)
-
-
-def compileBackend(hp, device):
-    """The torch.compile backend of the run, or None for eager."""
-    if hp.compileBackend == "auto":
-        return "inductor" if device.type == "cuda" else None
-    return None if hp.compileBackend == "none" else hp.compileBackend
-
-
-def modelPasses(nActive, modelsPerPass):
-    """(first model, number of models) of each batched pass over nActive active models."""
-    return [(first, min(modelsPerPass, nActive - first)) for first in range(0, nActive, modelsPerPass)]
-
-
-def representativePasses(passes, nModels):
-    """A few of the passes (first, n) a run makes, enough to compile every graph it needs: per kind of pass
-    (first model 0 or not, one model or several, up to the last model, all models) two with different first
-    models, so that the first model's index becomes dynamic too."""
-    byKind = {}
-    for first, n in sorted(passes):
-        kind = (first == 0, n == 1, first + n == nModels, n == nModels)
-        chosen = byKind.setdefault(kind, [])
-        if len(chosen) < 2 and all(f != first for f, _ in chosen):
-            chosen.append((first, n))
-    return sorted(p for chosen in byKind.values() for p in chosen)
-
-
-def runPasses(startSteps, fromStep, localActive, modelsPerPass):
-    """Every (first model, number of models) of a training pass from fromStep to the end of a run; localActive maps
-    the run's number of active models to this process's."""
-    steps = [fromStep] + [s for s in startSteps if s > fromStep]
-    return {p for step in steps for p in modelPasses(localActive(activeModels(step, startSteps)), modelsPerPass)}
-
-
-def validationBatchSize(nSequences, seqLength):
-    """Validation sequences per forward pass: about 16k tokens."""
-    return max(1, min(nSequences, 16384 // seqLength))
-
-
-def shapeVariants(passes, nModels, nValidation, seqLength, statistics=False):
-    """The graphs a compiled run needs, as (kind, first model, models, batch): representative training passes, the
-    validation batches of nValidation sequences (0: no validation) and, with statistics, the AF-input statistics
-    pass (on the first validation batch, or on one training sequence without validation)."""
-    variants = [("train", first, n, 1) for first, n in representativePasses(passes, nModels)]
-    if nValidation:
-        perForward = validationBatchSize(nValidation, seqLength)
-        variants += [("validation", 0, 1, batch) for batch in sorted({perForward, nValidation % perForward} - {0})]
-    if statistics:
-        variants.append(("statistics", 0, 1, validationBatchSize(nValidation, seqLength) if nValidation else 1))
-    return variants
 
 
 def frozenParameters(model, freezeEmbeddings):
@@ -588,50 +287,14 @@ def frozenParameters(model, freezeEmbeddings):
     return []
 
 
-def libraryInfo(device):
-    lines = [f"python {platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}, "
-             f"platform {platform.platform()}"]
-    if device.type == "cuda":
-        lines.append(f"device: {torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda}); float32 matmuls in "
-                     f"TF32 (precision {torch.get_float32_matmul_precision()!r}), as the original")
-    else:
-        lines.append(f"device: CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)")
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-        if commit:
-            lines.append(f"git commit {commit}")
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return lines
-
-
-def parameterReport(model, nModels):
-    """Lines with per-tensor and total parameter counts, per model (stacked tensors divided by nModels)."""
-    lines, trainable, frozen = [], 0, 0
-    afIds = {id(p) for p in model.afParameters()}
-    for name, p in model.named_parameters():
-        perModel = p.numel() if id(p) in afIds else p.numel() // nModels
-        shape = tuple(p.shape) if id(p) in afIds else tuple(p.shape[1:])
-        state = "trainable" if p.requires_grad else "frozen"
-        lines.append(f"  {name:40s} {str(shape):20s} {perModel:>12,} {state}{' (AF, shared)' if id(p) in afIds else ''}")
-        if p.requires_grad:
-            trainable += perModel
-        else:
-            frozen += perModel
-    return lines, trainable, frozen
-
-
 # ----------------------------------------------------------------------------------------------
 # Training run
 
 
-class Interrupted(Exception):
-    pass
-
-
 class Trainer:
-    """One training run: data, model, optimizers, loop, outputs. Built by setup(), run by train()."""
+    """One training run: data, model, optimizers, the step and the loop. Built by setup(), run by train(). What it
+    writes is runOutputs.py's (log, metrics, plots, ptAf files) and checkpoints.py's (model checkpoints); its other
+    passes are forwardPasses.py's and its early stops stopping.py's: functions of the Trainer."""
 
     def __init__(self, hp, given=frozenset()):
         self.hp, self.given = hp, given
@@ -643,12 +306,12 @@ class Trainer:
         hp = self.hp
         resume = None
         if hp.resumeFrom:
-            resume = self.loadResumeCheckpoint()
+            resume = checkpoints.loadResumeCheckpoint(hp, self.given)
         # the original prints afLayerSpecific as given, not as forced (its GELU baseline log: 1, with afLr 0)
         self.printedAs = {"afLayerSpecific": hp.afLayerSpecific}
         forced = validate(hp)
         self.paths()
-        if finalLineWritten(self.logPath, hp.nSteps):  # also when resuming: the run finished after its checkpoint
+        if runOutputs.finalLineWritten(self.logPath, hp.nSteps):  # also when resuming: the run finished after its checkpoint
             self.alreadyComplete = True
             return self
         self.alreadyComplete = False
@@ -656,7 +319,7 @@ class Trainer:
         if self.dist.enabled and hp.nModels > 1 and hp.nModels < self.dist.worldSize:
             raise ConfigError(f"--nModels {hp.nModels} is fewer than the {self.dist.worldSize} processes; "
                               "give every process at least one model")
-        self.device = self.dist.start(pickDevice(hp))
+        self.device = self.dist.start(pickDevice(hp.device))
         self.tracksCudaMemory = self.device.type == "cuda"
         if self.device.type == "cuda":
             torch.set_float32_matmul_precision("high")  # TF32 matmuls, as the original
@@ -709,16 +372,10 @@ class Trainer:
         knots = splineKnots(self.model)  # a phase-II spline keeps the knots of its file
         self.afInputRange = float(knots[-1]) if knots is not None else hp.afRange
         if resume:
-            self.restore(resume)
-        self.modelsPerPass = self.chooseModelsPerPass()
-        backend = compileBackend(hp, self.device)
-        self.compiled = self.model if backend is None else torch.compile(self.model, backend=backend)
-        # the AF-input statistics read the model's AF sites at each report: a graph of its own, compiled before step 1
-        self.afInputTable = self.model.afInputTable if backend is None else \
-            torch.compile(self.model.afInputTable, backend=backend, dynamic=False)
-        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=hp.dtype == "bfloat16")
-        self.attentionNotes = []
-        self.compiledVariants = self.firstPasses(compiled=backend is not None)
+            checkpoints.restore(self, resume)
+        self.modelsPerPass, self.modelsPerPassNote = preflight.chooseModelsPerPass(hp, self.device, self.vocabSize,
+                                                                                   self.nLocal)
+        forwardPasses.compileModel(self)
         self.forced = forced
         return self
 
@@ -739,180 +396,6 @@ class Trainer:
         else:
             self.afOptimizer = torch.optim.SGD(afParams, lr=-hp.afLr)
 
-    # -- checkpoints -------------------------------------------------------------------------
-
-    def localState(self):
-        """What differs between ranks: this rank's models' weights, optimizer state, data positions, window."""
-        weightNames = [name for name, _ in self.model.namedWeightParameters()]
-        state = self.model.state_dict()
-        return {"weights": {name: state[name].cpu() for name in weightNames},
-                "optimizer": {k: [t.cpu() for t in v] if isinstance(v, list) else v.cpu()
-                              for k, v in self.optimizer.state_dict().items()},
-                "dataPositions": [s.state_dict() for s in self.streams],
-                "window": {k: v.cpu() if torch.is_tensor(v) else v for k, v in self.window.items()}}
-
-    def checkpointDict(self):
-        """The whole run's state on the main rank (gathered from all ranks under torchrun); None elsewhere."""
-        parts = self.dist.gatherToMain(self.localState())
-        if not self.dist.isMain:
-            return None
-        if self.dataParallel:
-            parts = parts[:1]  # every rank holds the same model and reads the same (strided) stream
-
-        def cat(tensors):
-            return torch.cat(tensors) if len(tensors) > 1 else tensors[0]
-
-        model = self.model.state_dict()
-        for name in parts[0]["weights"]:
-            model[name] = cat([p["weights"][name] for p in parts])
-        optimizer = {key: [cat([p["optimizer"][key][i] for p in parts]) for i in range(len(parts[0]["optimizer"][key]))]
-                     for key in ("expAvg", "expAvgSq")}
-        optimizer["stepCounts"] = cat([p["optimizer"]["stepCounts"] for p in parts])
-        window = {key: cat([p["window"][key] for p in parts]) for key in ("loss", "acc", "count")}
-        window["steps"], window["seconds"] = parts[0]["window"]["steps"], parts[0]["window"]["seconds"]
-        return {
-            "format": CHECKPOINT_FORMAT,
-            "hyperparameters": dataclasses.asdict(self.hp),
-            "step": self.step,
-            "vocabSize": self.vocabSize,
-            "model": model,
-            "optimizer": optimizer,
-            "afOptimizer": self.afOptimizer.state_dict() if self.afOptimizer else None,
-            "dataPositions": [position for p in parts for position in p["dataPositions"]],
-            "history": self.history,
-            "trainSeconds": self.trainSeconds,
-            "window": window,
-            "rng": {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(np.random.get_state()[1].copy()),
-                    "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else []},
-            "knots": splineKnots(self.model),
-            "afValuesMlp": perLayerValues(self.model, "mlp"),
-            "afValuesAtt": perLayerValues(self.model, "att"),
-            "scoreKnots": scoreSplineKnots(self.model),
-            "afValuesScore": perLayerValues(self.model, "score"),
-        }
-
-    def loadResumeCheckpoint(self):
-        path = self.hp.resumeFrom
-        try:
-            ckpt = safeTorchLoad(path, "--resumeFrom")
-        except AfFileError as err:
-            raise ConfigError(str(err)) from None
-        if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-            raise ConfigError(f"--resumeFrom {path!r} is not a model checkpoint (pt-RUN-stepNNNN.pt) of trainLmAf.py")
-        saved = ckpt["hyperparameters"]
-        for name, value in saved.items():
-            if name != "resumeFrom" and name not in self.given and hasattr(self.hp, name):
-                setattr(self.hp, name, value)
-        return ckpt
-
-    def restore(self, ckpt):
-        """Continue from a checkpoint (the model weights were loaded before this rank took its block)."""
-        mine = slice(self.firstModel, self.stopModel)
-        self.optimizer.load_state_dict(ckpt["optimizer"], models=slice(None) if self.dataParallel else mine)
-        if self.afOptimizer and ckpt["afOptimizer"]:
-            self.afOptimizer.load_state_dict(ckpt["afOptimizer"])
-        positions = ckpt["dataPositions"] if len(self.streams) == 1 else ckpt["dataPositions"][mine]
-        for stream, state in zip(self.streams, positions):
-            stream.load_state_dict(state)
-        self.history = ckpt["history"]
-        self.step = ckpt["step"]
-        self.trainSeconds = ckpt["trainSeconds"]
-        window = ckpt["window"]
-        self.window = {key: window[key][:self.nLocal] if self.dataParallel else window[key][mine]
-                       for key in ("loss", "acc", "count")}
-        self.window = {key: value.to(self.device) for key, value in self.window.items()}
-        self.window["steps"], self.window["seconds"] = window["steps"], window.get("seconds", 0.0)
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if self.device.type == "cuda" and ckpt["rng"]["cuda"]:
-            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-
-    def saveCheckpoint(self):
-        """Write pt-RUN-stepNNNN.pt (a collective under torchrun: every rank must call it)."""
-        path = os.path.join(self.hp.dirResults, f"pt-{self.hp.runName}-step{self.step:04d}.pt")
-        state = self.checkpointDict()
-        if state is not None:
-            atomicWrite(path, lambda tmp: torch.save(state, tmp))
-            self.log(f"Saving model: {path}")
-        return path
-
-    def saveAfs(self):
-        """Write ptAf-RUN-stepNNNN.pt/.csv; (None, None) without splines (other learned AFs are in pt-RUN files)."""
-        if splineKnots(self.model) is None and scoreSplineKnots(self.model) is None:
-            return None, None
-        stem = os.path.join(self.hp.dirResults, f"ptAf-{self.hp.runName}-step{self.step:04d}")
-        ptPath, csvPath = saveAfFiles(stem, self.model, dataclasses.asdict(self.hp), self.step)
-        self.log(f"Saving AF: {ptPath}")
-        self.log(f"Saving AF (CSV): {csvPath}")
-        return ptPath, csvPath
-
-    # -- header ------------------------------------------------------------------------------
-
-    def printHeader(self):
-        hp, log = self.hp, self.log
-        for line in hyperparameterLines(hp, self.printedAs):
-            log(line)
-        log(SEPARATOR)
-        log(f"==== trainLmAf.py  {datetime.datetime.now():%Y-%m-%d %H:%M:%S}  run '{hp.runName}'")
-        log("command: " + " ".join(sys.argv))
-        for note in self.forced:
-            log(f"Forced: {note}")
-        for line in libraryInfo(self.device):
-            log(line)
-        nTr = sum(readShardHeader(p) for p in self.trFiles)
-        log(f"Training data: {len(self.trFiles)} files, {nTr:,} tokens ({hp.filesTokensTr})")
-        if self.vaFiles:
-            nVa = self.vaSequences.shape[0] * hp.seqLength
-            log(f"Validation data: {len(self.vaFiles)} files, {nVa:,} tokens used per evaluation "
-                f"({self.vaSequences.shape[0]} sequences; {hp.filesTokensVa})")
-        else:
-            log("Validation data: none (--filesTokensVa is empty)")
-        log(f"Vocabulary size: {self.vocabSize:,} (max token id + 1, rounded up to a multiple of 128)")
-        tokensPerModel = hp.nSteps * hp.batchSize * hp.seqLength
-        log(f"Projected training tokens per model: {tokensPerModel:,} = {tokensPerModel / max(1, nTr):.2f} epochs")
-        lines, trainable, frozen = parameterReport(self.model, hp.nModels)
-        log("Parameters per model (AF parameters are shared by all models):")
-        for line in lines:
-            log(line, terminal=hp.plottingLevel >= 3)
-        log(f"Parameters per model: {trainable:,} trainable, {frozen:,} frozen, {trainable + frozen:,} total")
-        log(f"Tokens per parameter: {tokensPerModel / max(1, trainable + frozen):.2f}")
-        log(f"Optimizer (weights): {self.optimizer.describe()}, lr={hp.lr}, schedule {hp.lrSchedule}")
-        if self.afOptimizer:
-            log(f"Optimizer (AFs): {type(self.afOptimizer).__name__} lr={abs(hp.afLr)}"
-                + (f" betas=({hp.afAdamB1}, {hp.afAdamB2})" if hp.afLr > 0 else "")
-                + f", {sum(p.numel() for p in self.model.afParameters()):,} AF parameters")
-        else:
-            log("Optimizer (AFs): none (AFs fixed or frozen)")
-        for note in self.afNotes:
-            log(note)
-        for line in self.kernelLines():
-            log(line)
-        if hp.nModels > 1:
-            log(f"Phase I: {hp.nModels} models, start steps {self.startSteps}; {self.modelsPerPass} models per pass "
-                f"({self.modelsPerPassNote})")
-        log(SEPARATOR)
-
-    def kernelLines(self):
-        """What runs the attention and what compiled, for the header."""
-        kernel, hp = self.model.kernel, self.hp
-        lines = list(self.attentionNotes)
-        splines = [af for af in list(self.model.mlpAfs) + list(self.model.attAfs) if isinstance(af, Spline)]
-        if splines:
-            backends = splineBackends(self.device, splines[0].nKnots, perChannel=splines[0].channels is not None,
-                                      dtype=torch.bfloat16 if hp.dtype == "bfloat16" else torch.float32)
-            lines.append(f"Spline kernels: forward {backends['forward']}, backward {backends['backward']}")
-        if kernel.implementation == "flex":
-            options = kernel.kernelOptions.get(torch.bfloat16 if hp.dtype == "bfloat16" else torch.float32)
-            lines.append(f"Attention: FlexAttention, mask block {FLEX_MASK_BLOCK}, kernel options {options}")
-        else:
-            lines.append("Attention: SDPA with the dense causal + document + window mask")
-        if kernel.score != "softmax":
-            lines.append(f"Attention weights: {kernel.describeScore()}")
-        if self.compiledVariants:
-            lines.append(f"Compiled before step 1 ({compileBackend(hp, self.device)}): " + ", ".join(
-                f"{kind} {n} model(s) from {first}" + (f" x {batch} sequences" if batch > 1 else "")
-                for kind, first, n, batch in self.compiledVariants))
-        return lines
-
     # -- one step ----------------------------------------------------------------------------
 
     def nextBatch(self, nActive):
@@ -927,71 +410,6 @@ class Trainer:
         if self.device.type == "cuda":
             batch = batch.pin_memory().to(self.device, non_blocking=True)
         return batch[:, None, :]
-
-    def chooseModelsPerPass(self):
-        hp = self.hp
-        if hp.modelsPerPass:
-            self.modelsPerPassNote = "given"
-            return min(hp.modelsPerPass, self.nLocal)
-        if self.device.type != "cuda" or self.nLocal == 1:
-            self.modelsPerPassNote = "all models in one pass"
-            return self.nLocal
-        import preflight
-        # the weights and optimizer states are already allocated, and counted in the estimate
-        free = torch.cuda.mem_get_info(self.device)[0] + torch.cuda.memory_reserved(self.device)
-        perPass, peak = preflight.fittingModelsPerPass(hp, self.vocabSize, self.nLocal, free)
-        self.modelsPerPassNote = (f"chosen from the free GPU memory, {free / 2**30:.1f} GiB; estimated peak "
-                                  f"{peak / 2**30:.1f} GiB")
-        return perPass
-
-    def firstPasses(self, compiled):
-        """Run, before step 1, every graph a compiled run will need (or, eagerly, one pass when FlexAttention is in
-        use): a failure of FlexAttention here (a compile error, too little shared memory at the first launch)
-        switches every process to SDPA with one printed line instead of stopping the run. Returns the compiled
-        variants."""
-        kernel = self.model.kernel
-        if not compiled and kernel.implementation != "flex":
-            return []
-        failure = None
-        try:
-            variants = self.compileShapeVariants(allOfThem=compiled)
-        except torch.OutOfMemoryError:  # too little memory, not a FlexAttention defect: SDPA would need more
-            raise
-        except Exception as err:  # compile and launch errors of other GPUs and library versions have many types
-            failure = err
-        anyFailed = self.dist.maxInPlace(torch.tensor([failure is not None], dtype=torch.int32, device=self.device))
-        if not anyFailed[0]:
-            return variants if compiled else []
-        line = kernel.fallBackToSdpa(failure or RuntimeError("FlexAttention failed in another process"))
-        print(line, flush=True)
-        self.attentionNotes.append(line)
-        return self.compileShapeVariants() if compiled else []
-
-    def compileShapeVariants(self, allOfThem=True):
-        """Compile, before step 1, every graph the run will need (training passes of 1..N models, validation),
-        so that no compile happens hours into a run; returns what was compiled (allOfThem False: the first only)."""
-        passes = runPasses(self.startSteps, self.step, self.localActive, self.modelsPerPass)
-        nValidation = len(self.vaSequences) if self.vaSequences is not None and self.dist.isMain else 0
-        statistics = self.hp.plottingLevel >= 1 and self.dist.isMain
-        variants = shapeVariants(passes, self.nLocal, nValidation, self.hp.seqLength,
-                                 statistics)[:None if allOfThem else 1]
-        def tokens(rows):  # laid out as nextBatch and validate lay out real ones, so the graphs' guards hold
-            return torch.zeros(rows, self.hp.seqLength + 1, dtype=torch.long, device=self.device)
-
-        try:
-            for kind, first, n, batch in variants:
-                if kind == "train":
-                    losses, _ = self.forwardPass(tokens(first + n)[:, None, :][first:], first)
-                    losses.sum().backward()
-                elif kind == "validation":
-                    with torch.no_grad():
-                        self.forwardPass(tokens(batch)[None], 0)
-                else:
-                    self.afInputStatistics(tokens(batch)[None])
-        finally:
-            for p in self.model.parameters():
-                p.grad = None
-        return variants
 
     def localActive(self, nActiveAll):
         """How many of this process's models are active when nActiveAll models of the run are."""
@@ -1081,144 +499,28 @@ class Trainer:
         """S, the sum of splineSmoothness over the learned splines (the prior's penalty is afSmoothness * S)."""
         return sum(splineSmoothness(spline) for spline in self.model.splines() if spline.values.requires_grad)
 
-    # -- evaluation --------------------------------------------------------------------------
-
-    @torch.no_grad()
-    def validate(self):
-        """Mean loss and accuracy of model 0 over the validation sequences."""
-        seqs = self.vaSequences
-        perForward = validationBatchSize(len(seqs), self.hp.seqLength)
-        totalLoss = totalAcc = 0.0
-        for start in range(0, len(seqs), perForward):
-            chunk = torch.from_numpy(seqs[start:start + perForward]).to(self.device)[None]
-            losses, accs = self.forwardPass(chunk, 0)
-            totalLoss += float(losses[0]) * chunk.shape[1]
-            totalAcc += float(accs[0]) * chunk.shape[1]
-        return totalLoss / len(seqs), totalAcc / len(seqs)
-
-    @torch.no_grad()
-    def afInputStatistics(self, tokens=None):
-        """AfInputStatistics.results() of model 0 on tokens [1, B, T+1]; by default the first validation batch (or a
-        training sequence)."""
-        if tokens is None and self.vaSequences is not None:
-            batch = validationBatchSize(len(self.vaSequences), self.hp.seqLength)
-            tokens = torch.from_numpy(self.vaSequences[:batch]).to(self.device)[None]
-        elif tokens is None:
-            tokens = torch.from_numpy(TokenStream(self.trFiles, self.hp.seqLength, self.hp.seed, 0, 0).next()
-                                      ).to(self.device)[None, None]
-        with self.autocast:
-            table = self.afInputTable(tokens[..., :-1], self.afInputRange)
-        return AfInputStatistics.results(table, self.afInputRange)
-
-    # -- outputs -----------------------------------------------------------------------------
-
-    def refreshPlots(self, announce=False):
-        """Redraw the plots; announce: print their paths, as the original does for the last ones."""
-        import plotting
-        hp, stepTag = self.hp, f"step{self.step:06d}"
-        made = []
-        if hp.plottingLevel >= 1:
-            lastVal = self.history["val"][-1] if self.history["val"] else None
-            suffix = f"-lossVa{lastVal[1]:.4f}" if lastVal else ""
-            made.append(("tr", f"tr-{hp.runName}-{stepTag}{suffix}.png"))
-            plotting.plotTraining(os.path.join(hp.dirResults, made[-1][1]), self.history, hp.plotMinLoss,
-                                  hp.plotMaxLoss, hp.plotMinAcc, hp.plotMaxAcc, title=hp.runName)
-            afs = self.afTiles()
-            if afs:
-                made.append(("af", f"af-{hp.runName}-{stepTag}.png"))
-                plotting.plotAfs(os.path.join(hp.dirResults, made[-1][1]), afs, title=hp.runName,
-                                 zoom=hp.plotAfZoom)
-        if hp.plottingLevel >= 2 and self.history["actMean"]:
-            made.append(("act", f"act-{hp.runName}-{stepTag}.png"))
-            plotting.plotActivations(os.path.join(hp.dirResults, made[-1][1]), self.history, self.model.afSiteNames())
-        self.tracker.images(self.step, [(kind, os.path.join(hp.dirResults, name)) for kind, name in made])
-        self.removeOlderPlots({name for _, name in made}, {kind for kind, _ in made})
-        for kind, name in made if announce else []:
-            self.log(f"Saving plot ({PLOT_LABELS[kind]}): {os.path.join(hp.dirResults, name)}")
-        if hp.plotShow:
-            plotting.showFiles([os.path.join(hp.dirResults, name) for _, name in made])
-
-    def removeOlderPlots(self, keep, kinds):
-        """One current file per figure: older refreshes of this run's figures are removed."""
-        pattern = re.compile(rf"^({'|'.join(kinds)})-{re.escape(self.hp.runName)}-step\d{{6}}.*\.png$")
-        for name in os.listdir(self.hp.dirResults):
-            if pattern.match(name) and name not in keep:
-                os.remove(os.path.join(self.hp.dirResults, name))
-
-    def afTiles(self):
-        tiles = []
-        for kind, afName, modules, index in (("MLP", self.model.afMlpName, self.model.mlpAfs, self.model.mlpAfIndex),
-                                             ("att", self.model.afAttName, self.model.attAfs, self.model.attAfIndex),
-                                             ("score", self.model.afScoreName, self.model.scoreAfs,
-                                              self.model.scoreAfIndex)):
-            for m, module in enumerate(modules):
-                isSpline = hasattr(module, "knots")
-                # Fixed AFs have nothing learned to show; moa's curve differs from token to token.
-                if not isSpline and (not isLearnable(module) or afName in MLP_INPUT_TYPES):
-                    continue
-                layers = [i for i, j in enumerate(index) if j == m]
-                where = "all layers" if len(layers) == len(index) and len(index) > 1 else \
-                    "layer " + ",".join(map(str, layers)) if len(layers) <= 2 else f"layers {layers[0]}-{layers[-1]}"
-                if isSpline:
-                    values, start = module.values.detach().float().cpu().numpy(), self.startValues.get(id(module))
-                    tiles.append({"name": f"{kind} ({where})", "knots": module.knots.cpu().numpy(), "values": values,
-                                  "start": None if start is None or np.array_equal(start, values) else start})
-                else:  # sampled on a grid: plotted as a curve, without knot dots or constant extrapolation
-                    xs, ys = evaluateOnGrid(module)
-                    tiles.append({"name": f"{kind} {afName} ({where})", "knots": xs.cpu().numpy(),
-                                  "values": ys.float().cpu().numpy(), "curve": True})
-                if kind == "score":  # not an AF-input site (GPT.afSiteNames)
-                    tiles[-1]["inputsNote"] = f"attention scores, all within ±{module.knotRange:.3g}"
-                else:
-                    tiles[-1]["inputs"] = self.tileInputs([f"{kind} {layer}" for layer in layers])
-        return tiles
-
-    def tileInputs(self, sites):
-        """The histogram of the AF inputs of these sites at the last report, for the plot under their AF's tile."""
-        stats = self.latestAfInputs
-        if stats is None:
-            return None
-        rows = [self.model.afSiteNames().index(site) for site in sites]
-        counts = [stats["counts"][r] for r in rows]
-        outside = sum(stats["outside"][r] * c for r, c in zip(rows, counts)) / max(1.0, sum(counts))
-        return {"edges": stats["edges"], "histogram": stats["histograms"][rows].sum(0), "outside": outside,
-                "range": self.afInputRange, "step": self.step}
-
-    def isDue(self, every, step):
-        """Whether an every-N output is due after `step` steps are complete (0: only at the end)."""
-        if every < 0:
-            return False
-        return step == self.hp.nSteps or (every > 0 and step % every == 0)
-
     # -- the loop ----------------------------------------------------------------------------
 
     def train(self):
         from tqdm import tqdm
 
         hp = self.hp
-        if self.dist.isMain:
-            os.makedirs(hp.dirResults, exist_ok=True)
-        self.log = RunLog(self.logPath if self.dist.isMain else None)
-        self.tracker = trackers.openTracker(hp, self.step) if self.dist.isMain else trackers.NoTracker()
-        self.metrics = MetricsFile(self.metricsPath if self.dist.isMain else None, self.step, self.tracker)
-        if self.step:
-            self.log(f"==== resuming from {hp.resumeFrom} at step {self.step}")
-        self.printHeader()
+        runOutputs.openOutputs(self)
         bar = tqdm(total=hp.nSteps, initial=self.step, desc=hp.runName, unit="step", dynamic_ncols=True,
                    disable=None if self.dist.isMain else True, file=sys.stderr)
         self.log.progressBar = bar
         pending = None  # (losses, step, AF values before that step): checked one step late to avoid a GPU sync
-        self.installSignalHandlers()
+        stopping.installSignalHandlers(self)
         try:
             while self.step < hp.nSteps:
                 t0 = time.perf_counter()
                 afBefore = [p.detach().clone() for p in self.model.afParameters()]
                 nActive, losses, accs = self.trainStep()
                 if pending is not None:
-                    self.checkFinite(*pending)
+                    stopping.checkFinite(self, *pending)
                 pending = (losses, self.step, afBefore)
                 if self.dist.enabled:
-                    self.agreeAcrossProcesses(losses)
+                    stopping.agreeAcrossProcesses(self, losses)
                 self.step += 1
                 self.window["loss"][:nActive] += losses
                 self.window["acc"][:nActive] += accs
@@ -1228,33 +530,32 @@ class Trainer:
                 self.trainSeconds += seconds
                 self.window["seconds"] += seconds
                 bar.update(1)
-                if self.validationDue(self.step):
-                    self.logValidation(self.step)  # after the update, as the original: Step 1 is one update in
+                if runOutputs.validationDue(self, self.step):
+                    runOutputs.logValidation(self, self.step)  # after the update, as the original: Step 1 is one update in
                 if self.step in (6, 11, hp.nSteps) and self.tracksCudaMemory:
-                    self.logPeakMemory()
-                if self.isReportStep(self.step):
-                    self.checkFinite(*pending)
-                    self.reportTraining(bar)
-                self.periodicOutputs()
+                    runOutputs.logPeakMemory(self)
+                if runOutputs.isReportStep(self, self.step):
+                    stopping.checkFinite(self, *pending)
+                    runOutputs.reportTraining(self, bar)
+                runOutputs.periodicOutputs(self)
                 if self.stopSignal is not None:
-                    raise Interrupted()
-        except Interrupted:
+                    raise stopping.Interrupted()
+        except stopping.Interrupted:
             self.closeBar(bar)
-            self.saveOnInterrupt()
+            stopping.saveOnInterrupt(self)
             return 128 + self.stopSignal
-        except NonFiniteLoss as err:
+        except stopping.NonFiniteLoss as err:
             self.closeBar(bar)
-            self.saveLastGoodAfs(err, pending)
+            stopping.saveLastGoodAfs(self, err, pending)
             raise
         except torch.OutOfMemoryError as err:
             self.closeBar(bar)
-            err.checkpoint = self.saveAfterOutOfMemory()
+            err.checkpoint = stopping.saveAfterOutOfMemory(self)
             raise
         finally:
             self.closeBar(bar)
-            self.restoreSignalHandlers()
-            self.log.close()
-            self.metrics.close()
+            stopping.restoreSignalHandlers(self)
+            runOutputs.closeOutputs(self)
         return 0
 
     def closeBar(self, bar):
@@ -1265,207 +566,6 @@ class Trainer:
         zeros = torch.zeros(self.nLocal, device=self.device)
         return {"loss": zeros, "acc": zeros.clone(), "count": zeros.clone(), "steps": 0, "seconds": 0.0}
 
-    def logPeakMemory(self):
-        """The peak CUDA memory since the last such line, in GiB, as the original prints it."""
-        self.log(f"Step {self.step}/{self.hp.nSteps}   Peak CUDA memory usage: "
-                 f"{torch.cuda.max_memory_allocated(self.device) / 2**30:.3f} GB")
-        torch.cuda.reset_peak_memory_stats(self.device)
-
-    def learningRate(self, model, stepIndex):
-        return self.hp.lr * modelLrFactors(self.hp, stepIndex, self.startSteps)[model]
-
-    def tokensSeen(self, model, stepsDone):
-        """Training tokens model has seen after stepsDone steps of the run (all processes' under data parallelism)."""
-        perStep = self.hp.batchSize * self.hp.seqLength * (self.dist.worldSize if self.dataParallel else 1)
-        return max(0, stepsDone - self.startSteps[model]) * perStep
-
-    def isReportStep(self, step):
-        """Training lines at steps 1 and 6, every plotEvery steps and at the last step, as the original."""
-        return step in (1, 6, self.hp.nSteps) or (step - 1) % self.hp.plotEvery == 0
-
-    def reportTraining(self, bar):
-        """Print model 0's training loss/accuracy since the last report (and every model's to the log), then the
-        activation magnitudes; the s/step figure counts training time only."""
-        hp, window = self.hp, self.window
-        totals = torch.zeros(3, hp.nModels, device=self.device)
-        for row, key in enumerate(("loss", "acc", "count")):
-            totals[row, self.firstModel:self.stopModel] = window[key]
-        self.dist.sumInPlace([totals])
-        count = totals[2].clamp(min=1).cpu()
-        loss, acc = (totals[0].cpu() / count).tolist(), (totals[1].cpu() / count).tolist()
-        self.log(f"Step {self.step}/{hp.nSteps}   lossTr {loss[0]:.4f}   accTr {100 * acc[0]:.1f}   "
-                 f"{self.trainSeconds:.0f}s = {window['seconds'] / max(1, window['steps']):.2f}s/step")
-        for m in range(hp.nModels):
-            if totals[2, m] > 0:
-                self.history["train"].append((self.step, m, loss[m], acc[m]))
-                self.metrics.write(self.step, m, "train", loss[m], acc[m], self.learningRate(m, self.step - 1),
-                                   self.trainSeconds, self.tokensSeen(m, self.step))
-                if m > 0:
-                    self.log(f"Step {self.step}/{hp.nSteps}   model {m}   lossTr {loss[m]:.4f}   accTr {100 * acc[m]:.1f}",
-                             terminal=False)
-        if hp.afSmoothness > 0:
-            with torch.no_grad():
-                roughness = float(self.smoothness())
-            self.log(f"Step {self.step}/{hp.nSteps}   AF smoothness S {roughness:.4f}   penalty "
-                     f"afSmoothness*S {hp.afSmoothness * roughness:.4f}")
-            self.tracker.scalars(self.step, {"afSmoothness/S": roughness,
-                                             "afSmoothness/penalty": hp.afSmoothness * roughness})
-        bar.set_postfix(lossTr=f"{loss[0]:.3f}")
-        self.window = self.newWindow()
-        if hp.plottingLevel >= 1 and self.dist.isMain:
-            self.reportAfInputs()
-
-    def reportAfInputs(self):
-        """Activation magnitudes (the original's lines, plottingLevel >= 2) and the share of AF inputs outside the
-        knot range, with a warning when a site passes 1%; the histograms go to the AF plot."""
-        hp, prefix = self.hp, f"Step {self.step}/{self.hp.nSteps}   "
-        stats = self.afInputStatistics()
-        self.latestAfInputs = stats
-        self.history["actMean"].append((self.step, stats["mean"]))
-        self.history["actMax"].append((self.step, stats["max"]))
-        if hp.plottingLevel >= 2:
-            self.log(prefix + "Activation magnitudes (2): " + " ".join(f"{v:.2f}" for v in stats["mean"]))
-            self.log(prefix + "Activation magnitudes (3): " + " ".join(f"{v:.2f}" for v in stats["max"]))
-        self.log(prefix + "AF inputs out of range: " + " ".join(f"{100 * v:.2f}%" for v in stats["outside"]))
-        names = self.model.afSiteNames()
-        self.tracker.scalars(self.step, {f"afInputsOutOfRange/{name}": share
-                                         for name, share in zip(names, stats["outside"])})
-        over = [(name, share) for name, share in zip(names, stats["outside"]) if share > 0.01]
-        if {name for name, _ in over} != self.sitesOutOfRange:  # once, and again when the sites change
-            self.sitesOutOfRange = {name for name, _ in over}
-            if over:
-                self.log(prefix + f"Warning: more than 1% of the AF inputs lie outside [-{self.afInputRange:g}, "
-                         f"{self.afInputRange:g}] at " + ", ".join(f"{name} ({100 * share:.1f}%)" for name, share in over)
-                         + "; a spline is constant there: consider a larger --afRange")
-        if hp.plottingLevel >= 3:
-            self.logParameterMagnitudes()
-
-    def agreeAcrossProcesses(self, losses):
-        """Under torchrun every process must stop at the same step: share the stop signal and non-finite losses."""
-        bad = (~torch.isfinite(losses)).nonzero().flatten().tolist()
-        flags = torch.tensor([self.stopSignal or 0, self.firstModel + bad[0] + 1 if bad else 0], device=self.device)
-        self.dist.maxInPlace(flags)
-        if flags[0]:
-            self.stopSignal = int(flags[0])
-        if flags[1]:
-            raise NonFiniteLoss(self.step + 1, int(flags[1]) - 1)
-
-    def validationDue(self, step):
-        """Whether the model after `step` updates is validated: after the first, every valEvery-th (1, 1 + valEvery,
-        ...) and the last (valEvery 0: the last only)."""
-        hp = self.hp
-        if not self.dist.isMain or self.vaSequences is None or hp.valEvery < 0:
-            return False
-        return step == hp.nSteps or (hp.valEvery > 0 and (step - 1) % hp.valEvery == 0)
-
-    def logValidation(self, step):
-        lossVa, accVa = self.validate()
-        self.history["val"].append((step, lossVa, accVa))
-        self.metrics.write(step, 0, "val", lossVa, accVa, self.learningRate(0, step - 1), self.trainSeconds,
-                           self.tokensSeen(0, step))
-        self.log(f"Step {step}/{self.hp.nSteps}   lossVa {lossVa:.4f}   accVa {100 * accVa:.1f}")
-
-    def periodicOutputs(self):
-        hp, step = self.hp, self.step
-        main = self.dist.isMain
-        if main and self.isDue(hp.saveAfEvery, step) and self.afOptimizer:
-            self.saveAfs()
-        if self.isDue(hp.saveModelEvery, step):
-            self.saveCheckpoint()
-        if main and hp.plottingLevel >= 1 and (step == hp.nSteps or (step - 1) % hp.plotEvery == 0):
-            self.refreshPlots(announce=step == hp.nSteps)
-
-    def logParameterMagnitudes(self):
-        for name, p in self.model.named_parameters():
-            self.log(f"Step {self.step}/{self.hp.nSteps}   |{name}| mean {p.detach()[0].float().abs().mean():.4f}",
-                     terminal=False)
-
-    def checkFinite(self, losses, step, afBefore):
-        bad = (~torch.isfinite(losses)).nonzero().flatten().tolist()
-        if bad:
-            raise NonFiniteLoss(step + 1, self.firstModel + bad[0])
-
-    def saveLastGoodAfs(self, err, pending):
-        """Write the AF values as they were before the step whose loss was not finite."""
-        if not self.afOptimizer or pending is None or not self.dist.isMain:
-            return
-        _, failedStep, afBefore = pending
-        with torch.no_grad():
-            for p, good in zip(self.model.afParameters(), afBefore):
-                p.copy_(good)
-        self.step = failedStep
-        err.afFile = self.saveAfs()[0]
-
-    # -- interrupts --------------------------------------------------------------------------
-
-    def installSignalHandlers(self):
-        def handler(signum, frame):
-            if self.stopSignal is not None:
-                os._exit(128 + signum)  # second signal: stop at once
-            self.stopSignal = signum
-            self.log(f"Received {signal.Signals(signum).name}: finishing step {self.step + 1}, then saving "
-                     "(send it again to stop at once)")
-        self.previousHandlers = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-
-    def restoreSignalHandlers(self):
-        for s, h in getattr(self, "previousHandlers", {}).items():
-            signal.signal(s, h)
-
-    def saveAfterOutOfMemory(self):
-        """After an out-of-memory error in a forward or backward pass the weights are those after the last step:
-        save them, so that the run resumes with a smaller --modelsPerPass. Returns the checkpoint's path, or None
-        when the error came during the update (half-updated weights are not worth keeping)."""
-        if self.updating:
-            return None
-        for p in self.model.parameters():
-            p.grad = None
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-        path = self.saveCheckpoint()
-        if self.dist.isMain and self.afOptimizer:
-            self.saveAfs()
-        return path
-
-    def outOfMemoryAdvice(self):
-        """One line for an out-of-memory error: the estimated peak of a pass, the GPU's free memory for this run, and
-        the --modelsPerPass to try."""
-        import preflight
-        hp, perPass = self.hp, getattr(self, "modelsPerPass", None)
-        if perPass is None:
-            return f"out of memory on {self.device} before training started: the model and its optimizer states do not fit"
-        peak, _ = preflight.estimatePeakMemory(hp, self.vocabSize, self.nLocal, perPass)
-        line = f"out of memory in a pass of {perPass} model(s) ({self.device}): estimated peak {peak / 2**30:.2f} GiB"
-        smaller = max(1, perPass // 2)
-        if self.device.type == "cuda":
-            for p in self.model.parameters():
-                p.grad = None
-            torch.cuda.empty_cache()
-            free = torch.cuda.mem_get_info(self.device)[0] + torch.cuda.memory_reserved(self.device)
-            line += f", {free / 2**30:.2f} GiB free for this run"
-            smaller = min(smaller, preflight.fittingModelsPerPass(hp, self.vocabSize, self.nLocal, free)[0])
-        if perPass > 1:
-            return line + f"; try --modelsPerPass {smaller}"
-        return line + "; one model per pass does not fit: try a smaller --seqLength or --dtype bfloat16"
-
-    def saveOnInterrupt(self):
-        path = self.saveCheckpoint()
-        if not self.dist.isMain:
-            return
-        if self.afOptimizer:
-            self.saveAfs()
-        if self.hp.plottingLevel >= 1:
-            self.refreshPlots(announce=True)
-        self.log(f"Stopped at step {self.step}/{self.hp.nSteps}; checkpoint {path}")
-        self.log(f"Resume with: python {os.path.basename(__file__)} --resumeFrom {path}")
-
-
-class NonFiniteLoss(Exception):
-    def __init__(self, step, modelIndex):
-        super().__init__(f"non-finite training loss at step {step} in model {modelIndex}; lower --lr or --afLr, "
-                         "or enable --gradientClipping")
-        self.step, self.modelIndex = step, modelIndex
-        self.afFile = None
-
 
 # ----------------------------------------------------------------------------------------------
 # Entry point
@@ -1474,8 +574,12 @@ class NonFiniteLoss(Exception):
 def main(argv=None):
     hp, given = parseArgs(argv)
     if hp.preflight:
-        import preflight
-        return preflight.runPreflight(hp)
+        try:
+            forced = validate(hp)
+        except ConfigError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        return preflight.runPreflight(hp, forced)
     trainer = Trainer(hp, given)
     try:
         trainer.setup()
@@ -1486,14 +590,14 @@ def main(argv=None):
     except (ConfigError, ShardError, AfFileError, trackers.TrackerError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except NonFiniteLoss as err:
+    except stopping.NonFiniteLoss as err:
         saved = f"; AF values before that step saved in {err.afFile}" if err.afFile else ""
         print(f"error: {err}{saved}", file=sys.stderr)
         return 3
     except torch.OutOfMemoryError as err:
         checkpoint = getattr(err, "checkpoint", None)
         saved = f"; resume from {checkpoint} with --resumeFrom" if checkpoint else ""
-        print(f"error: {trainer.outOfMemoryAdvice()}{saved}", file=sys.stderr)
+        print(f"error: {stopping.outOfMemoryAdvice(trainer)}{saved}", file=sys.stderr)
         return 4
     except KeyboardInterrupt:
         print("error: interrupted before training started; nothing was written", file=sys.stderr)

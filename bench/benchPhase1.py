@@ -25,7 +25,8 @@ from torch.func import functional_call
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tokenShards import TokenStream, writeShard  # noqa: E402
-from trainLmAf import Trainer, activeModels, lrFactor, modelLrFactors, parseArgs  # noqa: E402
+from runPlan import activeModels, lrFactor, modelLrFactors  # noqa: E402
+from trainLmAf import Trainer, parseArgs  # noqa: E402
 
 
 def synchronize(device):

@@ -5,6 +5,8 @@ import os
 import pytest
 import torch
 
+import runOutputs
+import runPlan
 import trainLmAf
 from activationFunctions import FIXED_TYPES, Spline, makeActivation, splineSmoothness
 from afFiles import readAfFile
@@ -31,27 +33,27 @@ def testNumericInitsKeepTheirMeaning():
 
 
 def testSplitAfInit():
-    assert trainLmAf.splitAfInit(0.01) == (0.01, 0.01)
-    assert trainLmAf.splitAfInit("relu2") == ("relu2", "relu2")
-    assert trainLmAf.splitAfInit("relu2;att-0.01") == ("relu2", 0.01)
-    assert trainLmAf.splitAfInit("-1;att-gelu") == (-1.0, "gelu")
+    assert runPlan.splitAfInit(0.01) == (0.01, 0.01)
+    assert runPlan.splitAfInit("relu2") == ("relu2", "relu2")
+    assert runPlan.splitAfInit("relu2;att-0.01") == ("relu2", 0.01)
+    assert runPlan.splitAfInit("-1;att-gelu") == (-1.0, "gelu")
     for bad in ("relu3", "relu2;0.01", "relu2;att-swiglu", "a;att-b;att-c"):
-        with pytest.raises(trainLmAf.ConfigError):
-            trainLmAf.splitAfInit(bad)
+        with pytest.raises(runPlan.ConfigError):
+            runPlan.splitAfInit(bad)
 
 
 def testPerSiteInitInTheModel():
     hp, _ = trainLmAf.parseArgs(["--filesTokensTr", "x", "--afType", "spline;att-spline", "--afInit", "relu2;att-0.01",
                                  "--nLayers", "2", "--dimEmb", "32", "--nHeads", "2", "--afNAnchors", "9",
                                  "--afRange", "2"])
-    model = trainLmAf.buildModel(hp, 128, "cpu")
+    model = runPlan.buildModel(hp, 128, "cpu")
     knots = torch.linspace(-2.0, 2.0, 9)
     for spline in model.mlpAfs:
         assert torch.equal(spline.values.detach(), torch.relu(knots) ** 2)
     for spline in model.attAfs:
         assert torch.equal(spline.values.detach(), torch.full((9,), 0.01))
-    hp.afInit = trainLmAf.parseAfInit("-1")  # a number stays a number: the original's float flag
-    assert hp.afInit == -1.0 and torch.equal(trainLmAf.buildModel(hp, 128, "cpu").attAfs[0].values.detach(), knots)
+    hp.afInit = runPlan.parseAfInit("-1")  # a number stays a number: the original's float flag
+    assert hp.afInit == -1.0 and torch.equal(runPlan.buildModel(hp, 128, "cpu").attAfs[0].values.detach(), knots)
 
 
 def testBadInitIsOneLineError(tinyData, tmp_path):
@@ -133,12 +135,12 @@ def testAfPlotShowsTheStart(tinyData, tmp_path):
     trainer = trainLmAf.Trainer(trainLmAf.parseArgs(argv[:-2] + ["--runName", "p2"])[0])
     trainer.setup()
     knots = torch.linspace(-4.0, 4.0, 17)
-    tiles = trainer.afTiles()
+    tiles = runOutputs.afTiles(trainer)
     assert [tile["start"] is None for tile in tiles] == [True, True]  # before training, start and now coincide
     with torch.no_grad():
         for spline in trainer.model.splines():
             spline.values.add_(1.0)
-    tiles = trainer.afTiles()
+    tiles = runOutputs.afTiles(trainer)
     assert [tile["start"].tolist() for tile in tiles] == [(torch.relu(knots) ** 2).tolist(),
                                                           torch.full((17,), 0.01).tolist()]
     fig = _afsFigure(tiles[:1], "t", _makeFigure)

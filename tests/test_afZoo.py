@@ -12,7 +12,9 @@ import torch.nn.functional as F
 import activationFunctions as afs
 from conftest import tinyFlags
 from model import GPT, GatedMlp, KanLayer, KanMlp, bSplineBasis, gatedHiddenWidth, kanHiddenWidth
-from trainLmAf import ConfigError, Hyperparameters, Trainer, isLearnableAf, main, parseArgs, validate
+import runOutputs
+from runPlan import ConfigError
+from trainLmAf import Hyperparameters, Trainer, isLearnableAf, main, parseArgs, validate
 
 ELEMENTWISE = afs.FIXED_TYPES + afs.LEARNABLE_TYPES + afs.SPLINE_TYPES
 MLP_ONLY = ("moa", "geglu", "swiglu", "reglu", "kan")
@@ -304,7 +306,7 @@ def testLearnedShapesArePlotted(afType, nTiles, tinyData, tmp_path, capsys):
     flags = dict(runName="p", afType=afType, afLayerSpecific=0, nSteps=4, nStepsWarmup=1, nStepsCooldown=1,
                  valEvery=0, plottingLevel=1)
     hp, given = parseArgs(tinyFlags(tinyData, tmp_path / "tiles", **flags))
-    tiles = Trainer(hp, given).setup().afTiles()
+    tiles = runOutputs.afTiles(Trainer(hp, given).setup())
     assert len(tiles) == nTiles
     for tile in tiles:  # sampled curves: x grid [K], values [K] or [C, K] for per-channel AFs
         assert tile["curve"] and tile["values"].shape[-1] == tile["knots"].shape[0]

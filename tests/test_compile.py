@@ -6,7 +6,8 @@ import torch._dynamo
 from torch._dynamo.utils import counters
 
 from conftest import tinyFlags
-from trainLmAf import Trainer, parseArgs, representativePasses
+from runPlan import representativePasses
+from trainLmAf import Trainer, parseArgs
 
 
 @pytest.mark.parametrize("modelsPerPass, plottingLevel", [(2, 0), (2, 2)])
@@ -60,13 +61,13 @@ def testSeveralPassesGiveTheResultsOfOnePass(tinyData, tmp_path):
 
 @pytest.mark.parametrize("compileBackend", ["none", "aot_eager"])
 def testAFailingFlexAttentionFallsBackToSdpaBeforeStepOne(tinyData, tmp_path, monkeypatch, compileBackend):
-    import trainLmAf
+    import runPlan
 
     torch._dynamo.reset()
-    arguments = trainLmAf.modelArguments
+    arguments = runPlan.modelArguments
     # FlexAttention on a CPU has no backward: it fails in the first backward, as a GPU without the shared
     # memory the kernel needs would fail at its first launch
-    monkeypatch.setattr(trainLmAf, "modelArguments", lambda *a, **k: {**arguments(*a, **k), "attention": "flex"})
+    monkeypatch.setattr(runPlan, "modelArguments", lambda *a, **k: {**arguments(*a, **k), "attention": "flex"})
     hp, given = parseArgs(tinyFlags(tinyData, tmp_path, runName="fallback", nSteps=3, nStepsWarmup=1,
                                     nStepsCooldown=1, compileBackend=compileBackend))
     trainer = Trainer(hp, given).setup()

@@ -11,6 +11,7 @@ import torch
 from conftest import REPO, tinyFlags
 
 import afFiles
+import checkpoints
 import evalBlimp
 import trainLmAf
 from model import GPT
@@ -47,7 +48,7 @@ def badModelFiles(folder, checkpoint):
     data = open(checkpoint, "rb").read()
     damaged.write_bytes(data[:len(data) // 2])
     trapped, marker = folder / "pt-trapped-step0006.pt", folder / "trapWasSprung"
-    torch.save({"format": trainLmAf.CHECKPOINT_FORMAT, "model": RunsCode(marker)}, trapped)
+    torch.save({"format": checkpoints.CHECKPOINT_FORMAT, "model": RunsCode(marker)}, trapped)
     foreign = folder / "other.pt"
     torch.save({"weights": torch.zeros(3)}, foreign)
     return {"ptAf": (ptAf, ["ptAf file", "only the activation functions", "--saveModelEvery"], None),

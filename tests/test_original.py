@@ -14,8 +14,10 @@ from conftest import UPSTREAM, randomDocuments, tinyFlags
 from model import GPT
 from tokenShards import TokenStream, writeShard
 from tokenShards import validationSequences
-from trainLmAf import (SEPARATOR, Trainer, buildModel, hyperparameterLines, lrFactor, modelLrFactors, modelStartSteps,
-                       parseArgs, validate)
+import forwardPasses
+from runOutputs import SEPARATOR, hyperparameterLines
+from runPlan import buildModel, lrFactor, modelLrFactors, modelStartSteps
+from trainLmAf import Trainer, parseArgs, validate
 
 GPT2_VOCAB = 50304  # GPT-2's 50,257 ids rounded up to a multiple of 128
 
@@ -163,13 +165,13 @@ def testLogLinesComeInTheOriginalsOrderAndCadence(tinyData, tmp_path, monkeypatc
     trainer.tracksCudaMemory = True
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 1.5 * 2**30)
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: None)
-    validate = trainer.validate
+    validate = forwardPasses.validate
 
-    def slowValidation():  # validation must not count as training time
+    def slowValidation(trainer):  # validation must not count as training time
         time.sleep(1.0)
-        return validate()
+        return validate(trainer)
 
-    trainer.validate = slowValidation
+    monkeypatch.setattr(forwardPasses, "validate", slowValidation)
     assert trainer.train() == 0
     kinds = []
     for line in (tmp_path / "log-cadence.txt").read_text().splitlines():

@@ -9,7 +9,8 @@ import torch
 from conftest import tinyFlags
 from model import GPT
 from tokenShards import TokenStream
-from trainLmAf import Trainer, activeModels, lrFactor, modelLrFactors, modelStartSteps, parseArgs
+from runPlan import activeModels, lrFactor, modelLrFactors, modelStartSteps
+from trainLmAf import Trainer, parseArgs
 
 
 def makeTrainer(dataDir, resultsDir, **overrides):

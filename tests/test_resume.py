@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import REPO, runTrainer, tinyFlags
-from trainLmAf import lrFactor
+from runPlan import lrFactor
 
 
 def phase1Flags(tinyData, results, **overrides):
@@ -148,14 +148,16 @@ def testOutOfMemoryStopsWithOneLineAndAResumableCheckpoint(tinyData, tmp_path, m
 
 
 def testOutOfMemoryBeforeStepOneIsNotAFlexAttentionFailure(tinyData, tmp_path, monkeypatch, capsys):
+    import forwardPasses
+    import runPlan
     import trainLmAf
-    arguments = trainLmAf.modelArguments
-    monkeypatch.setattr(trainLmAf, "modelArguments", lambda *a, **k: {**arguments(*a, **k), "attention": "flex"})
+    arguments = runPlan.modelArguments
+    monkeypatch.setattr(runPlan, "modelArguments", lambda *a, **k: {**arguments(*a, **k), "attention": "flex"})
 
     def outOfMemory(self, allOfThem=True):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    monkeypatch.setattr(trainLmAf.Trainer, "compileShapeVariants", outOfMemory)
+    monkeypatch.setattr(forwardPasses, "compileShapeVariants", outOfMemory)
     assert trainLmAf.main(tinyFlags(tinyData, tmp_path, runName="oom1", nModels=2, modelsPerPass=1)) == 4
     out, err = capsys.readouterr()
     assert "FlexAttention failed" not in out + err and err.count("\n") == 1

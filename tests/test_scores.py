@@ -15,7 +15,8 @@ from afFiles import AfFileError, loadAfsIntoModel, readAfFile, saveAfFiles
 from attention import AttentionKernel, denseAttentionMask, documentIds, explicitAttention, keyCounts, scoreModFor
 from conftest import runTrainer, tinyFlags
 from model import GPT
-from trainLmAf import ConfigError, Hyperparameters, splitAfType, splitScoreType, validate
+from runPlan import ConfigError, splitAfType, splitScoreType
+from trainLmAf import Hyperparameters, validate
 
 warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
 

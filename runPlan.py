@@ -1,0 +1,204 @@
+"""The run plan: which models train at each step and with which LR (schedules, staggered starts), in which batched
+passes and compiled graphs, on which device and backend, and the model they build (afType/afInit parsed into GPT's
+constructor arguments); ConfigError, the one-line user error of bad flags."""
+import math
+
+import numpy as np
+import torch
+
+from activationFunctions import FIXED_TYPES
+from model import GPT
+
+
+class ConfigError(Exception):
+    """Bad flags or inputs; the message is one line for the user."""
+
+
+# ----------------------------------------------------------------------------------------------
+# The AF specification (--afType, --afInit)
+
+
+def parseNumber(text):
+    """A float flag's value; written without a point or exponent it stays an int, as the original's whole-number
+    values (its log prints afRange = 15)."""
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
+def parseAfInit(text):
+    """--afInit: a number stays a number (as the original's float flag); an AF name or 'MLP;att-ATT' stays text."""
+    try:
+        return parseNumber(text)
+    except ValueError:
+        return text.strip()
+
+
+def splitScoreType(afType):
+    """'MLP;att-ATT;score-SCORE' -> ('MLP;att-ATT', SCORE); an afType without a score part -> (afType, 'softmax')."""
+    parts = afType.split(";")
+    if len(parts) > 1 and parts[-1].strip().startswith("score-"):
+        return ";".join(parts[:-1]), parts[-1].strip()[len("score-"):]
+    return afType, "softmax"
+
+
+def splitAfType(afType):
+    """'MLP;att-ATT' -> (MLP, ATT); 'MLP' -> (MLP, 'linear'); a last ';score-SCORE' part is left to splitScoreType."""
+    afType = splitScoreType(afType)[0]
+    parts = afType.split(";")
+    mlp = parts[0].strip()
+    if len(parts) == 1:
+        return mlp, "linear"
+    if len(parts) != 2 or not parts[1].strip().startswith("att-"):
+        raise ConfigError(f"--afType {afType!r} must look like 'MLP', 'MLP;att-ATT' or 'MLP;att-ATT;score-SCORE' "
+                          "(e.g. 'spline;att-spline')")
+    return mlp, parts[1].strip()[len("att-"):]
+
+
+def splitAfInit(afInit):
+    """--afInit -> (MLP sites' init, attention sites' init), each a number or a fixed AF's name; a single value
+    applies to both."""
+    if isinstance(afInit, (int, float)):
+        return afInit, afInit
+    parts = [part.strip() for part in afInit.split(";")]
+    if len(parts) > 2 or len(parts) == 2 and not parts[1].startswith("att-"):
+        raise ConfigError(f"--afInit {afInit!r} must look like 'INIT' or 'INIT;att-INIT' (e.g. 'relu2;att-0.01')")
+    inits = [parseAfInit(part) for part in (parts[0], parts[-1][len("att-"):] if len(parts) == 2 else parts[0])]
+    for init in inits:
+        if isinstance(init, str) and init not in FIXED_TYPES:
+            raise ConfigError(f"--afInit: {init!r} is neither a number nor a fixed AF; use a number (-1: identity) or "
+                              f"one of {', '.join(FIXED_TYPES)}")
+    return tuple(inits)
+
+
+
+# ----------------------------------------------------------------------------------------------
+# Learning-rate schedules and staggered starts
+
+
+def lrFactor(step, nSteps, nWarmup, nCooldown, schedule):
+    """Multiplier of the base LR at 0-based step `step` of a run of nSteps steps."""
+    warm = min(1.0, (step + 1) / nWarmup) if nWarmup > 0 else 1.0
+    if schedule == "warmup":
+        return warm
+    if schedule == "cos":
+        if step < nWarmup:
+            return warm
+        progress = min(1.0, (step - nWarmup) / max(1, nSteps - nWarmup))
+        return 5e-4 + 0.5 * (1 - 5e-4) * (1 + math.cos(math.pi * progress))
+    if step >= nSteps:
+        return 0.05
+    cool = min(1.0, (nSteps - step) / nCooldown) if nCooldown > 0 else 1.0
+    return min(warm, cool)
+
+
+def modelStartSteps(hp):
+    """Model i's first step: about i*nSteps/nModels, computed as the original computes it (numpy's linspace, then
+    its rounding, half to even), which differs from round(i*nSteps/nModels) by one step where float rounding breaks
+    a tie, e.g. model 15 of 24 over 100 steps."""
+    if hp.nModels == 1 or hp.staggeredStarts == 0:
+        return [0] * hp.nModels
+    return [int(s) for s in np.round(np.linspace(0, hp.nSteps, hp.nModels, endpoint=False))]
+
+
+def modelLrFactors(hp, step, startSteps):
+    """Per-model LR multipliers at a global step: the global schedule, or (staggeredStarts 2) the global schedule
+    at the model's own step count, as the original, whose per-model scheduler is not advanced before its model
+    starts (nSteps, warmup and cooldown unchanged, so a late model never reaches the cooldown)."""
+    if hp.staggeredStarts == 2 and hp.nModels > 1:
+        return [lrFactor(step - s, hp.nSteps, hp.nStepsWarmup, hp.nStepsCooldown, hp.lrSchedule) for s in startSteps]
+    return [lrFactor(step, hp.nSteps, hp.nStepsWarmup, hp.nStepsCooldown, hp.lrSchedule)] * hp.nModels
+
+
+def activeModels(step, startSteps):
+    """Number of models started by this step; they are always models 0..n-1 (start steps increase)."""
+    return sum(1 for s in startSteps if s <= step)
+
+
+
+# ----------------------------------------------------------------------------------------------
+# Device, model, passes and compiled graphs
+
+
+def pickDevice(name="auto"):
+    """The device --device names; auto: CUDA if present, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def roundUpVocab(maxId):
+    return (maxId + 1 + 127) // 128 * 128
+
+
+
+def modelArguments(hp, vocabSize, device, nModels=None):
+    """GPT's constructor arguments for these hyperparameters (a dict or Hyperparameters) on device."""
+    get = hp.get if isinstance(hp, dict) else lambda name, default=None: getattr(hp, name, default)
+    mlp, att = splitAfType(get("afType"))
+    mlpInit, attInit = splitAfInit(get("afInit"))
+    return dict(vocabSize=vocabSize, nLayers=get("nLayers"), nHeads=get("nHeads"), dimEmb=get("dimEmb"),
+                nModels=nModels or get("nModels"), afMlp=mlp, afAtt=att, afLayerSpecific=get("afLayerSpecific"),
+                afRange=get("afRange"), afNAnchors=get("afNAnchors"), afInit=mlpInit, afInitAtt=attInit,
+                tieEmbeddings=get("tieEmbeddings"), freezeEmbeddings=get("freezeEmbeddings"),
+                contextSize=get("contextSize"), tokenDocSep=get("tokenDocSep"),
+                attention="flex" if torch.device(device).type == "cuda" else "sdpa", device=str(device),
+                flexBlockSize=get("flexBlockSize"), kanGridSize=get("kanGridSize", 5),
+                kanSplineOrder=get("kanSplineOrder", 3), afScore=splitScoreType(get("afType"))[1])
+
+
+def buildModel(hp, vocabSize, device, nModels=None):
+    """The stacked GPT for these hyperparameters (a dict or Hyperparameters), on device."""
+    return GPT(**modelArguments(hp, vocabSize, device, nModels)).to(device)
+
+
+def compileBackend(hp, device):
+    """The torch.compile backend of the run, or None for eager."""
+    if hp.compileBackend == "auto":
+        return "inductor" if device.type == "cuda" else None
+    return None if hp.compileBackend == "none" else hp.compileBackend
+
+
+def modelPasses(nActive, modelsPerPass):
+    """(first model, number of models) of each batched pass over nActive active models."""
+    return [(first, min(modelsPerPass, nActive - first)) for first in range(0, nActive, modelsPerPass)]
+
+
+def representativePasses(passes, nModels):
+    """A few of the passes (first, n) a run makes, enough to compile every graph it needs: per kind of pass
+    (first model 0 or not, one model or several, up to the last model, all models) two with different first
+    models, so that the first model's index becomes dynamic too."""
+    byKind = {}
+    for first, n in sorted(passes):
+        kind = (first == 0, n == 1, first + n == nModels, n == nModels)
+        chosen = byKind.setdefault(kind, [])
+        if len(chosen) < 2 and all(f != first for f, _ in chosen):
+            chosen.append((first, n))
+    return sorted(p for chosen in byKind.values() for p in chosen)
+
+
+def runPasses(startSteps, fromStep, localActive, modelsPerPass):
+    """Every (first model, number of models) of a training pass from fromStep to the end of a run; localActive maps
+    the run's number of active models to this process's."""
+    steps = [fromStep] + [s for s in startSteps if s > fromStep]
+    return {p for step in steps for p in modelPasses(localActive(activeModels(step, startSteps)), modelsPerPass)}
+
+
+def validationBatchSize(nSequences, seqLength):
+    """Validation sequences per forward pass: about 16k tokens."""
+    return max(1, min(nSequences, 16384 // seqLength))
+
+
+def shapeVariants(passes, nModels, nValidation, seqLength, statistics=False):
+    """The graphs a compiled run needs, as (kind, first model, models, batch): representative training passes, the
+    validation batches of nValidation sequences (0: no validation) and, with statistics, the AF-input statistics
+    pass (on the first validation batch, or on one training sequence without validation)."""
+    variants = [("train", first, n, 1) for first, n in representativePasses(passes, nModels)]
+    if nValidation:
+        perForward = validationBatchSize(nValidation, seqLength)
+        variants += [("validation", 0, 1, batch) for batch in sorted({perForward, nValidation % perForward} - {0})]
+    if statistics:
+        variants.append(("statistics", 0, 1, validationBatchSize(nValidation, seqLength) if nValidation else 1))
+    return variants
+

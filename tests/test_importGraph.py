@@ -1,0 +1,78 @@
+"""The repository's top-level modules import one another without a cycle (every import counts, also those inside
+functions), and each opens with a docstring saying what it owns."""
+import ast
+import os
+
+from conftest import REPO
+
+# activationFunctions reads ptAf files for replaceActivations(afFile=...) through afFiles, imported inside that function
+# so that the Spline module works copied on its own, while afFiles takes the spline types and the knot check from
+# activationFunctions: the one import in a circle left, from issue 22, until replaceActivations' file reading moves.
+KNOWN_CYCLE_EDGES = {("activationFunctions", "afFiles")}
+
+
+def topLevelModules():
+    return sorted(name[:-3] for name in os.listdir(REPO) if name.endswith(".py"))
+
+
+def importGraph():
+    """{module: the top-level modules it imports}."""
+    modules = set(topLevelModules())
+    graph = {}
+    for module in modules:
+        with open(os.path.join(REPO, module + ".py")) as f:
+            tree = ast.parse(f.read())
+        imported = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                imported.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                imported.add(node.module.split(".")[0])
+        graph[module] = sorted(imported & modules - {module})
+    return graph
+
+
+def findCycle(graph):
+    """A list of modules that import each other in a circle, or None."""
+    state, path = {}, []
+
+    def visit(module):
+        state[module] = "open"
+        path.append(module)
+        for other in graph[module]:
+            if state.get(other) == "open":
+                return path[path.index(other):] + [other]
+            if other not in state:
+                cycle = visit(other)
+                if cycle:
+                    return cycle
+        state[module] = "done"
+        path.pop()
+        return None
+
+    for module in sorted(graph):
+        if module not in state:
+            cycle = visit(module)
+            if cycle:
+                return cycle
+    return None
+
+
+def testFindCycleFindsOne():
+    assert findCycle({"a": ["b"], "b": ["c"], "c": ["a"], "d": []}) == ["a", "b", "c", "a"]
+    assert findCycle({"a": ["b", "c"], "b": ["c"], "c": []}) is None
+
+
+def testTopLevelModulesImportWithoutACycle():
+    graph = importGraph()
+    assert all(b in graph[a] for a, b in KNOWN_CYCLE_EDGES)  # once it is gone, drop it from KNOWN_CYCLE_EDGES
+    graph = {a: [b for b in imported if (a, b) not in KNOWN_CYCLE_EDGES] for a, imported in graph.items()}
+    assert {"trainLmAf", "runPlan", "runOutputs", "checkpoints", "preflight"} <= set(graph)
+    assert findCycle(graph) is None, " -> ".join(findCycle(graph))
+    assert "trainLmAf" not in graph["preflight"] + graph["checkpoints"] + graph["runPlan"] + graph["runOutputs"]
+
+
+def testEveryTopLevelModuleSaysWhatItOwns():
+    for module in topLevelModules():
+        with open(os.path.join(REPO, module + ".py")) as f:
+            assert ast.get_docstring(ast.parse(f.read())), module
