@@ -692,7 +692,7 @@ def evaluateOnGrid(module, nPoints=1001, xMin=-5.0, xMax=5.0):
     """
     if isinstance(module, Spline):
         return module.evaluateOnGrid(nPoints)
-    device = next(module.parameters(), torch.empty(0)).device
+    device = next(module.parameters(), torch.empty(0, device="cpu")).device
     xs = torch.linspace(xMin, xMax, nPoints, device=device)
     channels = getattr(module, "channels", None)
     with torch.no_grad():
@@ -849,7 +849,7 @@ def replaceActivations(model, afFile=None, match=nn.GELU, init=0.01, freeze=True
     for index, name in enumerate(sites):
         old = model.get_submodule(name)
         # an activation module rarely has tensors of its own: then the model's first parameter tells the device
-        anyTensor = next(itertools.chain(old.parameters(), old.buffers(), model.parameters()), torch.empty(0))
+        anyTensor = next(itertools.chain(old.parameters(), old.buffers(), model.parameters()), torch.empty(0, device="cpu"))
         if fromWeights:
             values, knots = saved[name]
         elif afFile is not None:

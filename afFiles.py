@@ -189,7 +189,7 @@ def readAfCsv(path):
     try:
         with open(path, newline="") as f:
             lines = [row for row in csv.reader(f) if row]
-        rows = [torch.tensor([float(v) for v in row], dtype=torch.float32) for row in lines]
+        rows = [torch.tensor([float(v) for v in row], dtype=torch.float32, device="cpu") for row in lines]
     except (ValueError, UnicodeDecodeError, OSError) as err:
         raise AfFileError(f"afFileToLoad {path!r} is not a CSV of numbers ({err})") from None
     if not rows or len(rows) % 2:
