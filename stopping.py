@@ -68,16 +68,21 @@ def saveLastGoodAfs(trainer, err, pending):
     err.afFile = runOutputs.saveAfs(trainer)[0]
 
 
+def releaseGradients(trainer):
+    """Drop the failed pass's gradients and hand the cached blocks back, before saving or measuring free memory."""
+    for p in trainer.model.parameters():
+        p.grad = None
+    if trainer.device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def saveAfterOutOfMemory(trainer):
     """After an out-of-memory error in a forward or backward pass the weights are those after the last step:
     save them, so that the run resumes with a smaller --modelsPerPass. Returns the checkpoint's path, or None
     when the error came during the update (half-updated weights are not worth keeping)."""
     if trainer.updating:
         return None
-    for p in trainer.model.parameters():
-        p.grad = None
-    if trainer.device.type == "cuda":
-        torch.cuda.empty_cache()
+    releaseGradients(trainer)
     path = runOutputs.saveModel(trainer)
     if trainer.dist.isMain and trainer.afOptimizer:
         runOutputs.saveAfs(trainer)
@@ -94,9 +99,7 @@ def outOfMemoryAdvice(trainer):
     line = f"out of memory in a pass of {perPass} model(s) ({trainer.device}): estimated peak {peak / 2**30:.2f} GiB"
     smaller = max(1, perPass // 2)
     if trainer.device.type == "cuda":
-        for p in trainer.model.parameters():
-            p.grad = None
-        torch.cuda.empty_cache()
+        releaseGradients(trainer)
         free = torch.cuda.mem_get_info(trainer.device)[0] + torch.cuda.memory_reserved(trainer.device)
         line += f", {free / 2**30:.2f} GiB free for this run"
         smaller = min(smaller, preflight.fittingModelsPerPass(hp, trainer.vocabSize, trainer.nLocal, free)[0])
