@@ -14,6 +14,11 @@ and compare-NAME.png (validation curves). The exit status is 1 when any run fail
 A run whose log already holds its final step is not trained again (trainLmAf.py's "already complete"), so a
 comparison that was stopped continues where it stopped; use another --name for new settings.
 
+--jobs N trains N runs side by side (a phase II waits for its phase I). Each then gets CPU cores / N threads unless
+OMP_NUM_THREADS is set, and its progress lines go only to its log. Ctrl-C (or SIGTERM) reaches every running
+trainLmAf.py once: it finishes its step, saves a resumable checkpoint and stops, and no new run starts; a second
+Ctrl-C stops them at once.
+
 --splinePhases 2: an AF with a spline is first trained in phase I (--splineModels models sharing it, the given
 --afLr), then in phase II from phase I's ptAf file with --afLr 0; the table reports phase II. A variant's own
 --nModels sets its phase I's model count (--nModels 1: the single-model control; its phase II trains the common
@@ -36,7 +41,9 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -80,6 +87,9 @@ def parseArgs(argv):
                         help="paired per-seed differences of every other row from this row (an AF or variant label)")
     parser.add_argument("--pairs", action="append", default=[], metavar="LEARNED:CONTROL",
                         help="paired per-seed differences LEARNED - CONTROL of two rows (repeatable)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs trained side by side, each with CPU cores / JOBS threads unless OMP_NUM_THREADS "
+                             "is set; their progress goes to their logs only")
     parser.add_argument("--dryRun", action="store_true",
                         help="check every run's flags and print the trainLmAf.py commands, without training")
     args, trainerArgv = parser.parse_known_args(argv)
@@ -104,6 +114,8 @@ def parseArgs(argv):
         raise CompareError(f"--name {args.name!r} may hold only letters, digits and _ . -")
     if args.splineModels < 1:
         raise CompareError(f"--splineModels must be >= 1, got {args.splineModels}")
+    if args.jobs < 1:
+        raise CompareError(f"--jobs must be >= 1, got {args.jobs}")
     if not hp.filesTokensVa or hp.valEvery < 0:
         raise CompareError("the comparison reports validation loss: give --filesTokensVa and --valEvery >= 0")
     if args.baseline and args.baseline not in labels:
@@ -218,22 +230,92 @@ def readRun(dirResults, runName, nSteps):
     return result
 
 
-def runOne(run, index, total, hp):
-    """Train one run in a subprocess; fills run['result'] or run['failure']."""
+class SideBySide:
+    """Trains the planned runs `jobs` at a time. Each trainLmAf.py runs in a session of its own, so that a Ctrl-C
+    reaches it once, from here (interrupt): a second signal from the terminal would make it stop without saving."""
+
+    def __init__(self, jobs, hp):
+        self.jobs, self.hp = jobs, hp
+        self.env = dict(os.environ)
+        if jobs > 1 and "OMP_NUM_THREADS" not in os.environ:
+            self.env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
+        self.lock = threading.Lock()
+        self.running = set()
+        self.stopping = False
+
+    def train(self, runs):
+        """Every run, a phase II in the same worker right after its phase I; False when interrupted."""
+        chains, chainOf = [], {}
+        for index, run in enumerate(runs, 1):
+            chain = chainOf[id(run["after"])] if run["phase"] == 2 else []
+            if not chain:
+                chains.append(chain)
+            chain.append((index, run))
+            chainOf[id(run)] = chain
+        with ThreadPoolExecutor(self.jobs) as pool:
+            futures = [pool.submit(self.trainChain, chain, len(runs)) for chain in chains]
+            while True:
+                try:
+                    for future in futures:
+                        future.result()
+                    break
+                except KeyboardInterrupt:
+                    self.interrupt()
+        return not self.stopping
+
+    def trainChain(self, chain, total):
+        for index, run in chain:
+            if not runOne(run, index, total, self):
+                return
+
+    def start(self, argv):
+        """The trainLmAf.py process of argv, or None once interrupted."""
+        with self.lock:
+            if self.stopping:
+                return None
+            proc = subprocess.Popen([sys.executable, TRAINER] + argv, env=self.env, start_new_session=True,
+                                    stdout=subprocess.DEVNULL if self.jobs > 1 else None, stderr=subprocess.PIPE,
+                                    text=True)
+            self.running.add(proc)
+            return proc
+
+    def finished(self, proc):
+        with self.lock:
+            self.running.discard(proc)
+
+    def interrupt(self):
+        """Start no new run; send each running one SIGINT (the first: finish the step and save; again: stop now)."""
+        with self.lock:
+            if not self.stopping:
+                print("interrupted: the running runs finish their step and save (Ctrl-C again stops them at once)",
+                      file=sys.stderr, flush=True)
+            self.stopping = True
+            for proc in self.running:
+                proc.send_signal(signal.SIGINT)
+
+
+def runOne(run, index, total, workers):
+    """Train one run in a subprocess; fills run['result'] or run['failure']. False when it did not start."""
+    hp = workers.hp
     if run["phase"] == 2 and "failure" in run["after"]:
         run["failure"] = f"its phase I {run['after']['runName']} failed"
         print(f"[{index}/{total}] {run['runName']}: skipped, {run['failure']}", flush=True)
-        return
-    print(f"[{index}/{total}] {run['runName']}: trainLmAf.py {shlex.join(run['argv'])}", flush=True)
+        return True
     start = time.perf_counter()
-    # stderr is kept to name the cause of a failure; stdout (the run's progress lines) goes to the terminal.
-    proc = subprocess.run([sys.executable, TRAINER] + run["argv"], stderr=subprocess.PIPE, text=True)
+    proc = workers.start(run["argv"])
+    if proc is None:
+        return False
+    print(f"[{index}/{total}] {run['runName']}: trainLmAf.py {shlex.join(run['argv'])}", flush=True)
+    # stderr is kept to name the cause of a failure; stdout (the run's progress lines, also in its log) goes to the
+    # terminal for one job at a time.
+    _, stderr = proc.communicate()
+    workers.finished(proc)
     wall = time.perf_counter() - start
-    if proc.stderr:
-        sys.stderr.write(proc.stderr)
+    if stderr:
+        sys.stderr.write(stderr)
     runHp, _ = trainLmAf.parseArgs(run["argv"])
     result = readRun(hp.dirResults, run["runName"], runHp.nSteps)
-    lastError = next((line for line in reversed(proc.stderr.splitlines()) if line.strip()), "")
+    lastError = next((line for line in reversed(stderr.splitlines()) if line.strip()), "")
     if proc.returncode != 0:
         # trainLmAf.py exits 128 + N after saving on signal N; subprocess reports a signal that killed it as -N.
         signalNumber = proc.returncode - 128 if proc.returncode > 128 else -proc.returncode
@@ -247,6 +329,7 @@ def runOne(run, index, total, hp):
     status = run.get("failure") or f"val loss {run['result']['val'][-1][1]:.4f}"
     print(f"[{index}/{total}] {run['runName']}: {'FAILED, ' if 'failure' in run else ''}{status} ({wall:.0f} s)",
           flush=True)
+    return True
 
 
 # ----------------------------------------------------------------------------------------------
@@ -338,7 +421,8 @@ def markdownTable(rows, args, trainerArgv, hp, failures):
              f"Every run: `trainLmAf.py {shlex.join(trainerArgv)}` plus its `--afType`, `--seed` and `--runName`; "
              f"seeds {', '.join(map(str, args.seeds))}; {hp.nSteps} steps. Validation loss and accuracy of model 0 "
              f"at the last step, mean ± std over seeds; Δ loss against {reference['label']}; parameters per model "
-             "(embeddings included).", "",
+             "(embeddings included)." + (f" Tokens/s with up to {args.jobs} runs side by side (--jobs)."
+                                           if args.jobs > 1 else ""), "",
              "| AF | params | val loss | Δ loss | val acc (%) | tokens/s | seeds |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
@@ -489,6 +573,10 @@ def writeText(path, text):
 # Entry point
 
 
+def raiseKeyboardInterrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv=None):
     try:
         args, trainerArgv, hp = parseArgs(sys.argv[1:] if argv is None else argv)
@@ -502,10 +590,12 @@ def main(argv=None):
             print(f"[{index}/{len(runs)}] {run['runName']}: trainLmAf.py {shlex.join(run['argv'])}")
         return 0
     os.makedirs(hp.dirResults, exist_ok=True)
+    previousTermHandler = signal.signal(signal.SIGTERM, raiseKeyboardInterrupt)
     try:
-        for index, run in enumerate(runs, 1):
-            runOne(run, index, len(runs), hp)
-    except KeyboardInterrupt:
+        completed = SideBySide(args.jobs, hp).train(runs)
+    finally:
+        signal.signal(signal.SIGTERM, previousTermHandler)
+    if not completed:
         print("interrupted: run the same command again to continue (finished runs are kept)", file=sys.stderr)
         return 130
     failures = [(run["runName"], run["failure"]) for run in runs if "failure" in run]

@@ -8,9 +8,9 @@
 #
 # CORPUS: text files (a glob in quotes works), tokenized into OUTDIR/data with the first 50,000 tokens as the
 # validation shard. Results: OUTDIR/compare-study.md and OUTDIR/compare-study.png (and every run's log, metrics and
-# plots in OUTDIR). Flags given after OUTDIR override the ones below (later flags win), e.g. --nSteps 1200 --seeds 0,1.
-# --preset medium: 4 layers x 128, seqLength 512 (see the README for its cost). Stopped? Run the same command
-# again: finished runs are kept.
+# plots in OUTDIR). Flags given after OUTDIR override the ones below (later flags win), e.g. --nSteps 1200 --seeds 0,1;
+# --jobs 2 trains two runs side by side (one core each on a 2-core CPU). --preset medium: 4 layers x 128, seqLength
+# 512 (see the README for its cost). Stopped? Run the same command again: finished runs are kept.
 set -euo pipefail
 if [[ $# -lt 1 || $1 == -h || $1 == --help ]]; then
     sed -n 2,13p "$0" | sed 's/^# \{0,1\}//'

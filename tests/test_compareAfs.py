@@ -1,6 +1,11 @@
 """compareAfs.py: a 2-AF x 1-seed comparison on tiny data writes the table and the plot; failed runs are named and
-give a non-zero exit; bad flags stop before any training; spline phases I -> II; logs are read back correctly."""
+give a non-zero exit; bad flags stop before any training; spline phases I -> II; logs are read back correctly;
+--jobs trains side by side with the same numbers, and Ctrl-C lets every running run save."""
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -267,3 +272,94 @@ def testBadPairedFlags(extra, message, tinyData, tmp_path, capsys):
     assert compareAfs.main(["--afTypes", "gelu,relu"] + trainerFlags(tinyData, tmp_path) + extra) == 2
     assert message in capsys.readouterr().err
     assert not os.listdir(tmp_path)
+
+
+def testJobsGiveTheNumbersOfOneRunAtATime(tinyData, tmp_path, monkeypatch, capfd):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the same threads in both, so the same float arithmetic
+    metrics, progressLines = {}, {}
+    for jobs in (1, 2):
+        out = tmp_path / f"jobs{jobs}"
+        argv = ["--afTypes", "gelu,spline", "--splinePhases", "2", "--splineModels", "2", "--name", "j",
+                "--jobs", str(jobs)] + trainerFlags(tinyData, out)
+        assert compareAfs.main(argv) == 0, capfd.readouterr().err
+        progressLines[jobs] = capfd.readouterr().out.count("Step 6/6")
+        # step, model, split, loss, accuracy of every row (the timing columns differ)
+        metrics[jobs] = {run: [row.split(",")[:5] for row in open(out / f"metrics-{run}.csv").read().splitlines()]
+                         for run in ("j-gelu-s0", "j-spline-s0-phase1", "j-spline-s0")}
+        with open(out / "compare-j.md") as f:
+            assert ("runs side by side (--jobs)" in f.read()) == (jobs == 2)
+    assert metrics[1] == metrics[2] and all(len(rows) > 4 for rows in metrics[1].values())
+    assert progressLines[1] >= 3 and progressLines[2] == 0  # they reach the terminal for one job at a time only
+
+
+def writeWaitingTrainer(path, events):
+    """A stand-in trainLmAf.py that notes its start, waits until two runs have started (so it fails when the runs
+    do not overlap), notes SIGINTs (the first: 'saving', exit 130), and writes a finished run's metrics."""
+    path.write_text(
+        "import os, signal, sys, time\n"
+        "argv = sys.argv[1:]\n"
+        "flag = lambda name: argv[len(argv) - 1 - argv[::-1].index('--' + name) + 1]\n"
+        "run, out, steps = flag('runName'), flag('dirResults'), int(flag('nSteps'))\n"
+        f"events = {str(events)!r}\n"
+        "def note(text):\n"
+        "    with open(events, 'a') as f:\n"
+        "        f.write(text + '\\n')\n"
+        "def onSigint(signum, frame):\n"
+        "    note(f'saving {run}')\n"
+        "    sys.exit(130)\n"
+        "signal.signal(signal.SIGINT, onSigint)\n"
+        "note(f'start {run} threads {os.environ.get(\"OMP_NUM_THREADS\")}')\n"
+        "deadline = time.time() + 60\n"
+        "while sum(line.startswith('start') for line in open(events)) < 2 or 'hold' in run:\n"
+        "    if time.time() > deadline:\n"
+        "        sys.exit('error: no other run started')\n"
+        "    time.sleep(0.05)\n"
+        "os.makedirs(out, exist_ok=True)\n"
+        "with open(os.path.join(out, f'metrics-{run}.csv'), 'w') as f:\n"
+        "    f.write('step,model,split,loss,accuracy,lr,trainSeconds,tokens\\n')\n"
+        "    f.write(f'{steps},0,val,5.0,0.2,0.001,2.0,100\\n')\n"
+        "with open(os.path.join(out, f'log-{run}.txt'), 'w') as f:\n"
+        "    f.write('Parameters per model: 10 trainable, 0 frozen, 10 total\\n')\n"
+        "note(f'end {run}')\n")
+
+
+def testJobsRunSideBySideAndPhaseTwoWaitsForItsPhaseOne(tinyData, tmp_path, monkeypatch, capsys):
+    fake, events = tmp_path / "fakeTrainer.py", tmp_path / "events.txt"
+    writeWaitingTrainer(fake, events)
+    monkeypatch.setattr(compareAfs, "TRAINER", str(fake))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    argv = ["--afTypes", "spline,gelu,relu", "--splinePhases", "2", "--name", "w", "--jobs", "2"] \
+        + trainerFlags(tinyData, tmp_path)
+    assert compareAfs.main(argv) == 0, capsys.readouterr().err
+    lines = open(events).read().splitlines()
+    threads = str(max(1, os.cpu_count() // 2))
+    assert sorted(lines[:2]) == [f"start w-gelu-s0 threads {threads}", f"start w-spline-s0-phase1 threads {threads}"]
+    assert lines.index("end w-spline-s0-phase1") < lines.index(f"start w-spline-s0 threads {threads}")
+    assert len(lines) == 8  # 4 runs, each started and ended once
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def testInterruptReachesEachRunningRunOnceAndStartsNoOther(signum, tinyData, tmp_path):
+    fake, events = tmp_path / "fakeTrainer.py", tmp_path / "events.txt"
+    writeWaitingTrainer(fake, events)
+    events.write_text("")
+    script = (f"import sys; sys.path.insert(0, {os.path.dirname(compareAfs.__file__)!r}); import compareAfs; "
+              f"compareAfs.TRAINER = {str(fake)!r}; sys.exit(compareAfs.main(sys.argv[1:]))")
+    # The first two runs wait for each other and finish; the two 'hold' runs wait until interrupted, and swiglu
+    # must never start.
+    argv = ["--afTypes", "gelu,relu", "--variant", "hold=gelu", "--variant", "hold2=relu",
+            "--variant", "last=swiglu", "--name", "i", "--jobs", "2"] + trainerFlags(tinyData, tmp_path)
+    proc = subprocess.Popen([sys.executable, "-c", script] + argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 120
+    while sum("start i-hold" in line for line in open(events)) < 2:
+        assert time.time() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    lines = open(events).read().splitlines()
+    assert sorted(line for line in lines if line.startswith("saving")) == ["saving i-hold-s0", "saving i-hold2-s0"]
+    assert sum(line.startswith("start") for line in lines) == 4
+    assert "interrupted: the running runs finish their step and save" in err
+    assert "run the same command again to continue" in err
