@@ -26,9 +26,10 @@ Ctrl-C stops them at once.
 --afInit shape, no phase I.
 
 --baseline LABEL adds a table of paired differences: every other row's final validation loss minus the baseline's on
-the same seed (same data order and initialisation), their mean ± standard error (sample std / sqrt(n)) and the seeds
-won (lower loss). --pairs LEARNED:CONTROL (repeatable) adds the same for chosen pairs, e.g. a phase-II row against
-its frozen-init control. Both go into the table and into a lower row of the plot.
+the same seed (same data order and initialisation), their mean ± standard error (sample std / sqrt(n)), the paired t
+test's 95% interval (mean ± t(0.975, n-1) s.e.; one that holds 0 is within the noise) and the seeds won (lower
+loss). --pairs LEARNED:CONTROL (repeatable) adds the same for chosen pairs, e.g. a phase-II row against its
+frozen-init control. Both go into the table and into a lower row of the plot.
 
 Every learnable AF gets the same --afLr. The spline's default 0.1 bends `rational` into spikes within a few hundred
 steps (its coefficients multiply x^5); about 0.01 keeps it smooth.
@@ -364,16 +365,31 @@ def summarize(runs, entries, splinePhases):
     return rows
 
 
+# Student's t, 97.5% quantile, by degrees of freedom (two-sided 95% intervals of a mean over few seeds).
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def t975(dof):
+    """t(0.975, dof): the table up to 30, then the Cornish-Fisher expansion around the normal's 1.96 (within 1e-4)."""
+    if dof <= len(_T975):
+        return _T975[dof - 1]
+    z = 1.959964
+    return z + (z ** 3 + z) / (4 * dof) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * dof ** 2)
+
+
 def pairedDifference(row, control):
     """row's final validation loss minus control's, seed by seed over the seeds both finished: {'seeds', 'deltas',
-    'mean', 'se' (sample std / sqrt(n); None for one seed), 'won' (seeds where row's loss is lower)}; None when they
-    share no finished seed."""
+    'mean', 'se' (sample std / sqrt(n)), 'ci' (the paired t test's 95% interval, mean ± t(0.975, n-1) se), 'won'
+    (seeds where row's loss is lower)}, se and ci None for one seed; None when they share no finished seed."""
     seeds = sorted(set(row["seedLoss"]) & set(control["seedLoss"]))
     if not seeds:
         return None
     deltas = np.array([row["seedLoss"][s] - control["seedLoss"][s] for s in seeds])
+    mean = float(deltas.mean())
     se = float(deltas.std(ddof=1) / np.sqrt(len(deltas))) if len(deltas) > 1 else None
-    return {"seeds": seeds, "deltas": deltas.tolist(), "mean": float(deltas.mean()), "se": se,
+    ci = (mean - t975(len(deltas) - 1) * se, mean + t975(len(deltas) - 1) * se) if se is not None else None
+    return {"seeds": seeds, "deltas": deltas.tolist(), "mean": mean, "se": se, "ci": ci,
             "won": int((deltas < 0).sum())}
 
 
@@ -397,17 +413,18 @@ def formatPaired(paired):
 
 
 def pairedTable(title, comparisons, seeds):
-    """Markdown lines: one row per comparison, its Δ per seed, mean ± s.e. and seeds won."""
+    """Markdown lines: one row per comparison, its Δ per seed, mean ± s.e., 95% interval and seeds won."""
     lines = ["", title, "",
-             "| difference | " + " | ".join(f"Δ seed {s}" for s in seeds) + " | mean Δ ± s.e. | won |",
-             "|---|" + "---:|" * (len(seeds) + 2)]
+             "| difference | " + " | ".join(f"Δ seed {s}" for s in seeds) + " | mean Δ ± s.e. | 95% CI | won |",
+             "|---|" + "---:|" * (len(seeds) + 3)]
     for label, paired in comparisons:
         if paired is None:
-            lines.append(f"| {label} | " + " | ".join("–" for _ in seeds) + " | – | – |")
+            lines.append(f"| {label} | " + " | ".join("–" for _ in seeds) + " | – | – | – |")
             continue
         perSeed = dict(zip(paired["seeds"], paired["deltas"]))
         cells = [f"{perSeed[s]:+.4f}" if s in perSeed else "–" for s in seeds]
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {formatPaired(paired)} | "
+        ci = "[{:+.4f}, {:+.4f}]".format(*paired["ci"]) if paired["ci"] else "–"
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {formatPaired(paired)} | {ci} | "
                      f"{paired['won']}/{len(paired['seeds'])} |")
     return lines
 
@@ -448,8 +465,9 @@ def markdownTable(rows, args, trainerArgv, hp, failures):
         lines += ["", "Frozen-init rows: the spline frozen at its --afInit shape from step 0 (--afLr 0, no phase I)."]
     againstBaseline, pairs = pairedComparisons(rows, args)
     pairedNote = ("Δ: final validation loss of the first row minus the second's on the same seed (same data order "
-                  "and initialisation); mean over seeds ± standard error (sample std / √n); won: seeds where the "
-                  "first row's loss is lower.")
+                  "and initialisation); mean over seeds ± standard error (sample std / √n); 95% CI: the paired t "
+                  "test's interval, mean ± t(0.975, n−1) · s.e. (one that holds 0: the difference is within the "
+                  "seed-to-seed noise); won: seeds where the first row's loss is lower.")
     if againstBaseline:
         lines += pairedTable(f"Paired against {reference['label']} (per seed). {pairedNote}", againstBaseline,
                              args.seeds)
@@ -462,8 +480,8 @@ def markdownTable(rows, args, trainerArgv, hp, failures):
 
 
 def drawPaired(ax, comparisons, title):
-    """Paired differences as a dot plot: a row per comparison, each seed a dot, the mean a bar ± s.e., 0 dashed;
-    the right margin names mean ± s.e. and the seeds won."""
+    """Paired differences as a dot plot: a row per comparison, each seed a dot, the mean a bar ± s.e. (grey when the
+    95% interval holds 0), 0 dashed; the right margin names mean ± s.e., the interval and the seeds won."""
     shown = [(label, paired) for label, paired in comparisons if paired is not None]
     ax.set_title(title, fontsize=10)
     ax.axvline(0.0, color="grey", linestyle="--", linewidth=0.9)
@@ -475,12 +493,14 @@ def drawPaired(ax, comparisons, title):
         ax.set_yticks([])
         return
     for y, (label, paired) in enumerate(shown):
-        color = "tab:green" if paired["mean"] < 0 else "tab:red"
+        withinNoise = paired["ci"] is None or paired["ci"][0] <= 0.0 <= paired["ci"][1]
+        color = "grey" if withinNoise else "tab:green" if paired["mean"] < 0 else "tab:red"
         ax.plot(paired["deltas"], [y] * len(paired["deltas"]), linestyle="none", marker="o", markersize=4,
                 color="dimgrey", alpha=0.7)
         ax.errorbar(paired["mean"], y, xerr=paired["se"], fmt="|", markersize=14, markeredgewidth=2.2, color=color,
                     ecolor=color, elinewidth=1.6, capsize=4)
-        ax.annotate(f"{formatPaired(paired)}   won {paired['won']}/{len(paired['seeds'])}", (1.0, y),
+        ci = "   95% CI [{:+.3f}, {:+.3f}]".format(*paired["ci"]) if paired["ci"] else ""
+        ax.annotate(f"{formatPaired(paired)}{ci}   won {paired['won']}/{len(paired['seeds'])}", (1.0, y),
                     xycoords=("axes fraction", "data"), xytext=(6, 0), textcoords="offset points", va="center",
                     fontsize=8)
     ax.set_yticks(range(len(shown)), [label for label, _ in shown], fontsize=8)

@@ -221,11 +221,18 @@ def testPairedStatisticsMatchAHandComputation(tmp_path, capsys, monkeypatch):
     # sp-frozen - relu2 (seeds 0, 1): -0.2, -0.25: mean -0.225, std 0.035355, s.e. 0.025
     # sp - sp-frozen (seeds 0, 1): -0.1, +0.05: mean -0.025, std 0.106066, s.e. 0.075
     # gelu - sp-frozen (seeds 0, 1): +0.1, +0.35: mean +0.225, std 0.176777, s.e. 0.125
-    for line in ("| gelu − relu2 | -0.1000 | +0.1000 | -0.1000 | -0.0333 ± 0.0667 | 2/3 |",
-                 "| sp (phase II) − relu2 | -0.3000 | -0.2000 | -0.0500 | -0.1833 ± 0.0726 | 3/3 |",
-                 "| sp-frozen (frozen init) − relu2 | -0.2000 | -0.2500 | – | -0.2250 ± 0.0250 | 2/2 |",
-                 "| sp (phase II) − sp-frozen (frozen init) | -0.1000 | +0.0500 | – | -0.0250 ± 0.0750 | 1/2 |",
-                 "| gelu − sp-frozen (frozen init) | +0.1000 | +0.3500 | – | +0.2250 ± 0.1250 | 0/2 |"):
+    # 95% CI: mean ± t(0.975, n-1) s.e., t = 4.303 for 3 seeds, 12.706 for 2: gelu - relu2 -0.0333 ± 0.2869;
+    # sp - relu2 -0.1833 ± 0.3126; sp-frozen - relu2 -0.225 ± 0.3177; sp - sp-frozen -0.025 ± 0.9530;
+    # gelu - sp-frozen +0.225 ± 1.5883
+    for line in ("| gelu − relu2 | -0.1000 | +0.1000 | -0.1000 | -0.0333 ± 0.0667 | [-0.3202, +0.2535] | 2/3 |",
+                 "| sp (phase II) − relu2 | -0.3000 | -0.2000 | -0.0500 | -0.1833 ± 0.0726 | [-0.4959, +0.1293] "
+                 "| 3/3 |",
+                 "| sp-frozen (frozen init) − relu2 | -0.2000 | -0.2500 | – | -0.2250 ± 0.0250 "
+                 "| [-0.5426, +0.0926] | 2/2 |",
+                 "| sp (phase II) − sp-frozen (frozen init) | -0.1000 | +0.0500 | – | -0.0250 ± 0.0750 "
+                 "| [-0.9779, +0.9279] | 1/2 |",
+                 "| gelu − sp-frozen (frozen init) | +0.1000 | +0.3500 | – | +0.2250 ± 0.1250 "
+                 "| [-1.3632, +1.8132] | 0/2 |"):
         assert line in table
     assert table.index("Paired against relu2") < table.index("| gelu − relu2 |") < table.index("Chosen pairs") \
         < table.index("| sp (phase II) − sp-frozen (frozen init) |")
@@ -239,10 +246,18 @@ def testPairedStatisticsMatchAHandComputation(tmp_path, capsys, monkeypatch):
 
 def testPairedDifferenceOfOneSeedHasNoStandardError():
     one = compareAfs.pairedDifference({"seedLoss": {3: 5.0, 4: 6.0}}, {"seedLoss": {3: 5.5}})
-    assert one == {"seeds": [3], "deltas": [-0.5], "mean": -0.5, "se": None, "won": 1}
+    assert one == {"seeds": [3], "deltas": [-0.5], "mean": -0.5, "se": None, "ci": None, "won": 1}
     assert compareAfs.formatPaired(one) == "-0.5000"
     tie = compareAfs.pairedDifference({"seedLoss": {0: 5.0, 1: 6.0}}, {"seedLoss": {0: 5.0, 1: 6.5}})
     assert tie["won"] == 1 and tie["se"] == pytest.approx(0.25)
+    assert tie["ci"] == pytest.approx((-0.25 - 12.706 * 0.25, -0.25 + 12.706 * 0.25))
+
+
+def testTQuantilesAreStudentsT():
+    from scipy import stats
+
+    for dof in range(1, 200):
+        assert compareAfs.t975(dof) == pytest.approx(stats.t.ppf(0.975, dof), abs=1e-3 if dof <= 30 else 1e-4), dof
 
 
 def testFrozenAndSingleModelVariantsAreControls(tinyData, tmp_path):
