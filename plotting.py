@@ -187,9 +187,9 @@ INSET_BOUNDS = {"upper left": [0.13, 0.57, 0.34, 0.38], "upper right": [0.62, 0.
                 "center left": [0.13, 0.33, 0.34, 0.38], "center right": [0.62, 0.33, 0.34, 0.38]}
 
 
-def _emptiestCorners(lines, xs, window, yLimits):
-    """The tile's corners and side middles, those the curves cross least first: the inset takes the first, the
-    legend the second."""
+def _insetAndLegendCorners(lines, xs, window, yLimits):
+    """(inset corner, legend corner): of the tile's corners and side middles, the one the curves cross least for
+    the inset, and the next emptiest one that does not overlap it for the legend."""
     grid = np.linspace(window[0], window[1], 400)
     u = (grid - window[0]) / (window[1] - window[0])
     points = [(u, (np.interp(grid, xs, line) - yLimits[0]) / (yLimits[1] - yLimits[0])) for line in lines]
@@ -199,7 +199,12 @@ def _emptiestCorners(lines, xs, window, yLimits):
         return sum(int(np.sum((px > x0 - 0.1) & (px < x0 + width) & (py > y0 - 0.05) & (py < y0 + height + 0.05)))
                    for px, py in points)
 
-    return sorted(INSET_BOUNDS, key=crossed)  # a stable sort: ties keep the upper left first
+    def overlap(a, b):
+        (ax0, ay0, aw, ah), (bx0, by0, bw, bh) = INSET_BOUNDS[a], INSET_BOUNDS[b]
+        return ax0 < bx0 + bw and bx0 < ax0 + aw and ay0 < by0 + bh and by0 < ay0 + ah
+
+    emptiest = sorted(INSET_BOUNDS, key=crossed)  # a stable sort: ties keep the upper left first
+    return emptiest[0], next(corner for corner in emptiest[1:] if not overlap(corner, emptiest[0]))
 
 
 def _drawAf(ax, af, window=None):
@@ -237,7 +242,7 @@ def _drawAf(ax, af, window=None):
         low, high = float(np.min(ys)), float(np.max(ys))
         pad = 0.08 * (high - low) if high > low else max(0.5, 0.1 * abs(high))
         yLimits = (low - pad, high + pad)
-        insetCorner, legendCorner = _emptiestCorners(lines, xs, window, yLimits)[:2]
+        insetCorner, legendCorner = _insetAndLegendCorners(lines, xs, window, yLimits)
     if start is not None:
         ax.legend(fontsize=7, loc=legendCorner, frameon=False)
     # axline does not take part in autoscaling, so the spline, not the identity, sets the y-range.
@@ -266,15 +271,18 @@ def _drawAf(ax, af, window=None):
 def _drawInputs(ax, inputs, note="inputs not measured yet"):
     """Where the AF's inputs lie: their histogram (log counts), the knot range, and the share outside it; without
     a histogram, the note."""
-    ax.set_yticks([])
     ax.set_xlabel("input")
     if inputs is None:
+        ax.set_yticks([])
         _noData(ax, note)
         return
     edges, counts = np.asarray(inputs["edges"], dtype=float), np.asarray(inputs["histogram"], dtype=float)
     ax.stairs(counts, edges, fill=True, color="tab:orange", alpha=0.7)
     ax.set_yscale("symlog", linthresh=1.0)
     ax.set_ylim(0, max(counts.max(), 1.0) * 2)
+    # The scale brings a label per decade, which a strip this low cannot hold; the shape is what matters.
+    ax.set_yticks([])
+    ax.set_yticks([], minor=True)
     for x in (-inputs["range"], inputs["range"]):
         ax.axvline(x, color="grey", linestyle=":", linewidth=1.0)
     share = 100 * inputs["outside"]

@@ -308,6 +308,12 @@ def testZoomedAfTileSpansTheInputsOfAReluSquaredSpline(tmp_path):
     inset, = tile.child_axes  # the whole curve, the far knots' 225 included
     assert inset.get_xlim() == pytest.approx((-18, 18)) and inset.get_ylim()[1] > 225
     assert "0.1–99.9%" in tile.get_title()
+    # the legend keeps clear of the inset (their boxes in the tile's axes fractions do not meet)
+    legendBox = tile.get_legend().get_window_extent().transformed(tile.transAxes.inverted())
+    insetBox = inset.get_window_extent().transformed(tile.transAxes.inverted())
+    assert not legendBox.overlaps(insetBox)
+    # the inputs' strip has no tick labels a strip this low cannot hold (the log scale brings one a decade)
+    assert len(strip.get_yticks()) == 0 and len(strip.get_yticks(minor=True)) == 0
     # without zoom: the whole knot range, scaled to 225 as before
     full = plotting._afsFigure([af], "", plotting._makeFigure).axes[0]
     assert full.get_xlim() == pytest.approx((-18, 18)) and full.get_ylim()[1] > 225 and not full.child_axes
