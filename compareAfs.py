@@ -28,8 +28,9 @@ Ctrl-C stops them at once.
 --baseline LABEL adds a table of paired differences: every other row's final validation loss minus the baseline's on
 the same seed (same data order and initialisation), their mean ± standard error (sample std / sqrt(n)), the paired t
 test's 95% interval (mean ± t(0.975, n-1) s.e.; one that holds 0 is within the noise) and the seeds won (lower
-loss). --pairs LEARNED:CONTROL (repeatable) adds the same for chosen pairs, e.g. a phase-II row against its
-frozen-init control. Both go into the table and into a lower row of the plot.
+loss); --baseline best-fixed takes the row without learned AFs that has the lowest mean loss. --pairs
+LEARNED:CONTROL (repeatable) adds the same for chosen pairs, e.g. a phase-II row against its frozen-init control.
+Both go into the table and into a lower row of the plot.
 
 Every learnable AF gets the same --afLr. The spline's default 0.1 bends `rational` into spikes within a few hundred
 steps (its coefficients multiply x^5); about 0.01 keeps it smooth.
@@ -50,12 +51,14 @@ import numpy as np
 
 import runPlan
 import trainLmAf
-from activationFunctions import SPLINE_TYPES
+from activationFunctions import LEARNABLE_TYPES, MLP_INPUT_TYPES, SPLINE_TYPES
 from afFiles import atomicWrite
 
 TRAINER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "trainLmAf.py")
 # Flags the comparison sets per run; given by the user they would make the runs differ or collide.
 PER_RUN_FLAGS = ("afType", "seed", "runName", "resumeFrom", "afFileToLoad")
+# --baseline's word for the fixed-AF row (nothing learned in its AFs) with the lowest mean final validation loss.
+BEST_FIXED = "best-fixed"
 
 _header = re.compile(r"^==== trainLmAf\.py ")
 _params = re.compile(r"^Parameters per model: ([\d,]+) trainable, ([\d,]+) frozen, ([\d,]+) total")
@@ -85,7 +88,8 @@ def parseArgs(argv):
                         help="2: spline AFs are learned in phase I, then frozen in phase II (reported)")
     parser.add_argument("--splineModels", type=int, default=4, help="--splinePhases 2: models in phase I")
     parser.add_argument("--baseline", default="", metavar="LABEL",
-                        help="paired per-seed differences of every other row from this row (an AF or variant label)")
+                        help="paired per-seed differences of every other row from this row (an AF or variant label; "
+                             f"{BEST_FIXED}: the fixed-AF row with the lowest mean final validation loss)")
     parser.add_argument("--pairs", action="append", default=[], metavar="LEARNED:CONTROL",
                         help="paired per-seed differences LEARNED - CONTROL of two rows (repeatable)")
     parser.add_argument("--jobs", type=int, default=1,
@@ -119,8 +123,13 @@ def parseArgs(argv):
         raise CompareError(f"--jobs must be >= 1, got {args.jobs}")
     if not hp.filesTokensVa or hp.valEvery < 0:
         raise CompareError("the comparison reports validation loss: give --filesTokensVa and --valEvery >= 0")
-    if args.baseline and args.baseline not in labels:
-        raise CompareError(f"--baseline {args.baseline!r} is none of the rows ({', '.join(labels)})")
+    args.bestFixed = args.baseline == BEST_FIXED
+    if args.bestFixed:
+        if not any(isFixedAf(entry["af"]) for entry in args.entries):
+            raise CompareError(f"--baseline {BEST_FIXED} needs a row whose AFs learn nothing, e.g. --afTypes gelu")
+    elif args.baseline and args.baseline not in labels:
+        raise CompareError(f"--baseline {args.baseline!r} is none of the rows ({', '.join(labels)}) nor "
+                           f"{BEST_FIXED}")
     args.pairs = [parsePair(text, labels) for text in args.pairs]
     return args, trainerArgv, hp
 
@@ -149,6 +158,22 @@ def parseVariant(text):
 
 def isSplineAf(afType):
     return any(part in SPLINE_TYPES for part in runPlan.splitAfType(afType) + (runPlan.splitScoreType(afType)[1],))
+
+
+def isFixedAf(afType):
+    """Whether nothing in the afType's AFs is trained (no spline, no learnable or gated-mixture AF)."""
+    learned = SPLINE_TYPES + LEARNABLE_TYPES + MLP_INPUT_TYPES
+    return not any(part in learned for part in runPlan.splitAfType(afType) + (runPlan.splitScoreType(afType)[1],))
+
+
+def resolveBaseline(rows, args):
+    """The baseline row's label: --baseline's, or for best-fixed the finished fixed-AF row with the lowest mean final
+    validation loss ('' when none finished)."""
+    if args.baseline != BEST_FIXED:
+        return args.baseline
+    fixed = {entry["label"] for entry in args.entries if isFixedAf(entry["af"])}
+    finished = [row for row in rows if row["af"] in fixed and row["nDone"]]
+    return min(finished, key=lambda row: meanStd(row["loss"])[0])["af"] if finished else ""
 
 
 def slug(afType):
@@ -437,7 +462,9 @@ def markdownTable(rows, args, trainerArgv, hp, failures):
     lines = [f"# Activation-function comparison `{args.name}`", "",
              f"Every run: `trainLmAf.py {shlex.join(trainerArgv)}` plus its `--afType`, `--seed` and `--runName`; "
              f"seeds {', '.join(map(str, args.seeds))}; {hp.nSteps} steps. Validation loss and accuracy of model 0 "
-             f"at the last step, mean ± std over seeds; Δ loss against {reference['label']}; parameters per model "
+             f"at the last step, mean ± std over seeds; Δ loss against {reference['label']}"
+             + (" (the best fixed AF, --baseline best-fixed)" if args.bestFixed and args.baseline else "")
+             + "; parameters per model "
              "(embeddings included)." + (f" Tokens/s with up to {args.jobs} runs side by side (--jobs)."
                                            if args.jobs > 1 else ""), "",
              "| AF | params | val loss | Δ loss | val acc (%) | tokens/s | seeds |",
@@ -469,8 +496,9 @@ def markdownTable(rows, args, trainerArgv, hp, failures):
                   "test's interval, mean ± t(0.975, n−1) · s.e. (one that holds 0: the difference is within the "
                   "seed-to-seed noise); won: seeds where the first row's loss is lower.")
     if againstBaseline:
-        lines += pairedTable(f"Paired against {reference['label']} (per seed). {pairedNote}", againstBaseline,
-                             args.seeds)
+        bestFixed = " (the best fixed AF)" if args.bestFixed else ""
+        lines += pairedTable(f"Paired against {reference['label']}{bestFixed} (per seed). {pairedNote}",
+                             againstBaseline, args.seeds)
     if pairs:
         lines += pairedTable("Chosen pairs, --pairs (per seed)." + ("" if againstBaseline else f" {pairedNote}"), pairs,
                              args.seeds)
@@ -620,6 +648,7 @@ def main(argv=None):
         return 130
     failures = [(run["runName"], run["failure"]) for run in runs if "failure" in run]
     rows = summarize(runs, args.entries, args.splinePhases)
+    args.baseline = resolveBaseline(rows, args)
     stem = os.path.join(hp.dirResults, f"compare-{args.name}")
     table = markdownTable(rows, args, trainerArgv, hp, failures)
     atomicWrite(stem + ".md", lambda tmp: writeText(tmp, table))

@@ -2,7 +2,8 @@
 # The learned-AF study: fixed ReLU², GELU and SwiGLU against phase-II splines from four phase-I recipes (the default
 # start; a start at ReLU²; a start at ReLU² with the smoothness prior, strong and weak), with controls: each start
 # frozen as it is (no phase I), phase I with a single model, and the ReLU² start with a knot at 0 (--afNAnchors 65)
-# and its frozen control; 3 seeds, one compareAfs.py table with paired per-seed differences, and its plot.
+# and its frozen control; 3 seeds; a table of paired per-seed differences (against the best fixed AF, and each
+# recipe against its controls) and a plot.
 #
 #   bash recipes/studyLearnedAfs.sh CORPUS [OUTDIR] [--preset medium] [more compareAfs.py / trainLmAf.py flags]
 #
@@ -13,7 +14,7 @@
 # 512 (see the README for its cost). Stopped? Run the same command again: finished runs are kept.
 set -euo pipefail
 if [[ $# -lt 1 || $1 == -h || $1 == --help ]]; then
-    sed -n 2,13p "$0" | sed 's/^# \{0,1\}//'
+    sed -n 2,14p "$0" | sed 's/^# \{0,1\}//'
     exit 2
 fi
 corpus=$1
@@ -54,11 +55,12 @@ python "$repo/compareAfs.py" --name study --seeds 0,1,2 --splinePhases 2 --splin
     --variant "spline-relu2-smooth1e-5=spline;att-spline --afInit relu2;att-linear --afSmoothness 0.00001" \
     --variant "spline-relu2-knot0=spline;att-spline --afInit relu2;att-linear --afNAnchors 65" \
     --variant "spline-relu2-knot0-frozen=spline;att-spline --afInit relu2;att-linear --afNAnchors 65 --afLr 0" \
-    --baseline relu2 \
+    --baseline best-fixed \
     --pairs spline:spline-frozen --pairs spline:spline-1model \
     --pairs spline-relu2:spline-relu2-frozen --pairs spline-relu2:spline-relu2-1model \
     --pairs spline-relu2-smooth:spline-relu2-frozen --pairs spline-relu2-smooth1e-5:spline-relu2-frozen \
     --pairs spline-relu2-knot0:spline-relu2-knot0-frozen --pairs spline-relu2-knot0:spline-relu2 \
     --pairs spline-relu2-knot0-frozen:spline-relu2-frozen \
+    --pairs spline-relu2-frozen:relu2 --pairs spline-relu2-knot0-frozen:relu2 \
     --filesTokensTr "$out/data/fineweb_train_*.bin" --filesTokensVa "$out/data/fineweb_val_*.bin" --dirResults "$out" \
     "${size[@]}" --afLayerSpecific 0 --lr 0.002 --nTokensVa 16384 --plottingLevel 1 "${rest[@]}"

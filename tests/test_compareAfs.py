@@ -186,14 +186,10 @@ def testBadVariantsStopBeforeTraining(variant, message, tinyData, tmp_path, caps
     assert not os.listdir(tmp_path)
 
 
-def testPairedStatisticsMatchAHandComputation(tmp_path, capsys, monkeypatch):
-    # A stand-in trainer that writes the final validation loss this table gives each run (seed 2 of the frozen
-    # control fails), so the paired differences can be checked against numbers worked out by hand.
-    losses = {"p-relu2-s0": 6.0, "p-relu2-s1": 6.2, "p-relu2-s2": 5.9,
-              "p-gelu-s0": 5.9, "p-gelu-s1": 6.3, "p-gelu-s2": 5.8,
-              "p-sp-s0": 5.7, "p-sp-s1": 6.0, "p-sp-s2": 5.85,
-              "p-sp-frozen-s0": 5.8, "p-sp-frozen-s1": 5.95}
-    fake = tmp_path / "fakeTrainer.py"
+def writeLossTrainer(folder, losses):
+    """A stand-in trainLmAf.py that writes the final validation loss `losses` gives its run (phase I: 7.0; a run
+    without one fails), so paired statistics can be checked against numbers worked out by hand."""
+    fake = folder / "fakeTrainer.py"
     fake.write_text("import os, sys\n"
                     "argv = sys.argv[1:]\n"
                     "flag = lambda name: argv[len(argv) - 1 - argv[::-1].index('--' + name) + 1]\n"
@@ -207,7 +203,16 @@ def testPairedStatisticsMatchAHandComputation(tmp_path, capsys, monkeypatch):
                     "    f.write(f'{steps},0,val,{loss},0.2,0.001,2.0,100\\n')\n"
                     "with open(os.path.join(out, f'log-{run}.txt'), 'w') as f:\n"
                     "    f.write('Parameters per model: 10 trainable, 0 frozen, 10 total\\n')\n")
-    monkeypatch.setattr(compareAfs, "TRAINER", str(fake))
+    return fake
+
+
+def testPairedStatisticsMatchAHandComputation(tmp_path, capsys, monkeypatch):
+    # seed 2 of the frozen control fails
+    losses = {"p-relu2-s0": 6.0, "p-relu2-s1": 6.2, "p-relu2-s2": 5.9,
+              "p-gelu-s0": 5.9, "p-gelu-s1": 6.3, "p-gelu-s2": 5.8,
+              "p-sp-s0": 5.7, "p-sp-s1": 6.0, "p-sp-s2": 5.85,
+              "p-sp-frozen-s0": 5.8, "p-sp-frozen-s1": 5.95}
+    monkeypatch.setattr(compareAfs, "TRAINER", str(writeLossTrainer(tmp_path, losses)))
     argv = ["--afTypes", "relu2,gelu", "--variant", "sp=spline;att-spline", "--variant",
             "sp-frozen=spline;att-spline --afLr 0", "--splinePhases", "2", "--seeds", "0,1,2", "--name", "p",
             "--baseline", "relu2", "--pairs", "sp:sp-frozen", "--pairs", "gelu:sp-frozen"] \
@@ -242,6 +247,29 @@ def testPairedStatisticsMatchAHandComputation(tmp_path, capsys, monkeypatch):
     args, _, _ = compareAfs.parseArgs(argv)
     rows = compareAfs.summarize([], args.entries, 2)
     assert compareAfs.pairedDifference(rows[0], rows[1]) is None  # no finished seed in common
+
+
+def testBestFixedBaselineIsTheFixedAfWithTheLowestMeanLoss(tmp_path, capsys, monkeypatch):
+    # gelu (mean 6.0) beats relu2 (6.0333) and swiglu (6.1); prelu is lower still but learns, so it is no baseline
+    losses = {"b-relu2-s0": 6.0, "b-relu2-s1": 6.2, "b-relu2-s2": 5.9, "b-gelu-s0": 5.9, "b-gelu-s1": 6.3,
+              "b-gelu-s2": 5.8, "b-swiglu-s0": 6.1, "b-swiglu-s1": 6.1, "b-swiglu-s2": 6.1,
+              "b-prelu-s0": 5.0, "b-prelu-s1": 5.0, "b-prelu-s2": 5.0, "b-sp-s0": 5.7, "b-sp-s1": 6.0, "b-sp-s2": 5.85}
+    monkeypatch.setattr(compareAfs, "TRAINER", str(writeLossTrainer(tmp_path, losses)))
+    argv = ["--afTypes", "relu2,gelu,swiglu,prelu", "--variant", "sp=spline;att-spline", "--splinePhases", "2",
+            "--seeds", "0,1,2", "--name", "b", "--baseline", "best-fixed"] + trainerFlags(str(tmp_path), tmp_path)
+    assert compareAfs.main(argv) == 0, capsys.readouterr().err
+    with open(tmp_path / "compare-b.md") as f:
+        table = f.read()
+    assert "Δ loss against gelu (the best fixed AF, --baseline best-fixed)" in table
+    assert "Paired against gelu (the best fixed AF) (per seed)" in table
+    # sp - gelu: -0.2, -0.3, +0.05: mean -0.15, sample std 0.180278, s.e. 0.104083, ± 4.303 s.e. = ± 0.447870
+    assert "| sp (phase II) − gelu | -0.2000 | -0.3000 | +0.0500 | -0.1500 ± 0.1041 | [-0.5979, +0.2979] | 2/3 |" \
+        in table
+    assert "| prelu − gelu | -0.9000 | -1.3000 | -0.8000 |" in table and "| gelu | 10 | 6.0000 ± 0.2646 | +0.0000 |" \
+        in table
+    assert compareAfs.main(["--afTypes", "prelu", "--variant", "sp=spline", "--baseline", "best-fixed"]
+                           + trainerFlags(str(tmp_path), tmp_path / "none")) == 2
+    assert "--baseline best-fixed needs a row whose AFs learn nothing" in capsys.readouterr().err
 
 
 def testPairedDifferenceOfOneSeedHasNoStandardError():

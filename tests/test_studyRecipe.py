@@ -78,8 +78,9 @@ def testStudyRecipeAsksForThePairedComparisons():
                      ("spline-relu2", "spline-relu2-frozen"), ("spline-relu2", "spline-relu2-1model"),
                      ("spline-relu2-smooth", "spline-relu2-frozen"), ("spline-relu2-smooth1e-5", "spline-relu2-frozen"),
                      ("spline-relu2-knot0", "spline-relu2-knot0-frozen"), ("spline-relu2-knot0", "spline-relu2"),
-                     ("spline-relu2-knot0-frozen", "spline-relu2-frozen")}
-    assert "--baseline relu2" in script
+                     ("spline-relu2-knot0-frozen", "spline-relu2-frozen"), ("spline-relu2-frozen", "relu2"),
+                     ("spline-relu2-knot0-frozen", "relu2")}
+    assert "--baseline best-fixed" in script
 
 
 def testMediumPreset(tmp_path):
