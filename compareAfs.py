@@ -496,7 +496,7 @@ def markdownTable(rows, args, trainerArgv, hp, failures):
                   "test's interval, mean ± t(0.975, n−1) · s.e. (one that holds 0: the difference is within the "
                   "seed-to-seed noise); won: seeds where the first row's loss is lower.")
     if againstBaseline:
-        bestFixed = " (the best fixed AF)" if args.bestFixed else ""
+        bestFixed = ", the best fixed AF" if args.bestFixed else ""
         lines += pairedTable(f"Paired against {reference['label']}{bestFixed} (per seed). {pairedNote}",
                              againstBaseline, args.seeds)
     if pairs:
@@ -539,23 +539,24 @@ def drawPaired(ax, comparisons, title):
     ax.set_xlim(min(low, 0.0) - pad, max(high, 0.0) + pad)
 
 
-def plotComparison(path, rows, title, againstBaseline=(), pairs=()):
+def plotComparison(path, rows, title, pairedPanels=()):
     """Validation loss over steps, one colour per AF: each seed thin, the mean over seeds thick; right panel
-    zooms on the last third of training, where the AFs' differences are small next to the early drop. With paired
-    comparisons (--baseline, --pairs), a lower row draws their per-seed differences."""
+    zooms on the last third of training, where the AFs' differences are small next to the early drop. Each of
+    pairedPanels, (comparisons, title) with paired comparisons (--baseline, --pairs), adds a full-width panel below
+    with their per-seed differences."""
     from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    panels = [(c, name) for c, name in ((againstBaseline, "paired against the baseline"),
-                                        (pairs, "chosen pairs (--pairs)")) if c]
-    pairedHeight = 0.9 + 0.32 * max((len(c) for c, _ in panels), default=0)
-    fig = Figure(figsize=(13, 5.4 + (pairedHeight if panels else 0)), layout="constrained")
+    panels = [(c, name) for c, name in pairedPanels if c]
+    heights = [0.9 + 0.32 * len(c) for c, _ in panels]
+    fig = Figure(figsize=(13, 5.4 + sum(heights)), layout="constrained")
     FigureCanvasAgg(fig)
     top = fig
     if panels:  # subfigures, so the paired panels' long labels do not narrow the curves above them
-        top, bottom = fig.subfigures(2, 1, height_ratios=[5.4, pairedHeight])
-        for ax, (comparisons, name) in zip(np.atleast_1d(bottom.subplots(1, len(panels))), panels):
+        top, bottom = fig.subfigures(2, 1, height_ratios=[5.4, sum(heights)])
+        for ax, (comparisons, name) in zip(np.atleast_1d(bottom.subplots(len(panels), 1, height_ratios=heights)),
+                                           panels):
             drawPaired(ax, comparisons, name)
     axFull, axZoom = top.subplots(1, 2)
     colors = colormaps["tab10" if len(rows) <= 10 else "tab20"].colors
@@ -652,8 +653,10 @@ def main(argv=None):
     stem = os.path.join(hp.dirResults, f"compare-{args.name}")
     table = markdownTable(rows, args, trainerArgv, hp, failures)
     atomicWrite(stem + ".md", lambda tmp: writeText(tmp, table))
+    againstBaseline, pairs = pairedComparisons(rows, args)
+    baselineTitle = f"paired against {args.baseline}" + (", the best fixed AF" if args.bestFixed else "")
     plotComparison(stem + ".png", rows, f"{args.name}: {len(args.entries)} AFs x {len(args.seeds)} seeds",
-                   *pairedComparisons(rows, args))
+                   [(againstBaseline, baselineTitle), (pairs, "chosen pairs (--pairs)")])
     print(table)
     print(f"wrote {stem}.md and {stem}.png")
     if failures:

@@ -261,7 +261,7 @@ def testBestFixedBaselineIsTheFixedAfWithTheLowestMeanLoss(tmp_path, capsys, mon
     with open(tmp_path / "compare-b.md") as f:
         table = f.read()
     assert "Δ loss against gelu (the best fixed AF, --baseline best-fixed)" in table
-    assert "Paired against gelu (the best fixed AF) (per seed)" in table
+    assert "Paired against gelu, the best fixed AF (per seed)" in table
     # sp - gelu: -0.2, -0.3, +0.05: mean -0.15, sample std 0.180278, s.e. 0.104083, ± 4.303 s.e. = ± 0.447870
     assert "| sp (phase II) − gelu | -0.2000 | -0.3000 | +0.0500 | -0.1500 ± 0.1041 | [-0.5979, +0.2979] | 2/3 |" \
         in table
