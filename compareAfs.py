@@ -156,14 +156,18 @@ def parseVariant(text):
             "frozen": "afLr" in given and own.afLr == 0, "phase1Models": own.nModels if "nModels" in given else None}
 
 
+def afParts(afType):
+    """The MLP, attention and score AFs an afType names."""
+    return runPlan.splitAfType(afType) + (runPlan.splitScoreType(afType)[1],)
+
+
 def isSplineAf(afType):
-    return any(part in SPLINE_TYPES for part in runPlan.splitAfType(afType) + (runPlan.splitScoreType(afType)[1],))
+    return any(part in SPLINE_TYPES for part in afParts(afType))
 
 
 def isFixedAf(afType):
     """Whether nothing in the afType's AFs is trained (no spline, no learnable or gated-mixture AF)."""
-    learned = SPLINE_TYPES + LEARNABLE_TYPES + MLP_INPUT_TYPES
-    return not any(part in learned for part in runPlan.splitAfType(afType) + (runPlan.splitScoreType(afType)[1],))
+    return not any(part in SPLINE_TYPES + LEARNABLE_TYPES + MLP_INPUT_TYPES for part in afParts(afType))
 
 
 def resolveBaseline(rows, args):
