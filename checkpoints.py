@@ -1,6 +1,6 @@
 """The model checkpoint pt-RUN-stepNNNN.pt: its format and version string, writing it from a run and restoring a run
-from it (trainLmAf.py), and turning it back into a runnable model with the GPT-2 tokenizer it reads (generate.py,
-evalBlimp.py, evalHarness.py)."""
+from it (trainLmAf.py), and turning it back into a runnable model with the tokenizer it was trained with: the corpus
+vocabulary it carries, or GPT-2's (generate.py, evalBlimp.py, evalHarness.py)."""
 import dataclasses
 import os
 import sys
@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 import afFiles
+import vocabulary
 from afFiles import AfFileError, atomicWrite, perLayerValues, safeTorchLoad, scoreSplineKnots, splineKnots
 from runPlan import ConfigError, buildModel
 
@@ -69,6 +70,7 @@ def checkpointDict(trainer):
         "afValuesAtt": perLayerValues(trainer.model, "att"),
         "scoreKnots": scoreSplineKnots(trainer.model),
         "afValuesScore": perLayerValues(trainer.model, "score"),
+        **({"tokenizer": trainer.vocabulary.json} if trainer.vocabulary else {}),
     }
 
 
@@ -87,6 +89,17 @@ def loadResumeCheckpoint(hp, given):
         if name != "resumeFrom" and name not in given and hasattr(hp, name):
             setattr(hp, name, value)
     return ckpt
+
+
+def checkResumeVocabulary(path, ckpt, shardsVocabulary):
+    """ConfigError unless the shards were made with the vocabulary the checkpoint was trained with."""
+    saved = ckpt.get("tokenizer")
+    savedPrint = vocabulary.fingerprint(saved) if saved else None
+    if savedPrint != (shardsVocabulary.fingerprint if shardsVocabulary else None):
+        trainedWith = vocabulary.fromJson(saved, path).name if saved else vocabulary.GPT2_NAME
+        dataWith = shardsVocabulary.name if shardsVocabulary else vocabulary.GPT2_NAME
+        raise ConfigError(f"--resumeFrom {path!r} was trained with {trainedWith}, but the shards are {dataWith}; "
+                          "resume on the data the run was trained on")
 
 
 def restore(trainer, ckpt):
@@ -168,6 +181,7 @@ class TrainedModel:
     modelId: int
     nModels: int
     vocabSize: int
+    tokenizer: str = None  # the corpus vocabulary's tokenizer.json text; None: GPT-2
 
     def describe(self, path):
         return (f"model {path}: step {self.step}, model {self.modelId} of {self.nModels}, "
@@ -215,7 +229,22 @@ def loadModel(path, modelId, device):
     model = stacked if nModels == 1 else stacked.singleModel(modelId)
     model.requires_grad_(False)
     return TrainedModel(model.to(device).eval(), hyperparameters, int(checkpoint["step"]), modelId,
-                        nModels, int(checkpoint["vocabSize"]))
+                        nModels, int(checkpoint["vocabSize"]), checkpoint.get("tokenizer"))
+
+
+def encodingOf(trained, vocabFile):
+    """The tokenizer the model was trained with (tiktoken's Encoding interface) and where it came from: the corpus
+    vocabulary the checkpoint carries, else GPT-2's (see gpt2Encoding)."""
+    if trained.tokenizer is None:
+        return gpt2Encoding(vocabFile)
+    if vocabFile:
+        raise LoadError("--vocab_file names the GPT-2 vocabulary, but this model was trained with a corpus vocabulary "
+                        "that its checkpoint carries; drop --vocab_file")
+    try:
+        corpusVocabulary = vocabulary.fromJson(trained.tokenizer, "the checkpoint's tokenizer")
+    except vocabulary.VocabularyError as err:
+        raise LoadError(str(err)) from None
+    return vocabulary.BpeEncoding(corpusVocabulary), f"the checkpoint's {corpusVocabulary.name}"
 
 
 def gpt2Encoding(vocabFile):

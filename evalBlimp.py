@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from afFiles import atomicWrite
-from checkpoints import LoadError, addModelArguments, checkModelArguments, checkTokensFit, exitCode, gpt2Encoding, loadModel
+from checkpoints import LoadError, addModelArguments, checkModelArguments, checkTokensFit, encodingOf, exitCode, loadModel
 from runPlan import pickDevice
 from trainLmAf import OneLineErrorParser
 
@@ -298,7 +298,7 @@ def evaluate(args):
     device = pickDevice(args.device)
     trained = loadModel(args.modelFile, args.modelId, device)
     print(trained.describe(args.modelFile) + f", device {device.type}")
-    encoding, vocabSource = gpt2Encoding(args.vocab_file)
+    encoding, vocabSource = encodingOf(trained, args.vocab_file)
     print(f"GPT-2 vocabulary: {vocabSource}")
     sets = readHubSets(args.limit) if args.blimpDir == "hf" else readLocalSets(args.blimpDir, args.limit)
     nPairs = sum(len(s.pairs) for s in sets)

@@ -19,7 +19,7 @@ import sys
 
 import torch
 
-from checkpoints import LoadError, addModelArguments, checkModelArguments, exitCode, gpt2Encoding, loadModel
+from checkpoints import LoadError, addModelArguments, checkModelArguments, encodingOf, exitCode, loadModel
 from generate import pickToken
 from runPlan import pickDevice
 from trainLmAf import OneLineErrorParser
@@ -49,7 +49,7 @@ class LmAfsModel(TemplateLM):
         super().__init__()
         self._device = pickDevice(device or "auto")
         self.trained = loadModel(modelFile, None if modelId in (None, "") else int(modelId), self._device)
-        self.encoding, self.vocabSource = gpt2Encoding(vocab_file)
+        self.encoding, self.vocabSource = encodingOf(self.trained, vocab_file)
         self.maxLength = int(self.trained.hyperparameters["seqLength"])
         # lm_eval passes "auto" or a number (possibly as text)
         self.batchSize = int(batch_size) if str(batch_size).isdigit() else \

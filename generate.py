@@ -13,7 +13,7 @@ import sys
 import torch
 from tqdm import tqdm
 
-from checkpoints import addModelArguments, checkModelArguments, checkTokensFit, exitCode, gpt2Encoding, loadModel
+from checkpoints import addModelArguments, checkModelArguments, checkTokensFit, encodingOf, exitCode, loadModel
 from runPlan import pickDevice
 from trainLmAf import OneLineErrorParser
 
@@ -69,7 +69,7 @@ def generate(args):
     device = pickDevice(args.device)
     trained = loadModel(args.modelFile, args.modelId, device)
     print(trained.describe(args.modelFile) + f", device {device.type}", file=sys.stderr)
-    encoding, vocabSource = gpt2Encoding(args.vocab_file)
+    encoding, vocabSource = encodingOf(trained, args.vocab_file)
     print(f"GPT-2 vocabulary: {vocabSource}", file=sys.stderr)
     promptTokens = [encoding.eot_token] + encoding.encode_ordinary(args.prompt)
     checkTokensFit(promptTokens, trained.vocabSize, "--prompt")

@@ -6,7 +6,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed._tools.mem_tracker import MemTracker
 
 from model import GPT
-from runPlan import (compileBackend, modelArguments, modelStartSteps, pickDevice, roundUpVocab, runPasses,
+from runPlan import (compileBackend, modelArguments, modelStartSteps, pickDevice, modelVocabSize, runPasses,
                      shapeVariants, splitAfType)
 
 # What the CUDA context, cuBLAS workspaces and the caching allocator's fragmentation take beyond the tensors
@@ -175,13 +175,14 @@ class Report:
 
 def checkData(hp, report):
     """Rows for the token files; returns (vocabulary size, validation sequences) or None when they are unusable."""
-    from tokenShards import ShardError, listShards, maxTokenId, readShardHeader, sequencesInShard
+    from tokenShards import ShardError, listShards, readShardHeader, sequencesInShard
+    from vocabulary import ofShards
 
     try:
         trFiles = listShards(hp.filesTokensTr, "--filesTokensTr")
         vaFiles = listShards(hp.filesTokensVa, "--filesTokensVa") if hp.filesTokensVa else []
         nTr = sum(readShardHeader(p) for p in trFiles)
-        vocabSize = roundUpVocab(maxTokenId(trFiles + vaFiles))
+        vocabSize = modelVocabSize(trFiles + vaFiles, ofShards(trFiles + vaFiles))
     except ShardError as err:
         report.add("data", False, str(err))
         return None

@@ -3,12 +3,18 @@
     python preprocessFineweb.py "./data-fineweb10B" --n_shards 8            # FineWeb sample-10BT
     python preprocessFineweb.py "./data-fineweb10B" --n_shards 8 --from_hub # modded-nanogpt's shards
     python preprocessFineweb.py ./data-mine --input "corpus/*.jsonl" --name mine
+    python preprocessFineweb.py ./data-v4096 --input corpus.txt --vocabSize 4096   # a vocabulary of the corpus
 
 Every document becomes <|endoftext|> (50256) followed by its GPT-2 tokens; documents are
 concatenated in order and cut into shards of exactly --shard_size tokens (a document spills into
 the next shard), the last one partial. Shard 0 is validation ({name}_val_000000.bin), the others
 training ({name}_train_000001.bin, ...). Shards are written atomically; a rerun re-tokenizes (the
 only way to know where later shards start) but keeps shards whose contents are already right.
+
+--vocabSize N trains a byte-level BPE of N ids (<|endoftext|> is id 0) on the training text only, saves it as
+tokenizer.json beside the shards and tokenizes with it; the shard headers record its fingerprint. The validation
+shard's text never shapes the vocabulary: the BPE learns from the text after a held-out beginning of the corpus,
+and is trained again with a longer one until that beginning covers the whole validation shard.
 """
 import argparse
 import base64
@@ -30,6 +36,7 @@ import tiktoken_ext.openai_public as openaiPublic
 from tqdm import tqdm
 
 import tokenShards
+import vocabulary
 
 FINEWEB_DATASET = "HuggingFaceFW/fineweb"
 FINEWEB_CONFIG = "sample-10BT"
@@ -48,6 +55,10 @@ CHUNK_CHARS = 1 << 18
 # Tasks queued per worker: keeps workers fed while bounding how much text waits in memory
 # (Pool.imap would read the whole corpus ahead of slow workers).
 TASKS_PER_WORKER = 4
+# The first guess of the validation shard's text, in characters per token (a few-thousand-id BPE of English text
+# averages about 3); a longer guess only costs the BPE some training text, a shorter one a retraining.
+HELD_OUT_CHARS_PER_TOKEN = 4
+DEFAULT_VOCAB_SAMPLE_CHARS = 10**8
 
 
 class PreprocessError(Exception):
@@ -137,23 +148,29 @@ def loadVocabulary(vocabFile):
 workerEncoding = None
 
 
-def initWorker(encodingParams):
+def makeEncoding(encoder):
+    """encoder: ("gpt2", tiktoken Encoding arguments) or ("bpe", a CorpusVocabulary)."""
+    kind, spec = encoder
+    return tiktoken.Encoding(**spec) if kind == "gpt2" else vocabulary.BpeEncoding(spec)
+
+
+def initWorker(encoder):
     global workerEncoding
-    workerEncoding = tiktoken.Encoding(**encodingParams)
+    workerEncoding = makeEncoding(encoder)
 
 
-def initPoolWorker(encodingParams):
+def initPoolWorker(encoder):
     # Ctrl-C reaches the whole process group; the main process handles it and terminates the pool,
     # so workers ignore it instead of each printing a traceback
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    initWorker(encodingParams)
+    initWorker(encoder)
 
 
 def tokenizeChunk(texts):
     """Tokens of a list of documents, each as <|endoftext|> followed by its tokens, as one uint16 array."""
     ids = []
     for text in texts:
-        ids.append(EOT_ID)
+        ids.append(workerEncoding.eot_token)
         ids.extend(workerEncoding.encode_ordinary(text))
     tokens = np.array(ids, dtype=np.int64)
     if tokens.max() > tokenShards.MAX_TOKEN_ID:
@@ -173,12 +190,15 @@ def chunkDocuments(documents):
         yield chunk
 
 
-def startTokenizers(encodingParams, numProc):
+def startTokenizers(encoder, numProc):
     """A pool of numProc tokenizer processes, or None when this process tokenizes (numProc 1)."""
     if numProc == 1:
-        initWorker(encodingParams)
+        initWorker(encoder)
         return None
-    return multiprocessing.Pool(numProc, initializer=initPoolWorker, initargs=(encodingParams,))
+    # A BPE was trained in this process with the tokenizers library's threads running: its workers are spawned,
+    # as forking a process after those threads ran makes the library disable itself (with a warning) in the copy
+    context = multiprocessing.get_context("spawn" if encoder[0] == "bpe" else None)
+    return context.Pool(numProc, initializer=initPoolWorker, initargs=(encoder,))
 
 
 def tokenChunks(documents, pool, numProc):
@@ -310,16 +330,17 @@ def shardPath(outDir, name, index):
     return os.path.join(outDir, f"{name}_{'val' if index == 0 else 'train'}_{index:06d}.bin")
 
 
-def saveShard(path, tokens, overwrite):
-    """Write the shard unless an identical one is already there; True if it was written."""
+def saveShard(path, tokens, overwrite, vocabularyMark):
+    """Write the shard unless an identical one (tokens and vocabulary) is already there; True if it was written."""
     if not overwrite:
         try:
             existing = tokenShards.loadShard(path)
+            sameVocabulary = tokenShards.readShardVocabulary(path) == vocabularyMark
         except tokenShards.ShardError:
             existing = None  # missing or broken: write it
-        if existing is not None and existing.size == tokens.size and np.array_equal(existing, tokens):
+        if existing is not None and sameVocabulary and existing.size == tokens.size and np.array_equal(existing, tokens):
             return False
-    tokenShards.writeShard(path, tokens)
+    tokenShards.writeShard(path, tokens, vocabularyMark)
     return True
 
 
@@ -330,14 +351,14 @@ def removeLeftovers(outDir, name):
         print(f"removed {path} (left by an interrupted run)")
 
 
-def writeShards(chunks, outDir, name, shardSize, nShards, overwrite):
+def writeShards(chunks, outDir, name, shardSize, nShards, overwrite, vocabularyMark=None):
     """Cut the token stream into shards; returns (number of shards, total tokens, shards written)."""
     buffer = np.empty(shardSize, dtype=np.uint16)
     fill = index = total = written = 0
 
     def finish(tokens):
         path = shardPath(outDir, name, index)
-        wrote = saveShard(path, tokens, overwrite)
+        wrote = saveShard(path, tokens, overwrite, vocabularyMark)
         tqdm.write(f"{'wrote' if wrote else 'kept '} {path} ({tokens.size:,} tokens{'' if wrote else ', already complete'})")
         return wrote
 
@@ -373,26 +394,111 @@ def warnAboutExtraShards(outDir, name, nWritten):
         print(f"note: {len(extra)} shard file(s) beyond this run's last shard are in {outDir} (e.g. {extra[0]}), from an earlier run; delete them if training should not read them", file=sys.stderr)
 
 
+# ---------------------------------------------------------------- a vocabulary of the corpus
+
+def textAfter(documents, skipChars, sampleChars, seen):
+    """The documents' text from character skipChars on, at most sampleChars of it; seen["chars"] counts what went out."""
+    for text in documents:
+        if skipChars >= len(text):
+            skipChars -= len(text)
+            continue
+        text, skipChars = text[skipChars:sampleChars - seen["chars"] + skipChars], 0
+        seen["chars"] += len(text)
+        yield text
+        if seen["chars"] >= sampleChars:
+            return
+
+
+def validationChars(documents, encoding, shardSize):
+    """How many characters of the documents the first shardSize tokens (the validation shard) cover."""
+    nTokens = chars = 0
+    for text in documents:
+        encoded = encoding.tokenizer.encode(text, add_special_tokens=False)
+        nTokens += 1  # <|endoftext|> before each document
+        if nTokens + len(encoded.ids) >= shardSize:
+            inShard = shardSize - nTokens
+            return chars + (encoded.offsets[inShard - 1][1] if inShard > 0 else 0)
+        nTokens += len(encoded.ids)
+        chars += len(text)
+    return chars
+
+
+def trainCorpusVocabulary(openDocuments, args):
+    """Train the BPE on the training text (after the validation shard's), write tokenizer.json; its CorpusVocabulary."""
+    heldOut = args.shard_size * HELD_OUT_CHARS_PER_TOKEN
+    startTime = time.time()
+    for attempt in range(1, 6):
+        seen = {"chars": 0}
+        print(f"training a byte-level BPE of {args.vocabSize:,} ids on at most {args.vocabSampleChars:,} characters "
+              f"of the training text (the text after the first {heldOut:,} characters, which hold the validation shard)",
+              flush=True)
+        tokenizer = vocabulary.trainBpe(textAfter(openDocuments(), heldOut, args.vocabSampleChars, seen), args.vocabSize,
+                                        showProgress=sys.stderr.isatty())
+        if tokenizer.get_vocab_size() < args.vocabSize:
+            raise PreprocessError(f"the corpus is too small to train a vocabulary of {args.vocabSize:,} ids: its training "
+                                  f"text ({seen['chars']:,} characters after the validation shard) gives only "
+                                  f"{tokenizer.get_vocab_size():,}; lower --vocabSize or --shard_size, or add text")
+        trained = vocabulary.fromJson(tokenizer.to_str(), "the trained BPE")
+        covered = validationChars(openDocuments(), vocabulary.BpeEncoding(trained), args.shard_size)
+        if covered <= heldOut:
+            break
+        print(f"the validation shard covers {covered:,} characters, more than the {heldOut:,} held out: training again")
+        heldOut = covered + covered // 20 + 1
+    else:
+        raise PreprocessError("the validation shard's text kept growing past the held-out text after 5 BPE trainings; "
+                              "lower --shard_size")
+    print(f"trained the BPE in {time.time() - startTime:.1f} s on {seen['chars']:,} characters (the validation "
+          f"shard's {covered:,} held out); {trained.name}")
+    return trained
+
+
+def writeTokenizerFile(outDir, trained):
+    path = os.path.join(outDir, vocabulary.TOKENIZER_FILE)
+    tmpPath = f"{path}.{os.getpid()}.tmp"
+    with open(tmpPath, "w", encoding="utf-8") as f:
+        f.write(trained.json)
+    os.replace(tmpPath, path)
+    print(f"wrote {path}")
+
+
+def removeStaleTokenizer(outDir):
+    """A tokenizer.json of an earlier --vocabSize run would contradict the GPT-2 shards written now."""
+    path = os.path.join(outDir, vocabulary.TOKENIZER_FILE)
+    if os.path.exists(path):
+        os.remove(path)
+        print(f"removed {path} (an earlier run's corpus vocabulary; these shards are GPT-2's)")
+
+
 def preprocess(args):
     paths = inputFiles(args.input) if args.input else None
-    encodingParams, source = loadVocabulary(args.vocab_file)
-    print(f"GPT-2 vocabulary: {source}")
+    if paths:
+        openDocuments = lambda: localDocuments(paths, args.text_field)  # noqa: E731
+        what = f"{len(paths)} input file(s)"
+    else:
+        openDocuments = fineWebDocuments  # the stream starts again at its first document each time
+        what = f"{FINEWEB_DATASET} ({FINEWEB_CONFIG}), streamed"
+    if args.vocabSize:
+        trained = trainCorpusVocabulary(openDocuments, args)
+        encoder, mark = ("bpe", trained), (trained.size, trained.fingerprint)
+    else:
+        encodingParams, source = loadVocabulary(args.vocab_file)
+        print(f"GPT-2 vocabulary: {source}")
+        encoder, mark = ("gpt2", encodingParams), None
     os.makedirs(args.outDir, exist_ok=True)
     removeLeftovers(args.outDir, args.name)
+    if args.vocabSize:
+        writeTokenizerFile(args.outDir, trained)
+    else:
+        removeStaleTokenizer(args.outDir)
     # the pool is forked before the dataset client starts its threads: forking a threaded process can deadlock
-    pool = startTokenizers(encodingParams, args.num_proc)
+    pool = startTokenizers(encoder, args.num_proc)
     try:
-        if paths:
-            documents = localDocuments(paths, args.text_field)
-            what = f"{len(paths)} input file(s)"
-        else:
-            documents = fineWebDocuments()
-            what = f"{FINEWEB_DATASET} ({FINEWEB_CONFIG}), streamed"
+        documents = openDocuments()
         limit = f"at most {args.n_shards}" if args.n_shards else "all"
         print(f"tokenizing {what} with {args.num_proc} process(es) into {args.outDir}: {limit} shards of {args.shard_size:,} tokens")
         startTime = time.time()
         chunks = tokenChunks(documents, pool, args.num_proc)
-        nShards, total, written = writeShards(chunks, args.outDir, args.name, args.shard_size, args.n_shards, args.overwrite)
+        nShards, total, written = writeShards(chunks, args.outDir, args.name, args.shard_size, args.n_shards, args.overwrite, mark)
         seconds = time.time() - startTime
     finally:
         if pool is not None:
@@ -462,13 +568,23 @@ def parseArgs(argv):
     parser.add_argument("--name", default="fineweb", help="file-name prefix of the shards: NAME_val_000000.bin, NAME_train_000001.bin, ... (default: fineweb)")
     parser.add_argument("--vocab_file", default=None, help="GPT-2 vocabulary file (r50k_base.tiktoken / gpt2.tiktoken) to use instead of tiktoken's cache and the shipped vocab/r50k_base.tiktoken")
     parser.add_argument("--overwrite", action="store_true", help="rewrite shards even when an identical complete one exists")
+    parser.add_argument("--vocabSize", type=int, default=None, metavar="N",
+                        help=f"train a byte-level BPE of N ids ({vocabulary.MIN_VOCAB_SIZE:,} to {vocabulary.MAX_VOCAB_SIZE:,}) on the training text and tokenize with it instead of GPT-2's; saved as OUTDIR/{vocabulary.TOKENIZER_FILE} (default: the GPT-2 vocabulary)")
+    parser.add_argument("--vocabSampleChars", type=int, default=DEFAULT_VOCAB_SAMPLE_CHARS, metavar="CHARS",
+                        help=f"--vocabSize: the BPE learns from at most this many characters of the training text, the first after the validation shard (default {DEFAULT_VOCAB_SAMPLE_CHARS:,}; a smaller corpus is used whole)")
     args = parser.parse_args(argv)
     if args.n_shards is not None and args.n_shards < 1:
         raise PreprocessError(f"--n_shards must be at least 1, got {args.n_shards}")
     if args.num_proc < 1:
         raise PreprocessError(f"--num_proc must be at least 1, got {args.num_proc}")
+    if args.vocabSize is not None and not vocabulary.MIN_VOCAB_SIZE <= args.vocabSize <= vocabulary.MAX_VOCAB_SIZE:
+        raise PreprocessError(f"--vocabSize must be between {vocabulary.MIN_VOCAB_SIZE} (the 256 bytes and <|endoftext|>) and {vocabulary.MAX_VOCAB_SIZE:,} (shards store ids as uint16), got {args.vocabSize}")
+    if args.vocabSampleChars < 1:
+        raise PreprocessError(f"--vocabSampleChars must be at least 1, got {args.vocabSampleChars}")
+    if args.vocabSize is not None and args.vocab_file:
+        raise PreprocessError("--vocab_file names the GPT-2 vocabulary and --vocabSize trains one of the corpus; drop one of them")
     if args.from_hub:
-        for flag, given in (("--input", args.input), ("--shard_size", args.shard_size is not None), ("--name", args.name != "fineweb")):
+        for flag, given in (("--input", args.input), ("--shard_size", args.shard_size is not None), ("--name", args.name != "fineweb"), ("--vocabSize", args.vocabSize is not None)):
             if given:
                 raise PreprocessError(f"{flag} does not apply to --from_hub (the hub holds fixed shards fineweb_*.bin of {DEFAULT_SHARD_SIZE:,} tokens); drop one of them")
     else:
@@ -487,7 +603,7 @@ def main(argv=None):
             downloadFromHub(args)
         else:
             preprocess(args)
-    except (PreprocessError, tokenShards.ShardError, OSError) as e:
+    except (PreprocessError, tokenShards.ShardError, vocabulary.VocabularyError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -200,7 +200,13 @@ def printHeader(trainer):
             f"({trainer.vaSequences.shape[0]} sequences; {hp.filesTokensVa})")
     else:
         log("Validation data: none (--filesTokensVa is empty)")
-    log(f"Vocabulary size: {trainer.vocabSize:,} (max token id + 1, rounded up to a multiple of 128)")
+    if trainer.vocabulary:
+        log(f"Tokenizer: {trainer.vocabulary.name} ({trainer.vocabulary.origin}), <|endoftext|> = "
+            f"{trainer.vocabulary.eotId}")
+        log(f"Vocabulary size: {trainer.vocabSize:,} (the tokenizer's {trainer.vocabulary.size:,} ids, rounded up to a "
+            "multiple of 128)")
+    else:
+        log(f"Vocabulary size: {trainer.vocabSize:,} (max token id + 1, rounded up to a multiple of 128)")
     tokensPerModel = hp.nSteps * hp.batchSize * hp.seqLength
     log(f"Projected training tokens per model: {tokensPerModel:,} = {tokensPerModel / max(1, nTr):.2f} epochs")
     lines, trainable, frozen = parameterReport(trainer.model, hp.nModels)

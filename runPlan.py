@@ -8,6 +8,7 @@ import torch
 
 from activationFunctions import FIXED_TYPES
 from model import GPT
+from tokenShards import ShardError, maxTokenId
 
 
 class ConfigError(Exception):
@@ -130,6 +131,18 @@ def pickDevice(name="auto"):
 
 def roundUpVocab(maxId):
     return (maxId + 1 + 127) // 128 * 128
+
+
+def modelVocabSize(files, corpusVocabulary):
+    """The model's vocabulary: GPT-2 shards (corpusVocabulary None) the largest id in them + 1, a corpus vocabulary
+    its size, each rounded up to a multiple of 128. ShardError when the shards hold an id the vocabulary lacks."""
+    largest = maxTokenId(files)
+    if corpusVocabulary is None:
+        return roundUpVocab(largest)
+    if largest >= corpusVocabulary.size:
+        raise ShardError(f"the shards hold token id {largest}, but {corpusVocabulary.origin} has only "
+                         f"{corpusVocabulary.size:,} ids; re-run preprocessFineweb.py --vocabSize N")
+    return roundUpVocab(corpusVocabulary.size - 1)
 
 
 

@@ -1,7 +1,9 @@
 """Token shards on disk (the llm.c / modded-nanogpt format) and the training and validation data read from them.
 
 A shard is a header of HEADER_INTS little-endian int32 (MAGIC, VERSION, token count, then zeros)
-followed by the tokens as little-endian uint16. Shards are written atomically and every read
+followed by the tokens as little-endian uint16. A shard made with a corpus vocabulary (preprocessFineweb.py
+--vocabSize) records it in slots that readers of the format leave unused: slot 3 its size, slots 4-7 its 16-byte
+fingerprint; all zero (GPT-2's shards, llm.c's and modded-nanogpt's) means the GPT-2 vocabulary. Shards are written atomically and every read
 checks the header against the file size, so a truncated or foreign file is an error that names
 the file and the fix instead of silently feeding garbage to the model.
 
@@ -25,6 +27,7 @@ MAX_TOKEN_ID = 65535  # the largest id a uint16 can store
 HEADER_DTYPE = np.dtype("<i4")
 TOKEN_DTYPE = np.dtype("<u2")
 MAX_HEADER_COUNT = 2**31 - 1
+VOCAB_SIZE_SLOT, FINGERPRINT_SLOTS = 3, slice(4, 8)
 
 # Tags that keep the random streams of one (seed, streamIndex) independent of each other.
 RNG_SEQUENCE_ORDER, RNG_TOKEN_ORDER = 1, 2
@@ -35,8 +38,9 @@ class ShardError(Exception):
     """A token file is missing, foreign, truncated or too small; the message names the file and the fix."""
 
 
-def writeShard(path, tokens):
-    """Write tokens as a shard at path, atomically (temporary file in the same folder, then os.replace)."""
+def writeShard(path, tokens, vocabulary=None):
+    """Write tokens as a shard at path, atomically (temporary file in the same folder, then os.replace);
+    vocabulary: None (GPT-2) or the (size, 16-byte fingerprint) of the corpus vocabulary that made them."""
     tokens = np.asarray(tokens)
     if tokens.ndim != 1 or tokens.size == 0:
         raise ShardError(f"data file {path}: nothing to write (expected a non-empty 1-D sequence of token ids)")
@@ -51,6 +55,10 @@ def writeShard(path, tokens):
         tokens = tokens.astype(TOKEN_DTYPE)
     header = np.zeros(HEADER_INTS, dtype=HEADER_DTYPE)
     header[:3] = (MAGIC, VERSION, tokens.size)
+    if vocabulary is not None:
+        size, print16 = vocabulary
+        header[VOCAB_SIZE_SLOT] = size
+        header[FINGERPRINT_SLOTS] = np.frombuffer(print16, dtype=HEADER_DTYPE)
     # the pid keeps two concurrent writers apart; the suffix keeps '*.bin' globs from matching a partial file
     tmpPath = f"{path}.{os.getpid()}.tmp"
     try:
@@ -89,6 +97,17 @@ def readShardHeader(path):
     if heldBytes != count * TOKEN_DTYPE.itemsize:
         raise ShardError(f"data file {path}: header says {count} tokens but the file holds {heldBytes // TOKEN_DTYPE.itemsize}; {FIX_HINT}")
     return count
+
+
+def readShardVocabulary(path):
+    """None for a shard of the GPT-2 vocabulary, else the (size, 16-byte fingerprint) its header records."""
+    readShardHeader(path)
+    with open(path, "rb") as f:
+        header = np.frombuffer(f.read(HEADER_BYTES), dtype=HEADER_DTYPE)
+    size, print16 = int(header[VOCAB_SIZE_SLOT]), header[FINGERPRINT_SLOTS].tobytes()
+    if size == 0 and not any(print16):
+        return None
+    return size, print16
 
 
 def loadShard(path):

@@ -22,15 +22,16 @@ import preflight
 import runOutputs
 import stopping
 import trackers
+import vocabulary
 from activationFunctions import FIXED_TYPES, LEARNABLE_TYPES, MLP_INPUT_TYPES, SPLINE_TYPES, splineSmoothness
 from afFiles import AfFileError, loadAfsIntoModel, splineKnots
 from attention import FLEX_MASK_BLOCK, FLEX_TILE_SIZES, SCORE_TYPES
 from distributed import Distributed
 from model import MLP_VARIANT_AFS, copyInitAcrossModels, permuteInitAcrossModels
 from runPlan import (ConfigError, activeModels, buildModel, lrFactor, modelLrFactors, modelPasses, modelStartSteps,
-                     parseAfInit, parseNumber, pickDevice, roundUpVocab, splitAfInit, splitAfType, splitScoreType)
+                     modelVocabSize, parseAfInit, parseNumber, pickDevice, splitAfInit, splitAfType, splitScoreType)
 from stackedAdam import StackedAdam
-from tokenShards import ShardError, TokenStream, listShards, maxTokenId, readShardHeader, validationSequences
+from tokenShards import ShardError, TokenStream, listShards, readShardHeader, validationSequences
 
 
 # ----------------------------------------------------------------------------------------------
@@ -333,7 +334,12 @@ class Trainer:
         self.vaFiles = listShards(hp.filesTokensVa, "--filesTokensVa") if hp.filesTokensVa else []
         for path in self.trFiles + self.vaFiles:
             readShardHeader(path)
-        self.vocabSize = resume["vocabSize"] if resume else roundUpVocab(maxTokenId(self.trFiles + self.vaFiles))
+        self.vocabulary = vocabulary.ofShards(self.trFiles + self.vaFiles)
+        if self.vocabulary:
+            forced += self.adoptCorpusVocabulary()
+        if resume:
+            checkpoints.checkResumeVocabulary(hp.resumeFrom, resume, self.vocabulary)
+        self.vocabSize = resume["vocabSize"] if resume else modelVocabSize(self.trFiles + self.vaFiles, self.vocabulary)
         streamIndices = [0] if hp.sameDataAcrossModels or self.dataParallel else range(self.firstModel, self.stopModel)
         self.streams = [TokenStream(self.trFiles, hp.seqLength, hp.seed, i, hp.shuffleTrData) for i in streamIndices]
         self.vaSequences = validationSequences(self.vaFiles, hp.seqLength, hp.nTokensVa) if self.vaFiles else None
@@ -378,6 +384,18 @@ class Trainer:
         forwardPasses.compileModel(self)
         self.forced = forced
         return self
+
+    def adoptCorpusVocabulary(self):
+        """Documents of a corpus vocabulary's shards are separated by its own <|endoftext|>; the forced-value note."""
+        hp, eot = self.hp, self.vocabulary.eotId
+        if "tokenDocSep" in self.given and hp.tokenDocSep not in (eot, -1):
+            raise ConfigError(f"--tokenDocSep {hp.tokenDocSep} contradicts the shards' vocabulary "
+                              f"({self.vocabulary.origin}), whose <|endoftext|> is id {eot}; drop the flag or give "
+                              f"--tokenDocSep {eot} (-1: no separator)")
+        if hp.tokenDocSep in (eot, -1):
+            return []
+        hp.tokenDocSep = eot
+        return [f"tokenDocSep={eot} (<|endoftext|> of the shards' vocabulary)"]
 
     def paths(self):
         hp = self.hp
