@@ -233,10 +233,11 @@ def loadModel(path, modelId, device):
 
 
 def encodingOf(trained, vocabFile):
-    """The tokenizer the model was trained with (tiktoken's Encoding interface) and where it came from: the corpus
-    vocabulary the checkpoint carries, else GPT-2's (see gpt2Encoding)."""
+    """The tokenizer the model was trained with (tiktoken's Encoding interface) and a line saying which it is: the
+    corpus vocabulary the checkpoint carries, else GPT-2's (see gpt2Encoding)."""
     if trained.tokenizer is None:
-        return gpt2Encoding(vocabFile)
+        encoding, source = gpt2Encoding(vocabFile)
+        return encoding, f"GPT-2 vocabulary: {source}"
     if vocabFile:
         raise LoadError("--vocab_file names the GPT-2 vocabulary, but this model was trained with a corpus vocabulary "
                         "that its checkpoint carries; drop --vocab_file")
@@ -244,7 +245,7 @@ def encodingOf(trained, vocabFile):
         corpusVocabulary = vocabulary.fromJson(trained.tokenizer, "the checkpoint's tokenizer")
     except vocabulary.VocabularyError as err:
         raise LoadError(str(err)) from None
-    return vocabulary.BpeEncoding(corpusVocabulary), f"the checkpoint's {corpusVocabulary.name}"
+    return vocabulary.BpeEncoding(corpusVocabulary), f"Tokenizer: the checkpoint's {corpusVocabulary.name}"
 
 
 def gpt2Encoding(vocabFile):

@@ -191,6 +191,19 @@ def hasPhaseOne(entry, splinePhases):
     return splinePhases == 2 and isSplineAf(entry["af"]) and not entry["frozen"]
 
 
+def withoutFlag(flags, name):
+    """flags without `name VALUE` and `name=VALUE`."""
+    kept, skip = [], False
+    for flag in flags:
+        if skip:
+            skip = False
+        elif flag == name:
+            skip = True
+        elif not flag.startswith(name + "="):
+            kept.append(flag)
+    return kept
+
+
 def planRuns(args, trainerArgv, hp):
     """One dict per trainLmAf.py run, in order; a phase-II run names the phase-I run it loads."""
     runs = []
@@ -200,16 +213,17 @@ def planRuns(args, trainerArgv, hp):
             runName = f"{args.name}-{entry['slug']}-s{seed}"
             argv = trainerArgv + entry["flags"] + ["--afType", entry["af"], "--seed", str(seed)]
             if hasPhaseOne(entry, args.splinePhases):
+                # The variant's --nModels is its phase I's, given there once; phase II trains as many models as
+                # every other row.
+                argv = trainerArgv + withoutFlag(entry["flags"], "--nModels") + ["--afType", entry["af"], "--seed",
+                                                                                 str(seed)]
                 phase1 = {"af": af, "seed": seed, "runName": runName + "-phase1", "phase": 1, "reported": False,
                           "argv": argv + ["--runName", runName + "-phase1", "--nModels",
                                           str(entry["phase1Models"] or args.splineModels), "--saveAfEvery", "0"]}
                 afFile = os.path.join(hp.dirResults, f"ptAf-{phase1['runName']}-step{hp.nSteps:04d}.pt")
-                # The variant's --nModels is its phase I's; phase II trains as many models as every other row.
-                ownModels = ["--nModels", str(hp.nModels)] if entry["phase1Models"] else []
                 runs.append(phase1)
                 runs.append({"af": af, "seed": seed, "runName": runName, "phase": 2, "reported": True, "after": phase1,
-                             "argv": argv + ownModels + ["--runName", runName, "--afLr", "0", "--afFileToLoad",
-                                                         afFile]})
+                             "argv": argv + ["--runName", runName, "--afLr", "0", "--afFileToLoad", afFile]})
             else:
                 runs.append({"af": af, "seed": seed, "runName": runName, "phase": None, "reported": True,
                              "argv": argv + ["--runName", runName]})

@@ -298,8 +298,8 @@ def evaluate(args):
     device = pickDevice(args.device)
     trained = loadModel(args.modelFile, args.modelId, device)
     print(trained.describe(args.modelFile) + f", device {device.type}")
-    encoding, vocabSource = encodingOf(trained, args.vocab_file)
-    print(f"GPT-2 vocabulary: {vocabSource}")
+    encoding, vocabLine = encodingOf(trained, args.vocab_file)
+    print(vocabLine)
     sets = readHubSets(args.limit) if args.blimpDir == "hf" else readLocalSets(args.blimpDir, args.limit)
     nPairs = sum(len(s.pairs) for s in sets)
     print(f"BLiMP: {len(sets)} sets, {nPairs} pairs from {args.blimpDir}"

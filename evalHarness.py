@@ -49,7 +49,7 @@ class LmAfsModel(TemplateLM):
         super().__init__()
         self._device = pickDevice(device or "auto")
         self.trained = loadModel(modelFile, None if modelId in (None, "") else int(modelId), self._device)
-        self.encoding, self.vocabSource = encodingOf(self.trained, vocab_file)
+        self.encoding, self.vocabLine = encodingOf(self.trained, vocab_file)
         self.maxLength = int(self.trained.hyperparameters["seqLength"])
         # lm_eval passes "auto" or a number (possibly as text)
         self.batchSize = int(batch_size) if str(batch_size).isdigit() else \
@@ -205,7 +205,7 @@ def evaluate(args):
                            "--include_path adds a folder of your own task YAML files")
     model = LmAfsModel(args.modelFile, args.modelId, args.vocab_file, args.batchSize, args.device)
     print(model.trained.describe(args.modelFile) + f", device {model.device.type}")
-    print(f"GPT-2 vocabulary: {model.vocabSource}")
+    print(model.vocabLine)
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
     results = lm_eval.simple_evaluate(model=model, tasks=tasks, task_manager=taskManager, limit=limit,
                                       num_fewshot=args.num_fewshot, random_seed=args.seed,

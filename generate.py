@@ -69,8 +69,8 @@ def generate(args):
     device = pickDevice(args.device)
     trained = loadModel(args.modelFile, args.modelId, device)
     print(trained.describe(args.modelFile) + f", device {device.type}", file=sys.stderr)
-    encoding, vocabSource = encodingOf(trained, args.vocab_file)
-    print(f"GPT-2 vocabulary: {vocabSource}", file=sys.stderr)
+    encoding, vocabLine = encodingOf(trained, args.vocab_file)
+    print(vocabLine, file=sys.stderr)
     promptTokens = [encoding.eot_token] + encoding.encode_ordinary(args.prompt)
     checkTokensFit(promptTokens, trained.vocabSize, "--prompt")
     hp = trained.hyperparameters

@@ -24,6 +24,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import random
 import re
 import signal
 import sys
@@ -280,7 +281,20 @@ def jsonLinesTexts(f, path, textField):
             yield fieldText(record, textField, where)
 
 
-def fileTexts(path, textField):
+def txtDocuments(text, docChars):
+    """A .txt file's text as one document, or (docChars) cut at the first blank line after every docChars characters."""
+    if not docChars:
+        yield text
+        return
+    start = 0
+    while start < len(text):
+        cut = text.find("\n\n", start + docChars)
+        end = len(text) if cut < 0 else cut + 2
+        yield text[start:end]
+        start = end
+
+
+def fileTexts(path, textField, docChars=None):
     """Texts of one input file, read incrementally where the format allows."""
     if path.endswith(".parquet"):
         import pyarrow.parquet
@@ -296,7 +310,7 @@ def fileTexts(path, textField):
         return
     with open(path, encoding="utf-8") as f:
         if path.endswith(".txt"):
-            yield f.read()
+            yield from txtDocuments(f.read(), docChars)
         elif path.endswith(".jsonl"):
             yield from jsonLinesTexts(f, path, textField)
         else:
@@ -316,12 +330,20 @@ def fileTexts(path, textField):
                 yield from jsonLinesTexts(f, path, textField)
 
 
-def localDocuments(paths, textField):
+def localDocuments(paths, textField, docChars=None):
     for path in paths:
         try:
-            yield from fileTexts(path, textField)
+            yield from fileTexts(path, textField, docChars)
         except UnicodeDecodeError as e:
             raise PreprocessError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); convert it to UTF-8") from None
+
+
+def shuffledDocuments(documents, seed):
+    """All documents in memory, in an order drawn with the seed: every shard, the validation one included, then
+    samples the whole corpus instead of one stretch of it."""
+    documents = list(documents)
+    random.Random(seed).shuffle(documents)
+    return documents
 
 
 # ---------------------------------------------------------------- shards
@@ -471,8 +493,12 @@ def removeStaleTokenizer(outDir):
 
 def preprocess(args):
     paths = inputFiles(args.input) if args.input else None
-    if paths:
-        openDocuments = lambda: localDocuments(paths, args.text_field)  # noqa: E731
+    if paths and args.shuffleDocs is not None:
+        documents = shuffledDocuments(localDocuments(paths, args.text_field, args.txtDocChars), args.shuffleDocs)
+        openDocuments = lambda: iter(documents)  # noqa: E731
+        what = f"{len(paths)} input file(s), {len(documents):,} documents in an order drawn with seed {args.shuffleDocs}"
+    elif paths:
+        openDocuments = lambda: localDocuments(paths, args.text_field, args.txtDocChars)  # noqa: E731
         what = f"{len(paths)} input file(s)"
     else:
         openDocuments = fineWebDocuments  # the stream starts again at its first document each time
@@ -568,6 +594,10 @@ def parseArgs(argv):
     parser.add_argument("--name", default="fineweb", help="file-name prefix of the shards: NAME_val_000000.bin, NAME_train_000001.bin, ... (default: fineweb)")
     parser.add_argument("--vocab_file", default=None, help="GPT-2 vocabulary file (r50k_base.tiktoken / gpt2.tiktoken) to use instead of tiktoken's cache and the shipped vocab/r50k_base.tiktoken")
     parser.add_argument("--overwrite", action="store_true", help="rewrite shards even when an identical complete one exists")
+    parser.add_argument("--txtDocChars", type=int, default=None, metavar="CHARS",
+                        help="cut each .txt input into documents at the first blank line after every CHARS characters (default: a .txt file is one document)")
+    parser.add_argument("--shuffleDocs", type=int, default=None, metavar="SEED",
+                        help="--input: put the documents in an order drawn with SEED before tokenizing, so that the validation shard and every training shard sample the whole corpus (holds the corpus in memory; default: file order)")
     parser.add_argument("--vocabSize", type=int, default=None, metavar="N",
                         help=f"train a byte-level BPE of N ids ({vocabulary.MIN_VOCAB_SIZE:,} to {vocabulary.MAX_VOCAB_SIZE:,}) on the training text and tokenize with it instead of GPT-2's; saved as OUTDIR/{vocabulary.TOKENIZER_FILE} (default: the GPT-2 vocabulary)")
     parser.add_argument("--vocabSampleChars", type=int, default=DEFAULT_VOCAB_SAMPLE_CHARS, metavar="CHARS",
@@ -579,6 +609,10 @@ def parseArgs(argv):
         raise PreprocessError(f"--num_proc must be at least 1, got {args.num_proc}")
     if args.vocabSize is not None and not vocabulary.MIN_VOCAB_SIZE <= args.vocabSize <= vocabulary.MAX_VOCAB_SIZE:
         raise PreprocessError(f"--vocabSize must be between {vocabulary.MIN_VOCAB_SIZE} (the 256 bytes and <|endoftext|>) and {vocabulary.MAX_VOCAB_SIZE:,} (shards store ids as uint16), got {args.vocabSize}")
+    if args.txtDocChars is not None and args.txtDocChars < 1:
+        raise PreprocessError(f"--txtDocChars must be at least 1, got {args.txtDocChars}")
+    if args.shuffleDocs is not None and not args.input:
+        raise PreprocessError("--shuffleDocs needs --input (a streamed corpus cannot be reordered)")
     if args.vocabSampleChars < 1:
         raise PreprocessError(f"--vocabSampleChars must be at least 1, got {args.vocabSampleChars}")
     if args.vocabSize is not None and args.vocab_file:

@@ -301,6 +301,9 @@ def testFrozenAndSingleModelVariantsAreControls(tinyData, tmp_path):
     parsed = {r["runName"]: compareAfs.trainLmAf.parseArgs(r["argv"])[0] for r in runs}
     assert parsed["c-sp-s0-phase1"].nModels == 3 and parsed["c-sp-1-s0-phase1"].nModels == 1
     assert parsed["c-sp-1-s0"].nModels == 1
+    assert all(r["argv"].count("--nModels") == (r["phase"] == 1) for r in runs)  # each phase I names it once
+    assert compareAfs.withoutFlag(["--a", "1", "--nModels", "4", "--nModels=2", "--b"], "--nModels") == ["--a", "1",
+                                                                                                         "--b"]
     assert parsed["c-sp-1-s0"].afFileToLoad.endswith("ptAf-c-sp-1-s0-phase1-step0006.pt")
     assert (parsed["c-sp-frozen-s0"].afLr, parsed["c-sp-frozen-s0"].afFileToLoad) == (0, "")
 

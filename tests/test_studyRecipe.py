@@ -22,12 +22,12 @@ def planStudy(tmp_path, *flags):
     rng = np.random.default_rng(0)
     words = np.array("the king and queen of a far land spoke with their people about bread war peace".split())
     corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n\n".join(" ".join(rng.choice(words, 60)) + "." for _ in range(1100)))
+    corpus.write_text("\n\n".join(f"paragraph{i}x " + " ".join(rng.choice(words, 60)) + "." for i in range(1100)))
     out = tmp_path / "study"
     proc = subprocess.run(["bash", SCRIPT, str(corpus), str(out), *flags, "--dryRun", "--device", "cpu"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert sorted(os.listdir(out / "data"))[:2] == ["fineweb_train_000001.bin", "fineweb_val_000000.bin"]
+    assert {"fineweb_train_000001.bin", "fineweb_val_000000.bin"} <= set(os.listdir(out / "data"))
     runs = {line.split(": ")[0].split("] ")[1]: shlex.split(line.split(": trainLmAf.py ")[1])
             for line in proc.stdout.splitlines() if line.startswith("[")}
     return {name: trainLmAf.parseArgs(argv)[0] for name, argv in runs.items()}, out
@@ -103,3 +103,31 @@ def testUnknownPresetIsOneErrorLine(preset, tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr == f"error: --preset must be small or medium, got '{preset}'\n"
     assert not (tmp_path / "out").exists()
+
+
+def validationParagraphs(out):
+    """Numbers of the corpus paragraphs whose marker the validation shard holds (decoded with its tokenizer)."""
+    import re
+
+    from tokenizers import Tokenizer
+
+    from tokenShards import loadShard
+
+    tokenizer = Tokenizer.from_file(str(out / "data" / "tokenizer.json"))
+    text = tokenizer.decode(np.asarray(loadShard(str(out / "data" / "fineweb_val_000000.bin"))).tolist())
+    return {int(n) for n in re.findall(r"paragraph(\d+)x", text)}
+
+
+@pytest.mark.parametrize("layout", ["spread", "contiguous"])
+def testStudyDataSamplesTheWholeCorpusWithItsOwnVocabulary(tmp_path, layout):
+    """The validation shard holds paragraphs from across the corpus (the first study's data: one stretch at its
+    start, kept with --contiguousData); --vocabSize reaches the preprocessing."""
+    flags = ["--vocabSize", "300", "--seeds", "0"] + (["--contiguousData"] if layout == "contiguous" else [])
+    hps, out = planStudy(tmp_path, *flags)
+    assert len(hps) == 20
+    paragraphs = validationParagraphs(out)
+    assert paragraphs
+    if layout == "spread":
+        assert min(paragraphs) < 100 and max(paragraphs) > 1000  # of 1100 paragraphs
+    else:
+        assert paragraphs == set(range(len(paragraphs)))  # the corpus's first paragraphs, in order
