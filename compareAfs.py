@@ -286,9 +286,13 @@ class SideBySide:
         self.lock = threading.Lock()
         self.running = set()
         self.stopping = False
+        self.left = {kind: 0 for kind in RUN_KINDS}  # runs not yet finished, by kind
+        self.seconds = {kind: [] for kind in RUN_KINDS}  # wall times of the runs trained here, by kind
 
     def train(self, runs):
         """Every run, a phase II in the same worker right after its phase I; False when interrupted."""
+        for run in runs:
+            self.left[runKind(run)] += 1
         chains, chainOf = [], {}
         for index, run in enumerate(runs, 1):
             chain = chainOf[id(run["after"])] if run["phase"] == 2 else []
@@ -327,6 +331,24 @@ class SideBySide:
         with self.lock:
             self.running.discard(proc)
 
+    def timeLeft(self, run, wall, trained):
+        """After a run: the estimated time until the last run ends (the mean wall time of each kind so far, times
+        the runs of that kind left, `jobs` at a time), as a line; None before a kind left to run has a time."""
+        kind = runKind(run)
+        with self.lock:
+            self.left[kind] -= 1
+            if trained:
+                self.seconds[kind].append(wall)
+            left = {k: n for k, n in self.left.items() if n}
+            if not left:
+                return None
+            if any(not self.seconds[k] for k in left):
+                return None
+            means = {k: float(np.mean(self.seconds[k])) for k in left}
+        total = sum(left[k] * means[k] for k in left) / min(self.jobs, sum(left.values()))
+        parts = ", ".join(f"{left[k]} {k} run(s) at {means[k]:.0f} s" for k in RUN_KINDS if k in left)
+        return f"estimated time left: {formatDuration(total)} ({parts}, {self.jobs} at a time)"
+
     def interrupt(self):
         """Start no new run; send each running one SIGINT (the first: finish the step and save; again: stop now)."""
         with self.lock:
@@ -338,13 +360,30 @@ class SideBySide:
                 proc.send_signal(signal.SIGINT)
 
 
+RUN_KINDS = ("phase-I", "other")
+
+
+def runKind(run):
+    """Phase-I runs train several models and take several times longer than the others."""
+    return RUN_KINDS[0] if run["phase"] == 1 else RUN_KINDS[1]
+
+
+def formatDuration(seconds):
+    minutes = int(round(seconds / 60))
+    return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{max(minutes, 1)} min"
+
+
 def runOne(run, index, total, workers):
     """Train one run in a subprocess; fills run['result'] or run['failure']. False when it did not start."""
     hp = workers.hp
     if run["phase"] == 2 and "failure" in run["after"]:
         run["failure"] = f"its phase I {run['after']['runName']} failed"
         print(f"[{index}/{total}] {run['runName']}: skipped, {run['failure']}", flush=True)
+        workers.timeLeft(run, 0.0, trained=False)
         return True
+    runHp, _ = trainLmAf.parseArgs(run["argv"])
+    # a run finished earlier only reports itself; its seconds would make the estimate of the others too short
+    alreadyDone = (readRun(hp.dirResults, run["runName"], runHp.nSteps) or {}).get("complete", False)
     start = time.perf_counter()
     proc = workers.start(run["argv"])
     if proc is None:
@@ -357,7 +396,6 @@ def runOne(run, index, total, workers):
     wall = time.perf_counter() - start
     if stderr:
         sys.stderr.write(stderr)
-    runHp, _ = trainLmAf.parseArgs(run["argv"])
     result = readRun(hp.dirResults, run["runName"], runHp.nSteps)
     lastError = next((line for line in reversed(stderr.splitlines()) if line.strip()), "")
     if proc.returncode != 0:
@@ -373,6 +411,9 @@ def runOne(run, index, total, workers):
     status = run.get("failure") or f"val loss {run['result']['val'][-1][1]:.4f}"
     print(f"[{index}/{total}] {run['runName']}: {'FAILED, ' if 'failure' in run else ''}{status} ({wall:.0f} s)",
           flush=True)
+    estimate = workers.timeLeft(run, wall, trained=not alreadyDone and "failure" not in run)
+    if estimate:
+        print(f"[{index}/{total}] {estimate}", flush=True)
     return True
 
 

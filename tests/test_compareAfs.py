@@ -409,3 +409,21 @@ def testInterruptReachesEachRunningRunOnceAndStartsNoOther(signum, tinyData, tmp
     assert sum(line.startswith("start") for line in lines) == 4
     assert "interrupted: the running runs finish their step and save" in err
     assert "run the same command again to continue" in err
+
+
+def testTimeLeftFromTheRunsTrainedSoFarByKind():
+    workers = compareAfs.SideBySide(2, None)
+    phase1, other = {"phase": 1}, {"phase": 2}
+    workers.left = {"phase-I": 3, "other": 4}
+    assert workers.timeLeft(phase1, 600.0, trained=True) is None  # no other run has a time yet
+    assert workers.timeLeft(other, 1.0, trained=False) is None  # a run kept from before: not timed
+    assert workers.timeLeft(other, 60.0, trained=True) == (
+        "estimated time left: 11 min (2 phase-I run(s) at 600 s, 2 other run(s) at 60 s, 2 at a time)")
+    assert workers.timeLeft(phase1, 800.0, trained=True) == (
+        "estimated time left: 7 min (1 phase-I run(s) at 700 s, 2 other run(s) at 60 s, 2 at a time)")
+    workers.left = {"phase-I": 1, "other": 1}
+    # the last run of its kind alone: one at a time, whatever --jobs says
+    assert workers.timeLeft(other, 60.0, trained=True) == (
+        "estimated time left: 12 min (1 phase-I run(s) at 700 s, 2 at a time)")
+    assert workers.timeLeft(phase1, 700.0, trained=True) is None  # nothing left
+    assert compareAfs.formatDuration(3720) == "1 h 02 min" and compareAfs.formatDuration(20) == "1 min"

@@ -17,7 +17,7 @@ import evalBlimp  # noqa: E402
 import evalHarness  # noqa: E402
 import generate  # noqa: E402
 import trainLmAf  # noqa: E402
-from checkpoints import gpt2Encoding, loadModel  # noqa: E402
+from checkpoints import encodingOf, gpt2Encoding, loadModel  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
 from tokenShards import writeShard  # noqa: E402
 
@@ -99,7 +99,26 @@ metadata:
     return names
 
 
-def test_blimpAccuracyEqualsEvalBlimpsOnTheSamePairs(run, capsys):
+@pytest.fixture(scope="module")
+def bpeRun(tmp_path_factory):
+    """A tiny model trained on shards of a corpus vocabulary (preprocessFineweb.py --vocabSize): its checkpoint."""
+    import preprocessFineweb
+
+    folder = tmp_path_factory.mktemp("harnessBpe")
+    corpus = folder / "corpus.txt"
+    corpus.write_text("\n\n".join(f"{TEXT} Paragraph {i} ends here." for i in range(60)))
+    assert preprocessFineweb.main([str(folder / "data"), "--input", str(corpus), "--shard_size", "2000",
+                                   "--vocabSize", "300", "--num_proc", "1"]) == 0
+    # BLiMP sentences take more ids of a 300-id vocabulary than of GPT-2's: a longer sequence holds them
+    flags = tinyFlags(folder / "data", folder, runName="bpe", nSteps=6, nStepsWarmup=1, nStepsCooldown=2, valEvery=0,
+                      plotEvery=100, saveModelEvery=0, seqLength=96)
+    assert trainLmAf.main(flags) == 0
+    return {"modelFile": str(folder / "pt-bpe-step0006.pt"), "text": TEXT, "folder": folder}
+
+
+@pytest.mark.parametrize("which", ["gpt2", "corpusVocabulary"])
+def test_blimpAccuracyEqualsEvalBlimpsOnTheSamePairs(run, bpeRun, capsys, which):
+    run = run if which == "gpt2" else bpeRun
     limit = 25
     names = writeTasks(run["folder"] / "tasks", run)
     args = evalHarness.parseArgs(["--device", "cpu", "--modelFile", run["modelFile"], "--tasks", ",".join(names),
@@ -109,7 +128,9 @@ def test_blimpAccuracyEqualsEvalBlimpsOnTheSamePairs(run, capsys):
     assert all(name in table for name in names) and "acc" in table
 
     trained = loadModel(run["modelFile"], None, torch.device("cpu"))
-    encoding, _ = gpt2Encoding(None)
+    encoding, line = encodingOf(trained, None)
+    assert line.startswith("GPT-2 vocabulary" if which == "gpt2" else "Tokenizer: the checkpoint's byte-level BPE")
+    assert (trained.vocabSize == 384) == (which == "corpusVocabulary")
     sets = evalBlimp.readLocalSets(BLIMP_SAMPLE, limit)
     scores = evalBlimp.sentenceLogProbs(trained.model, evalBlimp.tokenizeSets(sets, encoding, trained.vocabSize), 8,
                                         torch.device("cpu"))
