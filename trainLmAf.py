@@ -526,6 +526,9 @@ class Trainer:
                 self.window["acc"][:nActive] += accs
                 self.window["count"][:nActive] += 1
                 self.window["steps"] += 1
+                # CUDA runs ahead of the CPU: the clock stops when this step's GPU work is done, so s/step, tokens/s
+                # and MFU count every step's work once
+                torch.get_device_module(self.device).synchronize(self.device)
                 seconds = time.perf_counter() - t0
                 self.trainSeconds += seconds
                 self.window["seconds"] += seconds
@@ -595,16 +598,18 @@ def main(argv=None):
         print(f"error: {err}{saved}", file=sys.stderr)
         return 3
     except torch.OutOfMemoryError as err:
+        # the advice measures free memory after this block: its live traceback holds the failed pass's frames and,
+        # in them, its activations
         checkpoint = getattr(err, "checkpoint", None)
-        saved = f"; resume from {checkpoint} with --resumeFrom" if checkpoint else ""
-        print(f"error: {stopping.outOfMemoryAdvice(trainer)}{saved}", file=sys.stderr)
-        return 4
     except KeyboardInterrupt:
         print("error: interrupted before training started; nothing was written", file=sys.stderr)
         return 130
     finally:
         if getattr(trainer, "dist", None) is not None:
             trainer.dist.close()
+    saved = f"; resume from {checkpoint} with --resumeFrom" if checkpoint else ""
+    print(f"error: {stopping.outOfMemoryAdvice(trainer)}{saved}", file=sys.stderr)
+    return 4
 
 
 if __name__ == "__main__":
