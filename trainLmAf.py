@@ -27,8 +27,8 @@ from afFiles import AfFileError, loadAfsIntoModel, splineKnots
 from attention import FLEX_MASK_BLOCK, FLEX_TILE_SIZES, SCORE_TYPES
 from distributed import Distributed
 from model import MLP_VARIANT_AFS, copyInitAcrossModels, permuteInitAcrossModels
-from runPlan import (ConfigError, activeModels, buildModel, lrFactor, modelLrFactors, modelPasses, modelStartSteps,
-                     parseAfInit, parseNumber, pickDevice, roundUpVocab, splitAfInit, splitAfType, splitScoreType)
+from runPlan import (ConfigError, activeModels, buildModel, compileBackend, lrFactor, modelLrFactors, modelPasses,
+                     modelStartSteps, parseAfInit, parseNumber, pickDevice, roundUpVocab, splitAfInit, splitAfType, splitScoreType)
 from stackedAdam import StackedAdam
 from tokenShards import ShardError, TokenStream, listShards, maxTokenId, readShardHeader, validationSequences
 
@@ -320,6 +320,7 @@ class Trainer:
             raise ConfigError(f"--nModels {hp.nModels} is fewer than the {self.dist.worldSize} processes; "
                               "give every process at least one model")
         self.device = self.dist.start(pickDevice(hp.device))
+        compileBackend(hp, self.device)  # a backend that cannot train this model here is refused before anything else
         self.tracksCudaMemory = self.device.type == "cuda"
         if self.device.type == "cuda":
             torch.set_float32_matmul_precision("high")  # TF32 matmuls, as the original

@@ -111,3 +111,60 @@ def testOutOfMemoryAdviceIsMeasuredAfterTheFailedPassIsFreed(tinyData, tmp_path,
     assert alive == [False]
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: out of memory in a pass of 2 model(s)")
+
+
+def testAotEagerWithScoreSplineOnCudaIsRefusedBeforeAnythingIsWritten(tinyData, tmp_path, monkeypatch, capsys):
+    import trainLmAf
+    monkeypatch.setattr(trainLmAf, "pickDevice", lambda name: torch.device("cuda"))
+    flags = tinyFlags(tinyData, tmp_path / "run", runName="aot", afType="spline;att-spline;score-spline",
+                      compileBackend="aot_eager", device="auto")
+    assert trainLmAf.main(flags) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: --compileBackend aot_eager cannot train score-spline on "
+                                                   "CUDA")
+    assert not (tmp_path / "run").exists()
+    # the preflight of that run says so in its table
+    assert trainLmAf.main(flags + ["--preflight", "1", "--preflightGpu", "h100:9.0:80"]) == 1
+    out, err = capsys.readouterr()
+    assert any(line.startswith("compiled graphs") and "FAIL" in line for line in out.splitlines())
+    assert err.startswith("preflight: compiled graphs will not work: --compileBackend aot_eager")
+
+
+def testAFlexAttentionFallbackIsStatedOnStderr(tinyData, tmp_path, monkeypatch, capsys):
+    import runPlan
+    import trainLmAf
+    torch._dynamo.reset()
+    arguments = runPlan.modelArguments
+    # FlexAttention on a CPU has no backward: the first backward before step 1 fails, as on a GPU it cannot serve
+    monkeypatch.setattr(runPlan, "modelArguments", lambda *a, **k: {**arguments(*a, **k), "attention": "flex"})
+    hp, given = trainLmAf.parseArgs(tinyFlags(tinyData, tmp_path, runName="fallback", compileBackend="none"))
+    trainer = trainLmAf.Trainer(hp, given).setup()
+    assert trainer.model.kernel.implementation == "sdpa"
+    err = capsys.readouterr().err.splitlines()
+    assert [line for line in err if line.startswith("FlexAttention failed on this GPU")]
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("gpuGiB, fits", [(80, True), (16, False)])
+def testAFallbackThatWillNotFitStopsWithOneLine(monkeypatch, gpuGiB, fits):
+    """The default phase I with spline scores: 14.0 GiB per pass of 20 models with FlexAttention, an estimated
+    63.9 GiB with SDPA and explicit [T, T] scores."""
+    import forwardPasses
+    import trainLmAf
+    hp, _ = trainLmAf.parseArgs(["--nModels", "20", "--afLayerSpecific", "0", "--afType",
+                                 "spline;att-spline;score-spline"])
+    trainLmAf.validate(hp)
+    kernel = types.SimpleNamespace(flexFailure="NotImplementedError: no kernel fits")
+    trainer = types.SimpleNamespace(hp=hp, vocabSize=50304, nLocal=20, modelsPerPass=20 if fits else 10,
+                                    device=torch.device("cuda"), model=types.SimpleNamespace(kernel=kernel))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (gpuGiB << 30, gpuGiB << 30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
+    if fits:
+        forwardPasses.stopIfTheFallbackDoesNotFit(trainer)
+        return
+    with pytest.raises(trainLmAf.ConfigError) as stop:
+        forwardPasses.stopIfTheFallbackDoesNotFit(trainer)
+    line = str(stop.value)
+    assert "\n" not in line and line.startswith("FlexAttention failed on this GPU (NotImplementedError: no kernel")
+    assert "explicit [T, T] scores, needs an estimated" in line and "per pass of 10 model(s)" in line
+    assert "try --modelsPerPass" in line
