@@ -341,9 +341,9 @@ def runPreflight(hp, forced):
         try:
             backend = compileBackend(hp, torch.device("cuda"))
             report.add("compiled graphs", True,
-                       f"{backend or 'none (eager)'}: {len(variants)} before step 1 — "
-                       + ", ".join(f"{kind} {n} model(s) from {first}" + (f" x {batch} sequences" if batch > 1 else "")
-                                   for kind, first, n, batch in variants) if backend else "none: the model runs eagerly")
+                       f"{backend or 'none (eager)'}: {len(variants)} before step 1 — " + ", ".join(
+                           f"{kind} {n} model(s) from {first}" + (f" x {batch} sequences" if batch > 1 else "")
+                           for kind, first, n, batch in variants) if backend else "none: the model runs eagerly")
         except ConfigError as err:
             report.add("compiled graphs", False, str(err))
     print("\n".join(report.lines() + report.details))

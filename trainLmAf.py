@@ -27,8 +27,9 @@ from afFiles import AfFileError, loadAfsIntoModel, splineKnots
 from attention import FLEX_MASK_BLOCK, FLEX_TILE_SIZES, SCORE_TYPES
 from distributed import Distributed
 from model import MLP_VARIANT_AFS, copyInitAcrossModels, permuteInitAcrossModels
-from runPlan import (ConfigError, activeModels, buildModel, compileBackend, lrFactor, modelLrFactors, modelPasses,
-                     modelStartSteps, parseAfInit, parseNumber, pickDevice, roundUpVocab, splitAfInit, splitAfType, splitScoreType)
+from runPlan import (ConfigError, activeModels, buildModel, lrFactor, modelLrFactors, modelPasses, modelStartSteps,
+                     parseAfInit, parseNumber, pickDevice, roundUpVocab, splitAfInit, splitAfType, splitScoreType)
+from runPlan import compileBackend
 from stackedAdam import StackedAdam
 from tokenShards import ShardError, TokenStream, listShards, maxTokenId, readShardHeader, validationSequences
 

@@ -76,7 +76,8 @@ def main():
     print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'} "
           f"({torch.get_num_threads()} threads), torch {torch.__version__}")
     print(f"q, k, v: {' x '.join(map(str, shape))} {args.dtype}, contextSize {args.contextSize}, "
-          f"attention {'compiled FlexAttention' if kernels[0][1].implementation == 'flex' else 'SDPA / explicit scores'}")
+          "attention " + ("compiled FlexAttention" if kernels[0][1].implementation == "flex" else
+                          "SDPA / explicit scores"))
 
     rows = []
     for score, kernel in kernels:
