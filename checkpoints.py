@@ -121,7 +121,20 @@ def restore(trainer, ckpt):
     trainer.window["steps"], trainer.window["seconds"] = window["steps"], window.get("seconds", 0.0)
     torch.set_rng_state(ckpt["rng"]["torch"])
     if trainer.device.type == "cuda" and ckpt["rng"]["cuda"]:
-        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        restoreCudaRngStates(ckpt["rng"]["cuda"])
+
+
+def restoreCudaRngStates(states):
+    """The saved CUDA generators of the GPUs this process sees (a checkpoint of an 8-GPU node resumed on fewer GPUs
+    holds more states than there are devices), and one line naming what was not restored when the counts differ."""
+    visible = torch.cuda.device_count()
+    for index, state in enumerate(states[:visible]):
+        torch.cuda.set_rng_state(state, index)
+    if len(states) != visible:
+        unrestored = (f"those of GPUs {visible}-{len(states) - 1} not restored" if len(states) > visible else
+                      f"GPUs {len(states)}-{visible - 1} keep their seeded states")
+        print(f"Resume: the checkpoint holds the CUDA random states of {len(states)} GPU(s), {visible} visible now: "
+              f"restored GPU(s) 0-{min(visible, len(states)) - 1}, {unrestored}", flush=True)
 
 
 def saveCheckpoint(trainer):

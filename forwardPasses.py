@@ -1,10 +1,13 @@
 """The stacked model's passes in a run, besides the training step: compiling the model, the graphs run before step 1
 (with FlexAttention's fallback to SDPA when they fail), validation, and the AF-input statistics pass. The functions
 take the Trainer of trainLmAf.py; every pass goes through its forwardPass."""
+import sys
+
 import torch
 
+import preflight
 from model import AfInputStatistics
-from runPlan import compileBackend, runPasses, shapeVariants, validationBatchSize
+from runPlan import ConfigError, compileBackend, runPasses, shapeVariants, validationBatchSize
 from tokenShards import TokenStream
 
 
@@ -41,9 +44,20 @@ def firstPasses(trainer, compiled):
     if not anyFailed[0]:
         return variants if compiled else []
     line = kernel.fallBackToSdpa(failure or RuntimeError("FlexAttention failed in another process"))
-    print(line, flush=True)
+    if trainer.device.type == "cuda":
+        stopIfTheFallbackDoesNotFit(trainer)
+    print(line, file=sys.stderr, flush=True)  # the header's kernel lines repeat it in the log
     trainer.attentionNotes.append(line)
     return compileShapeVariants(trainer) if compiled else []
+
+
+def stopIfTheFallbackDoesNotFit(trainer):
+    """Raise ConfigError, one line, when a pass with FlexAttention's fallback will not fit the free GPU memory: a
+    stop now instead of an out-of-memory error in the first step (explicit [T, T] scores at the default size)."""
+    free = torch.cuda.mem_get_info(trainer.device)[0] + torch.cuda.memory_reserved(trainer.device)
+    problem = preflight.fallbackProblem(trainer.hp, trainer.vocabSize, trainer.nLocal, trainer.modelsPerPass, free)
+    if problem:
+        raise ConfigError(f"FlexAttention failed on this GPU ({trainer.model.kernel.flexFailure}); {problem}")
 
 
 def compileShapeVariants(trainer, allOfThem=True):

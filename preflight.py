@@ -6,7 +6,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed._tools.mem_tracker import MemTracker
 
 from model import GPT
-from runPlan import (compileBackend, modelArguments, modelStartSteps, pickDevice, modelVocabSize, runPasses,
+from runPlan import (ConfigError, compileBackend, modelArguments, modelStartSteps, modelVocabSize, pickDevice, runPasses,
                      shapeVariants, splitAfType)
 
 # What the CUDA context, cuBLAS workspaces and the caching allocator's fragmentation take beyond the tensors
@@ -48,17 +48,19 @@ class HigherOrderMemTracker(MemTracker):
     supports_higher_order_operators = True
 
 
-def estimatePeakMemory(hp, vocabSize, nModels, modelsInPass):
+def estimatePeakMemory(hp, vocabSize, nModels, modelsInPass, fused=True):
     """Estimated peak CUDA memory (bytes) of a training pass of modelsInPass of the nModels models a process
     holds, with every trainable weight's gradient and Adam state alive (the steady state of a step), and a
-    breakdown {'weights', 'gradients', 'optimizer', 'activations and temporaries'} of that peak.
+    breakdown {'weights', 'gradients', 'optimizer', 'activations and temporaries'} of that peak; fused False: with
+    FlexAttention's fallback, SDPA and the explicit [T, T] scores, instead of a fused attention kernel.
 
     The model runs eagerly on fake tensors: torch.compile usually keeps fewer activations, so this errs high."""
     from model import GPT
     with FakeTensorMode():
         # the model as the trainer builds it, but for its attention kernel, which the stand-in replaces
         model = GPT(**modelArguments(hp, vocabSize, "cpu", nModels))
-        model.kernel = FusedAttentionStandIn()
+        if fused:
+            model.kernel = FusedAttentionStandIn()
         trainable = [p for p in model.parameters() if p.requires_grad]
         for p in trainable:
             p.grad = torch.zeros_like(p)
@@ -79,22 +81,36 @@ def estimatePeakMemory(hp, vocabSize, nModels, modelsInPass):
                    "activations and temporaries": total - weights - gradients - optimizer}
 
 
-def fittingModelsPerPass(hp, vocabSize, nModels, freeBytes):
+def fittingModelsPerPass(hp, vocabSize, nModels, freeBytes, fused=True):
     """Models per pass for the fewest passes whose estimated peak fits USABLE_SHARE of freeBytes, balanced (20
     models that fit 19 at a time run as 2 passes of 10, not 19 + 1), and that estimated peak; at least 1."""
     budget = USABLE_SHARE * freeBytes
-    peak, _ = estimatePeakMemory(hp, vocabSize, nModels, nModels)
+    peak, _ = estimatePeakMemory(hp, vocabSize, nModels, nModels, fused)
     if peak <= budget:
         return nModels, peak
     low, high, most = 2, nModels - 1, 1  # the peak grows with the models per pass: bisect for the most that fit
     while low <= high:
         middle = (low + high) // 2
-        if estimatePeakMemory(hp, vocabSize, nModels, middle)[0] <= budget:
+        if estimatePeakMemory(hp, vocabSize, nModels, middle, fused)[0] <= budget:
             most, low = middle, middle + 1
         else:
             high = middle - 1
     balanced = -(-nModels // -(-nModels // most))
-    return balanced, estimatePeakMemory(hp, vocabSize, nModels, balanced)[0]
+    return balanced, estimatePeakMemory(hp, vocabSize, nModels, balanced, fused)[0]
+
+
+def fallbackProblem(hp, vocabSize, nModels, modelsPerPass, freeBytes):
+    """None when a pass of modelsPerPass models fits USABLE_SHARE of freeBytes with FlexAttention's fallback (SDPA,
+    explicit [T, T] scores), else what does not fit and the flag to change."""
+    peak, _ = estimatePeakMemory(hp, vocabSize, nModels, modelsPerPass, fused=False)
+    if peak <= USABLE_SHARE * freeBytes:
+        return None
+    line = (f"its fallback, SDPA and explicit [T, T] scores, needs an estimated {peak / 2**30:.1f} GiB per pass of "
+            f"{modelsPerPass} model(s), more than the {USABLE_SHARE * freeBytes / 2**30:.1f} GiB usable")
+    smaller, smallerPeak = fittingModelsPerPass(hp, vocabSize, nModels, freeBytes, fused=False)
+    if smallerPeak <= USABLE_SHARE * freeBytes and smaller < modelsPerPass:
+        return line + f": try --modelsPerPass {smaller}"
+    return line + ": try a smaller --seqLength or --contextSize"
 
 
 def chooseModelsPerPass(hp, device, vocabSize, nLocal):
@@ -323,11 +339,14 @@ def runPreflight(hp, forced):
         startSteps = modelStartSteps(hp)
         variants = shapeVariants(runPasses(startSteps, 0, lambda n: n, perPass), hp.nModels, nValidation,
                                  hp.seqLength, statistics=hp.plottingLevel >= 1)
-        backend = compileBackend(hp, torch.device("cuda"))
-        report.add("compiled graphs", True,
-                   f"{backend or 'none (eager)'}: {len(variants)} before step 1 — "
-                   + ", ".join(f"{kind} {n} model(s) from {first}" + (f" x {batch} sequences" if batch > 1 else "")
-                               for kind, first, n, batch in variants) if backend else "none: the model runs eagerly")
+        try:
+            backend = compileBackend(hp, torch.device("cuda"))
+            report.add("compiled graphs", True,
+                       f"{backend or 'none (eager)'}: {len(variants)} before step 1 — " + ", ".join(
+                           f"{kind} {n} model(s) from {first}" + (f" x {batch} sequences" if batch > 1 else "")
+                           for kind, first, n, batch in variants) if backend else "none: the model runs eagerly")
+        except ConfigError as err:
+            report.add("compiled graphs", False, str(err))
     print("\n".join(report.lines() + report.details))
     failures = report.failures()
     if failures:

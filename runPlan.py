@@ -167,9 +167,15 @@ def buildModel(hp, vocabSize, device, nModels=None):
 
 
 def compileBackend(hp, device):
-    """The torch.compile backend of the run, or None for eager."""
+    """The torch.compile backend of the run, or None for eager; raises ConfigError for a backend that cannot train
+    this model on device."""
     if hp.compileBackend == "auto":
         return "inductor" if device.type == "cuda" else None
+    if hp.compileBackend == "aot_eager" and device.type == "cuda" and splitScoreType(hp.afType)[1] == "spline":
+        # under aot_autograd, FlexAttention's dense backward returns None for the spline's captured knot values:
+        # the first backward fails, and the fallback to explicit [T, T] scores does not fit at the default size
+        raise ConfigError("--compileBackend aot_eager cannot train score-spline on CUDA (FlexAttention's backward "
+                          "under aot_eager gives the score spline no gradient); use inductor (auto) or none")
     return None if hp.compileBackend == "none" else hp.compileBackend
 
 

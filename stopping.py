@@ -2,6 +2,7 @@
 checkpoint, exit 128+N), a non-finite loss (the AF values before that step), out of memory (a resumable checkpoint
 and the --modelsPerPass to try); under torchrun all processes agree on the step. The functions take the Trainer of
 trainLmAf.py."""
+import gc
 import os
 import signal
 
@@ -99,6 +100,7 @@ def outOfMemoryAdvice(trainer):
     line = f"out of memory in a pass of {perPass} model(s) ({trainer.device}): estimated peak {peak / 2**30:.2f} GiB"
     smaller = max(1, perPass // 2)
     if trainer.device.type == "cuda":
+        gc.collect()  # the failed pass's autograd graph may hold reference cycles
         releaseGradients(trainer)
         free = torch.cuda.mem_get_info(trainer.device)[0] + torch.cuda.memory_reserved(trainer.device)
         line += f", {free / 2**30:.2f} GiB free for this run"

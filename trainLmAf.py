@@ -29,7 +29,8 @@ from attention import FLEX_MASK_BLOCK, FLEX_TILE_SIZES, SCORE_TYPES
 from distributed import Distributed
 from model import MLP_VARIANT_AFS, copyInitAcrossModels, permuteInitAcrossModels
 from runPlan import (ConfigError, activeModels, buildModel, lrFactor, modelLrFactors, modelPasses, modelStartSteps,
-                     modelVocabSize, parseAfInit, parseNumber, pickDevice, splitAfInit, splitAfType, splitScoreType)
+                     compileBackend, modelVocabSize, parseAfInit, parseNumber, pickDevice, splitAfInit, splitAfType,
+                     splitScoreType)
 from stackedAdam import StackedAdam
 from tokenShards import ShardError, TokenStream, listShards, readShardHeader, validationSequences
 
@@ -321,6 +322,7 @@ class Trainer:
             raise ConfigError(f"--nModels {hp.nModels} is fewer than the {self.dist.worldSize} processes; "
                               "give every process at least one model")
         self.device = self.dist.start(pickDevice(hp.device))
+        compileBackend(hp, self.device)  # a backend that cannot train this model here is refused before anything else
         self.tracksCudaMemory = self.device.type == "cuda"
         if self.device.type == "cuda":
             torch.set_float32_matmul_precision("high")  # TF32 matmuls, as the original
@@ -544,6 +546,9 @@ class Trainer:
                 self.window["acc"][:nActive] += accs
                 self.window["count"][:nActive] += 1
                 self.window["steps"] += 1
+                # CUDA runs ahead of the CPU: the clock stops when this step's GPU work is done, so s/step, tokens/s
+                # and MFU count every step's work once
+                torch.get_device_module(self.device).synchronize(self.device)
                 seconds = time.perf_counter() - t0
                 self.trainSeconds += seconds
                 self.window["seconds"] += seconds
@@ -613,16 +618,18 @@ def main(argv=None):
         print(f"error: {err}{saved}", file=sys.stderr)
         return 3
     except torch.OutOfMemoryError as err:
+        # the advice measures free memory after this block: its live traceback holds the failed pass's frames and,
+        # in them, its activations
         checkpoint = getattr(err, "checkpoint", None)
-        saved = f"; resume from {checkpoint} with --resumeFrom" if checkpoint else ""
-        print(f"error: {stopping.outOfMemoryAdvice(trainer)}{saved}", file=sys.stderr)
-        return 4
     except KeyboardInterrupt:
         print("error: interrupted before training started; nothing was written", file=sys.stderr)
         return 130
     finally:
         if getattr(trainer, "dist", None) is not None:
             trainer.dist.close()
+    saved = f"; resume from {checkpoint} with --resumeFrom" if checkpoint else ""
+    print(f"error: {stopping.outOfMemoryAdvice(trainer)}{saved}", file=sys.stderr)
+    return 4
 
 
 if __name__ == "__main__":

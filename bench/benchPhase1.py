@@ -2,9 +2,9 @@
 
 Both start from the same weights, data streams and optimizer settings, so after the timed steps their
 per-model losses must agree (float32 rounding); the table reports that difference with the times.
-Also: for N = 1, 5, 10, 20 models, the modelsPerPass the trainer chooses, the peak memory --preflight estimates
-for it and (on CUDA) the peak measured, each trainer freed before the next; single-model tokens/s in float32 and
-bfloat16.
+Also: for N = 1, 5, 10, 20 models (--memoryModels), the modelsPerPass the trainer chooses, the peak memory
+--preflight estimates for it and (on CUDA) the peak measured, each trainer freed before the next; single-model
+tokens/s in float32 and bfloat16.
 The last line is `ratio X` = batched seconds per step / looped seconds per step.
 
     python bench/benchPhase1.py                   # CUDA, 20 models, default model size, seqLength 4096
@@ -160,6 +160,8 @@ def main():
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run on a CPU in about a minute")
     parser.add_argument("--nModels", type=int, default=20)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per variant (after warm-up steps)")
+    parser.add_argument("--memoryModels", default="", help="comma-separated model counts of the memory rows; "
+                                                           "default 1, nModels/4, nModels/2, nModels")
     args = parser.parse_args()
     if args.quick:
         args.nModels, args.steps = min(args.nModels, 4), min(args.steps, 3)
@@ -194,8 +196,9 @@ def main():
                 ("looped (one model after another)", loopedTime, loopedPeak)]
         del trainer, looped  # a live 20-model trainer would sit under every measurement below
         freeMemory(device)
-        memoryRows = [memoryRow(args, folder, device, n)
-                      for n in sorted({1, max(1, args.nModels // 4), max(1, args.nModels // 2), args.nModels})]
+        counts = {int(n) for n in args.memoryModels.split(",")} if args.memoryModels else \
+            {1, max(1, args.nModels // 4), max(1, args.nModels // 2), args.nModels}
+        memoryRows = [memoryRow(args, folder, device, n) for n in sorted(counts)]
         throughput = []
         for dtype in ("float32", "bfloat16"):
             single = makeTrainer(args, folder, 1, dtype)

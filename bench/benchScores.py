@@ -27,6 +27,15 @@ def timeMs(step, device, repeats):
     return statistics.median(samples)
 
 
+def buildKernels(device, contextSize, headDim):
+    """(score, kernel) for every score type, as a model on device builds its attention kernel: compiled
+    FlexAttention on CUDA, SDPA / the explicit scores on a CPU."""
+    from attention import SCORE_TYPES, AttentionKernel
+    implementation = "flex" if device.type == "cuda" else "sdpa"
+    return [(score, AttentionKernel(implementation, contextSize, 32, headDim, score, device=device))
+            for score in SCORE_TYPES]
+
+
 def parseArgs():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
@@ -50,10 +59,10 @@ def main():
     args = parseArgs()
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from activationFunctions import Spline
-    from attention import SCORE_TYPES, AttentionKernel, documentIds
+    from attention import documentIds
 
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    implementation = "flex" if device.type == "cuda" else "sdpa"
+    kernels = buildKernels(device, args.contextSize, args.headDim)
     generator = torch.Generator(device=device).manual_seed(0)
     shape = (args.sequences, args.nHeads, args.seqLength, args.headDim)
     q, k = (F.rms_norm(torch.randn(shape, device=device, generator=generator), (args.headDim,)).to(dtype)
@@ -67,11 +76,11 @@ def main():
     print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'} "
           f"({torch.get_num_threads()} threads), torch {torch.__version__}")
     print(f"q, k, v: {' x '.join(map(str, shape))} {args.dtype}, contextSize {args.contextSize}, "
-          f"attention {'compiled FlexAttention' if implementation == 'flex' else 'SDPA / explicit scores'}")
+          "attention " + ("compiled FlexAttention" if kernels[0][1].implementation == "flex" else
+                          "SDPA / explicit scores"))
 
     rows = []
-    for score in SCORE_TYPES:
-        kernel = AttentionKernel(implementation, args.contextSize, 32, args.headDim, score)
+    for score, kernel in kernels:
         mask = kernel.mask(docs)
         inputs = (q, k, v) + ((spline.values,) if score == "spline" else ())
 

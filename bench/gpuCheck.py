@@ -6,14 +6,17 @@
 
 It runs, in order of importance: tests/test_cuda.py; the README's baseline, 20-model phase I and phase II at the
 default size (4 layers x 256, seqLength 4096, contextSize 1024) and default --plottingLevel 2, a few dozen steps
-each; every attention score type in phase I and II; bfloat16; torchrun with one process; --preflight's memory
-estimate against the measured peak; bench/benchSpline.py, benchScores.py and benchPhase1.py. From the logs it
+each; every attention score type in phase I (4 models) and II; bfloat16 (phase I, 4 models); phase I under torchrun's
+launcher with one process (no collectives); --preflight's memory estimate against the measured peak;
+bench/benchSpline.py, benchScores.py and benchPhase1.py. From the logs it
 takes tokens/s and the model-FLOPs utilisation (MFU) against the GPU's peak dense TF32 and bf16 throughput.
 Training data are random GPT-2 token ids written as FineWeb shards (the GPU box needs no data and no network).
 
 Checks that time something run alone on the GPU; the others run side by side (--jobs). Every check has a timeout,
 and the whole run a budget (--budget): what does not fit is marked "not run (time)" and the verdict is then
-INCOMPLETE unless something failed. Exit code: 0 PASS, 1 FAIL, 3 INCOMPLETE, 2 bad input or no GPU.
+INCOMPLETE unless something failed. The report is rewritten after every check, so an interrupted run keeps what
+it measured. --dryRun also prints the graphs each check compiles and the plan's estimated compile time.
+Exit code: 0 PASS, 1 FAIL, 3 INCOMPLETE, 2 bad input or no GPU.
 """
 import argparse
 import csv
@@ -40,6 +43,11 @@ SCORE_TYPES = ("softplus", "sigmoid", "spline")  # softmax is what the plain run
 DEFAULT_BUDGET = 460  # seconds: 8 minutes, less the data, the GPU probe and the report
 SEPARATOR = 50256  # GPT-2's <|endoftext|>, the trainer's default --tokenDocSep
 VALIDATION_TOKENS = 16 * 4096  # 16 sequences per validation, instead of the default 2,560, to fit the time
+SMALL_PHASE1 = 4  # models of the checks that prove kernels compile and train, not phase I's memory
+# Seconds to compile one graph before step 1 on an H100 with a cold inductor cache: a process's first graph (dynamo,
+# AOT autograd, inductor, the Triton kernels), each further graph of the process (most kernels already built), and
+# a graph inductor's cache already holds from an earlier check. Estimates, not measured: no GPU report yet.
+COMPILE_SECONDS = {"first": 30, "next": 10, "cached": 3}
 
 # Peak dense (no 2:4 sparsity) tensor-core throughput, TFLOPS: (pattern in torch.cuda.get_device_name(), label,
 # TF32, bf16 with float32 accumulation). First match wins; a GPU matching none gets MFU "unknown".
@@ -132,7 +140,8 @@ def resolveSettings(args, gpu, argv=()):
         raise CheckError(f"--out {args.out!r}: the folder {folder} does not exist; create it or choose another path")
     if not args.dryRun and not os.access(folder, os.W_OK):
         raise CheckError(f"--out {args.out!r}: the folder {folder} is not writable; choose another path")
-    jobs = args.jobs or max(1, min(4, int(gpu.get("memoryGiB", 0) // 20)))
+    # a dry run, without a GPU, plans for the H100 the budget is set for
+    jobs = args.jobs or max(1, min(4, int(gpu.get("memoryGiB", 80) // 20)))
     workDir = out[:-len(".md")] + "-files"
     return Settings(out=out, workDir=workDir, dataDir=os.path.join(workDir, "data"), quick=args.quick, only=only,
                     budget=args.budget, jobs=jobs, dryRun=args.dryRun, gpu=gpu, argv=list(argv))
@@ -206,6 +215,7 @@ class Check:
     nSteps: int = 0
     expectFiles: tuple = ()  # file names the run must write in runDir
     splines: bool = False  # the afType has splines: their Triton kernels must run
+    graphs: tuple = ()  # keys of the graphs it compiles, in order; equal keys are the same graph
 
 
 @dataclasses.dataclass
@@ -238,9 +248,10 @@ def trainArgs(settings, runName, flags):
                str(cooldown), "--valEvery", str(every), "--plotEvery", str(every), "--device", "cuda"])
 
 
-def phase1Flags(afType="spline;att-spline"):
-    return ["--seed", "1234", "--nModels", "20", "--staggeredStarts", "1", "--afLayerSpecific", "0", "--afType",
-            afType, "--afLr", "0.1"]
+def phase1Flags(afType="spline;att-spline", nModels=20):
+    """The README's phase I; with fewer models, all start at step 0: one training graph instead of three."""
+    return ["--seed", "1234", "--nModels", str(nModels), "--staggeredStarts", "1" if nModels == 20 else "0",
+            "--afLayerSpecific", "0", "--afType", afType, "--afLr", "0.1"]
 
 
 def phase2Flags(settings, phase1Run, afType="spline;att-spline"):
@@ -260,7 +271,20 @@ def trainCheck(settings, name, what, flags, timeout, alone=False, needs=(), laun
     # the Triton kernels serve the MLP and pre-QKV splines ('spline'; splinePerDim runs on PyTorch)
     splines = "spline" in [part.strip().removeprefix("att-") for part in afType.split(";")[:2]]
     return Check(name, what, command, evaluateTraining, timeout, alone, needs, os.path.join(settings.workDir, name),
-                 name, nSteps, expect, splines)
+                 name, nSteps, expect, splines, trainGraphs(command))
+
+
+def trainGraphs(command):
+    """Keys of the graphs a trainLmAf.py command compiles before step 1, as its preflight table counts them, on a GPU
+    where one pass holds all models (an H100 holds the default 20)."""
+    from runPlan import modelStartSteps, runPasses, shapeVariants
+    from trainLmAf import parseArgs
+    hp, _ = parseArgs(command[command.index("trainLmAf.py") + 1:])
+    passes = runPasses(modelStartSteps(hp), 0, lambda n: n, hp.nModels)
+    variants = shapeVariants(passes, hp.nModels, hp.nTokensVa // hp.seqLength, hp.seqLength,
+                             statistics=hp.plottingLevel >= 1)
+    model = (hp.afType, hp.dtype, hp.nModels, hp.afLayerSpecific, hp.afLr != 0, hp.seqLength, hp.contextSize)
+    return tuple(model + variant for variant in variants)
 
 
 def planChecks(settings):
@@ -276,32 +300,71 @@ def planChecks(settings):
                    "gelu;att-linear"], 300, alone=True),
         trainCheck(settings, "phase1", "README phase I: 20 models, spline;att-spline, staggered starts",
                    phase1Flags(), 360, alone=True, writesAfs=True),
+        # test_cuda.py's graphs: a tiny phase I's four, its resume's two again, FlexAttention compiled alone in two
         Check("testCuda", "tests/test_cuda.py (pytest)", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                                                          "tests/test_cuda.py"], evaluatePytest, 420),
+                                                          "tests/test_cuda.py"], evaluatePytest, 420,
+              graphs=tuple(("testCuda", graph) for graph in (0, 1, 2, 3, 2, 3, 4, 5))),
         trainCheck(settings, "phase2", "README phase II: loads phase1's ptAf file, AFs frozen",
                    phase2Flags(settings, "phase1"), 300, needs=("phase1",)),
     ]
     for score in SCORE_TYPES:
         afType = f"spline;att-spline;score-{score}"
-        checks.append(trainCheck(settings, f"phase1-{score}", f"phase I, 20 models, {afType}", phase1Flags(afType),
-                                 360, writesAfs=True))
+        checks.append(trainCheck(settings, f"phase1-{score}", f"phase I, {SMALL_PHASE1} models, {afType}",
+                                 phase1Flags(afType, SMALL_PHASE1), 300, writesAfs=True))
         checks.append(trainCheck(settings, f"phase2-{score}", f"phase II of {afType}, loads phase1-{score}'s file",
                                  phase2Flags(settings, f"phase1-{score}", afType), 300, needs=(f"phase1-{score}",)))
     checks += [
-        trainCheck(settings, "bf16", "README phase I in --dtype bfloat16", phase1Flags() + ["--dtype", "bfloat16"],
-                   360),
-        # torchrun's own module, run by this Python: the same as the torchrun script, found on any PATH
-        trainCheck(settings, "torchrun", "README phase I under torchrun, one process", phase1Flags(), 360,
+        trainCheck(settings, "bf16", f"phase I, {SMALL_PHASE1} models, --dtype bfloat16",
+                   phase1Flags(nModels=SMALL_PHASE1) + ["--dtype", "bfloat16"], 300),
+        # torchrun's own module, run by this Python: the same as the torchrun script, found on any PATH. One process
+        # is no process group: this proves the launcher and its environment, not the collectives; phase I's graphs
+        # come from inductor's cache
+        trainCheck(settings, "torchrun-launcher", "README phase I under torchrun's launcher, one process (WORLD_SIZE "
+                   "1: no process group, no collectives)", phase1Flags(), 300, needs=("phase1",),
                    launcher=[py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"]),
         Check("benchSpline", "bench/benchSpline.py: spline forward+backward vs GELU, each backend",
-              [py, "bench/benchSpline.py", "--device", "cuda"], evaluateBenchSpline, 180, alone=True),
-        Check("benchScores", "bench/benchScores.py: attention forward+backward per score type vs softmax",
-              [py, "bench/benchScores.py", "--device", "cuda"], evaluateBench, 240, alone=True),
+              [py, "bench/benchSpline.py", "--device", "cuda"], evaluateBenchSpline, 180, alone=True,
+              graphs=(("benchSpline", "compiled spline"),)),
+        Check("benchScores", "bench/benchScores.py: compiled FlexAttention forward+backward per score type vs "
+              "softmax", [py, "bench/benchScores.py", "--device", "cuda"], evaluateBench, 240, alone=True,
+              graphs=tuple(("benchScores", score) for score in ("softmax",) + SCORE_TYPES)),
+        # the memory rows of one size only: the preflight check compares the estimate with phase I's peak already
         Check("benchPhase1", "bench/benchPhase1.py: batched vs looped phase I s/step, memory, tokens/s",
-              [py, "bench/benchPhase1.py", "--device", "cuda"] + (["--steps", "3"] if settings.quick else []),
-              evaluateBench, 420, alone=True),
+              [py, "bench/benchPhase1.py", "--device", "cuda", "--memoryModels", "20"]
+              + (["--steps", "3"] if settings.quick else []), evaluateBench, 420, alone=True,
+              graphs=tuple(("benchPhase1", graph) for graph in ("batched", "looped", "batched", "float32",
+                                                                 "bfloat16"))),
     ]
     return checks
+
+
+def compilePlan(checks, jobs):
+    """(graphs, cold, seconds per check, seconds): the graphs the checks compile, those inductor's cache does not hold
+    from an earlier check that is done by then (one that ran alone before it, or one it needs, or itself), the
+    estimated compile seconds of each check, and of the plan: the alone checks one after another, the others
+    spread over `jobs` at a time."""
+    done, cold, perCheck = set(), 0, {}
+    for check in checks:
+        seen, seconds = set(done) | {key for name in check.needs for key in byName(checks, name).graphs}, 0
+        for key in check.graphs:
+            if key in seen:
+                seconds += COMPILE_SECONDS["cached"]
+            else:
+                seconds += COMPILE_SECONDS["next" if seconds else "first"]
+                cold += 1
+            seen.add(key)
+        perCheck[check.name] = seconds
+        if check.alone:
+            done |= seen
+    lanes = [0.0] * max(1, jobs)
+    for check in sorted((c for c in checks if not c.alone), key=lambda c: -perCheck[c.name]):
+        lanes[lanes.index(min(lanes))] += perCheck[check.name]
+    total = sum(perCheck[c.name] for c in checks if c.alone) + max(lanes)
+    return sum(len(c.graphs) for c in checks), cold, perCheck, total
+
+
+def byName(checks, name):
+    return next(check for check in checks if check.name == name)
 
 
 def selectChecks(checks, only):
@@ -562,8 +625,9 @@ class Runner:
     """Starts checks as processes, each in its own session (torchrun and pytest start children of their own), with
     its output in WORKDIR/NAME.out; alone checks wait for an idle GPU and keep it idle."""
 
-    def __init__(self, settings, checks, say=print, minimumStart=20):
+    def __init__(self, settings, checks, say=print, minimumStart=20, onResult=None):
         self.settings, self.checks, self.say = settings, checks, say
+        self.onResult = onResult  # called with the results so far after every check, so a report keeps them
         self.minimumStart = minimumStart  # seconds of budget below which no check starts: none would finish
         self.results = {}
 
@@ -571,7 +635,9 @@ class Runner:
         os.makedirs(self.settings.workDir, exist_ok=True)
         outPath = os.path.join(self.settings.workDir, f"{check.name}.out")
         out = open(outPath, "w")
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        # inductor's caches (on by default; a user's setting wins) let a check reuse the graphs an earlier one compiled
+        env = {"TORCHINDUCTOR_FX_GRAPH_CACHE": "1", "TORCHINDUCTOR_AUTOGRAD_CACHE": "1", **os.environ,
+               "PYTHONUNBUFFERED": "1"}
         process = subprocess.Popen(check.command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env,
                                    start_new_session=True)
         self.say(f"[{self.elapsed():5.0f}s] start {check.name}: {shlex.join(check.command)}")
@@ -611,6 +677,8 @@ class Runner:
         self.results[check.name] = result
         self.say(f"[{self.elapsed():5.0f}s] {result.status:<4} {check.name} ({seconds:.0f} s)"
                  + (f": {result.problems[0]}" if result.problems else ""))
+        if self.onResult:
+            self.onResult(self.results)
 
     def elapsed(self):
         return time.monotonic() - self.began
@@ -737,25 +805,32 @@ def memoryComparison(results):
     return "PASS", line
 
 
+NOT_YET = "not run yet"  # a report written while checks still run, or after an interrupt
+
+
 def verdict(results, memoryStatus):
     failed = [name for name, r in results.items() if r.status in ("FAIL", "skipped")]
     if memoryStatus == "FAIL":
         failed.append("preflight estimate vs peak")
-    missing = [name for name, r in results.items() if r.status == "not run (time)"]
+    missing = [name for name, r in results.items() if r.status in ("not run (time)", NOT_YET)]
     if failed:
         return "FAIL", failed, missing
     return ("INCOMPLETE" if missing else "PASS"), failed, missing
 
 
 def writeReport(settings, checks, results, wallSeconds):
-    """Write the Markdown report; returns (verdict, failed names, names not run)."""
+    """Write the Markdown report, also while checks still run (those not finished are 'not run yet'); returns
+    (verdict, failed names, names not run)."""
+    results = {check.name: results.get(check.name, Result(NOT_YET)) for check in checks}
     memoryStatus, memoryLine = memoryComparison(results)
     outcome, failed, missing = verdict(results, memoryStatus)
     gpu = settings.gpu
     lines = [f"# GPU check: {gpu.get('name', '?')}, {datetime.datetime.now():%Y-%m-%d %H:%M}", ""]
+    notRun = "; ".join(f"{status}: {', '.join(names)}" for status in ("not run (time)", NOT_YET)
+                       if (names := [name for name in missing if results[name].status == status]))
     summary = {"PASS": "every check passed",
-               "FAIL": "failed: " + ", ".join(failed) + (f"; not run (time): {', '.join(missing)}" if missing else ""),
-               "INCOMPLETE": "nothing failed, but not run (time): " + ", ".join(missing)}[outcome]
+               "FAIL": "failed: " + ", ".join(failed) + (f"; {notRun}" if missing else ""),
+               "INCOMPLETE": f"nothing failed, but {notRun}"}[outcome]
     lines += [f"**{outcome}**: {summary}", ""]
     lines += [f"- command: `{shlex.join(['python', 'bench/gpuCheck.py'] + settings.argv)}`",
               f"- GPU: {gpu.get('name')} (compute capability {gpu.get('capability')}, {gpu.get('memoryGiB', 0):.1f} "
@@ -766,13 +841,13 @@ def writeReport(settings, checks, results, wallSeconds):
               f"`{settings.workDir}`", ""]
     lines += ["## Checks", "", "| check | result | s | what |", "|---|---|---:|---|"]
     for check in checks:
-        r = results.get(check.name, Result("not run (time)"))
+        r = results[check.name]
         lines.append(f"| {check.name} | {r.status} | {r.seconds:.0f} | {check.what} |")
     lines.append(f"| preflight estimate vs peak | {memoryStatus or 'not available'} | | {memoryLine} |")
     lines += [""] + throughputSection(settings, results) + [""] + kernelSection(checks, results)
     lines += ["", "## Each check", ""]
     for check in checks:
-        r = results.get(check.name, Result("not run (time)"))
+        r = results[check.name]
         lines += [f"### {check.name}: {r.status}", "", f"{check.what}. Rerun: `python bench/gpuCheck.py --only "
                                                         f"{check.name}`; its command, run in the repository:",
                   "", "```", shlex.join(check.command), "```", ""]
@@ -797,9 +872,8 @@ def throughputSection(settings, results):
              "window (query i: min(i + 1, contextSize); 896.1 for seqLength 4096, contextSize 1024; document "
              "boundaries not subtracted). tokens/s: all models' training tokens between the first report (step 1, "
              "left out) and the last, over the trainer's training seconds (metrics-RUN.csv, to the millisecond; the "
-             "log's s/step has two digits). A step's time ends with the trainer's finiteness check of the previous "
-             "step's losses, which waits for the GPU, so it includes the step's GPU work. The bench rows time "
-             "synchronised steps of the same model (benchPhase1.py).", ""]
+             "log's s/step has two digits). A step's time ends with a synchronisation of the GPU, so it includes the "
+             "step's own GPU work. The bench rows time synchronised steps of the same model (benchPhase1.py).", ""]
     if peak:
         lines += [f"Peaks used ({peak[0]}, dense): TF32 {peak[1]:g} TFLOPS, bf16 {peak[2]:g} TFLOPS "
                   "(sources in bench/gpuCheck.py, PEAK_TFLOPS).", ""]
@@ -862,11 +936,19 @@ def gitCommit():
 def printPlan(settings, checks):
     print(f"gpuCheck plan: {len(checks)} checks, budget {settings.budget:g} s, runs of {settings.steps[0]} steps; "
           f"report {settings.out}; data and logs in {settings.workDir}")
+    graphs, cold, perCheck, seconds = compilePlan(checks, settings.jobs)
     for check in checks:
         how = ("alone on the GPU" if check.alone else "side by side") + f", timeout {check.timeout:g} s"
         if check.needs:
             how += f", after {', '.join(check.needs)}"
+        if check.graphs:
+            how += f", compiles {len(check.graphs)} graph(s), about {perCheck[check.name]} s"
         print(f"\n{check.name}: {check.what} ({how})\n  {shlex.join(check.command)}")
+    print(f"\nestimated compile on a cold cache: {graphs} graphs, {cold} compiled, {graphs - cold} from inductor's "
+          f"cache; about {seconds:.0f} s of the {settings.budget:g} s budget (the alone checks one after another, "
+          f"the others {settings.jobs} side by side; per graph {COMPILE_SECONDS['first']} s for a process's first, "
+          f"{COMPILE_SECONDS['next']} s for each further one, {COMPILE_SECONDS['cached']} s from the cache: "
+          "estimates until a GPU report measures them)")
 
 
 def main(argv=None):
@@ -888,10 +970,19 @@ def main(argv=None):
     began = time.monotonic()
     print(f"gpuCheck on {gpu['name']}: {len(checks)} checks, budget {settings.budget:g} s; writing random data",
           flush=True)
+    def report(results):
+        return writeReport(settings, checks, results, time.monotonic() - began)
+
     try:
         writeRandomData(settings.dataDir, tokensNeeded(settings), VALIDATION_TOKENS + 4096)
-        results = Runner(settings, checks, say=lambda line: print(line, flush=True)).runAll()
-        outcome, failed, missing = writeReport(settings, checks, results, time.monotonic() - began)
+        runner = Runner(settings, checks, say=lambda line: print(line, flush=True), onResult=report)
+        try:
+            results = runner.runAll()
+        except KeyboardInterrupt:  # every figure measured so far stays in the report, INCOMPLETE
+            report(runner.results)
+            print(f"report: {settings.out}", flush=True)
+            raise
+        outcome, failed, missing = report(results)
     except OSError as err:  # a full disk or a folder removed meanwhile
         print(f"error: cannot write in {settings.workDir} or {settings.out}: {err}", file=sys.stderr)
         return 2
@@ -910,5 +1001,6 @@ if __name__ == "__main__":
     try:
         sys.exit(main())
     except KeyboardInterrupt:
-        print("error: interrupted; the checks that were running were stopped with it", file=sys.stderr)
+        print("error: interrupted; the checks that were running were stopped with it, the report holds those that "
+              "finished", file=sys.stderr)
         sys.exit(130)

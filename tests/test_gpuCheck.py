@@ -2,6 +2,7 @@
 on lines in trainLmAf.py's format and on a real CPU run's log, the FLOPs and MFU arithmetic, the runner's
 timeouts, budget and prerequisites, and the report's verdict line."""
 import os
+import re
 import subprocess
 import sys
 
@@ -108,7 +109,7 @@ def testDryRunPlansEveryCheckTheIssueAsksFor(tmp_path, capsys):
         gpuCheck.parseArgs(["--dryRun", "--out", str(out)]), {}))}
     assert list(checks) == ["preflight", "baseline", "phase1", "testCuda", "phase2", "phase1-softplus",
                             "phase2-softplus", "phase1-sigmoid", "phase2-sigmoid", "phase1-spline", "phase2-spline",
-                            "bf16", "torchrun", "benchSpline", "benchScores", "benchPhase1"]
+                            "bf16", "torchrun-launcher", "benchSpline", "benchScores", "benchPhase1"]
     for check in checks.values():  # what is printed is what runs
         assert f"{check.name}: " in printed and " ".join(check.command[1:3]) in printed
     assert checks["testCuda"].command[-1] == "tests/test_cuda.py"
@@ -123,13 +124,22 @@ def testDryRunPlansEveryCheckTheIssueAsksFor(tmp_path, capsys):
         assert flagValue(command, "--device") == "cuda" and flagValue(command, "--nSteps") == "30"
         assert int(flagValue(command, "--valEvery")) < 30 and int(flagValue(command, "--plotEvery")) < 30
     assert flagValue(checks["baseline"].command, "--afType") == "gelu;att-linear"
-    for name in ("phase1", "bf16", "torchrun", "preflight"):
+    for name in ("phase1", "torchrun-launcher", "preflight"):
         command = checks[name].command
         assert flagValue(command, "--nModels") == "20" and flagValue(command, "--staggeredStarts") == "1"
         assert flagValue(command, "--afType") == "spline;att-spline"
+    # what these prove is that the kernels compile and train, not phase I's memory: 4 models, one training graph
+    for name in ("bf16", "phase1-softplus", "phase1-sigmoid", "phase1-spline"):
+        command = checks[name].command
+        assert flagValue(command, "--nModels") == "4" and flagValue(command, "--staggeredStarts") == "0"
+        assert len(checks[name].graphs) == 3
     assert flagValue(checks["bf16"].command, "--dtype") == "bfloat16"
-    assert checks["torchrun"].command[1:7] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
-                                                "trainLmAf.py"]
+    launcher = checks["torchrun-launcher"]
+    assert launcher.command[1:7] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
+                                     "trainLmAf.py"]
+    # one process has no process group: the check says it proves the launcher, not the collectives
+    assert "no collectives" in launcher.what and launcher.needs == ("phase1",)
+    assert launcher.graphs == checks["phase1"].graphs  # from inductor's cache
     assert flagValue(checks["preflight"].command, "--preflight") == "1"
     assert checks["preflight"].command[:-2] == checks["phase1"].command  # the estimate is of the run measured
     for suffix, afType in [("", "spline;att-spline")] + [(f"-{s}", f"spline;att-spline;score-{s}")
@@ -147,10 +157,40 @@ def testDryRunPlansEveryCheckTheIssueAsksFor(tmp_path, capsys):
     assert not out.exists() and not (tmp_path / "plan-files").exists()
 
 
+def testDryRunEstimatesACompileThatFitsTheBudget(tmp_path, capsys):
+    assert gpuCheck.main(["--dryRun", "--out", str(tmp_path / "plan.md")]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    graphs, cold, cached, seconds, budget = map(int, re.match(
+        r"estimated compile on a cold cache: (\d+) graphs, (\d+) compiled, (\d+) from inductor's cache; about (\d+) s "
+        r"of the (\d+) s budget", last).groups())
+    checks = gpuCheck.planChecks(gpuCheck.resolveSettings(gpuCheck.parseArgs(["--dryRun"]), {}))
+    assert graphs == sum(len(c.graphs) for c in checks) == cold + cached and budget == gpuCheck.DEFAULT_BUDGET
+    assert {name: len(c.graphs) for name, c in zip([c.name for c in checks], checks) if c.name in (
+        "baseline", "phase1", "phase2")} == {"baseline": 3, "phase1": 5, "phase2": 3}
+    assert cached >= len(checks[[c.name for c in checks].index("torchrun-launcher")].graphs)
+    assert seconds <= budget
+
+
+def testTheCompileCountIsWhatDynamoCompiles(tinyData, tmp_path):
+    """A check's graph count against the graphs dynamo compiles before step 1 of the same run (aot_eager on a CPU)."""
+    import torch
+    import trainLmAf
+    flags = tinyFlags(tinyData, tmp_path, runName="graphs", nModels=4, staggeredStarts=0, plottingLevel=2,
+                      compileBackend="aot_eager")
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    hp, given = trainLmAf.parseArgs(flags)
+    trainLmAf.Trainer(hp, given).setup()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == len(gpuCheck.trainGraphs(
+        ["trainLmAf.py"] + flags)) == 3
+    torch._dynamo.reset()
+
+
 def testQuickAndOnly(tmp_path, capsys):
     assert gpuCheck.main(["--dryRun", "--quick", "--only", "phase2-sigmoid", "--out", str(tmp_path / "r.md")]) == 0
     printed = capsys.readouterr().out
-    planned = [line.split(":")[0] for line in printed.splitlines() if line and not line.startswith((" ", "gpuCheck"))]
+    planned = [line.split(":")[0] for line in printed.splitlines()
+               if line and not line.startswith((" ", "gpuCheck", "estimated"))]
     assert planned == ["phase1-sigmoid", "phase2-sigmoid"]  # what it needs comes with it
     assert "--nSteps 12" in printed and "ptAf-phase1-sigmoid-step0012.pt" in printed
 
@@ -443,3 +483,30 @@ def testMainWritesDataRunsThePlanAndReportsItsVerdict(tmp_path, monkeypatch, cap
     text = out.read_text()
     assert "**FAIL**: failed: benchB" in text and "| benchA | PASS |" in text and "--quick --budget 60" in text
     assert "Peaks used (L40S, dense): TF32 183 TFLOPS, bf16 362.05 TFLOPS" in text
+
+
+def testTheReportIsWrittenAfterEveryCheckAndKeepsItsFiguresOnAnInterrupt(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(gpuCheck, "probeGpu", lambda: {"name": "NVIDIA H100 80GB HBM3", "memoryGiB": 79.6,
+                                                       "capability": "9.0", "count": 1, "torch": "2.13.0",
+                                                       "cuda": "12.8"})
+    monkeypatch.setattr(gpuCheck, "planChecks", lambda settings: [
+        pythonCheck("benchA", "print('ratio 0.5')"), pythonCheck("benchB", "print('ratio 2')", needs=("benchA",))])
+    written = []
+    writeReport = gpuCheck.writeReport
+    monkeypatch.setattr(gpuCheck, "writeReport", lambda *args: written.append(sorted(args[2])) or writeReport(*args))
+    start = gpuCheck.Runner.start
+
+    def interruptedAtTheSecond(self, check, limit):  # Ctrl-C after the first check finished
+        if check.name == "benchB":
+            raise KeyboardInterrupt
+        return start(self, check, limit)
+
+    monkeypatch.setattr(gpuCheck.Runner, "start", interruptedAtTheSecond)
+    out = tmp_path / "r.md"
+    with pytest.raises(KeyboardInterrupt):
+        gpuCheck.main(["--out", str(out), "--quick", "--budget", "60"])
+    assert written == [["benchA"], ["benchA"]]  # after the check, and at the interrupt
+    text = out.read_text()
+    assert "**INCOMPLETE**: nothing failed, but not run yet: benchB" in text
+    assert "| benchA | PASS |" in text and "| benchB | not run yet |" in text
+    assert capsys.readouterr().out.strip().splitlines()[-1] == f"report: {out}"
