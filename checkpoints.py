@@ -1,8 +1,7 @@
-"""The model checkpoint pt-RUN-stepNNNN.pt: its format and version string, writing it from a run and restoring a run
-from it (trainLmAf.py), and turning it back into a runnable model with the tokenizer it was trained with: the corpus
-vocabulary it carries, or GPT-2's (generate.py, evalBlimp.py, evalHarness.py)."""
+"""The model checkpoint pt-RUN-stepNNNN.pt: its format and version string, writing it from a run's parts and
+restoring a run from it (Checkpointer), and turning it back into a runnable model with the tokenizer it was trained
+with: the corpus vocabulary it carries, or GPT-2's (generate.py, evalBlimp.py, evalHarness.py)."""
 import dataclasses
-import os
 import sys
 from dataclasses import dataclass
 
@@ -18,60 +17,97 @@ CHECKPOINT_FORMAT = "lm-afs checkpoint 1"
 
 
 # ----------------------------------------------------------------------------------------------
-# Writing and restoring a run (the Trainer of trainLmAf.py)
+# Writing and restoring a run
 
 
-def localState(trainer):
-    """What differs between ranks: this rank's models' weights, optimizer state, data positions, window."""
-    weightNames = [name for name, _ in trainer.model.namedWeightParameters()]
-    state = trainer.model.state_dict()
-    return {"weights": {name: state[name].cpu() for name in weightNames},
-            "optimizer": {k: [t.cpu() for t in v] if isinstance(v, list) else v.cpu()
-                          for k, v in trainer.optimizer.state_dict().items()},
-            "dataPositions": [s.state_dict() for s in trainer.streams],
-            "window": {k: v.cpu() if torch.is_tensor(v) else v for k, v in trainer.window.items()}}
+class Checkpointer:
+    """Writes a run's pt-RUN-stepNNNN.pt and restores a run from one: the model's weights, both optimizers, the data
+    streams' positions, the run state (runState.RunState), the random generators and the AFs. Under torchrun each
+    process holds models modelRange = (first, stop) of the run (all of them, data parallel), and saving gathers
+    them on the main process."""
 
+    def __init__(self, hp, files, model, optimizer, afOptimizer, streams, state, dist, dataParallel, modelRange,
+                 vocabSize, corpusVocabulary, device):
+        self.hp, self.files, self.model = hp, files, model
+        self.optimizer, self.afOptimizer, self.streams, self.state = optimizer, afOptimizer, streams, state
+        self.dist, self.dataParallel, self.vocabSize, self.device = dist, dataParallel, vocabSize, device
+        self.corpusVocabulary = corpusVocabulary
+        first, stop = modelRange
+        self.mine = slice(first, stop)
+        self.nLocal = stop - first
 
-def checkpointDict(trainer):
-    """The whole run's state on the main rank (gathered from all ranks under torchrun); None elsewhere."""
-    parts = trainer.dist.gatherToMain(localState(trainer))
-    if not trainer.dist.isMain:
-        return None
-    if trainer.dataParallel:
-        parts = parts[:1]  # every rank holds the same model and reads the same (strided) stream
+    def localState(self):
+        """What differs between ranks: this rank's models' weights, optimizer state, data positions, window."""
+        weightNames = [name for name, _ in self.model.namedWeightParameters()]
+        state = self.model.state_dict()
+        return {"weights": {name: state[name].cpu() for name in weightNames},
+                "optimizer": {k: [t.cpu() for t in v] if isinstance(v, list) else v.cpu()
+                              for k, v in self.optimizer.state_dict().items()},
+                "dataPositions": [s.state_dict() for s in self.streams],
+                "window": self.state.state_dict()["window"]}
 
-    def cat(tensors):
-        return torch.cat(tensors) if len(tensors) > 1 else tensors[0]
+    def checkpointDict(self):
+        """The whole run's state on the main rank (gathered from all ranks under torchrun); None elsewhere."""
+        parts = self.dist.gatherToMain(self.localState())
+        if not self.dist.isMain:
+            return None
+        if self.dataParallel:
+            parts = parts[:1]  # every rank holds the same model and reads the same (strided) stream
 
-    model = trainer.model.state_dict()
-    for name in parts[0]["weights"]:
-        model[name] = cat([p["weights"][name] for p in parts])
-    optimizer = {key: [cat([p["optimizer"][key][i] for p in parts]) for i in range(len(parts[0]["optimizer"][key]))]
-                 for key in ("expAvg", "expAvgSq")}
-    optimizer["stepCounts"] = cat([p["optimizer"]["stepCounts"] for p in parts])
-    window = {key: cat([p["window"][key] for p in parts]) for key in ("loss", "acc", "count")}
-    window["steps"], window["seconds"] = parts[0]["window"]["steps"], parts[0]["window"]["seconds"]
-    return {
-        "format": CHECKPOINT_FORMAT,
-        "hyperparameters": dataclasses.asdict(trainer.hp),
-        "step": trainer.step,
-        "vocabSize": trainer.vocabSize,
-        "model": model,
-        "optimizer": optimizer,
-        "afOptimizer": trainer.afOptimizer.state_dict() if trainer.afOptimizer else None,
-        "dataPositions": [position for p in parts for position in p["dataPositions"]],
-        "history": trainer.history,
-        "trainSeconds": trainer.trainSeconds,
-        "window": window,
-        "rng": {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(np.random.get_state()[1].copy()),
-                "cuda": torch.cuda.get_rng_state_all() if trainer.device.type == "cuda" else []},
-        "knots": splineKnots(trainer.model),
-        "afValuesMlp": perLayerValues(trainer.model, "mlp"),
-        "afValuesAtt": perLayerValues(trainer.model, "att"),
-        "scoreKnots": scoreSplineKnots(trainer.model),
-        "afValuesScore": perLayerValues(trainer.model, "score"),
-        **({"tokenizer": trainer.vocabulary.json} if trainer.vocabulary else {}),
-    }
+        def cat(tensors):
+            return torch.cat(tensors) if len(tensors) > 1 else tensors[0]
+
+        model = self.model.state_dict()
+        for name in parts[0]["weights"]:
+            model[name] = cat([p["weights"][name] for p in parts])
+        optimizer = {key: [cat([p["optimizer"][key][i] for p in parts])
+                           for i in range(len(parts[0]["optimizer"][key]))] for key in ("expAvg", "expAvgSq")}
+        optimizer["stepCounts"] = cat([p["optimizer"]["stepCounts"] for p in parts])
+        window = {key: cat([p["window"][key] for p in parts]) for key in ("loss", "acc", "count")}
+        window["steps"], window["seconds"] = parts[0]["window"]["steps"], parts[0]["window"]["seconds"]
+        runState = self.state.state_dict()
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "hyperparameters": dataclasses.asdict(self.hp),
+            "step": runState["step"],
+            "vocabSize": self.vocabSize,
+            "model": model,
+            "optimizer": optimizer,
+            "afOptimizer": self.afOptimizer.state_dict() if self.afOptimizer else None,
+            "dataPositions": [position for p in parts for position in p["dataPositions"]],
+            "history": runState["history"],
+            "trainSeconds": runState["trainSeconds"],
+            "window": window,
+            "rng": {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(np.random.get_state()[1].copy()),
+                    "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else []},
+            "knots": splineKnots(self.model),
+            "afValuesMlp": perLayerValues(self.model, "mlp"),
+            "afValuesAtt": perLayerValues(self.model, "att"),
+            "scoreKnots": scoreSplineKnots(self.model),
+            "afValuesScore": perLayerValues(self.model, "score"),
+            **({"tokenizer": self.corpusVocabulary.json} if self.corpusVocabulary else {}),
+        }
+
+    def save(self):
+        """Write pt-RUN-stepNNNN.pt (a collective under torchrun: every rank must call it); returns its path."""
+        path = self.files.checkpoint(self.state.step)
+        state = self.checkpointDict()
+        if state is not None:
+            atomicWrite(path, lambda tmp: torch.save(state, tmp))
+        return path
+
+    def restore(self, ckpt):
+        """Continue from a checkpoint (the model weights were loaded before this rank took its block)."""
+        self.optimizer.load_state_dict(ckpt["optimizer"], models=slice(None) if self.dataParallel else self.mine)
+        if self.afOptimizer and ckpt["afOptimizer"]:
+            self.afOptimizer.load_state_dict(ckpt["afOptimizer"])
+        positions = ckpt["dataPositions"] if len(self.streams) == 1 else ckpt["dataPositions"][self.mine]
+        for stream, state in zip(self.streams, positions):
+            stream.load_state_dict(state)
+        self.state.load_state_dict(ckpt, models=slice(None, self.nLocal) if self.dataParallel else self.mine)
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if self.device.type == "cuda" and ckpt["rng"]["cuda"]:
+            restoreCudaRngStates(ckpt["rng"]["cuda"])
 
 
 def loadResumeCheckpoint(hp, given):
@@ -102,28 +138,6 @@ def checkResumeVocabulary(path, ckpt, shardsVocabulary):
                           "resume on the data the run was trained on")
 
 
-def restore(trainer, ckpt):
-    """Continue from a checkpoint (the model weights were loaded before this rank took its block)."""
-    mine = slice(trainer.firstModel, trainer.stopModel)
-    trainer.optimizer.load_state_dict(ckpt["optimizer"], models=slice(None) if trainer.dataParallel else mine)
-    if trainer.afOptimizer and ckpt["afOptimizer"]:
-        trainer.afOptimizer.load_state_dict(ckpt["afOptimizer"])
-    positions = ckpt["dataPositions"] if len(trainer.streams) == 1 else ckpt["dataPositions"][mine]
-    for stream, state in zip(trainer.streams, positions):
-        stream.load_state_dict(state)
-    trainer.history = ckpt["history"]
-    trainer.step = ckpt["step"]
-    trainer.trainSeconds = ckpt["trainSeconds"]
-    window = ckpt["window"]
-    trainer.window = {key: window[key][:trainer.nLocal] if trainer.dataParallel else window[key][mine]
-                      for key in ("loss", "acc", "count")}
-    trainer.window = {key: value.to(trainer.device) for key, value in trainer.window.items()}
-    trainer.window["steps"], trainer.window["seconds"] = window["steps"], window.get("seconds", 0.0)
-    torch.set_rng_state(ckpt["rng"]["torch"])
-    if trainer.device.type == "cuda" and ckpt["rng"]["cuda"]:
-        restoreCudaRngStates(ckpt["rng"]["cuda"])
-
-
 def restoreCudaRngStates(states):
     """The saved CUDA generators of the GPUs this process sees (a checkpoint of an 8-GPU node resumed on fewer GPUs
     holds more states than there are devices), and one line naming what was not restored when the counts differ."""
@@ -135,15 +149,6 @@ def restoreCudaRngStates(states):
                       f"GPUs {len(states)}-{visible - 1} keep their seeded states")
         print(f"Resume: the checkpoint holds the CUDA random states of {len(states)} GPU(s), {visible} visible now: "
               f"restored GPU(s) 0-{min(visible, len(states)) - 1}, {unrestored}", flush=True)
-
-
-def saveCheckpoint(trainer):
-    """Write pt-RUN-stepNNNN.pt (a collective under torchrun: every rank must call it); returns its path."""
-    path = os.path.join(trainer.hp.dirResults, f"pt-{trainer.hp.runName}-step{trainer.step:04d}.pt")
-    state = checkpointDict(trainer)
-    if state is not None:
-        atomicWrite(path, lambda tmp: torch.save(state, tmp))
-    return path
 
 
 # ----------------------------------------------------------------------------------------------

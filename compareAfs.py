@@ -237,7 +237,7 @@ def checkRuns(runs, args):
         if run["phase"] == 2:
             hp.afFileToLoad = ""  # the file appears only once phase I has run
         try:
-            trainLmAf.validate(hp)
+            runPlan.checkFlags(hp)
         except runPlan.ConfigError as err:
             raise CompareError(f"{run['runName']}: {err}") from None
         if run["phase"] == 1 and hp.afLr == 0:

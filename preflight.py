@@ -181,6 +181,9 @@ class Report:
         self.rows.append((check, ok, detail))
         return ok
 
+    def addDetails(self, lines):
+        self.details += lines
+
     def failures(self):
         return [(check, detail) for check, ok, detail in self.rows if not ok]
 
@@ -296,11 +299,11 @@ def checkFlexAttention(hp, capability, report):
     report.add("FlexAttention", plan.compiles is not False,
                f"mask block {plan.maskBlockSize}, tiles {hp.flexBlockSize}; inductor's configs usable: "
                f"{usable[0]} forward, {usable[1]} backward; {verdict}")
-    report.details += ["", "FlexAttention:"] + plan.lines()
+    report.addDetails(["", "FlexAttention:"] + plan.lines())
 
 
 def runPreflight(hp, forced):
-    """Check a configured run, whose flags passed trainLmAf.validate (forced: the values it forced), without training
+    """Check a configured run, whose flags passed runPlan.checkFlags (forced: the values it forced), without training
     and print one table; returns the exit code (0: it will fit and compile), after one line on stderr naming what
     will not."""
     import sys

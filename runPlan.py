@@ -1,18 +1,114 @@
-"""The run plan: which models train at each step and with which LR (schedules, staggered starts), in which batched
-passes and compiled graphs, on which device and backend, and the model they build (afType/afInit parsed into GPT's
-constructor arguments); ConfigError, the one-line user error of bad flags."""
+"""The run plan: the flags' checks (ConfigError, the one-line user error of bad flags), which models train at each
+step and with which LR (schedules, staggered starts), how many tokens they have seen, when each report and output is
+due, in which batched passes and compiled graphs, on which device and backend, and the model they build
+(afType/afInit parsed into GPT's constructor arguments). Pure functions of the hyperparameters and the step."""
+import datetime
 import math
+import os
 
 import numpy as np
 import torch
 
-from activationFunctions import FIXED_TYPES
-from model import GPT
+import trackers
+from activationFunctions import FIXED_TYPES, LEARNABLE_TYPES, MLP_INPUT_TYPES, SPLINE_TYPES
+from attention import FLEX_MASK_BLOCK, FLEX_TILE_SIZES, SCORE_TYPES
+from model import GPT, MLP_VARIANT_AFS
 from tokenShards import ShardError, maxTokenId
 
 
 class ConfigError(Exception):
     """Bad flags or inputs; the message is one line for the user."""
+
+
+# ----------------------------------------------------------------------------------------------
+# The flags' checks
+
+
+def isLearnableAf(name):
+    """Whether the AF has parameters of its own (trained with afLr); gated and KAN MLPs' are ordinary weights."""
+    return name in SPLINE_TYPES + LEARNABLE_TYPES + MLP_INPUT_TYPES
+
+
+def checkFlags(hp):
+    """Check every flag; apply the forced values of SPEC §2. Raises ConfigError."""
+    mlp, att = splitAfType(hp.afType)
+    score = splitScoreType(hp.afType)[1]
+    hasSpline = mlp in SPLINE_TYPES or att in SPLINE_TYPES or score == "spline"
+    if score not in SCORE_TYPES:
+        raise ConfigError(f"--afType: unknown attention score 'score-{score}'; choose score-X with X from "
+                          f"{', '.join(SCORE_TYPES)}")
+    attChoices = SPLINE_TYPES + FIXED_TYPES + LEARNABLE_TYPES + ("none",)
+    mlpOnly = MLP_INPUT_TYPES + tuple(MLP_VARIANT_AFS)
+    mlpChoices = attChoices[:-1] + mlpOnly
+    if mlp not in mlpChoices:
+        raise ConfigError(f"--afType: unknown MLP activation {mlp!r}; choose from {', '.join(mlpChoices)}")
+    if att in mlpOnly:
+        raise ConfigError(f"--afType: 'att-{att}' exists only in the MLP (it reshapes or gates the MLP); before QKV "
+                          f"choose from {', '.join(attChoices)}")
+    if att not in attChoices:
+        raise ConfigError(f"--afType: unknown attention activation 'att-{att}'; choose att-X with X from "
+                          f"{', '.join(attChoices)}")
+    positive = ("nLayers", "nHeads", "dimEmb", "batchSize", "seqLength", "contextSize", "nSteps", "nModels",
+                "nTokensVa", "plotEvery", "flexBlockSize")
+    if hp.flexBlockSize not in FLEX_TILE_SIZES:
+        raise ConfigError(f"--flexBlockSize must be one of {', '.join(map(str, FLEX_TILE_SIZES))} (it is FlexAttention's "
+                          f"tile, which must divide its {FLEX_MASK_BLOCK}-position mask block), got {hp.flexBlockSize}")
+    if hp.modelsPerPass < 0:
+        raise ConfigError(f"--modelsPerPass must be >= 0 (0: chosen from the GPU's free memory), got {hp.modelsPerPass}")
+    for name in positive:
+        if getattr(hp, name) < 1:
+            raise ConfigError(f"--{name} must be >= 1, got {getattr(hp, name)}")
+    for name in ("nStepsWarmup", "nStepsCooldown"):
+        if getattr(hp, name) < 0:
+            raise ConfigError(f"--{name} must be >= 0, got {getattr(hp, name)}")
+    if hp.dimEmb % hp.nHeads or (hp.dimEmb // hp.nHeads) % 2:
+        raise ConfigError(f"--dimEmb {hp.dimEmb} must split into --nHeads {hp.nHeads} heads of even size")
+    if hp.contextSize > hp.seqLength:
+        raise ConfigError(f"--contextSize {hp.contextSize} must be <= --seqLength {hp.seqLength}")
+    if hp.nStepsWarmup + hp.nStepsCooldown >= hp.nSteps:
+        raise ConfigError(f"--nStepsWarmup + --nStepsCooldown ({hp.nStepsWarmup} + {hp.nStepsCooldown}) must be "
+                          f"< --nSteps {hp.nSteps}")
+    if hp.tieEmbeddings and hp.freezeEmbeddings in (1, 2, -1, -2):
+        raise ConfigError(f"--freezeEmbeddings {hp.freezeEmbeddings} freezes one of two tied embeddings; use 3/-3 "
+                          "or --tieEmbeddings 0")
+    if hp.afLayerSpecific == 2 and hp.nLayers < 4:
+        raise ConfigError(f"--afLayerSpecific 2 needs --nLayers >= 4, got {hp.nLayers}")
+    if hp.afNAnchors < 2 or not hp.afRange > 0:
+        raise ConfigError(f"--afNAnchors must be >= 2 and --afRange > 0, got {hp.afNAnchors} and {hp.afRange}")
+    if hp.kanGridSize < 1 or hp.kanSplineOrder < 0:
+        raise ConfigError(f"--kanGridSize must be >= 1 and --kanSplineOrder >= 0, got {hp.kanGridSize} and "
+                          f"{hp.kanSplineOrder}")
+    if os.sep in hp.runName or (os.altsep and os.altsep in hp.runName):
+        raise ConfigError(f"--runName {hp.runName!r} must not contain a path separator (use --dirResults)")
+    if hp.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda asked for, but PyTorch sees no CUDA GPU (use --device cpu)")
+    if hp.afFileToLoad and not hasSpline:
+        raise ConfigError(f"--afFileToLoad needs a spline afType (spline or splinePerDim, or score-spline), got "
+                          f"{hp.afType!r}")
+    if not hp.filesTokensTr:
+        raise ConfigError("--filesTokensTr is empty: give the glob of the training token shards")
+    splitAfInit(hp.afInit)
+    if not hp.afSmoothness >= 0:
+        raise ConfigError(f"--afSmoothness must be >= 0, got {hp.afSmoothness}")
+    if trackers.missingPackage(hp.tracker):
+        raise ConfigError(trackers.missingPackage(hp.tracker))
+    forced = []
+    if not (isLearnableAf(mlp) or isLearnableAf(att) or score == "spline") and (hp.afLr != 0 or
+                                                                                 hp.afLayerSpecific != 0):
+        hp.afLr, hp.afLayerSpecific = 0, 0
+        forced.append("afLr=0 and afLayerSpecific=0 (no learnable AF)")
+    if hp.afSmoothness and not (hasSpline and hp.afLr != 0):  # so that one flag set serves phase I, phase II and fixed AFs alike
+        hp.afSmoothness = 0.0
+        forced.append("afSmoothness=0 (no spline is learned)")
+    if hp.afLr == 0 and hp.saveAfEvery != -1:
+        hp.saveAfEvery = -1
+        forced.append("saveAfEvery=-1 (AFs frozen)")
+    elif not hasSpline and hp.saveAfEvery != -1:
+        hp.saveAfEvery = -1
+        forced.append("saveAfEvery=-1 (ptAf files hold splines; other learned AFs are in the model checkpoint)")
+    if not hp.runName:
+        hp.runName = datetime.datetime.now().strftime("%y%m%d%H%M")
+    return forced
 
 
 # ----------------------------------------------------------------------------------------------
@@ -115,6 +211,56 @@ def modelLrFactors(hp, step, startSteps):
 def activeModels(step, startSteps):
     """Number of models started by this step; they are always models 0..n-1 (start steps increase)."""
     return sum(1 for s in startSteps if s <= step)
+
+
+def localActiveModels(nActiveAll, dataParallel, firstModel, stopModel):
+    """How many of a process's models (firstModel..stopModel-1) are active when nActiveAll models of the run are."""
+    return 1 if dataParallel else max(0, min(nActiveAll, stopModel) - firstModel)
+
+
+def learningRate(hp, model, stepIndex, startSteps):
+    """Model's weight LR at 0-based step stepIndex."""
+    return hp.lr * modelLrFactors(hp, stepIndex, startSteps)[model]
+
+
+def tokensSeen(hp, model, stepsDone, startSteps, processesSharingData=1):
+    """Training tokens model has seen after stepsDone steps of the run; processesSharingData: the processes of a
+    data-parallel run, whose tokens all train the one model."""
+    return max(0, stepsDone - startSteps[model]) * hp.batchSize * hp.seqLength * processesSharingData
+
+
+# ----------------------------------------------------------------------------------------------
+# When the reports and outputs are due, after `step` steps (1-based: step 1 is the first update done)
+
+
+def reportDue(step, nSteps, plotEvery):
+    """The training lines: at steps 1 and 6, every plotEvery steps and at the last step, as the original."""
+    return step in (1, 6, nSteps) or (step - 1) % plotEvery == 0
+
+
+def validationDue(step, nSteps, valEvery):
+    """After the first step, every valEvery-th (1, 1 + valEvery, ...) and the last (valEvery 0: the last only;
+    -1: never)."""
+    if valEvery < 0:
+        return False
+    return step == nSteps or (valEvery > 0 and (step - 1) % valEvery == 0)
+
+
+def peakMemoryDue(step, nSteps):
+    """The original's peak-CUDA-memory lines: after steps 6 and 11 (compiled and warm) and at the end."""
+    return step in (6, 11, nSteps)
+
+
+def plotDue(step, nSteps, plotEvery):
+    return step == nSteps or (step - 1) % plotEvery == 0
+
+
+def everyDue(every, step, nSteps):
+    """An every-N output (--saveModelEvery, --saveAfEvery): every N steps and at the end (0: only at the end; -1:
+    never)."""
+    if every < 0:
+        return False
+    return step == nSteps or (every > 0 and step % every == 0)
 
 
 

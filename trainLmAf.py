@@ -6,9 +6,6 @@ phase I, frozen when --afLr 0. See README.md for the commands and SPEC of every 
 """
 import argparse
 import dataclasses
-import datetime
-import os
-import random
 import sys
 import time
 from dataclasses import dataclass, field
@@ -17,22 +14,25 @@ import numpy as np
 import torch
 
 import checkpoints
-import forwardPasses
 import preflight
 import runOutputs
 import stopping
 import trackers
-import vocabulary
-from activationFunctions import FIXED_TYPES, LEARNABLE_TYPES, MLP_INPUT_TYPES, SPLINE_TYPES, splineSmoothness
-from afFiles import AfFileError, loadAfsIntoModel, splineKnots
-from attention import FLEX_MASK_BLOCK, FLEX_TILE_SIZES, SCORE_TYPES
+from activationFunctions import splineSmoothness
+from afFiles import AfFileError, saveAfFiles, scoreSplineKnots, splineKnots
 from distributed import Distributed
-from model import MLP_VARIANT_AFS, copyInitAcrossModels, permuteInitAcrossModels
-from runPlan import (ConfigError, activeModels, buildModel, lrFactor, modelLrFactors, modelPasses, modelStartSteps,
-                     compileBackend, modelVocabSize, parseAfInit, parseNumber, pickDevice, splitAfInit, splitAfType,
-                     splitScoreType)
-from stackedAdam import StackedAdam
-from tokenShards import ShardError, TokenStream, listShards, readShardHeader, validationSequences
+from forwardPasses import Passes, fallbackProblem, statisticsTokens
+from gradients import averageGradients, clipGlobalNorm
+from runFiles import RunFiles
+from runOutputs import Outputs, afTiles, finalLineWritten, kernelLines, parameterMagnitudes
+from runPlan import (ConfigError, activeModels, checkFlags, compileBackend, everyDue, learningRate,
+                     localActiveModels, lrFactor, modelLrFactors, modelPasses, modelStartSteps,
+                     parseAfInit, parseNumber, peakMemoryDue, pickDevice, plotDue, reportDue, runPasses, shapeVariants,
+                     tokensSeen, validationDue)
+from runSetup import buildOptimizers, buildRunModel, loadData, seedEverything
+from runState import RunState
+from stopping import StopSignals, agreeAcrossProcesses, releaseGradients
+from tokenShards import ShardError
 
 
 # ----------------------------------------------------------------------------------------------
@@ -174,133 +174,20 @@ def parseArgs(argv=None):
     return Hyperparameters(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Hyperparameters)}), given
 
 
-def isLearnableAf(name):
-    """Whether the AF has parameters of its own (trained with afLr); gated and KAN MLPs' are ordinary weights."""
-    return name in SPLINE_TYPES + LEARNABLE_TYPES + MLP_INPUT_TYPES
-
-
-def validate(hp):
-    """Check every flag; apply the forced values of SPEC §2. Raises ConfigError."""
-    mlp, att = splitAfType(hp.afType)
-    score = splitScoreType(hp.afType)[1]
-    hasSpline = mlp in SPLINE_TYPES or att in SPLINE_TYPES or score == "spline"
-    if score not in SCORE_TYPES:
-        raise ConfigError(f"--afType: unknown attention score 'score-{score}'; choose score-X with X from "
-                          f"{', '.join(SCORE_TYPES)}")
-    attChoices = SPLINE_TYPES + FIXED_TYPES + LEARNABLE_TYPES + ("none",)
-    mlpOnly = MLP_INPUT_TYPES + tuple(MLP_VARIANT_AFS)
-    mlpChoices = attChoices[:-1] + mlpOnly
-    if mlp not in mlpChoices:
-        raise ConfigError(f"--afType: unknown MLP activation {mlp!r}; choose from {', '.join(mlpChoices)}")
-    if att in mlpOnly:
-        raise ConfigError(f"--afType: 'att-{att}' exists only in the MLP (it reshapes or gates the MLP); before QKV "
-                          f"choose from {', '.join(attChoices)}")
-    if att not in attChoices:
-        raise ConfigError(f"--afType: unknown attention activation 'att-{att}'; choose att-X with X from "
-                          f"{', '.join(attChoices)}")
-    positive = ("nLayers", "nHeads", "dimEmb", "batchSize", "seqLength", "contextSize", "nSteps", "nModels",
-                "nTokensVa", "plotEvery", "flexBlockSize")
-    if hp.flexBlockSize not in FLEX_TILE_SIZES:
-        raise ConfigError(f"--flexBlockSize must be one of {', '.join(map(str, FLEX_TILE_SIZES))} (it is FlexAttention's "
-                          f"tile, which must divide its {FLEX_MASK_BLOCK}-position mask block), got {hp.flexBlockSize}")
-    if hp.modelsPerPass < 0:
-        raise ConfigError(f"--modelsPerPass must be >= 0 (0: chosen from the GPU's free memory), got {hp.modelsPerPass}")
-    for name in positive:
-        if getattr(hp, name) < 1:
-            raise ConfigError(f"--{name} must be >= 1, got {getattr(hp, name)}")
-    for name in ("nStepsWarmup", "nStepsCooldown"):
-        if getattr(hp, name) < 0:
-            raise ConfigError(f"--{name} must be >= 0, got {getattr(hp, name)}")
-    if hp.dimEmb % hp.nHeads or (hp.dimEmb // hp.nHeads) % 2:
-        raise ConfigError(f"--dimEmb {hp.dimEmb} must split into --nHeads {hp.nHeads} heads of even size")
-    if hp.contextSize > hp.seqLength:
-        raise ConfigError(f"--contextSize {hp.contextSize} must be <= --seqLength {hp.seqLength}")
-    if hp.nStepsWarmup + hp.nStepsCooldown >= hp.nSteps:
-        raise ConfigError(f"--nStepsWarmup + --nStepsCooldown ({hp.nStepsWarmup} + {hp.nStepsCooldown}) must be "
-                          f"< --nSteps {hp.nSteps}")
-    if hp.tieEmbeddings and hp.freezeEmbeddings in (1, 2, -1, -2):
-        raise ConfigError(f"--freezeEmbeddings {hp.freezeEmbeddings} freezes one of two tied embeddings; use 3/-3 "
-                          "or --tieEmbeddings 0")
-    if hp.afLayerSpecific == 2 and hp.nLayers < 4:
-        raise ConfigError(f"--afLayerSpecific 2 needs --nLayers >= 4, got {hp.nLayers}")
-    if hp.afNAnchors < 2 or not hp.afRange > 0:
-        raise ConfigError(f"--afNAnchors must be >= 2 and --afRange > 0, got {hp.afNAnchors} and {hp.afRange}")
-    if hp.kanGridSize < 1 or hp.kanSplineOrder < 0:
-        raise ConfigError(f"--kanGridSize must be >= 1 and --kanSplineOrder >= 0, got {hp.kanGridSize} and "
-                          f"{hp.kanSplineOrder}")
-    if os.sep in hp.runName or (os.altsep and os.altsep in hp.runName):
-        raise ConfigError(f"--runName {hp.runName!r} must not contain a path separator (use --dirResults)")
-    if hp.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda asked for, but PyTorch sees no CUDA GPU (use --device cpu)")
-    if hp.afFileToLoad and not hasSpline:
-        raise ConfigError(f"--afFileToLoad needs a spline afType (spline or splinePerDim, or score-spline), got "
-                          f"{hp.afType!r}")
-    if not hp.filesTokensTr:
-        raise ConfigError("--filesTokensTr is empty: give the glob of the training token shards")
-    splitAfInit(hp.afInit)
-    if not hp.afSmoothness >= 0:
-        raise ConfigError(f"--afSmoothness must be >= 0, got {hp.afSmoothness}")
-    if trackers.missingPackage(hp.tracker):
-        raise ConfigError(trackers.missingPackage(hp.tracker))
-    forced = []
-    if not (isLearnableAf(mlp) or isLearnableAf(att) or score == "spline") and (hp.afLr != 0 or
-                                                                                 hp.afLayerSpecific != 0):
-        hp.afLr, hp.afLayerSpecific = 0, 0
-        forced.append("afLr=0 and afLayerSpecific=0 (no learnable AF)")
-    if hp.afSmoothness and not (hasSpline and hp.afLr != 0):  # so that one flag set serves phase I, phase II and fixed AFs alike
-        hp.afSmoothness = 0.0
-        forced.append("afSmoothness=0 (no spline is learned)")
-    if hp.afLr == 0 and hp.saveAfEvery != -1:
-        hp.saveAfEvery = -1
-        forced.append("saveAfEvery=-1 (AFs frozen)")
-    elif not hasSpline and hp.saveAfEvery != -1:
-        hp.saveAfEvery = -1
-        forced.append("saveAfEvery=-1 (ptAf files hold splines; other learned AFs are in the model checkpoint)")
-    if not hp.runName:
-        hp.runName = datetime.datetime.now().strftime("%y%m%d%H%M")
-    return forced
-
-
-# ----------------------------------------------------------------------------------------------
-# Setup
-
-
-def seedEverything(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def splineValues(model):
-    """{id(spline): its values as a numpy copy} for every spline of model."""
-    return {id(spline): spline.values.detach().float().cpu().numpy().copy() for spline in model.splines()}
-
-
-def frozenParameters(model, freezeEmbeddings):
-    """Parameters that freezeEmbeddings keeps fixed (weights only; AFs are governed by afLr)."""
-    embed = [model.embed]
-    head = [] if model.tieEmbeddings else [model.head]
-    if freezeEmbeddings in (1, 2, 3):
-        return {1: embed, 2: head, 3: embed + head}[freezeEmbeddings]
-    if freezeEmbeddings < 0:
-        keep = {-1: embed, -2: head, -3: embed + head}[freezeEmbeddings]
-        keepIds = {id(p) for p in keep}
-        return [p for p in model.weightParameters() if id(p) not in keepIds]
-    return []
-
 
 # ----------------------------------------------------------------------------------------------
 # Training run
 
 
 class Trainer:
-    """One training run: data, model, optimizers, the step and the loop. Built by setup(), run by train(). What it
-    writes is runOutputs.py's (log, metrics, plots, ptAf files) and checkpoints.py's (model checkpoints); its other
-    passes are forwardPasses.py's and its early stops stopping.py's: functions of the Trainer."""
+    """One training run: data, model, optimizers, the step and the loop. Built by setup(), run by train(). It
+    computes; its rooms are objects it builds from explicit parts: RunFiles (the file names), RunState (step, clock,
+    history, window), Outputs (what is written), Passes (forward, validation, statistics, compilation),
+    Checkpointer (pt-RUN files) and StopSignals; runPlan.py says when each output is due."""
 
     def __init__(self, hp, given=frozenset()):
         self.hp, self.given = hp, given
-        self.stopSignal = None
+        self.dist = self.device = self.model = self.vocabSize = self.nLocal = self.modelsPerPass = None
 
     # -- setup -------------------------------------------------------------------------------
 
@@ -311,12 +198,11 @@ class Trainer:
             resume = checkpoints.loadResumeCheckpoint(hp, self.given)
         # the original prints afLayerSpecific as given, not as forced (its GELU baseline log: 1, with afLr 0)
         self.printedAs = {"afLayerSpecific": hp.afLayerSpecific}
-        forced = validate(hp)
-        self.paths()
-        if runOutputs.finalLineWritten(self.logPath, hp.nSteps):  # also when resuming: the run finished after its checkpoint
-            self.alreadyComplete = True
+        self.forced = checkFlags(hp)
+        self.files = RunFiles(hp.dirResults, hp.runName)
+        self.alreadyComplete = finalLineWritten(self.files.log, hp.nSteps)  # also after a resume's checkpoint
+        if self.alreadyComplete:
             return self
-        self.alreadyComplete = False
         self.dist = Distributed()
         if self.dist.enabled and hp.nModels > 1 and hp.nModels < self.dist.worldSize:
             raise ConfigError(f"--nModels {hp.nModels} is fewer than the {self.dist.worldSize} processes; "
@@ -327,94 +213,45 @@ class Trainer:
         if self.device.type == "cuda":
             torch.set_float32_matmul_precision("high")  # TF32 matmuls, as the original
         self.dataParallel = self.dist.enabled and hp.nModels == 1
+        self.processesSharingData = self.dist.worldSize if self.dataParallel else 1
         self.firstModel, self.stopModel = self.dist.modelRange(hp.nModels)
         self.nLocal = self.stopModel - self.firstModel
-        self.afMlp, self.afAtt = splitAfType(hp.afType)
         seedEverything(hp.seed)
-
-        self.trFiles = listShards(hp.filesTokensTr, "--filesTokensTr")
-        self.vaFiles = listShards(hp.filesTokensVa, "--filesTokensVa") if hp.filesTokensVa else []
-        for path in self.trFiles + self.vaFiles:
-            readShardHeader(path)
-        self.vocabulary = vocabulary.ofShards(self.trFiles + self.vaFiles)
-        if self.vocabulary:
-            forced += self.adoptCorpusVocabulary()
-        if resume:
-            checkpoints.checkResumeVocabulary(hp.resumeFrom, resume, self.vocabulary)
-        self.vocabSize = resume["vocabSize"] if resume else modelVocabSize(self.trFiles + self.vaFiles, self.vocabulary)
-        streamIndices = [0] if hp.sameDataAcrossModels or self.dataParallel else range(self.firstModel, self.stopModel)
-        self.streams = [TokenStream(self.trFiles, hp.seqLength, hp.seed, i, hp.shuffleTrData) for i in streamIndices]
-        self.vaSequences = validationSequences(self.vaFiles, hp.seqLength, hp.nTokensVa) if self.vaFiles else None
-
-        # Every rank builds all N models from the same seed and keeps its own block: the same init as one process.
-        model = buildModel(hp, self.vocabSize, self.device)
-        self.afNotes = []
-        startValues = splineValues(model)  # drawn in the AF plot: the flags' init, which a resumed run rebuilds...
-        if resume:
-            model.load_state_dict(resume["model"])
-            if hp.afFileToLoad:  # ...unless the start came from a file
-                startValues = {}
-        elif hp.afFileToLoad:
-            self.afNotes = loadAfsIntoModel(model, hp.afFileToLoad, freeze=hp.afLr == 0)
-            model.to(self.device)
-            startValues = splineValues(model)
-        self.startValues = startValues
-        if hp.nModels > 1 and not resume:
-            if hp.sameInitAcrossModels:
-                copyInitAcrossModels(model)
-            else:
-                permuteInitAcrossModels(model, torch.Generator().manual_seed(hp.seed))
-        self.model = model if self.nLocal == model.nModels else model.subModels(self.firstModel, self.stopModel)
-        for p in frozenParameters(self.model, hp.freezeEmbeddings):
-            p.requires_grad_(False)
-        for p in self.model.afParameters():
-            p.requires_grad_(hp.afLr != 0)
-        self.buildOptimizers()
+        data = loadData(hp, self.given, (self.firstModel, self.stopModel), self.dataParallel, resume)
+        self.forced += data.forced
+        self.trFiles, self.vaFiles, self.vaSequences, self.streams = data.trFiles, data.vaFiles, data.vaSequences, \
+            data.streams
+        self.vocabulary, self.vocabSize = data.corpusVocabulary, data.vocabSize
+        built = buildRunModel(hp, self.vocabSize, self.device, (self.firstModel, self.stopModel), resume)
+        self.model, self.startValues, self.afNotes, self.afInputRange = built.model, built.startValues, \
+            built.afNotes, built.afInputRange
+        self.optimizer, self.afOptimizer = buildOptimizers(self.model, hp)
         self.startSteps = modelStartSteps(hp)
-        self.step = 0
+        self.state = RunState(self.nLocal, self.device)
         self.updating = False
-        self.history = {"train": [], "val": [], "actMean": [], "actMax": []}
-        self.trainSeconds = 0.0
-        self.window = self.newWindow()
-        self.latestAfInputs, self.sitesOutOfRange = None, set()
-        knots = splineKnots(self.model)  # a phase-II spline keeps the knots of its file
-        self.afInputRange = float(knots[-1]) if knots is not None else hp.afRange
+        self.latestAfInputs = None
+        self.checkpointer = checkpoints.Checkpointer(
+            hp, self.files, self.model, self.optimizer, self.afOptimizer, self.streams, self.state, self.dist,
+            self.dataParallel, (self.firstModel, self.stopModel), self.vocabSize, self.vocabulary, self.device)
         if resume:
-            checkpoints.restore(self, resume)
+            self.checkpointer.restore(resume)
         self.modelsPerPass, self.modelsPerPassNote = preflight.chooseModelsPerPass(hp, self.device, self.vocabSize,
                                                                                    self.nLocal)
-        forwardPasses.compileModel(self)
-        self.forced = forced
+        self.passes = Passes(self.model, hp, self.device, self.afInputRange)
+        self.passes.compileBeforeStepOne(self.shapeVariants(), self.dist, lambda: fallbackProblem(
+            hp, self.vocabSize, self.nLocal, self.modelsPerPass, self.device))
         return self
 
-    def adoptCorpusVocabulary(self):
-        """Documents of a corpus vocabulary's shards are separated by its own <|endoftext|>; the forced-value note."""
-        hp, eot = self.hp, self.vocabulary.eotId
-        if "tokenDocSep" in self.given and hp.tokenDocSep not in (eot, -1):
-            raise ConfigError(f"--tokenDocSep {hp.tokenDocSep} contradicts the shards' vocabulary "
-                              f"({self.vocabulary.origin}), whose <|endoftext|> is id {eot}; drop the flag or give "
-                              f"--tokenDocSep {eot} (-1: no separator)")
-        if hp.tokenDocSep in (eot, -1):
-            return []
-        hp.tokenDocSep = eot
-        return [f"tokenDocSep={eot} (<|endoftext|> of the shards' vocabulary)"]
+    def localActive(self, nActiveAll):
+        return localActiveModels(nActiveAll, self.dataParallel, self.firstModel, self.stopModel)
 
-    def paths(self):
-        hp = self.hp
-        self.logPath = os.path.join(hp.dirResults, f"log-{hp.runName}.txt")
-        self.metricsPath = os.path.join(hp.dirResults, f"metrics-{hp.runName}.csv")
-
-    def buildOptimizers(self):
-        hp = self.hp
-        weights = [p for p in self.model.weightParameters() if p.requires_grad]
-        self.optimizer = StackedAdam(weights, self.nLocal, betas=(hp.adamB1, hp.adamB2), weightDecay=hp.wtDecay)
-        afParams = [p for p in self.model.afParameters() if p.requires_grad]
-        if not afParams:
-            self.afOptimizer = None
-        elif hp.afLr > 0:
-            self.afOptimizer = torch.optim.Adam(afParams, lr=hp.afLr, betas=(hp.afAdamB1, hp.afAdamB2))
-        else:
-            self.afOptimizer = torch.optim.SGD(afParams, lr=-hp.afLr)
+    def shapeVariants(self):
+        """The graphs to compile before step 1: passes of the models that train from this step on, validation, the
+        AF-input statistics."""
+        passes = runPasses(self.startSteps, self.state.step, self.localActive, self.modelsPerPass)
+        nValidation = len(self.vaSequences) if self.vaSequences is not None and self.dist.isMain else 0
+        return shapeVariants(passes, self.nLocal, nValidation, self.hp.seqLength,
+                             self.hp.plottingLevel >= 1 and self.dist.isMain)
 
     # -- one step ----------------------------------------------------------------------------
 
@@ -431,45 +268,28 @@ class Trainer:
             batch = batch.pin_memory().to(self.device, non_blocking=True)
         return batch[:, None, :]
 
-    def localActive(self, nActiveAll):
-        """How many of this process's models are active when nActiveAll models of the run are."""
-        return 1 if self.dataParallel else max(0, min(nActiveAll, self.stopModel) - self.firstModel)
-
-    def passes(self, nActive):
-        """(first model, number of models) of each batched pass over this process's nActive active models."""
-        return modelPasses(nActive, self.modelsPerPass)
-
-    def forwardPass(self, tokens, first):
-        """Losses and accuracies [n] of models first..first+n-1 on tokens [n, B, T+1]."""
-        inputs, targets = tokens[..., :-1], tokens[..., 1:]
-        if self.compiled is not self.model:
-            # one graph for every number of models (and validation batch) instead of one each
-            torch._dynamo.maybe_mark_dynamic(inputs, 0)
-            torch._dynamo.maybe_mark_dynamic(targets, 0)
-        with self.autocast:
-            return self.compiled(inputs, targets, firstModel=first)
-
     def trainStep(self):
         """One optimizer step of the active models of this process; returns (nActive, losses, accuracies)."""
-        hp, step = self.hp, self.step
+        hp, step = self.hp, self.state.step
         nActiveAll = activeModels(step, self.startSteps)
         nActive = self.localActive(nActiveAll)
         lossSum = torch.zeros(nActive, device=self.device)
         accSum = torch.zeros(nActive, device=self.device)
         for _ in range(hp.batchSize if nActive else 0):
             tokens = self.nextBatch(nActive)
-            for first, n in self.passes(nActive):  # each pass's activations are freed by its backward
-                losses, accuracies = self.forwardPass(tokens[first:first + n], first)
+            for first, n in modelPasses(nActive, self.modelsPerPass):  # each pass's activations are freed by its backward
+                losses, accuracies = self.passes.forward(tokens[first:first + n], first)
                 (losses.sum() / hp.batchSize).backward()
                 lossSum[first:first + n] += losses.detach()
                 accSum[first:first + n] += accuracies.detach()
         afParams = [p for p in self.model.afParameters() if p.requires_grad]
-        self.reduceGradients(afParams, nActive, nActiveAll)
+        averageGradients(afParams, self.optimizer.params, nActive, nActiveAll, self.dist, self.dataParallel)
         if hp.afSmoothness > 0:
             # after the average over models: lambda * S in every model's loss gives lambda * dS/dv, on every process
             self.smoothness().mul(hp.afSmoothness).backward()
         if hp.gradientClipping > 0:
-            self.clipGradients(nActive, afParams)
+            clipGlobalNorm(self.optimizer.params, afParams, nActive, hp.gradientClipping, self.dist, self.dataParallel,
+                           self.device)
         self.updating = True  # from here until the AF step, the weights are neither before nor after this step
         if nActive:
             factors = modelLrFactors(hp, step, self.startSteps)[self.firstModel:self.stopModel]
@@ -484,37 +304,6 @@ class Trainer:
         self.updating = False
         return nActive, lossSum / hp.batchSize, accSum / hp.batchSize
 
-    @torch.no_grad()
-    def reduceGradients(self, afParams, nActive, nActiveAll):
-        """AF gradient: the average over the models that ran, on all processes; data parallel: average all."""
-        if not self.dist.enabled:
-            for p in afParams:
-                if p.grad is not None:
-                    p.grad /= nActive
-            return
-        shared = afParams + ([p for p in self.optimizer.params] if self.dataParallel else [])
-        for p in shared:
-            if p.grad is None:  # a process whose models have not started still takes part in the sum
-                p.grad = torch.zeros_like(p)
-        self.dist.sumInPlace([p.grad for p in shared])
-        divisor = self.dist.worldSize if self.dataParallel else nActiveAll
-        for p in shared:
-            p.grad /= divisor
-
-    @torch.no_grad()
-    def clipGradients(self, nActive, afParams):
-        """Clip one global norm over everything that gets a step (the active models' weights and the AFs), as the
-        original does."""
-        weightGrads = [p.grad[:nActive] for p in self.optimizer.params if p.grad is not None] if nActive else []
-        afGrads = [p.grad for p in afParams if p.grad is not None]
-        squares = sum((g.float().pow(2).sum() for g in weightGrads), torch.zeros((), device=self.device))
-        if self.dist.enabled and not self.dataParallel:  # each process holds the gradients of its own models...
-            self.dist.sumInPlace([squares])
-        squares = squares + sum(g.float().pow(2).sum() for g in afGrads)  # ...the AFs' are the same on all of them
-        scale = (self.hp.gradientClipping / (squares.sqrt() + 1e-6)).clamp(max=1.0)
-        for g in weightGrads + afGrads:
-            g.mul_(scale.to(g.dtype))
-
     def smoothness(self):
         """S, the sum of splineSmoothness over the learned splines (the prior's penalty is afSmoothness * S)."""
         return sum(splineSmoothness(spline) for spline in self.model.splines() if spline.values.requires_grad)
@@ -522,72 +311,178 @@ class Trainer:
     # -- the loop ----------------------------------------------------------------------------
 
     def train(self):
-        from tqdm import tqdm
-
-        hp = self.hp
-        runOutputs.openOutputs(self)
-        bar = tqdm(total=hp.nSteps, initial=self.step, desc=hp.runName, unit="step", dynamic_ncols=True,
-                   disable=None if self.dist.isMain else True, file=sys.stderr)
-        self.log.progressBar = bar
+        hp, state = self.hp, self.state
+        self.outputs = Outputs(hp, self.files, self.dist.isMain, state.step)
+        self.outputs.header(self.headerLines())
+        self.outputs.startProgress(state.step, shown=self.dist.isMain)
+        signals = StopSignals(self.outputs.log, state)
+        signals.install()
         pending = None  # (losses, step, AF values before that step): checked one step late to avoid a GPU sync
-        stopping.installSignalHandlers(self)
         try:
-            while self.step < hp.nSteps:
+            while state.step < hp.nSteps:
                 t0 = time.perf_counter()
                 afBefore = [p.detach().clone() for p in self.model.afParameters()]
                 nActive, losses, accs = self.trainStep()
                 if pending is not None:
-                    stopping.checkFinite(self, *pending)
-                pending = (losses, self.step, afBefore)
+                    self.stopIfNotFinite(*pending[:2])
+                pending = (losses, state.step, afBefore)
                 if self.dist.enabled:
-                    stopping.agreeAcrossProcesses(self, losses)
-                self.step += 1
-                self.window["loss"][:nActive] += losses
-                self.window["acc"][:nActive] += accs
-                self.window["count"][:nActive] += 1
-                self.window["steps"] += 1
+                    signals.received, failure = agreeAcrossProcesses(self.dist, losses, signals.received,
+                                                                     self.firstModel, state.step)
+                    if failure:
+                        raise failure
+                state.recordStep(nActive, losses, accs)
                 # CUDA runs ahead of the CPU: the clock stops when this step's GPU work is done, so s/step, tokens/s
                 # and MFU count every step's work once
                 torch.get_device_module(self.device).synchronize(self.device)
-                seconds = time.perf_counter() - t0
-                self.trainSeconds += seconds
-                self.window["seconds"] += seconds
-                bar.update(1)
-                if runOutputs.validationDue(self, self.step):
-                    runOutputs.logValidation(self, self.step)  # after the update, as the original: Step 1 is one update in
-                if self.step in (6, 11, hp.nSteps) and self.tracksCudaMemory:
-                    runOutputs.logPeakMemory(self)
-                if runOutputs.isReportStep(self, self.step):
-                    stopping.checkFinite(self, *pending)
-                    runOutputs.reportTraining(self, bar)
-                runOutputs.periodicOutputs(self)
-                if self.stopSignal is not None:
-                    raise stopping.Interrupted()
-        except stopping.Interrupted:
-            self.closeBar(bar)
-            stopping.saveOnInterrupt(self)
-            return 128 + self.stopSignal
+                state.addTrainingTime(time.perf_counter() - t0)
+                self.outputs.advance()
+                self.reportsAndSaves(pending)
+                if signals.received is not None:
+                    self.outputs.endProgress()
+                    self.saveOnInterrupt()
+                    return 128 + signals.received
         except stopping.NonFiniteLoss as err:
-            self.closeBar(bar)
-            stopping.saveLastGoodAfs(self, err, pending)
+            self.outputs.endProgress()
+            err.afFile = self.saveLastGoodAfs(pending)
             raise
         except torch.OutOfMemoryError as err:
-            self.closeBar(bar)
-            err.checkpoint = stopping.saveAfterOutOfMemory(self)
+            self.outputs.endProgress()
+            err.checkpoint = self.saveAfterOutOfMemory()
             raise
         finally:
-            self.closeBar(bar)
-            stopping.restoreSignalHandlers(self)
-            runOutputs.closeOutputs(self)
+            signals.restore()
+            self.outputs.close()
         return 0
 
-    def closeBar(self, bar):
-        bar.close()
-        self.log.progressBar = None
+    def stopIfNotFinite(self, losses, step):
+        failure = stopping.nonFiniteLoss(losses, step, self.firstModel)
+        if failure:
+            raise failure
 
-    def newWindow(self):
-        zeros = torch.zeros(self.nLocal, device=self.device)
-        return {"loss": zeros, "acc": zeros.clone(), "count": zeros.clone(), "steps": 0, "seconds": 0.0}
+    def reportsAndSaves(self, pending):
+        """What is due after this step, in the original's order (runPlan.py's predicates)."""
+        hp, step, main = self.hp, self.state.step, self.dist.isMain
+        if main and self.vaSequences is not None and validationDue(step, hp.nSteps, hp.valEvery):
+            self.validateAndReport()  # after the update, as the original: Step 1 is one update in
+        if self.tracksCudaMemory and peakMemoryDue(step, hp.nSteps):
+            self.outputs.peakMemory(step, torch.cuda.max_memory_allocated(self.device))
+            torch.cuda.reset_peak_memory_stats(self.device)
+        if reportDue(step, hp.nSteps, hp.plotEvery):
+            self.stopIfNotFinite(*pending[:2])
+            self.reportTraining()
+        if main and everyDue(hp.saveAfEvery, step, hp.nSteps) and self.afOptimizer:
+            self.saveAfs(step)
+        if everyDue(hp.saveModelEvery, step, hp.nSteps):
+            self.saveModel()
+        if main and hp.plottingLevel >= 1 and plotDue(step, hp.nSteps, hp.plotEvery):
+            self.refreshPlots(announce=step == hp.nSteps)
+
+    def validateAndReport(self):
+        hp, state = self.hp, self.state
+        loss, accuracy = self.passes.validation(self.vaSequences)
+        state.history["val"].append((state.step, loss, accuracy))
+        self.outputs.validationReport(state.step, loss, accuracy, learningRate(hp, 0, state.step - 1, self.startSteps),
+                                      state.trainSeconds, self.tokensOf(0))
+
+    def tokensOf(self, model):
+        return tokensSeen(self.hp, model, self.state.step, self.startSteps, self.processesSharingData)
+
+    def reportTraining(self):
+        """Every model's training loss/accuracy since the last report (summed over the processes), the smoothness
+        and the AF-input statistics."""
+        hp, state = self.hp, self.state
+        totals = torch.zeros(3, hp.nModels, device=self.device)
+        for row, key in enumerate(("loss", "acc", "count")):
+            totals[row, self.firstModel:self.stopModel] = state.window[key]
+        self.dist.sumInPlace([totals])
+        count = totals[2].clamp(min=1).cpu()
+        loss, acc = (totals[0].cpu() / count).tolist(), (totals[1].cpu() / count).tolist()
+        reported = (totals[2] > 0).tolist()
+        self.outputs.trainingReport(state.step, loss, acc, reported, state.trainSeconds, state.secondsPerStep(),
+                                    [learningRate(hp, m, state.step - 1, self.startSteps) for m in range(hp.nModels)],
+                                    [self.tokensOf(m) for m in range(hp.nModels)])
+        state.history["train"] += [(state.step, m, loss[m], acc[m]) for m in range(hp.nModels) if reported[m]]
+        if hp.afSmoothness > 0:
+            with torch.no_grad():
+                self.outputs.smoothnessReport(state.step, float(self.smoothness()))
+        state.resetWindow()
+        if hp.plottingLevel >= 1 and self.dist.isMain:
+            stats = self.passes.afInputStatistics(statisticsTokens(self.vaSequences, self.trFiles, hp, self.device))
+            self.latestAfInputs = stats
+            state.history["actMean"].append((state.step, stats["mean"]))
+            state.history["actMax"].append((state.step, stats["max"]))
+            self.outputs.afInputReport(state.step, stats, self.model.afSiteNames(), self.afInputRange)
+            if hp.plottingLevel >= 3:
+                self.outputs.parameterMagnitudes(state.step, parameterMagnitudes(self.model))
+
+    # -- saving ------------------------------------------------------------------------------
+
+    def saveModel(self):
+        """pt-RUN-stepNNNN.pt (a collective under torchrun: every rank must call it); returns its path."""
+        path = self.checkpointer.save()
+        if self.dist.isMain:
+            self.outputs.savedModel(path)
+        return path
+
+    def saveAfs(self, step):
+        """ptAf-RUN-stepNNNN.pt/.csv of the AFs as they are, named after `step`; its .pt path (None without splines:
+        other learned AFs are in the pt-RUN files)."""
+        if splineKnots(self.model) is None and scoreSplineKnots(self.model) is None:
+            return None
+        ptPath, csvPath = saveAfFiles(self.files.afStem(step), self.model, dataclasses.asdict(self.hp), step)
+        self.outputs.savedAfs(ptPath, csvPath)
+        return ptPath
+
+    def refreshPlots(self, announce=False):
+        tiles = afTiles(self.model, self.startValues, self.latestAfInputs, self.afInputRange, self.state.step)
+        self.outputs.plots(self.state.step, self.state.history, tiles, self.model.afSiteNames(), announce)
+
+    def saveOnInterrupt(self):
+        path = self.saveModel()
+        if not self.dist.isMain:
+            return
+        if self.afOptimizer:
+            self.saveAfs(self.state.step)
+        if self.hp.plottingLevel >= 1:
+            self.refreshPlots(announce=True)
+        self.outputs.stopped(self.state.step, path)
+
+    def saveLastGoodAfs(self, pending):
+        """The AF values as they were before the step whose loss was not finite, named after that step; returns
+        the .pt path, or None when nothing was saved."""
+        if not self.afOptimizer or pending is None or not self.dist.isMain:
+            return None
+        _, failedStep, afBefore = pending
+        with torch.no_grad():
+            for p, good in zip(self.model.afParameters(), afBefore):
+                p.copy_(good)
+        return self.saveAfs(failedStep)
+
+    def saveAfterOutOfMemory(self):
+        """After an out-of-memory error in a forward or backward pass the weights are those after the last step:
+        save them, so that the run resumes with a smaller --modelsPerPass. Returns the checkpoint's path, or None
+        when the error came during the update (half-updated weights are not worth keeping)."""
+        if self.updating:
+            return None
+        releaseGradients(self.model, self.device)
+        path = self.saveModel()
+        if self.dist.isMain and self.afOptimizer:
+            self.saveAfs(self.state.step)
+        return path
+
+    def outOfMemoryAdvice(self):
+        return stopping.outOfMemoryAdvice(self.hp, self.device, self.vocabSize, self.nLocal, self.modelsPerPass,
+                                          self.model)
+
+    def headerLines(self):
+        passes = self.passes
+        kernel = kernelLines(self.model, self.device, self.hp, passes.attentionNotes, passes.compiledVariants)
+        return runOutputs.headerLines(
+            self.hp, self.printedAs, self.forced, self.device, self.trFiles, self.vaFiles,
+            len(self.vaSequences) if self.vaSequences is not None else 0, self.vocabulary, self.vocabSize, self.model,
+            self.optimizer, self.afOptimizer, self.afNotes, kernel, self.startSteps, self.modelsPerPass,
+            self.modelsPerPassNote)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -598,7 +493,7 @@ def main(argv=None):
     hp, given = parseArgs(argv)
     if hp.preflight:
         try:
-            forced = validate(hp)
+            forced = checkFlags(hp)
         except ConfigError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
@@ -607,7 +502,7 @@ def main(argv=None):
     try:
         trainer.setup()
         if trainer.alreadyComplete:
-            print(f"Run '{hp.runName}' already complete ({trainer.logPath} holds its final step); nothing to do.")
+            print(f"Run '{hp.runName}' already complete ({trainer.files.log} holds its final step); nothing to do.")
             return 0
         return trainer.train()
     except (ConfigError, ShardError, AfFileError, trackers.TrackerError) as err:
@@ -625,10 +520,10 @@ def main(argv=None):
         print("error: interrupted before training started; nothing was written", file=sys.stderr)
         return 130
     finally:
-        if getattr(trainer, "dist", None) is not None:
+        if trainer.dist is not None:
             trainer.dist.close()
     saved = f"; resume from {checkpoint} with --resumeFrom" if checkpoint else ""
-    print(f"error: {stopping.outOfMemoryAdvice(trainer)}{saved}", file=sys.stderr)
+    print(f"error: {trainer.outOfMemoryAdvice()}{saved}", file=sys.stderr)
     return 4
 
 

@@ -61,7 +61,7 @@ class LoopedPhase1:
 
     def __init__(self, trainer):
         hp, model = trainer.hp, trainer.model
-        self.hp, self.device, self.autocast = hp, trainer.device, trainer.autocast
+        self.hp, self.device, self.autocast = hp, trainer.device, trainer.passes.autocast
         self.single = model.singleModel(0)
         self.single.mlpAfs, self.single.attAfs = copy.deepcopy(model.mlpAfs), copy.deepcopy(model.attAfs)
         names = [name for name, _ in self.single.namedWeightParameters()]
@@ -124,7 +124,7 @@ def timeSteps(stepFunction, device, nWarmup, nTimed):
 def batchedStepper(trainer):
     def run():
         _, losses, _ = trainer.trainStep()
-        trainer.step += 1
+        trainer.state.step += 1
         return losses
     return run
 

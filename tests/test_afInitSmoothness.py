@@ -123,7 +123,7 @@ def testNoPenaltyAtLambdaZero(tinyData, tmp_path, monkeypatch):
             results.append([line.split(",")[3:5] for line in f])
     assert results[0] == results[1] and len(results[0]) > 4
     hp = trainLmAf.parseArgs(tinyFlags(tinyData, tmp_path, afType="gelu", afSmoothness=0.1))[0]
-    assert "afSmoothness=0 (no spline is learned)" in " ".join(trainLmAf.validate(hp)) and hp.afSmoothness == 0
+    assert "afSmoothness=0 (no spline is learned)" in " ".join(runPlan.checkFlags(hp)) and hp.afSmoothness == 0
 
 
 def testAfPlotShowsTheStart(tinyData, tmp_path):
@@ -135,12 +135,15 @@ def testAfPlotShowsTheStart(tinyData, tmp_path):
     trainer = trainLmAf.Trainer(trainLmAf.parseArgs(argv[:-2] + ["--runName", "p2"])[0])
     trainer.setup()
     knots = torch.linspace(-4.0, 4.0, 17)
-    tiles = runOutputs.afTiles(trainer)
-    assert [tile["start"] is None for tile in tiles] == [True, True]  # before training, start and now coincide
+
+    def afTiles():
+        return runOutputs.afTiles(trainer.model, trainer.startValues, None, trainer.afInputRange, 0)
+
+    assert [tile["start"] is None for tile in afTiles()] == [True, True]  # before training, start and now coincide
     with torch.no_grad():
         for spline in trainer.model.splines():
             spline.values.add_(1.0)
-    tiles = runOutputs.afTiles(trainer)
+    tiles = afTiles()
     assert [tile["start"].tolist() for tile in tiles] == [(torch.relu(knots) ** 2).tolist(),
                                                           torch.full((17,), 0.01).tolist()]
     fig = _afsFigure(tiles[:1], "t", _makeFigure)

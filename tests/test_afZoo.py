@@ -14,7 +14,8 @@ from conftest import tinyFlags
 from model import GPT, GatedMlp, KanLayer, KanMlp, bSplineBasis, gatedHiddenWidth, kanHiddenWidth
 import runOutputs
 from runPlan import ConfigError
-from trainLmAf import Hyperparameters, Trainer, isLearnableAf, main, parseArgs, validate
+from runPlan import checkFlags, isLearnableAf
+from trainLmAf import Hyperparameters, Trainer, main, parseArgs
 
 ELEMENTWISE = afs.FIXED_TYPES + afs.LEARNABLE_TYPES + afs.SPLINE_TYPES
 MLP_ONLY = ("moa", "geglu", "swiglu", "reglu", "kan")
@@ -272,19 +273,19 @@ def testValidateAfTypes():
         return Hyperparameters(afType=afType, runName="x", **flags)
 
     with pytest.raises(ConfigError, match="'att-geglu' exists only in the MLP"):
-        validate(hp("gelu;att-geglu"))
+        checkFlags(hp("gelu;att-geglu"))
     with pytest.raises(ConfigError, match="'att-moa' exists only in the MLP"):
-        validate(hp("gelu;att-moa"))
+        checkFlags(hp("gelu;att-moa"))
     with pytest.raises(ConfigError, match="unknown MLP activation 'bogus'"):
-        validate(hp("bogus"))
+        checkFlags(hp("bogus"))
     with pytest.raises(ConfigError, match="--kanGridSize"):
-        validate(hp("kan", kanGridSize=0))
+        checkFlags(hp("kan", kanGridSize=0))
     learnable = hp("prelu;att-linear")
-    validate(learnable)
+    checkFlags(learnable)
     assert learnable.afLr == 0.1 and learnable.afLayerSpecific == 1
     assert learnable.saveAfEvery == -1  # ptAf files hold splines only
     gated = hp("swiglu")
-    assert "afLr=0 and afLayerSpecific=0 (no learnable AF)" in validate(gated)
+    assert "afLr=0 and afLayerSpecific=0 (no learnable AF)" in checkFlags(gated)
     assert gated.afLr == 0
 
 
@@ -306,7 +307,8 @@ def testLearnedShapesArePlotted(afType, nTiles, tinyData, tmp_path, capsys):
     flags = dict(runName="p", afType=afType, afLayerSpecific=0, nSteps=4, nStepsWarmup=1, nStepsCooldown=1,
                  valEvery=0, plottingLevel=1)
     hp, given = parseArgs(tinyFlags(tinyData, tmp_path / "tiles", **flags))
-    tiles = runOutputs.afTiles(Trainer(hp, given).setup())
+    trainer = Trainer(hp, given).setup()
+    tiles = runOutputs.afTiles(trainer.model, trainer.startValues, None, trainer.afInputRange, 0)
     assert len(tiles) == nTiles
     for tile in tiles:  # sampled curves: x grid [K], values [K] or [C, K] for per-channel AFs
         assert tile["curve"] and tile["values"].shape[-1] == tile["knots"].shape[0]

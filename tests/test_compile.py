@@ -6,7 +6,7 @@ import torch._dynamo
 from torch._dynamo.utils import counters
 
 from conftest import tinyFlags
-from runPlan import representativePasses
+from runPlan import modelPasses, representativePasses
 from trainLmAf import Trainer, parseArgs
 
 
@@ -21,7 +21,7 @@ def testNoCompileAfterStartUpInAStaggeredPhaseOne(tinyData, tmp_path, monkeypatc
                                     plottingLevel=plottingLevel, plotEvery=3))
     trainer = Trainer(hp, given).setup()
     last = [("validation", 0, 1, 7)] + ([("statistics", 0, 1, 7)] if plottingLevel else [])
-    assert trainer.compiledVariants[-len(last):] == last
+    assert trainer.passes.compiledVariants[-len(last):] == last
     graphs = counters["stats"]["unique_graphs"]
     assert graphs >= 3
     monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)  # a recompile would raise
@@ -45,15 +45,15 @@ def stepTrainers(tinyData, tmp_path, modelsPerPass, nSteps=3):
     losses = []
     for _ in range(nSteps):
         losses.append(trainer.trainStep()[1])
-        trainer.step += 1
+        trainer.state.step += 1
     return trainer, torch.stack(losses)
 
 
 def testSeveralPassesGiveTheResultsOfOnePass(tinyData, tmp_path):
     one, lossesOne = stepTrainers(tinyData, tmp_path, 0)
-    assert one.passes(5) == [(0, 5)]
+    assert modelPasses(5, one.modelsPerPass) == [(0, 5)]
     several, lossesSeveral = stepTrainers(tinyData, tmp_path, 2)
-    assert several.passes(5) == [(0, 2), (2, 2), (4, 1)]
+    assert modelPasses(5, several.modelsPerPass) == [(0, 2), (2, 2), (4, 1)]
     torch.testing.assert_close(lossesSeveral, lossesOne, rtol=0, atol=1e-6)
     for (name, a), (_, b) in zip(one.model.named_parameters(), several.model.named_parameters()):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)

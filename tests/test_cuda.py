@@ -44,7 +44,7 @@ def testSeveralPassesMatchOnePassOnTheGpu(tinyData, tmp_path):
         steps = []
         for _ in range(3):
             steps.append(trainer.trainStep()[1])
-            trainer.step += 1
+            trainer.state.step += 1
         losses[perPass] = torch.stack(steps)
     torch.testing.assert_close(losses[1], losses[3], atol=1e-4, rtol=1e-4)
 

@@ -60,7 +60,7 @@ def testTheStepClockStopsWhenTheDevicesWorkIsDone(tinyData, tmp_path, monkeypatc
     hp, given = trainLmAf.parseArgs(tinyFlags(tinyData, tmp_path, runName="clock"))
     trainer = trainLmAf.Trainer(hp, given).setup()
     assert trainer.train() == 0
-    assert trainer.trainSeconds == 8.0  # 8 steps, each step's work counted once
+    assert trainer.state.trainSeconds == 8.0  # 8 steps, each step's work counted once
     assert "Step 8/8   lossTr" in (tmp_path / "log-clock.txt").read_text()
 
 
@@ -77,35 +77,38 @@ def testResumeOnFewerGpusRestoresTheStatesOfTheVisibleOnes(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "set_rng_state", setRngState)
     monkeypatch.setattr(torch.cuda.random, "set_rng_state", setRngState)
-    trainer = types.SimpleNamespace(firstModel=0, stopModel=1, nLocal=1, dataParallel=False, streams=[],
-                                    optimizer=mock.Mock(), afOptimizer=None, device=torch.device("cuda"))
+    from runState import RunState
+    checkpointer = checkpoints.Checkpointer(None, None, None, mock.Mock(), None, [], RunState(1, "cpu"), None,
+                                            False, (0, 1), 128, None, torch.device("cuda"))
     window = {"loss": mock.MagicMock(), "acc": mock.MagicMock(), "count": mock.MagicMock(), "steps": 0}
     ckpt = {"optimizer": {}, "afOptimizer": None, "dataPositions": [], "history": {}, "step": 4, "trainSeconds": 1.0,
             "window": window, "rng": {"torch": torch.get_rng_state(),
                                       "cuda": [torch.full((16,), i, dtype=torch.uint8) for i in range(8)]}}
-    checkpoints.restore(trainer, ckpt)
+    checkpointer.restore(ckpt)
+    assert checkpointer.state.step == 4 and checkpointer.state.trainSeconds == 1.0
     assert restored == [(0, 0)]
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and "8 GPU(s), 1 visible" in out[0] and "GPUs 1-7 not restored" in out[0]
 
 
 def testOutOfMemoryAdviceIsMeasuredAfterTheFailedPassIsFreed(tinyData, tmp_path, monkeypatch, capsys):
+    import forwardPasses
     import stopping
     import trainLmAf
     made, alive = [], []
 
-    def runsOut(self, tokens, first):
+    def runsOut(self, tokens, first):  # Passes.forward
         activation = torch.ones(1000)  # what the failed pass saved for its backward
         made.append(weakref.ref(activation))
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
     advice = stopping.outOfMemoryAdvice
 
-    def measuredAdvice(trainer):
+    def measuredAdvice(*args):
         alive.append(made[0]() is not None)
-        return advice(trainer)
+        return advice(*args)
 
-    monkeypatch.setattr(trainLmAf.Trainer, "forwardPass", runsOut)
+    monkeypatch.setattr(forwardPasses.Passes, "forward", runsOut)
     monkeypatch.setattr(stopping, "outOfMemoryAdvice", measuredAdvice)
     assert trainLmAf.main(tinyFlags(tinyData, tmp_path, runName="oomFreed", nModels=2, modelsPerPass=2)) == 4
     assert alive == [False]
@@ -150,20 +153,27 @@ def testAFallbackThatWillNotFitStopsWithOneLine(monkeypatch, gpuGiB, fits):
     """The default phase I with spline scores: 14.0 GiB per pass of 20 models with FlexAttention, an estimated
     63.9 GiB with SDPA and explicit [T, T] scores."""
     import forwardPasses
+    import runPlan
     import trainLmAf
     hp, _ = trainLmAf.parseArgs(["--nModels", "20", "--afLayerSpecific", "0", "--afType",
                                  "spline;att-spline;score-spline"])
-    trainLmAf.validate(hp)
-    kernel = types.SimpleNamespace(flexFailure="NotImplementedError: no kernel fits")
-    trainer = types.SimpleNamespace(hp=hp, vocabSize=50304, nLocal=20, modelsPerPass=20 if fits else 10,
-                                    device=torch.device("cuda"), model=types.SimpleNamespace(kernel=kernel))
+    runPlan.checkFlags(hp)
+    kernel = types.SimpleNamespace(flexFailure="NotImplementedError: no kernel fits", implementation="flex",
+                                   fallBackToSdpa=lambda failure: "FlexAttention failed on this GPU (...)")
+    model = types.SimpleNamespace(kernel=kernel, afInputTable=None)
+    hp.compileBackend = "none"  # eager: the one pass before step 1 fails; the passes' own device does not matter
+    passes = forwardPasses.Passes(model, hp, torch.device("cpu"), 15.0)
+    monkeypatch.setattr(forwardPasses.Passes, "runVariants", lambda self, variants: 1 / 0)
+    dist = types.SimpleNamespace(maxInPlace=lambda flags: flags)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (gpuGiB << 30, gpuGiB << 30))
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
+    problem = lambda: forwardPasses.fallbackProblem(hp, 50304, 20, 20 if fits else 10, torch.device("cuda"))  # noqa: E731
     if fits:
-        forwardPasses.stopIfTheFallbackDoesNotFit(trainer)
+        passes.compileBeforeStepOne([("train", 0, 20, 1)], dist, problem)
+        assert passes.attentionNotes == ["FlexAttention failed on this GPU (...)"]
         return
     with pytest.raises(trainLmAf.ConfigError) as stop:
-        forwardPasses.stopIfTheFallbackDoesNotFit(trainer)
+        passes.compileBeforeStepOne([("train", 0, 20, 1)], dist, problem)
     line = str(stop.value)
     assert "\n" not in line and line.startswith("FlexAttention failed on this GPU (NotImplementedError: no kernel")
     assert "explicit [T, T] scores, needs an estimated" in line and "per pass of 10 model(s)" in line

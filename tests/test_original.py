@@ -16,8 +16,9 @@ from tokenShards import TokenStream, writeShard
 from tokenShards import validationSequences
 import forwardPasses
 from runOutputs import SEPARATOR, hyperparameterLines
-from runPlan import buildModel, lrFactor, modelLrFactors, modelStartSteps
-from trainLmAf import Trainer, parseArgs, validate
+from gradients import clipGlobalNorm
+from runPlan import buildModel, checkFlags, lrFactor, modelLrFactors, modelStartSteps
+from trainLmAf import Trainer, parseArgs
 
 GPT2_VOCAB = 50304  # GPT-2's 50,257 ids rounded up to a multiple of 128
 
@@ -127,7 +128,8 @@ def testGradientClippingIsOneGlobalNormOverModelsAndAfs(tinyData, tmp_path):
         p.grad = torch.randn_like(p)
     before = [p.grad.clone() for p in params]
     norm = torch.cat([g.reshape(-1) for g in before]).norm()
-    trainer.clipGradients(3, trainer.model.afParameters())
+    clipGlobalNorm(trainer.optimizer.params, trainer.model.afParameters(), 3, hp.gradientClipping, trainer.dist,
+                   trainer.dataParallel, trainer.device)
     for p, g in zip(params, before):
         torch.testing.assert_close(p.grad, g * (0.5 / (norm + 1e-6)))
 
@@ -165,13 +167,13 @@ def testLogLinesComeInTheOriginalsOrderAndCadence(tinyData, tmp_path, monkeypatc
     trainer.tracksCudaMemory = True
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 1.5 * 2**30)
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: None)
-    validate = forwardPasses.validate
+    validation = forwardPasses.Passes.validation
 
-    def slowValidation(trainer):  # validation must not count as training time
+    def slowValidation(passes, sequences):  # validation must not count as training time
         time.sleep(1.0)
-        return validate(trainer)
+        return validation(passes, sequences)
 
-    monkeypatch.setattr(forwardPasses, "validate", slowValidation)
+    monkeypatch.setattr(forwardPasses.Passes, "validation", slowValidation)
     assert trainer.train() == 0
     kinds = []
     for line in (tmp_path / "log-cadence.txt").read_text().splitlines():
@@ -185,7 +187,7 @@ def testLogLinesComeInTheOriginalsOrderAndCadence(tinyData, tmp_path, monkeypatc
                      + [(6, k) for k in ["memory"] + report] + [(7, "val")] + [(9, k) for k in report]
                      + [(11, "memory")] + [(13, k) for k in ["val", "memory"] + report])
     assert "Step 6/13   Peak CUDA memory usage: 1.500 GB" in (tmp_path / "log-cadence.txt").read_text()
-    assert trainer.trainSeconds < 2.5  # three one-second validations happened while training ran
+    assert trainer.state.trainSeconds < 2.5  # three one-second validations happened while training ran
     # The attention site comes first in each layer: it reads the RMS-normalised stream (mean |x| ~ 0.8 at init).
     first = [float(v) for v in next(line for line in (tmp_path / "log-cadence.txt").read_text().splitlines()
                                     if line.startswith("Step 1/13   Activation magnitudes (2)")).split(":")[1].split()]
@@ -218,9 +220,9 @@ def testStep1ValidationIsTheModelAfterOneUpdate(tinyData, tmp_path):
     afterOne = validation()
     assert abs(afterOne[0] - initial[0]) > 1e-2  # one update moves it far more than the tolerance below
     assert trainer.train() == 0
-    step, lossVa, accVa = trainer.history["val"][0]
+    step, lossVa, accVa = trainer.state.history["val"][0]
     assert step == 1 and lossVa == pytest.approx(afterOne[0], abs=1e-4) and accVa == pytest.approx(afterOne[1])
-    assert [s for s, _, _ in trainer.history["val"]] == [1, 3, 4]
+    assert [s for s, _, _ in trainer.state.history["val"]] == [1, 3, 4]
 
 
 def testHyperparametersPrintAsInTheAuthorsLog():
@@ -229,7 +231,7 @@ def testHyperparametersPrintAsInTheAuthorsLog():
                 if not line.startswith("  filesTokensTe = ")]  # a flag the original never reads; not one of ours
     hp, _ = parseArgs(["--seed", "0", "--afType", "gelu;att-linear", "--runName", "baseline-gelu"])  # README's
     asGiven = {"afLayerSpecific": hp.afLayerSpecific}
-    validate(hp)
+    checkFlags(hp)
     ours = hyperparameterLines(hp, asGiven)
     assert ours[:len(original)] == original
     assert [line.split(" = ")[0].strip() for line in ours[len(original):]] == [
@@ -273,7 +275,7 @@ def testHeaderAndSavingLinesAreTheOriginalsThenOurs(tinyData, tmp_path):
     ours = lines[len(block) + 1:]
     assert ours.index(SEPARATOR) == next(i for i, line in enumerate(ours) if line.startswith("Step ")) - 1
     assert any(line.startswith("Vocabulary size: ") for line in ours[:ours.index(SEPARATOR)])
-    stem, lossVa = os.path.join(str(tmp_path), "%s-fmt-step"), trainer.history["val"][-1][1]
+    stem, lossVa = os.path.join(str(tmp_path), "%s-fmt-step"), trainer.state.history["val"][-1][1]
     saving = [f"Saving AF: {stem % 'ptAf'}0004.pt", f"Saving AF (CSV): {stem % 'ptAf'}0004.csv",
               f"Saving model: {stem % 'pt'}0004.pt", f"Saving plot (loss/acc): {stem % 'tr'}000004-lossVa{lossVa:.4f}.png",
               f"Saving plot (AF): {stem % 'af'}000004.png", f"Saving plot (act): {stem % 'act'}000004.png"]

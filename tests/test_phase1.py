@@ -88,7 +88,7 @@ def testBatchedEqualsLoopOfSingleModels(tinyData, tmp_path):
     streams = [TokenStream(trainer.trFiles, hp.seqLength, hp.seed, i, hp.shuffleTrData) for i in range(3)]
     for step in range(5):
         nActive, batchedLosses, _ = trainer.trainStep()
-        trainer.step += 1
+        trainer.state.step += 1
         loopLosses = []
         for i in range(activeModels(step, trainer.startSteps)):
             total = 0.0

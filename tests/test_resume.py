@@ -126,14 +126,17 @@ def testNonFiniteLossStopsWithOneLine(tinyData, tmp_path):
 
 def testOutOfMemoryStopsWithOneLineAndAResumableCheckpoint(tinyData, tmp_path, monkeypatch, capsys):
     import trainLmAf
-    forwardPass = trainLmAf.Trainer.forwardPass
+    import forwardPasses
+    forward, trainingPasses = forwardPasses.Passes.forward, []
 
-    def runsOutAtStepFive(self, tokens, first):
-        if self.step == 4 and torch.is_grad_enabled():
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-        return forwardPass(self, tokens, first)
+    def runsOutAtStepFive(self, tokens, first):  # one training pass per step: 4 models in a pass of 4
+        if torch.is_grad_enabled():
+            trainingPasses.append(first)
+            if len(trainingPasses) == 5:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return forward(self, tokens, first)
 
-    monkeypatch.setattr(trainLmAf.Trainer, "forwardPass", runsOutAtStepFive)
+    monkeypatch.setattr(forwardPasses.Passes, "forward", runsOutAtStepFive)
     flags = tinyFlags(tinyData, tmp_path, runName="oom", nModels=4, staggeredStarts=0, afType="spline",
                       modelsPerPass=4)
     assert trainLmAf.main(flags) == 4
@@ -142,7 +145,7 @@ def testOutOfMemoryStopsWithOneLineAndAResumableCheckpoint(tinyData, tmp_path, m
     assert err.startswith("error: out of memory in a pass of 4 model(s) (cpu): estimated peak ")
     assert "try --modelsPerPass 2; resume from " in err and err.rstrip().endswith("pt-oom-step0004.pt with --resumeFrom")
     assert (tmp_path / "ptAf-oom-step0004.pt").exists()
-    monkeypatch.setattr(trainLmAf.Trainer, "forwardPass", forwardPass)
+    monkeypatch.setattr(forwardPasses.Passes, "forward", forward)
     assert trainLmAf.main(["--resumeFrom", str(tmp_path / "pt-oom-step0004.pt"), "--modelsPerPass", "2"]) == 0
     assert "Step 8/8   lossVa" in (tmp_path / "log-oom.txt").read_text()
 
@@ -154,10 +157,10 @@ def testOutOfMemoryBeforeStepOneIsNotAFlexAttentionFailure(tinyData, tmp_path, m
     arguments = runPlan.modelArguments
     monkeypatch.setattr(runPlan, "modelArguments", lambda *a, **k: {**arguments(*a, **k), "attention": "flex"})
 
-    def outOfMemory(self, allOfThem=True):
+    def outOfMemory(self, variants):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    monkeypatch.setattr(forwardPasses, "compileShapeVariants", outOfMemory)
+    monkeypatch.setattr(forwardPasses.Passes, "runVariants", outOfMemory)
     assert trainLmAf.main(tinyFlags(tinyData, tmp_path, runName="oom1", nModels=2, modelsPerPass=1)) == 4
     out, err = capsys.readouterr()
     assert "FlexAttention failed" not in out + err and err.count("\n") == 1

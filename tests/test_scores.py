@@ -16,7 +16,8 @@ from attention import AttentionKernel, denseAttentionMask, documentIds, explicit
 from conftest import runTrainer, tinyFlags
 from model import GPT
 from runPlan import ConfigError, splitAfType, splitScoreType
-from trainLmAf import Hyperparameters, validate
+from runPlan import checkFlags
+from trainLmAf import Hyperparameters
 
 warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
 
@@ -83,12 +84,12 @@ def testAfTypeScorePart():
     for bad, message in (("gelu;att-linear;score-cosine", "unknown attention score 'score-cosine'"),
                          ("gelu;score-sigmoid;att-linear", "must look like")):
         with pytest.raises(ConfigError, match=message):
-            validate(Hyperparameters(afType=bad, filesTokensTr="x"))
+            checkFlags(Hyperparameters(afType=bad, filesTokensTr="x"))
     hp = Hyperparameters(afType="gelu;att-linear;score-spline", filesTokensTr="x")
-    validate(hp)
+    checkFlags(hp)
     assert hp.afLr == 0.1 and hp.saveAfEvery == 0  # the score spline is learned and written like the others
     fixed = Hyperparameters(afType="gelu;att-linear;score-sigmoid", filesTokensTr="x")
-    assert "afLr=0 and afLayerSpecific=0 (no learnable AF)" in validate(fixed)
+    assert "afLr=0 and afLayerSpecific=0 (no learnable AF)" in checkFlags(fixed)
 
 
 # ----------------------------------------------------------------------------------------------

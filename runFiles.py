@@ -1,0 +1,51 @@
+"""The run's files: every name a run writes in its output folder (log, metrics, model checkpoints, ptAf files, plots,
+tracker folder), made from the folder and the run name, so that the writers and the readers (compareAfs.py,
+bench/gpuCheck.py) spell them one way."""
+import os
+import re
+from dataclasses import dataclass
+
+PLOT_KINDS = ("tr", "af", "act")  # loss/accuracy, the AFs, the activation magnitudes
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    folder: str
+    runName: str
+
+    def path(self, name):
+        return os.path.join(self.folder, name)
+
+    @property
+    def log(self):
+        return self.path(f"log-{self.runName}.txt")
+
+    @property
+    def metrics(self):
+        return self.path(f"metrics-{self.runName}.csv")
+
+    @property
+    def trackerFolder(self):
+        return os.path.join(self.folder, "tensorboard", self.runName)
+
+    def checkpoint(self, step):
+        """The model checkpoint after `step` steps."""
+        return self.path(f"pt-{self.runName}-step{step:04d}.pt")
+
+    def afStem(self, step):
+        """The ptAf files after `step` steps, without their .pt/.csv ending."""
+        return self.path(f"ptAf-{self.runName}-step{step:04d}")
+
+    def afFile(self, step):
+        return self.afStem(step) + ".pt"
+
+    def plot(self, kind, step, suffix=""):
+        """A plot of PLOT_KINDS refreshed after `step` steps; suffix: after the step, e.g. '-lossVa3.2101'."""
+        return self.path(f"{kind}-{self.runName}-step{step:06d}{suffix}.png")
+
+    def olderPlots(self, kinds, keep):
+        """This run's plots of those kinds in the folder, except the paths in keep: earlier refreshes."""
+        pattern = re.compile(rf"^({'|'.join(kinds)})-{re.escape(self.runName)}-step\d{{6}}.*\.png$")
+        keepNames = {os.path.basename(path) for path in keep}
+        return [self.path(name) for name in sorted(os.listdir(self.folder))
+                if pattern.match(name) and name not in keepNames]
