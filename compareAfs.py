@@ -103,7 +103,7 @@ def parseArgs(argv):
     if clash:
         raise CompareError(f"--{clash[0]} is set per run by compareAfs.py; use --afTypes, --seeds or --name instead")
     args.afTypes = [af.strip() for af in args.afTypes.split(",") if af.strip()]
-    args.entries = [{"label": af, "af": af, "slug": slug(af), "flags": [], "frozen": False, "phase1Models": None}
+    args.entries = [{"label": af, "af": af, "slug": afTypeSlug(af), "flags": [], "frozen": False, "phase1Models": None}
                     for af in args.afTypes]
     args.entries += [parseVariant(text) for text in args.variant]
     labels = [entry["label"] for entry in args.entries]
@@ -180,7 +180,7 @@ def resolveBaseline(rows, args):
     return min(finished, key=lambda row: meanStd(row["loss"])[0])["af"] if finished else ""
 
 
-def slug(afType):
+def afTypeSlug(afType):
     """afType as a piece of a file name: 'spline;att-spline' -> 'spline_att-spline',
     'gelu;att-linear;score-sigmoid' -> 'gelu_att-linear_score-sigmoid'."""
     return re.sub(r"[^A-Za-z0-9_-]+", "_", afType.replace(";", "_"))
@@ -598,7 +598,7 @@ def drawPaired(ax, comparisons, title):
     ax.set_xlim(min(low, 0.0) - pad, max(high, 0.0) + pad)
 
 
-def plotComparison(path, rows, title, pairedPanels=()):
+def plotAfStudy(path, rows, title, pairedPanels=()):
     """Validation loss over steps, one colour per AF: each seed thin, the mean over seeds thick; right panel
     zooms on the last third of training, where the AFs' differences are small next to the early drop. Each of
     pairedPanels, (comparisons, title) with paired comparisons (--baseline, --pairs), adds a full-width panel below
@@ -714,7 +714,7 @@ def main(argv=None):
     atomicWrite(stem + ".md", lambda tmp: writeText(tmp, table))
     againstBaseline, pairs = pairedComparisons(rows, args)
     baselineTitle = f"paired against {args.baseline}" + (", the best fixed AF" if args.bestFixed else "")
-    plotComparison(stem + ".png", rows, f"{args.name}: {len(args.entries)} AFs x {len(args.seeds)} seeds",
+    plotAfStudy(stem + ".png", rows, f"{args.name}: {len(args.entries)} AFs x {len(args.seeds)} seeds",
                    [(againstBaseline, baselineTitle), (pairs, "chosen pairs (--pairs)")])
     print(table)
     print(f"wrote {stem}.md and {stem}.png")

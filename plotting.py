@@ -302,7 +302,7 @@ def plotAfs(path, afs, title="", zoom=False):
     _atomicSave(_afsFigure(afs, title, _makeFigure, zoom), path)
 
 
-def _comparisonFigure(runs, title, newFigure):
+def _overlayFigure(runs, title, newFigure):
     """Top row: the whole curves; bottom row: the second half of training, where runs differ by a few hundredths
     of a nat that the first steps' 10-nat fall would hide."""
     from matplotlib import colormaps
@@ -346,9 +346,9 @@ def _comparisonFigure(runs, title, newFigure):
     return fig
 
 
-def plotComparison(path, runs, title=""):
+def plotRunOverlay(path, runs, title=""):
     """Validation loss and accuracy against steps, one labelled curve per run; runs = [(label, history)]."""
-    _atomicSave(_comparisonFigure(runs, title, _makeFigure), path)
+    _atomicSave(_overlayFigure(runs, title, _makeFigure), path)
 
 
 def runLabels(logPaths):
@@ -525,9 +525,9 @@ def main(argv=None):
         runs = list(zip(runLabels(args.logFiles), map(parseLog, args.logFiles)))
         outPath = args.out or "compare.png"
         os.makedirs(os.path.dirname(os.path.abspath(outPath)), exist_ok=True)
-        plotComparison(outPath, runs)
+        plotRunOverlay(outPath, runs)
         print(f"wrote {outPath} ({len(runs)} runs: {', '.join(label for label, _ in runs)})")
-        figures = [lambda newFigure: _comparisonFigure(runs, "", newFigure)]
+        figures = [lambda newFigure: _overlayFigure(runs, "", newFigure)]
     else:
         logFile = args.logFiles[0]
         history = parseLog(logFile)

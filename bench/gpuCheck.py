@@ -118,7 +118,9 @@ def parseArgs(argv):
     return parser.parse_args(argv)
 
 
-def slug(text):
+def reportSlug(text):
+    """text as a piece of the report's file name: each run of other characters than letters and digits becomes one
+    '-' (' H100 80GB HBM3' -> 'H100-80GB-HBM3'); 'GPU' if nothing is left."""
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-") or "GPU"
 
 
@@ -130,8 +132,8 @@ def resolveSettings(args, gpu, argv=()):
         raise CheckError(f"--jobs must be 0 (automatic) or a positive number, got {args.jobs}")
     only = [name.strip() for name in args.only.split(",") if name.strip()]
     # a rerun of some checks gets a report of its own instead of overwriting the full one
-    stem = f"gpuCheck-{datetime.date.today():%Y-%m-%d}-{slug(gpu.get('name', 'GPU').replace('NVIDIA', ''))}"
-    out = args.out or os.path.join(REPO, "bench", stem + (f"-only-{slug('-'.join(only))}" if only else "") + ".md")
+    stem = f"gpuCheck-{datetime.date.today():%Y-%m-%d}-{reportSlug(gpu.get('name', 'GPU').replace('NVIDIA', ''))}"
+    out = args.out or os.path.join(REPO, "bench", stem + (f"-only-{reportSlug('-'.join(only))}" if only else "") + ".md")
     out = os.path.abspath(out)
     if not out.endswith(".md"):
         raise CheckError(f"--out {args.out!r} must name a Markdown file ending in .md")

@@ -255,7 +255,7 @@ def testOverlayOfOursAndTheOriginalsLog(tmp_path):
     checkPng(out, minWidth=1000, minHeight=700)
     runs = list(zip(plotting.runLabels([str(ours), str(theirs), str(noVal)]),
                     map(plotting.parseLog, [str(ours), str(theirs), str(noVal)])))
-    fig = plotting._comparisonFigure(runs, "", plotting._makeFigure)
+    fig = plotting._overlayFigure(runs, "", plotting._makeFigure)
     lossAxes = fig.axes[0]
     assert [line.get_label() for line in lossAxes.lines] == ["baseline-gelu", "theirs/baseline-gelu",
                                                              "trainOnly (train, no validation)"]
