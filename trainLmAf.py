@@ -26,6 +26,7 @@ import vocabulary
 from activationFunctions import FIXED_TYPES, LEARNABLE_TYPES, MLP_INPUT_TYPES, SPLINE_TYPES, splineSmoothness
 from afFiles import AfFileError, loadAfsIntoModel, splineKnots
 from attention import FLEX_MASK_BLOCK, FLEX_TILE_SIZES, SCORE_TYPES
+from cliErrors import OneLineErrorParser
 from distributed import Distributed
 from model import MLP_VARIANT_AFS, copyInitAcrossModels, permuteInitAcrossModels
 from runPlan import (ConfigError, activeModels, buildModel, lrFactor, modelLrFactors, modelPasses, modelStartSteps,
@@ -157,11 +158,6 @@ def buildParser():
                             choices=f.metadata["choices"], metavar=f.name.upper() if f.metadata["choices"] is None
                             else None, **bare)
     return parser
-
-
-class OneLineErrorParser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(2, f"error: {message}\n")
 
 
 def parseArgs(argv=None):

@@ -37,6 +37,7 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from cliErrors import OneLineErrorParser  # noqa: E402
 from tokenShards import writeShard  # noqa: E402
 
 SCORE_TYPES = ("softplus", "sigmoid", "spline")  # softmax is what the plain runs use
@@ -69,11 +70,6 @@ PEAK_TFLOPS = (
 
 class CheckError(Exception):
     """Bad input or an unusable machine; the message is one line for the user."""
-
-
-class OneLineErrorParser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(2, f"error: {message}\n")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -66,6 +66,20 @@ def testTopLevelModulesImportWithoutACycle():
     assert set(graph["activationFunctions"]) <= {"splineKernel"}, graph["activationFunctions"]
 
 
+
+def testScriptsThatLoadAModelDoNotImportTheTrainer():
+    # they take the one-line argparse errors from cliErrors, not from trainLmAf, so no training module loads with them
+    graph = importGraph()
+    for script in ("evalBlimp", "evalHarness", "generate"):
+        seen, todo = set(), [script]
+        while todo:
+            module = todo.pop()
+            if module not in seen:
+                seen.add(module)
+                todo.extend(graph[module])
+        assert "trainLmAf" not in seen, script
+    assert graph["cliErrors"] == []
+
 def testEveryTopLevelModuleSaysWhatItOwns():
     for module in topLevelModules():
         with open(os.path.join(REPO, module + ".py")) as f:
