@@ -53,15 +53,13 @@ import runPlan
 import trainLmAf
 from activationFunctions import LEARNABLE_TYPES, MLP_INPUT_TYPES, SPLINE_TYPES
 from afFiles import atomicWrite
+from plotting import parseLog
 
 TRAINER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "trainLmAf.py")
 # Flags the comparison sets per run; given by the user they would make the runs differ or collide.
 PER_RUN_FLAGS = ("afType", "seed", "runName", "resumeFrom", "afFileToLoad")
 # --baseline's word for the fixed-AF row (nothing learned in its AFs) with the lowest mean final validation loss.
 BEST_FIXED = "best-fixed"
-
-_header = re.compile(r"^==== trainLmAf\.py ")
-_params = re.compile(r"^Parameters per model: ([\d,]+) trainable, ([\d,]+) frozen, ([\d,]+) total")
 
 
 class CompareError(Exception):
@@ -267,10 +265,7 @@ def readRun(dirResults, runName, nSteps):
               "trainSeconds": max((float(r["trainSeconds"]) for r in rows), default=None)}
     logPath = os.path.join(dirResults, f"log-{runName}.txt")
     if os.path.isfile(logPath):
-        with open(logPath, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if match := _params.match(line):
-                    result["params"] = int(match.group(3).replace(",", ""))
+        result["params"] = parseLog(logPath)["parametersTotal"]
     return result
 
 

@@ -38,6 +38,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from cliErrors import OneLineErrorParser  # noqa: E402
+from plotting import parseLog  # noqa: E402
 from tokenShards import writeShard  # noqa: E402
 
 SCORE_TYPES = ("softplus", "sigmoid", "spline")  # softmax is what the plain runs use
@@ -384,45 +385,9 @@ def selectChecks(checks, only):
 
 
 # ----------------------------------------------------------------------------------------------
-# Parsing logs and outputs
+# Parsing outputs (the training logs: plotting.parseLog)
 
 NUMBER = r"([-+]?(?:\d+(?:\.\d*)?(?:e[-+]?\d+)?|nan|inf))"
-STEP = re.compile(r"^Step (\d+)/(\d+)\s+(.*)$")
-
-
-def parseTrainingLog(text):
-    """The figures of a trainLmAf.py log: losses (model 0's lossTr with its s/step, every model's, lossVa), peak
-    memory lines, activation-magnitude lines, the kernel lines of the header and the settings it printed."""
-    log = {"lossTr": [], "modelLossTr": [], "lossVa": [], "peakMemory": [], "activationLines": 0, "kernels": [],
-           "fallbacks": [], "hyperparameters": {}, "parameters": {}, "vocabSize": None, "modelsPerPass": None}
-    for line in text.splitlines():
-        match = STEP.match(line)
-        if match:
-            step, rest = int(match.group(1)), match.group(3)
-            if m := re.match(rf"lossTr {NUMBER}\s+accTr {NUMBER}\s+(\d+)s = {NUMBER}s/step", rest):
-                log["lossTr"].append((step, float(m.group(1)), float(m.group(4))))
-            elif m := re.match(rf"model (\d+)\s+lossTr {NUMBER}", rest):
-                log["modelLossTr"].append((step, int(m.group(1)), float(m.group(2))))
-            elif m := re.match(rf"lossVa {NUMBER}", rest):
-                log["lossVa"].append((step, float(m.group(1))))
-            elif m := re.match(rf"Peak CUDA memory usage: {NUMBER} GB", rest):
-                log["peakMemory"].append((step, float(m.group(1))))
-            elif rest.startswith("Activation magnitudes"):
-                log["activationLines"] += 1
-            continue
-        if m := re.match(r"^  (\w+) = (.*)$", line):
-            log["hyperparameters"][m.group(1)] = m.group(2).strip("'")
-        elif m := re.match(r"^  (\S+)\s+\(([\d, ]*)\)\s+([\d,]+) (trainable|frozen)", line):
-            log["parameters"][m.group(1)] = int(m.group(3).replace(",", ""))
-        elif m := re.match(r"^Vocabulary size: ([\d,]+)", line):
-            log["vocabSize"] = int(m.group(1).replace(",", ""))
-        elif m := re.match(r"^Phase I: \d+ models, start steps \[[\d, ]*\]; (\d+) models per pass", line):
-            log["modelsPerPass"] = int(m.group(1))
-        elif line.startswith(("Spline kernels:", "Attention:", "Attention weights:", "Compiled before step 1")):
-            log["kernels"].append(line)
-        elif line.startswith("FlexAttention failed"):  # the trainer's line when it switches to SDPA
-            log["fallbacks"].append(line)
-    return log
 
 
 def readMetrics(path):
@@ -516,21 +481,21 @@ def evaluateTraining(check, run):
     logPath = os.path.join(check.runDir, f"log-{check.runName}.txt")
     if not os.path.isfile(logPath):
         return Result("FAIL", problems + [f"no log file {logPath}"])
-    with open(logPath, errors="replace") as f:
-        log = parseTrainingLog(f.read())
+    log = parseLog(logPath)
     n = check.nSteps
-    for key, label in (("lossTr", "lossTr"), ("lossVa", "lossVa"), ("peakMemory", "Peak CUDA memory")):
-        if not log[key]:
+    lossTr = [(step, loss) for step, model, loss, _ in log["train"] if model == 0]
+    for losses, label in ((lossTr, "lossTr"), (log["val"], "lossVa"), (log["peakMemory"], "Peak CUDA memory")):
+        if not losses:
             problems.append(f"the log has no {label} line")
-    if not log["activationLines"]:
+    if not log["actMean"] + log["actMax"]:
         problems.append("the log has no Activation magnitudes line (AF-input statistics at --plottingLevel 2)")
-    if log["lossTr"] and log["lossTr"][-1][0] != n:
-        problems.append(f"the last lossTr line is at step {log['lossTr'][-1][0]}, not {n}")
+    if lossTr and lossTr[-1][0] != n:
+        problems.append(f"the last lossTr line is at step {lossTr[-1][0]}, not {n}")
     missingPeaks = sorted({6, 11, n} - {step for step, _ in log["peakMemory"]})
     if log["peakMemory"] and missingPeaks:
         problems.append(f"no Peak CUDA memory line at step(s) {', '.join(map(str, missingPeaks))}")
-    losses = ([("lossTr", s, v) for s, v, _ in log["lossTr"]] + [("lossVa", s, v) for s, v in log["lossVa"]]
-              + [(f"model {m} lossTr", s, v) for s, m, v in log["modelLossTr"]])
+    losses = ([("lossTr", s, v) for s, v in lossTr] + [("lossVa", s, v) for s, v, _ in log["val"]]
+              + [(f"model {m} lossTr", s, v) for s, m, v, _ in log["train"] if m > 0])
     bad = [(what, step, value) for what, step, value in losses if not math.isfinite(value)]
     if bad:
         problems.append(f"non-finite loss: {bad[0][0]} {bad[0][2]} at step {bad[0][1]} ({len(bad)} in all)")
@@ -554,8 +519,8 @@ def evaluateTraining(check, run):
     if not any(f.startswith(f"tr-{check.runName}") for f in plots):
         problems.append("no loss plot (tr-*.png) was written")
     figures.update(log=log, peakGiB=max((v for _, v in log["peakMemory"]), default=None),
-                   lossTr=log["lossTr"][-1][1] if log["lossTr"] else None,
-                   lossVa=log["lossVa"][-1][1] if log["lossVa"] else None)
+                   lossTr=lossTr[-1][1] if lossTr else None,
+                   lossVa=log["val"][-1][1] if log["val"] else None)
     metricsPath = os.path.join(check.runDir, f"metrics-{check.runName}.csv")
     if os.path.isfile(metricsPath):
         figures["throughput"] = throughput(readMetrics(metricsPath))
@@ -906,7 +871,7 @@ def figureLines(check, result):
         if figures.get("peakGiB") is not None:
             lines.append(f"- peak CUDA memory {figures['peakGiB']} GiB, the largest of {len(log['peakMemory'])} lines "
                          "(the log's GB are 2^30 bytes)")
-        windows = ", ".join(f"step {step}: {seconds:.2f}" for step, _, seconds in log["lossTr"])
+        windows = ", ".join(f"step {step}: {seconds:.2f}" for step, seconds in log["secondsPerStep"])
         lines.append(f"- s/step per report window (log): {windows}")
         speed = figures.get("throughput")
         if speed and speed["tokensPerSecond"]:
