@@ -161,12 +161,14 @@ def buildParser():
 
 
 def parseArgs(argv=None):
+    """(Hyperparameters, the names of the flags given) from argv, or from the command line when argv is None."""
+    # resolved once, so that an empty argv ([]) is read as empty and not as the process's own command line
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = buildParser()
     parser.__class__ = OneLineErrorParser
     args = parser.parse_args(argv)
-    given = {a.dest for a in parser._actions if any(opt in (argv if argv is not None else sys.argv[1:])
-                                                     or any(x.startswith(opt + "=") for x in (argv or sys.argv[1:]))
-                                                     for opt in a.option_strings)}
+    given = {a.dest for a in parser._actions
+             if any(opt in argv or any(x.startswith(opt + "=") for x in argv) for opt in a.option_strings)}
     return Hyperparameters(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Hyperparameters)}), given
 
 
