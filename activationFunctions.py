@@ -27,15 +27,18 @@ Triton offers; elsewhere, and for any kernel that fails, as the PyTorch code bel
 which runs. Both are tested against splineReference.
 
 replaceActivations(model, afFile=..., match=...) swaps the activation modules of any PyTorch model (a Hugging Face
-transformers model included) for splines: fresh ones or the MLP splines a ptAf file of phase I holds.
+transformers model included) for splines: fresh ones or the MLP splines a ptAf file of phase I holds. The ptAf
+files are read here too (readAfFile), so that this works with this module alone; afFiles writes them.
 
 Besides the spline: fixed AFs (FIXED_TYPES), elementwise AFs with a few trained parameters
 (LEARNABLE_TYPES) and the token-adaptive mixture `moa` (MLP only); each class names its formula and paper.
 """
+import csv
 import functools
 import glob
 import itertools
 import os
+import pickle
 import re
 import warnings
 
@@ -744,6 +747,121 @@ def _describeCandidates(model):
                      for cls, names in ordered) + f'; e.g. match="{ordered[0][0]}"'
 
 
+# ----------------------------------------------------------------------------------------------
+# Reading ptAf files: here rather than in afFiles (which writes them and loads them into this repo's model), so
+# that replaceActivations(afFile=...) needs only this module and afFiles depends on it, not the reverse.
+
+FORMAT = "lm-afs ptAf 1"
+
+
+class AfFileError(Exception):
+    """A learned-AF file that cannot be used; the message is one line for the user."""
+
+
+def safeTorchLoad(path, what):
+    """torch.load with weights_only=True; every failure becomes one clear line."""
+    if not os.path.isfile(path):
+        raise AfFileError(f"{what} {path!r} does not exist")
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols on stderr; the error line says it all
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise AfFileError(f"{what} {path!r} holds objects other than plain tensors and values; refusing to load it "
+                          "(unpickling them could run code)") from None
+    except Exception:  # torch raises many types for damaged files
+        raise AfFileError(f"{what} {path!r} is not a readable PyTorch file (damaged, truncated or another format)"
+                          ) from None
+
+
+def readAfFile(path):
+    """Read a ptAf .pt or .csv file into {'knots', 'mlpValues', 'attValues', 'afTypeMlp', 'afTypeAtt', 'scoreKnots',
+    'scoreValues', 'afTypeScore', 'nLayers', 'rows'}; .csv files leave the types and layer count to be inferred
+    (None) and keep 'rows' and their 'rowKnots'. Files from before score splines read as having none."""
+    if path.endswith(".csv"):
+        return readAfCsv(path)
+    data = safeTorchLoad(path, "afFileToLoad")
+    if isinstance(data, dict) and data.get("format") != FORMAT:
+        data = interpretOtherAfDict(data, path)
+    if not isinstance(data, dict):
+        raise AfFileError(f"afFileToLoad {path!r} is not a ptAf file (expected a dict of knots and spline values)")
+    knots, scoreKnots = data["knots"], data.get("scoreKnots")
+    if knots is None and scoreKnots is None:
+        raise AfFileError(f"afFileToLoad {path!r} holds no spline AFs")
+    try:
+        for k in (knots, scoreKnots):
+            if k is not None:
+                checkUniformKnots(k)
+    except ValueError as err:
+        raise AfFileError(f"afFileToLoad {path!r}: {err}") from None
+    return {"knots": knots, "mlpValues": list(data["mlpValues"]), "attValues": list(data["attValues"]),
+            "afTypeMlp": data["afTypeMlp"], "afTypeAtt": data["afTypeAtt"], "scoreKnots": scoreKnots,
+            "scoreValues": list(data.get("scoreValues") or []), "afTypeScore": data.get("afTypeScore", "softmax"),
+            "nLayers": data["nLayers"], "rows": None}
+
+
+def interpretOtherAfDict(data, path):
+    """A ptAf dict saved by other code (e.g. the original research code): find the knots and the per-layer
+    MLP and attention values by their key names ('knot'/'anchor', 'mlp', 'att')."""
+    def find(*words, exclude=()):
+        for key, value in data.items():
+            name = str(key).lower()
+            if any(w in name for w in words) and not any(e in name for e in exclude):
+                return value
+        return None
+
+    def asLayers(value):
+        if value is None:
+            return []
+        if torch.is_tensor(value):
+            return [value.float()] if value.dim() == 1 else [v.float() for v in value]
+        if isinstance(value, (list, tuple)):
+            return [torch.as_tensor(v).float() for v in value]
+        raise AfFileError(f"afFileToLoad {path!r}: cannot read spline values of type {type(value).__name__}")
+
+    hyperparameters = find("hyperparam", "config", "hp") if isinstance(find("hyperparam", "config", "hp"), dict) else {}
+    knots = find("knot", "anchor", exclude=("value", "mlp", "att"))
+    if knots is None and {"afRange", "afNAnchors"} <= set(hyperparameters):
+        knots = torch.linspace(-hyperparameters["afRange"], hyperparameters["afRange"], hyperparameters["afNAnchors"])
+    mlp = asLayers(find("mlp", exclude=("knot", "anchor")))
+    att = asLayers(find("att", exclude=("knot", "anchor")))
+    if knots is None or not mlp + att:
+        raise AfFileError(f"afFileToLoad {path!r} has no recognisable knots and spline values "
+                          f"(keys: {', '.join(map(str, data))})")
+    knots = torch.as_tensor(knots).float().reshape(-1)
+
+    def kind(values):
+        return None if not values else "splinePerDim" if values[0].dim() == 2 else "spline"
+
+    nLayers = hyperparameters.get("nLayers", len(mlp) or len(att))
+    return {"format": FORMAT, "knots": knots, "mlpValues": mlp, "attValues": att, "afTypeMlp": kind(mlp),
+            "afTypeAtt": kind(att), "nLayers": nLayers}
+
+
+def readAfCsv(path):
+    if not os.path.isfile(path):
+        raise AfFileError(f"afFileToLoad {path!r} does not exist")
+    try:
+        with open(path, newline="") as f:
+            lines = [row for row in csv.reader(f) if row]
+        rows = [torch.tensor([float(v) for v in row], dtype=torch.float32, device="cpu") for row in lines]
+    except (ValueError, UnicodeDecodeError, OSError) as err:
+        raise AfFileError(f"afFileToLoad {path!r} is not a CSV of numbers ({err})") from None
+    if not rows or len(rows) % 2:
+        raise AfFileError(f"afFileToLoad {path!r} must hold pairs of lines (knots, values); it has {len(rows)} lines")
+    for i in range(0, len(rows), 2):
+        if len(rows[i + 1]) != len(rows[i]):
+            raise AfFileError(f"afFileToLoad {path!r}: line {i + 2} has {len(rows[i + 1])} values for the "
+                              f"{len(rows[i])} knots of line {i + 1}")
+        try:
+            checkUniformKnots(rows[i])
+        except ValueError as err:
+            raise AfFileError(f"afFileToLoad {path!r}: line {i + 1}: {err}") from None
+    return {"knots": rows[0], "mlpValues": None, "attValues": None, "afTypeMlp": None,
+            "afTypeAtt": None, "scoreKnots": None, "scoreValues": None, "afTypeScore": None, "nLayers": None,
+            "rows": [rows[i + 1] for i in range(0, len(rows), 2)],
+            "rowKnots": [rows[i] for i in range(0, len(rows), 2)]}
+
 
 def _savedSplines(source):
     """{site name: (values, knots)} from a state dict, or from a folder written by save_pretrained (safetensors or
@@ -777,11 +895,9 @@ def _savedSplines(source):
 
 def _fileMlpSplines(path, nSites, sites):
     """The MLP splines of a ptAf .pt/.csv file, one per site: (values per site, knots, 'shared'/'per layer')."""
-    import afFiles  # the file format; imported here so that plain Spline users need only this module
-
     try:
-        data = afFiles.readAfFile(path)
-    except afFiles.AfFileError as err:
+        data = readAfFile(path)
+    except AfFileError as err:
         raise ValueError(str(err).replace("afFileToLoad ", "afFile ", 1)) from None
     if data["rows"] is not None:
         # A CSV lists the MLP splines, then the attention's on the same knots (then score splines on others), one line
@@ -883,6 +999,6 @@ def _hasSubmodule(model, name):
 __all__ = ["Spline", "SplinePerDim", "ReLU2", "SiLU", "Tanh", "ELU", "SELU", "Softplus", "PReLU", "Swish", "LGELU",
            "CRReLU", "Rational", "PolyReLU", "PolyNorm", "LearnableActivation", "MixtureOfActivations",
            "makeActivation", "splineActivation", "splineBackends", "splineReference", "uniformKnots",
-           "splineInitValues", "splineSmoothness", "replaceActivations",
+           "splineInitValues", "splineSmoothness", "replaceActivations", "readAfFile", "AfFileError",
            "checkUniformKnots", "isLearnable", "evaluateOnGrid", "dictionaryActivations", "SPLINE_TYPES", "FIXED_TYPES",
            "LEARNABLE_TYPES", "MLP_INPUT_TYPES", "MIX_DICTIONARY"]

@@ -1,5 +1,6 @@
-"""Learned-AF files (ptAf-RUN-stepNNNN.pt and .csv): writing them from a model, reading them safely,
-and loading them into a model for phase II.
+"""Learned-AF files (ptAf-RUN-stepNNNN.pt and .csv): writing them from a model, and loading them into a model for
+phase II. Reading them safely (readAfFile, safeTorchLoad, AfFileError) lives in activationFunctions, whose
+replaceActivations reads them too; the names are importable from here as well.
 
 The .pt file is a plain dict of tensors, strings and numbers (loaded with weights_only=True, so a
 shared file cannot run code): the hyperparameters, the knots, and the MLP and attention spline values
@@ -12,18 +13,10 @@ values, as published by the original authors (whose files have no score rows).
 import csv
 import itertools
 import os
-import pickle
-import warnings
 
 import torch
 
-from activationFunctions import SPLINE_TYPES, checkUniformKnots
-
-FORMAT = "lm-afs ptAf 1"
-
-
-class AfFileError(Exception):
-    """A learned-AF file that cannot be used; the message is one line for the user."""
+from activationFunctions import FORMAT, SPLINE_TYPES, AfFileError, readAfFile
 
 
 def atomicWrite(path, writeTo):
@@ -35,22 +28,6 @@ def atomicWrite(path, writeTo):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-
-
-def safeTorchLoad(path, what):
-    """torch.load with weights_only=True; every failure becomes one clear line."""
-    if not os.path.isfile(path):
-        raise AfFileError(f"{what} {path!r} does not exist")
-    try:
-        with warnings.catch_warnings():  # torch warns about pickle protocols on stderr; the error line says it all
-            warnings.simplefilter("ignore")
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise AfFileError(f"{what} {path!r} holds objects other than plain tensors and values; refusing to load it "
-                          "(unpickling them could run code)") from None
-    except Exception:  # torch raises many types for damaged files
-        raise AfFileError(f"{what} {path!r} is not a readable PyTorch file (damaged, truncated or another format)"
-                          ) from None
 
 
 def perLayerValues(model, kind):
@@ -113,99 +90,6 @@ def saveAfFiles(stem, model, hyperparameters, step):
 
     atomicWrite(stem + ".csv", writeCsv)
     return stem + ".pt", stem + ".csv"
-
-
-# ----------------------------------------------------------------------------------------------
-# Reading
-
-
-def readAfFile(path):
-    """Read a ptAf .pt or .csv file into {'knots', 'mlpValues', 'attValues', 'afTypeMlp', 'afTypeAtt', 'scoreKnots',
-    'scoreValues', 'afTypeScore', 'nLayers', 'rows'}; .csv files leave the types and layer count to be inferred
-    (None) and keep 'rows' and their 'rowKnots'. Files from before score splines read as having none."""
-    if path.endswith(".csv"):
-        return readAfCsv(path)
-    data = safeTorchLoad(path, "afFileToLoad")
-    if isinstance(data, dict) and data.get("format") != FORMAT:
-        data = interpretOtherAfDict(data, path)
-    if not isinstance(data, dict):
-        raise AfFileError(f"afFileToLoad {path!r} is not a ptAf file (expected a dict of knots and spline values)")
-    knots, scoreKnots = data["knots"], data.get("scoreKnots")
-    if knots is None and scoreKnots is None:
-        raise AfFileError(f"afFileToLoad {path!r} holds no spline AFs")
-    try:
-        for k in (knots, scoreKnots):
-            if k is not None:
-                checkUniformKnots(k)
-    except ValueError as err:
-        raise AfFileError(f"afFileToLoad {path!r}: {err}") from None
-    return {"knots": knots, "mlpValues": list(data["mlpValues"]), "attValues": list(data["attValues"]),
-            "afTypeMlp": data["afTypeMlp"], "afTypeAtt": data["afTypeAtt"], "scoreKnots": scoreKnots,
-            "scoreValues": list(data.get("scoreValues") or []), "afTypeScore": data.get("afTypeScore", "softmax"),
-            "nLayers": data["nLayers"], "rows": None}
-
-
-def interpretOtherAfDict(data, path):
-    """A ptAf dict saved by other code (e.g. the original research code): find the knots and the per-layer
-    MLP and attention values by their key names ('knot'/'anchor', 'mlp', 'att')."""
-    def find(*words, exclude=()):
-        for key, value in data.items():
-            name = str(key).lower()
-            if any(w in name for w in words) and not any(e in name for e in exclude):
-                return value
-        return None
-
-    def asLayers(value):
-        if value is None:
-            return []
-        if torch.is_tensor(value):
-            return [value.float()] if value.dim() == 1 else [v.float() for v in value]
-        if isinstance(value, (list, tuple)):
-            return [torch.as_tensor(v).float() for v in value]
-        raise AfFileError(f"afFileToLoad {path!r}: cannot read spline values of type {type(value).__name__}")
-
-    hyperparameters = find("hyperparam", "config", "hp") if isinstance(find("hyperparam", "config", "hp"), dict) else {}
-    knots = find("knot", "anchor", exclude=("value", "mlp", "att"))
-    if knots is None and {"afRange", "afNAnchors"} <= set(hyperparameters):
-        knots = torch.linspace(-hyperparameters["afRange"], hyperparameters["afRange"], hyperparameters["afNAnchors"])
-    mlp = asLayers(find("mlp", exclude=("knot", "anchor")))
-    att = asLayers(find("att", exclude=("knot", "anchor")))
-    if knots is None or not mlp + att:
-        raise AfFileError(f"afFileToLoad {path!r} has no recognisable knots and spline values "
-                          f"(keys: {', '.join(map(str, data))})")
-    knots = torch.as_tensor(knots).float().reshape(-1)
-
-    def kind(values):
-        return None if not values else "splinePerDim" if values[0].dim() == 2 else "spline"
-
-    nLayers = hyperparameters.get("nLayers", len(mlp) or len(att))
-    return {"format": FORMAT, "knots": knots, "mlpValues": mlp, "attValues": att, "afTypeMlp": kind(mlp),
-            "afTypeAtt": kind(att), "nLayers": nLayers}
-
-
-def readAfCsv(path):
-    if not os.path.isfile(path):
-        raise AfFileError(f"afFileToLoad {path!r} does not exist")
-    try:
-        with open(path, newline="") as f:
-            lines = [row for row in csv.reader(f) if row]
-        rows = [torch.tensor([float(v) for v in row], dtype=torch.float32, device="cpu") for row in lines]
-    except (ValueError, UnicodeDecodeError, OSError) as err:
-        raise AfFileError(f"afFileToLoad {path!r} is not a CSV of numbers ({err})") from None
-    if not rows or len(rows) % 2:
-        raise AfFileError(f"afFileToLoad {path!r} must hold pairs of lines (knots, values); it has {len(rows)} lines")
-    for i in range(0, len(rows), 2):
-        if len(rows[i + 1]) != len(rows[i]):
-            raise AfFileError(f"afFileToLoad {path!r}: line {i + 2} has {len(rows[i + 1])} values for the "
-                              f"{len(rows[i])} knots of line {i + 1}")
-        try:
-            checkUniformKnots(rows[i])
-        except ValueError as err:
-            raise AfFileError(f"afFileToLoad {path!r}: line {i + 1}: {err}") from None
-    return {"knots": rows[0], "mlpValues": None, "attValues": None, "afTypeMlp": None,
-            "afTypeAtt": None, "scoreKnots": None, "scoreValues": None, "afTypeScore": None, "nLayers": None,
-            "rows": [rows[i + 1] for i in range(0, len(rows), 2)],
-            "rowKnots": [rows[i] for i in range(0, len(rows), 2)]}
 
 
 def splitCsvRows(rows, rowKnots, path, nLayers, afMlp, afAtt, afScore, channelsMlp, channelsAtt):

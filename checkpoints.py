@@ -8,9 +8,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-import afFiles
 import vocabulary
-from afFiles import AfFileError, atomicWrite, perLayerValues, safeTorchLoad, scoreSplineKnots, splineKnots
+from activationFunctions import FORMAT as AF_FILE_FORMAT, AfFileError, safeTorchLoad
+from afFiles import atomicWrite, perLayerValues, scoreSplineKnots, splineKnots
 from runPlan import ConfigError, buildModel
 
 CHECKPOINT_FORMAT = "lm-afs checkpoint 1"
@@ -211,11 +211,11 @@ class TrainedModel:
 def readCheckpoint(path):
     """The checkpoint dict at path (loaded with weights_only=True); LoadError for anything else."""
     try:
-        checkpoint = afFiles.safeTorchLoad(path, "--modelFile")
-    except afFiles.AfFileError as err:
+        checkpoint = safeTorchLoad(path, "--modelFile")
+    except AfFileError as err:
         raise LoadError(str(err)) from None
     marker = checkpoint.get("format") if isinstance(checkpoint, dict) else None
-    if marker == afFiles.FORMAT:
+    if marker == AF_FILE_FORMAT:
         raise LoadError(f"--modelFile {path!r} is a ptAf file: it holds only the activation functions, not the model; "
                         "give a model checkpoint pt-RUN-stepNNNN.pt (trainLmAf.py writes them with --saveModelEvery)")
     if marker != CHECKPOINT_FORMAT:

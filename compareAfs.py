@@ -53,15 +53,14 @@ import runPlan
 import trainLmAf
 from activationFunctions import LEARNABLE_TYPES, MLP_INPUT_TYPES, SPLINE_TYPES
 from afFiles import atomicWrite
+from plotting import parseLog
+from runFiles import RunFiles
 
 TRAINER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "trainLmAf.py")
 # Flags the comparison sets per run; given by the user they would make the runs differ or collide.
 PER_RUN_FLAGS = ("afType", "seed", "runName", "resumeFrom", "afFileToLoad")
 # --baseline's word for the fixed-AF row (nothing learned in its AFs) with the lowest mean final validation loss.
 BEST_FIXED = "best-fixed"
-
-_header = re.compile(r"^==== trainLmAf\.py ")
-_params = re.compile(r"^Parameters per model: ([\d,]+) trainable, ([\d,]+) frozen, ([\d,]+) total")
 
 
 class CompareError(Exception):
@@ -103,7 +102,7 @@ def parseArgs(argv):
     if clash:
         raise CompareError(f"--{clash[0]} is set per run by compareAfs.py; use --afTypes, --seeds or --name instead")
     args.afTypes = [af.strip() for af in args.afTypes.split(",") if af.strip()]
-    args.entries = [{"label": af, "af": af, "slug": slug(af), "flags": [], "frozen": False, "phase1Models": None}
+    args.entries = [{"label": af, "af": af, "slug": afTypeSlug(af), "flags": [], "frozen": False, "phase1Models": None}
                     for af in args.afTypes]
     args.entries += [parseVariant(text) for text in args.variant]
     labels = [entry["label"] for entry in args.entries]
@@ -180,7 +179,7 @@ def resolveBaseline(rows, args):
     return min(finished, key=lambda row: meanStd(row["loss"])[0])["af"] if finished else ""
 
 
-def slug(afType):
+def afTypeSlug(afType):
     """afType as a piece of a file name: 'spline;att-spline' -> 'spline_att-spline',
     'gelu;att-linear;score-sigmoid' -> 'gelu_att-linear_score-sigmoid'."""
     return re.sub(r"[^A-Za-z0-9_-]+", "_", afType.replace(";", "_"))
@@ -220,7 +219,7 @@ def planRuns(args, trainerArgv, hp):
                 phase1 = {"af": af, "seed": seed, "runName": runName + "-phase1", "phase": 1, "reported": False,
                           "argv": argv + ["--runName", runName + "-phase1", "--nModels",
                                           str(entry["phase1Models"] or args.splineModels), "--saveAfEvery", "0"]}
-                afFile = os.path.join(hp.dirResults, f"ptAf-{phase1['runName']}-step{hp.nSteps:04d}.pt")
+                afFile = RunFiles(hp.dirResults, phase1["runName"]).afFile(hp.nSteps)
                 runs.append(phase1)
                 runs.append({"af": af, "seed": seed, "runName": runName, "phase": 2, "reported": True, "after": phase1,
                              "argv": argv + ["--runName", runName, "--afLr", "0", "--afFileToLoad", afFile]})
@@ -256,7 +255,8 @@ def trainedTokens(hp):
 def readRun(dirResults, runName, nSteps):
     """Parameters (from the log's last run), validation curve of model 0 and training seconds (from the metrics
     CSV) of a run; None when it wrote no metrics."""
-    metricsPath = os.path.join(dirResults, f"metrics-{runName}.csv")
+    files = RunFiles(dirResults, runName)
+    metricsPath, logPath = files.metrics, files.log
     if not os.path.isfile(metricsPath):
         return None
     with open(metricsPath, newline="") as f:
@@ -265,12 +265,8 @@ def readRun(dirResults, runName, nSteps):
               "val": [(int(r["step"]), float(r["loss"]), float(r["accuracy"])) for r in rows
                       if r["split"] == "val" and r["model"] == "0"],
               "trainSeconds": max((float(r["trainSeconds"]) for r in rows), default=None)}
-    logPath = os.path.join(dirResults, f"log-{runName}.txt")
     if os.path.isfile(logPath):
-        with open(logPath, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if match := _params.match(line):
-                    result["params"] = int(match.group(3).replace(",", ""))
+        result["params"] = parseLog(logPath)["parametersTotal"]
     return result
 
 
@@ -598,7 +594,7 @@ def drawPaired(ax, comparisons, title):
     ax.set_xlim(min(low, 0.0) - pad, max(high, 0.0) + pad)
 
 
-def plotComparison(path, rows, title, pairedPanels=()):
+def plotAfStudy(path, rows, title, pairedPanels=()):
     """Validation loss over steps, one colour per AF: each seed thin, the mean over seeds thick; right panel
     zooms on the last third of training, where the AFs' differences are small next to the early drop. Each of
     pairedPanels, (comparisons, title) with paired comparisons (--baseline, --pairs), adds a full-width panel below
@@ -714,7 +710,7 @@ def main(argv=None):
     atomicWrite(stem + ".md", lambda tmp: writeText(tmp, table))
     againstBaseline, pairs = pairedComparisons(rows, args)
     baselineTitle = f"paired against {args.baseline}" + (", the best fixed AF" if args.bestFixed else "")
-    plotComparison(stem + ".png", rows, f"{args.name}: {len(args.entries)} AFs x {len(args.seeds)} seeds",
+    plotAfStudy(stem + ".png", rows, f"{args.name}: {len(args.entries)} AFs x {len(args.seeds)} seeds",
                    [(againstBaseline, baselineTitle), (pairs, "chosen pairs (--pairs)")])
     print(table)
     print(f"wrote {stem}.md and {stem}.png")

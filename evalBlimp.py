@@ -22,8 +22,8 @@ from tqdm import tqdm
 
 from afFiles import atomicWrite
 from checkpoints import LoadError, addModelArguments, checkModelArguments, checkTokensFit, encodingOf, exitCode, loadModel
+from cliErrors import OneLineErrorParser
 from runPlan import pickDevice
-from trainLmAf import OneLineErrorParser
 
 HUB_DATASET = "nyu-mll/blimp"
 REQUIRED_KEYS = ("sentence_good", "sentence_bad", "UID", "field", "linguistics_term")

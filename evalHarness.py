@@ -20,9 +20,9 @@ import sys
 import torch
 
 from checkpoints import LoadError, addModelArguments, checkModelArguments, encodingOf, exitCode, loadModel
+from cliErrors import OneLineErrorParser
 from generate import pickToken
 from runPlan import pickDevice
-from trainLmAf import OneLineErrorParser
 
 try:
     from lm_eval.api.model import TemplateLM

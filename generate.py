@@ -14,8 +14,8 @@ import torch
 from tqdm import tqdm
 
 from checkpoints import addModelArguments, checkModelArguments, checkTokensFit, encodingOf, exitCode, loadModel
+from cliErrors import OneLineErrorParser
 from runPlan import pickDevice
-from trainLmAf import OneLineErrorParser
 
 
 def pickToken(logits, temperature, topK, generator):

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from activationFunctions import MLP_INPUT_TYPES, Spline, makeActivation
+from activationFunctions import MLP_INPUT_TYPES, Spline, makeActivation, splineSmoothness
 from attention import AttentionKernel, documentIds
 
 # ----------------------------------------------------------------------------------------------
@@ -379,6 +379,11 @@ class GPT(nn.Module):
     def splines(self):
         """Every spline AF module (MLP, attention, score sites), each once."""
         return [af for afs in (self.mlpAfs, self.attAfs, self.scoreAfs) for af in afs if isinstance(af, Spline)]
+
+    def learnedSmoothness(self):
+        """S, the sum of splineSmoothness over the learned splines (the smoothness prior's penalty is
+        afSmoothness * S)."""
+        return sum(splineSmoothness(spline) for spline in self.splines() if spline.values.requires_grad)
 
     def weightParameters(self):
         afIds = {id(p) for p in self.afParameters()}

@@ -1,5 +1,6 @@
-"""Plots of training curves, learned spline AFs and activation magnitudes; rebuilding a history from a training log
-(ours or the original code's, same progress lines) and overlaying several runs' validation curves in one figure."""
+"""Plots of training curves, learned spline AFs and activation magnitudes; the one reader of training logs (parseLog:
+ours or the original code's, same progress lines: the history to plot and what the header says), and overlaying
+several runs' validation curves in one figure."""
 
 import argparse
 import math
@@ -302,7 +303,7 @@ def plotAfs(path, afs, title="", zoom=False):
     _atomicSave(_afsFigure(afs, title, _makeFigure, zoom), path)
 
 
-def _comparisonFigure(runs, title, newFigure):
+def _overlayFigure(runs, title, newFigure):
     """Top row: the whole curves; bottom row: the second half of training, where runs differ by a few hundredths
     of a nat that the first steps' 10-nat fall would hide."""
     from matplotlib import colormaps
@@ -346,9 +347,9 @@ def _comparisonFigure(runs, title, newFigure):
     return fig
 
 
-def plotComparison(path, runs, title=""):
+def plotRunOverlay(path, runs, title=""):
     """Validation loss and accuracy against steps, one labelled curve per run; runs = [(label, history)]."""
-    _atomicSave(_comparisonFigure(runs, title, _makeFigure), path)
+    _atomicSave(_overlayFigure(runs, title, _makeFigure), path)
 
 
 def runLabels(logPaths):
@@ -447,21 +448,43 @@ def plotActivations(path, history, layerNames):
 
 
 _number = r"([-+]?(?:\d+\.?\d*(?:[eE][-+]?\d+)?|nan|inf))"
+_count = r"([\d,]+)"
 _stepPrefix = r"^\s*Step\s+(\d+)/\d+\s+"
 _valLine = re.compile(_stepPrefix + r"lossVa\s+" + _number + r"\s+accVa\s+" + _number)
 _modelLine = re.compile(_stepPrefix + r"model\s+(\d+)\s+lossTr\s+" + _number + r"\s+accTr\s+" + _number)
-_trainLine = re.compile(_stepPrefix + r"lossTr\s+" + _number + r"\s+accTr\s+" + _number)
+# model 0's line, with the s/step of its report window where the log has it (the original's and ours do)
+_trainLine = re.compile(_stepPrefix + r"lossTr\s+" + _number + r"\s+accTr\s+" + _number
+                        + r"(?:\s+\d+s = " + _number + r"s/step)?")
 _actLine = re.compile(_stepPrefix + r"Activation magnitudes \(([23])\):\s*(.*)$")
+_peakLine = re.compile(_stepPrefix + r"Peak CUDA memory usage: " + _number + r" GB")
+_hyperparameterLine = re.compile(r"^  (\w+) = (.*)$")
+_parameterLine = re.compile(r"^  (\S+)\s+\(([\d, ]*)\)\s+" + _count + r" (trainable|frozen)")
+_parametersTotalLine = re.compile(r"^Parameters per model: " + _count + r" trainable, " + _count + r" frozen, "
+                                  + _count + r" total")
+_vocabularyLine = re.compile(r"^Vocabulary size: " + _count)
+_modelsPerPassLine = re.compile(r"^Phase I: \d+ models, start steps \[[\d, ]*\]; (\d+) models per pass")
+_kernelLinePrefixes = ("Spline kernels:", "Attention:", "Attention weights:", "Compiled before step 1")
+
+
+def _integer(text):
+    return int(text.replace(",", ""))
 
 
 def parseLog(path):
-    """Rebuild {'train', 'val', 'actMean', 'actMax'} from a training log's progress lines (accuracy back to fractions)."""
+    """Rebuild a history from a training log (ours or the original code's): {'train': [(step, model, loss, acc)],
+    'val': [(step, loss, acc)], 'actMean'/'actMax': [(step, values per site)]} (accuracy back to fractions), as
+    plotTraining and plotActivations take it, and what the header and the other progress lines say:
+    'secondsPerStep': [(step, model 0's s/step)], 'peakMemory': [(step, GB)], 'hyperparameters': {name: text},
+    'parameters': {tensor: count}, 'parametersTotal', 'vocabSize', 'modelsPerPass' (None where not logged),
+    'kernels' (the kernel lines of the header) and 'fallbacks' (FlexAttention's switch to SDPA)."""
     # Keyed by (step, model) because model 0's summary line and a per-model line for model 0 describe the same point.
     # A log can hold a run started again from scratch after a crash (the original's logs do): later lines win.
-    train, val = {}, {}
-    history = {"train": [], "val": [], "actMean": [], "actMax": []}
+    train, val, seconds, peaks = {}, {}, {}, {}
+    history = {"actMean": [], "actMax": [], "hyperparameters": {}, "parameters": {}, "parametersTotal": None,
+               "vocabSize": None, "modelsPerPass": None, "kernels": [], "fallbacks": []}
     with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
+            line = line.rstrip("\r\n")
             if match := _valLine.match(line):
                 step, loss, acc = match.groups()
                 val[int(step)] = (float(loss), float(acc) / 100.0)
@@ -469,8 +492,10 @@ def parseLog(path):
                 step, model, loss, acc = match.groups()
                 train[(int(step), int(model))] = (float(loss), float(acc) / 100.0)
             elif match := _trainLine.match(line):
-                step, loss, acc = match.groups()
+                step, loss, acc, secondsPerStep = match.groups()
                 train[(int(step), 0)] = (float(loss), float(acc) / 100.0)
+                if secondsPerStep is not None:
+                    seconds[int(step)] = float(secondsPerStep)
             elif match := _actLine.match(line):
                 step, kind, numbers = match.groups()
                 try:
@@ -478,8 +503,27 @@ def parseLog(path):
                 except ValueError:
                     continue
                 history["actMean" if kind == "2" else "actMax"].append((int(step), values))
+            elif match := _peakLine.match(line):
+                step, gigabytes = match.groups()
+                peaks[int(step)] = float(gigabytes)
+            elif match := _hyperparameterLine.match(line):
+                history["hyperparameters"][match.group(1)] = match.group(2).strip("'")
+            elif match := _parameterLine.match(line):
+                history["parameters"][match.group(1)] = _integer(match.group(3))
+            elif match := _parametersTotalLine.match(line):
+                history["parametersTotal"] = _integer(match.group(3))
+            elif match := _vocabularyLine.match(line):
+                history["vocabSize"] = _integer(match.group(1))
+            elif match := _modelsPerPassLine.match(line):
+                history["modelsPerPass"] = int(match.group(1))
+            elif line.startswith(_kernelLinePrefixes):
+                history["kernels"].append(line)
+            elif line.startswith("FlexAttention failed"):  # the trainer's line when it switches to SDPA
+                history["fallbacks"].append(line)
     history["train"] = [(step, model, loss, acc) for (step, model), (loss, acc) in train.items()]
     history["val"] = [(step, loss, acc) for step, (loss, acc) in sorted(val.items())]
+    history["secondsPerStep"] = sorted(seconds.items())
+    history["peakMemory"] = sorted(peaks.items())
     return history
 
 
@@ -525,9 +569,9 @@ def main(argv=None):
         runs = list(zip(runLabels(args.logFiles), map(parseLog, args.logFiles)))
         outPath = args.out or "compare.png"
         os.makedirs(os.path.dirname(os.path.abspath(outPath)), exist_ok=True)
-        plotComparison(outPath, runs)
+        plotRunOverlay(outPath, runs)
         print(f"wrote {outPath} ({len(runs)} runs: {', '.join(label for label, _ in runs)})")
-        figures = [lambda newFigure: _comparisonFigure(runs, "", newFigure)]
+        figures = [lambda newFigure: _overlayFigure(runs, "", newFigure)]
     else:
         logFile = args.logFiles[0]
         history = parseLog(logFile)

@@ -6,6 +6,7 @@ phase I, frozen when --afLr 0. See README.md for the commands and SPEC of every 
 """
 import argparse
 import dataclasses
+import functools
 import sys
 import time
 from dataclasses import dataclass, field
@@ -18,8 +19,8 @@ import preflight
 import runOutputs
 import stopping
 import trackers
-from activationFunctions import splineSmoothness
 from afFiles import AfFileError, saveAfFiles, scoreSplineKnots, splineKnots
+from cliErrors import OneLineErrorParser
 from distributed import Distributed
 from forwardPasses import Passes, fallbackProblem, statisticsTokens
 from gradients import averageGradients, clipGlobalNorm
@@ -147,7 +148,7 @@ def parseBool(text):
 
 
 def buildParser():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    parser = OneLineErrorParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(Hyperparameters):
         isBool = f.type in (bool, "bool")
@@ -159,18 +160,13 @@ def buildParser():
     return parser
 
 
-class OneLineErrorParser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(2, f"error: {message}\n")
-
-
 def parseArgs(argv=None):
-    parser = buildParser()
-    parser.__class__ = OneLineErrorParser
-    args = parser.parse_args(argv)
-    given = {a.dest for a in parser._actions if any(opt in (argv if argv is not None else sys.argv[1:])
-                                                     or any(x.startswith(opt + "=") for x in (argv or sys.argv[1:]))
-                                                     for opt in a.option_strings)}
+    """(Hyperparameters, the names of the flags given) from argv, or from the command line when argv is None."""
+    # resolved once, so that an empty argv ([]) is read as empty and not as the process's own command line
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = buildParser().parse_args(argv)
+    given = {f.name for f in dataclasses.fields(Hyperparameters)
+             if any(x == f"--{f.name}" or x.startswith(f"--{f.name}=") for x in argv)}
     return Hyperparameters(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Hyperparameters)}), given
 
 
@@ -180,10 +176,8 @@ def parseArgs(argv=None):
 
 
 class Trainer:
-    """One training run: data, model, optimizers, the step and the loop. Built by setup(), run by train(). It
-    computes; its rooms are objects it builds from explicit parts: RunFiles (the file names), RunState (step, clock,
-    history, window), Outputs (what is written), Passes (forward, validation, statistics, compilation),
-    Checkpointer (pt-RUN files) and StopSignals; runPlan.py says when each output is due."""
+    """One training run, built by setup() and run by train(): it computes and hands the results to its rooms, each
+    built from explicit parts: RunFiles, RunState, Outputs, Passes, Checkpointer, StopSignals (runPlan: when)."""
 
     def __init__(self, hp, given=frozenset()):
         self.hp, self.given = hp, given
@@ -238,8 +232,8 @@ class Trainer:
         self.modelsPerPass, self.modelsPerPassNote = preflight.chooseModelsPerPass(hp, self.device, self.vocabSize,
                                                                                    self.nLocal)
         self.passes = Passes(self.model, hp, self.device, self.afInputRange)
-        self.passes.compileBeforeStepOne(self.shapeVariants(), self.dist, lambda: fallbackProblem(
-            hp, self.vocabSize, self.nLocal, self.modelsPerPass, self.device))
+        self.passes.compileBeforeStepOne(self.shapeVariants(), self.dist, functools.partial(
+            fallbackProblem, hp, self.vocabSize, self.nLocal, self.modelsPerPass, self.device))
         return self
 
     def localActive(self, nActiveAll):
@@ -286,7 +280,7 @@ class Trainer:
         averageGradients(afParams, self.optimizer.params, nActive, nActiveAll, self.dist, self.dataParallel)
         if hp.afSmoothness > 0:
             # after the average over models: lambda * S in every model's loss gives lambda * dS/dv, on every process
-            self.smoothness().mul(hp.afSmoothness).backward()
+            self.model.learnedSmoothness().mul(hp.afSmoothness).backward()
         if hp.gradientClipping > 0:
             clipGlobalNorm(self.optimizer.params, afParams, nActive, hp.gradientClipping, self.dist, self.dataParallel,
                            self.device)
@@ -303,10 +297,6 @@ class Trainer:
             self.afOptimizer.zero_grad(set_to_none=True)
         self.updating = False
         return nActive, lossSum / hp.batchSize, accSum / hp.batchSize
-
-    def smoothness(self):
-        """S, the sum of splineSmoothness over the learned splines (the prior's penalty is afSmoothness * S)."""
-        return sum(splineSmoothness(spline) for spline in self.model.splines() if spline.values.requires_grad)
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -405,7 +395,7 @@ class Trainer:
         state.history["train"] += [(state.step, m, loss[m], acc[m]) for m in range(hp.nModels) if reported[m]]
         if hp.afSmoothness > 0:
             with torch.no_grad():
-                self.outputs.smoothnessReport(state.step, float(self.smoothness()))
+                self.outputs.smoothnessReport(state.step, float(self.model.learnedSmoothness()))
         state.resetWindow()
         if hp.plottingLevel >= 1 and self.dist.isMain:
             stats = self.passes.afInputStatistics(statisticsTokens(self.vaSequences, self.trFiles, hp, self.device))

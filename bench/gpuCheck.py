@@ -37,6 +37,9 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from cliErrors import OneLineErrorParser  # noqa: E402
+from plotting import parseLog  # noqa: E402
+from runFiles import RunFiles  # noqa: E402
 from tokenShards import writeShard  # noqa: E402
 
 SCORE_TYPES = ("softplus", "sigmoid", "spline")  # softmax is what the plain runs use
@@ -69,11 +72,6 @@ PEAK_TFLOPS = (
 
 class CheckError(Exception):
     """Bad input or an unusable machine; the message is one line for the user."""
-
-
-class OneLineErrorParser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(2, f"error: {message}\n")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -118,7 +116,9 @@ def parseArgs(argv):
     return parser.parse_args(argv)
 
 
-def slug(text):
+def reportSlug(text):
+    """text as a piece of the report's file name: each run of other characters than letters and digits becomes one
+    '-' (' H100 80GB HBM3' -> 'H100-80GB-HBM3'); 'GPU' if nothing is left."""
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-") or "GPU"
 
 
@@ -130,8 +130,8 @@ def resolveSettings(args, gpu, argv=()):
         raise CheckError(f"--jobs must be 0 (automatic) or a positive number, got {args.jobs}")
     only = [name.strip() for name in args.only.split(",") if name.strip()]
     # a rerun of some checks gets a report of its own instead of overwriting the full one
-    stem = f"gpuCheck-{datetime.date.today():%Y-%m-%d}-{slug(gpu.get('name', 'GPU').replace('NVIDIA', ''))}"
-    out = args.out or os.path.join(REPO, "bench", stem + (f"-only-{slug('-'.join(only))}" if only else "") + ".md")
+    stem = f"gpuCheck-{datetime.date.today():%Y-%m-%d}-{reportSlug(gpu.get('name', 'GPU').replace('NVIDIA', ''))}"
+    out = args.out or os.path.join(REPO, "bench", stem + (f"-only-{reportSlug('-'.join(only))}" if only else "") + ".md")
     out = os.path.abspath(out)
     if not out.endswith(".md"):
         raise CheckError(f"--out {args.out!r} must name a Markdown file ending in .md")
@@ -260,14 +260,14 @@ def phase2Flags(settings, phase1Run, afType="spline;att-spline"):
 
 
 def ptAfPath(settings, runName):
-    return os.path.join(settings.workDir, runName, f"ptAf-{runName}-step{settings.steps[0]:04d}.pt")
+    return RunFiles(os.path.join(settings.workDir, runName), runName).afFile(settings.steps[0])
 
 
 def trainCheck(settings, name, what, flags, timeout, alone=False, needs=(), launcher=None, writesAfs=False):
     nSteps = settings.steps[0]
     afType = flags[flags.index("--afType") + 1]
     command = (launcher or [settings.python]) + trainArgs(settings, name, flags)
-    expect = (f"ptAf-{name}-step{nSteps:04d}.pt",) if writesAfs else ()
+    expect = (os.path.basename(RunFiles("", name).afFile(nSteps)),) if writesAfs else ()
     # the Triton kernels serve the MLP and pre-QKV splines ('spline'; splinePerDim runs on PyTorch)
     splines = "spline" in [part.strip().removeprefix("att-") for part in afType.split(";")[:2]]
     return Check(name, what, command, evaluateTraining, timeout, alone, needs, os.path.join(settings.workDir, name),
@@ -386,45 +386,9 @@ def selectChecks(checks, only):
 
 
 # ----------------------------------------------------------------------------------------------
-# Parsing logs and outputs
+# Parsing outputs (the training logs: plotting.parseLog)
 
 NUMBER = r"([-+]?(?:\d+(?:\.\d*)?(?:e[-+]?\d+)?|nan|inf))"
-STEP = re.compile(r"^Step (\d+)/(\d+)\s+(.*)$")
-
-
-def parseTrainingLog(text):
-    """The figures of a trainLmAf.py log: losses (model 0's lossTr with its s/step, every model's, lossVa), peak
-    memory lines, activation-magnitude lines, the kernel lines of the header and the settings it printed."""
-    log = {"lossTr": [], "modelLossTr": [], "lossVa": [], "peakMemory": [], "activationLines": 0, "kernels": [],
-           "fallbacks": [], "hyperparameters": {}, "parameters": {}, "vocabSize": None, "modelsPerPass": None}
-    for line in text.splitlines():
-        match = STEP.match(line)
-        if match:
-            step, rest = int(match.group(1)), match.group(3)
-            if m := re.match(rf"lossTr {NUMBER}\s+accTr {NUMBER}\s+(\d+)s = {NUMBER}s/step", rest):
-                log["lossTr"].append((step, float(m.group(1)), float(m.group(4))))
-            elif m := re.match(rf"model (\d+)\s+lossTr {NUMBER}", rest):
-                log["modelLossTr"].append((step, int(m.group(1)), float(m.group(2))))
-            elif m := re.match(rf"lossVa {NUMBER}", rest):
-                log["lossVa"].append((step, float(m.group(1))))
-            elif m := re.match(rf"Peak CUDA memory usage: {NUMBER} GB", rest):
-                log["peakMemory"].append((step, float(m.group(1))))
-            elif rest.startswith("Activation magnitudes"):
-                log["activationLines"] += 1
-            continue
-        if m := re.match(r"^  (\w+) = (.*)$", line):
-            log["hyperparameters"][m.group(1)] = m.group(2).strip("'")
-        elif m := re.match(r"^  (\S+)\s+\(([\d, ]*)\)\s+([\d,]+) (trainable|frozen)", line):
-            log["parameters"][m.group(1)] = int(m.group(3).replace(",", ""))
-        elif m := re.match(r"^Vocabulary size: ([\d,]+)", line):
-            log["vocabSize"] = int(m.group(1).replace(",", ""))
-        elif m := re.match(r"^Phase I: \d+ models, start steps \[[\d, ]*\]; (\d+) models per pass", line):
-            log["modelsPerPass"] = int(m.group(1))
-        elif line.startswith(("Spline kernels:", "Attention:", "Attention weights:", "Compiled before step 1")):
-            log["kernels"].append(line)
-        elif line.startswith("FlexAttention failed"):  # the trainer's line when it switches to SDPA
-            log["fallbacks"].append(line)
-    return log
 
 
 def readMetrics(path):
@@ -515,24 +479,25 @@ def processProblems(run):
 
 def evaluateTraining(check, run):
     problems, figures = processProblems(run), {}
-    logPath = os.path.join(check.runDir, f"log-{check.runName}.txt")
+    files = RunFiles(check.runDir, check.runName)
+    logPath = files.log
     if not os.path.isfile(logPath):
         return Result("FAIL", problems + [f"no log file {logPath}"])
-    with open(logPath, errors="replace") as f:
-        log = parseTrainingLog(f.read())
+    log = parseLog(logPath)
     n = check.nSteps
-    for key, label in (("lossTr", "lossTr"), ("lossVa", "lossVa"), ("peakMemory", "Peak CUDA memory")):
-        if not log[key]:
+    lossTr = [(step, loss) for step, model, loss, _ in log["train"] if model == 0]
+    for losses, label in ((lossTr, "lossTr"), (log["val"], "lossVa"), (log["peakMemory"], "Peak CUDA memory")):
+        if not losses:
             problems.append(f"the log has no {label} line")
-    if not log["activationLines"]:
+    if not log["actMean"] + log["actMax"]:
         problems.append("the log has no Activation magnitudes line (AF-input statistics at --plottingLevel 2)")
-    if log["lossTr"] and log["lossTr"][-1][0] != n:
-        problems.append(f"the last lossTr line is at step {log['lossTr'][-1][0]}, not {n}")
+    if lossTr and lossTr[-1][0] != n:
+        problems.append(f"the last lossTr line is at step {lossTr[-1][0]}, not {n}")
     missingPeaks = sorted({6, 11, n} - {step for step, _ in log["peakMemory"]})
     if log["peakMemory"] and missingPeaks:
         problems.append(f"no Peak CUDA memory line at step(s) {', '.join(map(str, missingPeaks))}")
-    losses = ([("lossTr", s, v) for s, v, _ in log["lossTr"]] + [("lossVa", s, v) for s, v in log["lossVa"]]
-              + [(f"model {m} lossTr", s, v) for s, m, v in log["modelLossTr"]])
+    losses = ([("lossTr", s, v) for s, v in lossTr] + [("lossVa", s, v) for s, v, _ in log["val"]]
+              + [(f"model {m} lossTr", s, v) for s, m, v, _ in log["train"] if m > 0])
     bad = [(what, step, value) for what, step, value in losses if not math.isfinite(value)]
     if bad:
         problems.append(f"non-finite loss: {bad[0][0]} {bad[0][2]} at step {bad[0][1]} ({len(bad)} in all)")
@@ -556,11 +521,10 @@ def evaluateTraining(check, run):
     if not any(f.startswith(f"tr-{check.runName}") for f in plots):
         problems.append("no loss plot (tr-*.png) was written")
     figures.update(log=log, peakGiB=max((v for _, v in log["peakMemory"]), default=None),
-                   lossTr=log["lossTr"][-1][1] if log["lossTr"] else None,
-                   lossVa=log["lossVa"][-1][1] if log["lossVa"] else None)
-    metricsPath = os.path.join(check.runDir, f"metrics-{check.runName}.csv")
-    if os.path.isfile(metricsPath):
-        figures["throughput"] = throughput(readMetrics(metricsPath))
+                   lossTr=lossTr[-1][1] if lossTr else None,
+                   lossVa=log["val"][-1][1] if log["val"] else None)
+    if os.path.isfile(files.metrics):
+        figures["throughput"] = throughput(readMetrics(files.metrics))
     return Result("FAIL" if problems else "PASS", problems, figures, notes=notes)
 
 
@@ -908,7 +872,7 @@ def figureLines(check, result):
         if figures.get("peakGiB") is not None:
             lines.append(f"- peak CUDA memory {figures['peakGiB']} GiB, the largest of {len(log['peakMemory'])} lines "
                          "(the log's GB are 2^30 bytes)")
-        windows = ", ".join(f"step {step}: {seconds:.2f}" for step, _, seconds in log["lossTr"])
+        windows = ", ".join(f"step {step}: {seconds:.2f}" for step, seconds in log["secondsPerStep"])
         lines.append(f"- s/step per report window (log): {windows}")
         speed = figures.get("throughput")
         if speed and speed["tokensPerSecond"]:

@@ -113,7 +113,7 @@ def testNoPenaltyAtLambdaZero(tinyData, tmp_path, monkeypatch):
     """lambda = 0 (the default) never computes the prior: the run is the one without the flag, bit for bit."""
     def forbidden(spline):
         raise AssertionError("splineSmoothness called at afSmoothness 0")
-    monkeypatch.setattr(trainLmAf, "splineSmoothness", forbidden)
+    monkeypatch.setattr("model.splineSmoothness", forbidden)
     results = []
     for name, extra in (("default", {}), ("zero", {"afSmoothness": 0})):
         argv = tinyFlags(tinyData, tmp_path, afType="spline;att-spline", afLayerSpecific=0, nModels=2, runName=name,

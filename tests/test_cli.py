@@ -224,6 +224,17 @@ def testPhase2LoadsAPtAfDictFromOtherCode(tinyData, tmp_path, capsys):
     assert all(torch.equal(v, att) for v in checkpoint["afValuesAtt"])
 
 
+def testParseArgsReadsOnlyTheArgvItIsGiven(monkeypatch):
+    from trainLmAf import parseArgs
+    monkeypatch.setattr("sys.argv", ["trainLmAf.py", "--lr", "0.1", "--seed=4"])
+    hp, given = parseArgs([])
+    assert given == set() and hp.lr == 0.0006 and hp.seed != 4
+    assert parseArgs(["--lr", "0.1"])[1] == {"lr"} and parseArgs(["--lr=0.1"])[1] == {"lr"}
+    assert parseArgs(["--lr=0.1"])[0].lr == 0.1
+    hp, given = parseArgs()  # None: the command line
+    assert given == {"lr", "seed"} and hp.lr == 0.1 and hp.seed == 4
+
+
 def testBooleanFlagsMayBeGivenBare():
     from trainLmAf import parseArgs
     hp, given = parseArgs(["--preflight", "--plotShow", "--seed", "3"])

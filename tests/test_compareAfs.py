@@ -133,14 +133,14 @@ def testReadRunTakesTheMetricsCsvAndTheLogsLastParameterCount(tmp_path):
     assert compareAfs.readRun(str(tmp_path), "missing", 4) is None
 
 
-def testSlug():
-    assert compareAfs.slug("spline;att-spline") == "spline_att-spline"
-    assert compareAfs.slug("gelu") == "gelu"
+def testAfTypeSlug():
+    assert compareAfs.afTypeSlug("spline;att-spline") == "spline_att-spline"
+    assert compareAfs.afTypeSlug("gelu") == "gelu"
     assert compareAfs.isSplineAf("gelu;att-splinePerDim") and not compareAfs.isSplineAf("prelu")
 
 
 def testScoreAfTypes(tinyData, tmp_path):
-    assert compareAfs.slug("gelu;att-linear;score-sigmoid") == "gelu_att-linear_score-sigmoid"
+    assert compareAfs.afTypeSlug("gelu;att-linear;score-sigmoid") == "gelu_att-linear_score-sigmoid"
     assert compareAfs.isSplineAf("gelu;att-linear;score-spline")
     assert not compareAfs.isSplineAf("gelu;att-linear;score-softplus")
     argv = ["--afTypes", "gelu;att-linear;score-sigmoid,gelu;att-linear;score-spline", "--splinePhases", "2",

@@ -199,20 +199,6 @@ def testQuickAndOnly(tmp_path, capsys):
 # Parsers
 
 
-def testTheLogParserReadsTrainLmAfLines():
-    log = gpuCheck.parseTrainingLog("Step 6/30   Peak CUDA memory usage: 1.360 GB\n"
-                                    "Step 501/20000   lossVa 7.1282   accVa 10.6\n"
-                                    "Step 601/20000   lossTr 7.1430   accTr 10.3   47s = 0.03s/step\n"
-                                    "Step 602/20000   lossTr nan   accTr 0.0   48s = 1.25s/step\n"
-                                    "Step 602/20000   model 3   lossTr inf   accTr 0.0\n"
-                                    "Step 602/20000   Activation magnitudes (3): 4.06 0.86\n")
-    assert log["peakMemory"] == [(6, 1.36)]
-    assert log["lossVa"] == [(501, 7.1282)]
-    assert log["lossTr"][0] == (601, 7.143, 0.03) and log["lossTr"][1][0] == 602 and log["lossTr"][1][2] == 1.25
-    assert log["modelLossTr"][0][:2] == (602, 3) and log["modelLossTr"][0][2] == float("inf")
-    assert log["activationLines"] == 1
-
-
 def testACompleteLogPassesAndEachDefectFails(tmp_path):
     assert gpuCheck.evaluateTraining(writeRun(tmp_path, "good", logText()), gpuCheck.Run(0, "", 1.0)).status == "PASS"
     cases = {"nan": (logText(lossVa="nan"), "non-finite loss: lossVa nan at step 30"),
@@ -250,8 +236,9 @@ def testARealCpuRunLogParses(tinyData, tmp_path):
         "the log has no Peak CUDA memory line", "attention did not run in FlexAttention",
         "the spline kernels did not run in Triton"]
     log = result.figures["log"]
-    assert [step for step, _, _ in log["lossTr"]] == [1, 6, 11, 12]
-    assert log["lossVa"] and log["activationLines"] == 8 and log["modelsPerPass"] == 2
+    assert [step for step, model, _, _ in log["train"] if model == 0] == [1, 6, 11, 12]
+    assert [step for step, _ in log["secondsPerStep"]] == [1, 6, 11, 12]
+    assert log["val"] and len(log["actMean"] + log["actMax"]) == 8 and log["modelsPerPass"] == 2
     assert log["hyperparameters"]["dimEmb"] == "32" and log["vocabSize"] == 50304
     trainable = int(open(tmp_path / name / f"log-{name}.txt").read().split("Parameters per model: ")[1].split()[0]
                     .replace(",", ""))

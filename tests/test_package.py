@@ -1,5 +1,6 @@
 """pip install: the wheel pyproject.toml builds installs into a fresh virtual environment, where, from another folder
-and without the repository on the path, it imports Spline, reads a ptAf file and swaps a model's AFs, needing no Triton."""
+and without the repository on the path, it imports Spline, reads a ptAf file and swaps a model's AFs, needing no Triton;
+and activationFunctions.py copied alone into an empty folder does the same."""
 import os
 import shutil
 import subprocess
@@ -78,3 +79,39 @@ def test_wheelInstallsIntoAFreshVenvAndWorksWithoutTheRepository(tmp_path):
     expected = ours.mlpAfs[1](torch.linspace(-20, 20, 9)).detach()
     assert torch.equal(out["grid"], expected)
     assert out["grid"][0] == values[0] and out["grid"][-1] == values[-1]  # constant outside the knots
+
+
+# Runs in a folder holding only a copy of activationFunctions.py: what a user who copies the one file does.
+ALONE_SCRIPT = r"""
+import os, sys
+import torch
+from activationFunctions import Spline, readAfFile, replaceActivations
+
+assert os.path.dirname(os.path.abspath(sys.modules["activationFunctions"].__file__)) == os.getcwd()
+data = readAfFile(PTAF)
+for path in (PTAF, PTAF.replace(".pt", ".csv")):
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.GELU(), torch.nn.Linear(8, 8), torch.nn.GELU())
+    lines = replaceActivations(model, afFile=path, verbose=False)
+    assert len(lines) == 2 and "per layer" in lines[0], lines
+    for layer, index in enumerate((1, 3)):
+        assert torch.allclose(model[index](data["knots"]), data["mlpValues"][layer], atol=1e-4), path
+assert not {"afFiles", "model", "triton"} & set(sys.modules), sorted({"afFiles", "model", "triton"} & set(sys.modules))
+print("ok")
+"""
+
+
+def test_activationFunctionsCopiedAloneReadsPtAfFilesAndSwapsAfs(tmp_path):
+    ours = GPT(vocabSize=128, nLayers=2, nHeads=2, dimEmb=16, afMlp="spline", afAtt="spline", afLayerSpecific=1)
+    generator = torch.Generator(device="cpu").manual_seed(5)
+    with torch.no_grad():  # distinct values per layer, so each module must get its own layer's spline
+        for af in list(ours.mlpAfs) + list(ours.attAfs):
+            af.values.copy_(torch.randn(af.values.shape, generator=generator, device="cpu"))
+    ptPath, _ = afFiles.saveAfFiles(str(tmp_path / "ptAf-tiny-step0001"), ours, {}, 1)
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(os.path.join(REPO, "activationFunctions.py"), alone)
+    env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "PYTHONHOME")}
+    done = subprocess.run([sys.executable, "-c", f"PTAF = {ptPath!r}\n" + ALONE_SCRIPT], cwd=alone, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "ok\n"

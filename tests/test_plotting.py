@@ -1,5 +1,6 @@
 """Tests for plotting.py: every writer yields a readable PNG atomically, parseLog round-trips, import stays pyplot-free."""
 
+import math
 import os
 import subprocess
 import sys
@@ -139,7 +140,8 @@ def testParseLogRoundTrip(tmp_path):
     logPath = tmp_path / "log-myRun.txt"
     writeLog(logPath, history, 20000)
     parsed = plotting.parseLog(str(logPath))
-    assert set(parsed) == {"train", "val", "actMean", "actMax"}
+    assert set(parsed) == {"train", "val", "actMean", "actMax", "secondsPerStep", "peakMemory", "hyperparameters",
+                           "parameters", "parametersTotal", "vocabSize", "modelsPerPass", "kernels", "fallbacks"}
     assert sorted(parsed["train"]) == [pytest.approx(row) for row in sorted(history["train"])]
     assert parsed["val"] == [pytest.approx(row) for row in history["val"]]
     for key in ("actMean", "actMax"):
@@ -218,6 +220,39 @@ Saving plot (loss/acc): ./results-fineweb10B\\tr-baseline-gelu-step020000-000016
 """
 
 
+def testParseLogReadsTheHeaderAndTheLinesGpuCheckUses(tmp_path):
+    logPath = tmp_path / "log-x.txt"
+    logPath.write_text("==== trainLmAf.py  2026-01-01 00:00:00  run 'x'\n"
+                       "Hyperparameters:\n  nLayers = 4\n  afType = 'spline;att-spline'\n"
+                       "Parameters per model (AF parameters are shared by all models):\n"
+                       "  embed                                    (50304, 256)           12,877,824 trainable\n"
+                       "  blocks.0.attn.qkv                        (768, 256)                196,608 trainable\n"
+                       "Parameters per model: 13,074,432 trainable, 0 frozen, 13,074,432 total\n"
+                       "Vocabulary size: 50,304 (max token id + 1, rounded up to a multiple of 128)\n"
+                       "Spline kernels: forward triton-tl, backward triton-tl\n"
+                       "Attention: FlexAttention, mask block 128\n"
+                       "FlexAttention failed (X); attention now runs in SDPA\n"
+                       "Phase I: 20 models, start steps [0, 2, 3]; 20 models per pass (chosen from the free GPU memory)\n"
+                       "Step 6/30   Peak CUDA memory usage: 1.360 GB\n"
+                       "Step 501/20000   lossVa 7.1282   accVa 10.6\n"
+                       "Step 601/20000   lossTr 7.1430   accTr 10.3   47s = 0.03s/step\n"
+                       "Step 602/20000   lossTr nan   accTr 0.0   48s = 1.25s/step\n"
+                       "Step 602/20000   model 3   lossTr inf   accTr 0.0\n"
+                       "Step 602/20000   Activation magnitudes (3): 4.06 0.86\n")
+    parsed = plotting.parseLog(str(logPath))
+    assert parsed["peakMemory"] == [(6, 1.36)] and parsed["secondsPerStep"] == [(601, 0.03), (602, 1.25)]
+    assert parsed["val"] == [(501, pytest.approx(7.1282), pytest.approx(0.106))]
+    lossAt602 = {model: loss for step, model, loss, _ in parsed["train"] if step == 602}
+    assert math.isnan(lossAt602[0]) and lossAt602[3] == float("inf")
+    assert parsed["actMax"] == [(602, [4.06, 0.86])] and parsed["actMean"] == []
+    assert parsed["hyperparameters"] == {"nLayers": "4", "afType": "spline;att-spline"}
+    assert parsed["parameters"] == {"embed": 12877824, "blocks.0.attn.qkv": 196608}
+    assert parsed["parametersTotal"] == 13074432 and parsed["vocabSize"] == 50304 and parsed["modelsPerPass"] == 20
+    assert parsed["kernels"] == ["Spline kernels: forward triton-tl, backward triton-tl",
+                                 "Attention: FlexAttention, mask block 128"]
+    assert parsed["fallbacks"] == ["FlexAttention failed (X); attention now runs in SDPA"]
+
+
 def testParseLogReadsTheOriginalsFormat(tmp_path):
     logPath = tmp_path / "log-baseline-gelu.txt"
     logPath.write_text(ORIGINAL_EXCERPT)
@@ -255,7 +290,7 @@ def testOverlayOfOursAndTheOriginalsLog(tmp_path):
     checkPng(out, minWidth=1000, minHeight=700)
     runs = list(zip(plotting.runLabels([str(ours), str(theirs), str(noVal)]),
                     map(plotting.parseLog, [str(ours), str(theirs), str(noVal)])))
-    fig = plotting._comparisonFigure(runs, "", plotting._makeFigure)
+    fig = plotting._overlayFigure(runs, "", plotting._makeFigure)
     lossAxes = fig.axes[0]
     assert [line.get_label() for line in lossAxes.lines] == ["baseline-gelu", "theirs/baseline-gelu",
                                                              "trainOnly (train, no validation)"]
