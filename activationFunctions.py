@@ -822,7 +822,8 @@ def interpretOtherAfDict(data, path):
     hyperparameters = find("hyperparam", "config", "hp") if isinstance(find("hyperparam", "config", "hp"), dict) else {}
     knots = find("knot", "anchor", exclude=("value", "mlp", "att"))
     if knots is None and {"afRange", "afNAnchors"} <= set(hyperparameters):
-        knots = torch.linspace(-hyperparameters["afRange"], hyperparameters["afRange"], hyperparameters["afNAnchors"])
+        knots = torch.linspace(-hyperparameters["afRange"], hyperparameters["afRange"], hyperparameters["afNAnchors"],
+                               device="cpu")
     mlp = asLayers(find("mlp", exclude=("knot", "anchor")))
     att = asLayers(find("att", exclude=("knot", "anchor")))
     if knots is None or not mlp + att:

@@ -5,8 +5,6 @@ import os
 import re
 from dataclasses import dataclass
 
-PLOT_KINDS = ("tr", "af", "act")  # loss/accuracy, the AFs, the activation magnitudes
-
 
 @dataclass(frozen=True)
 class RunFiles:
@@ -40,7 +38,7 @@ class RunFiles:
         return self.afStem(step) + ".pt"
 
     def plot(self, kind, step, suffix=""):
-        """A plot of PLOT_KINDS refreshed after `step` steps; suffix: after the step, e.g. '-lossVa3.2101'."""
+        """A plot (kind tr: loss/accuracy, af: the AFs, act: activation magnitudes) refreshed after `step` steps; suffix: after the step, e.g. '-lossVa3.2101'."""
         return self.path(f"{kind}-{self.runName}-step{step:06d}{suffix}.png")
 
     def olderPlots(self, kinds, keep):

@@ -55,9 +55,9 @@ def testRunFilesNameEveryOutput(tmp_path):
 
 def testRunStateCountsStepsAndTimeAndRoundTrips():
     state = RunState(3, CPU)
-    state.recordStep(2, torch.tensor([1.0, 2.0]), torch.tensor([0.5, 0.25]))
+    state.recordStep(2, torch.tensor([1.0, 2.0], device="cpu"), torch.tensor([0.5, 0.25], device="cpu"))
     state.addTrainingTime(1.5)
-    state.recordStep(3, torch.tensor([3.0, 4.0, 5.0]), torch.tensor([0.5, 0.5, 1.0]))
+    state.recordStep(3, torch.tensor([3.0, 4.0, 5.0], device="cpu"), torch.tensor([0.5, 0.5, 1.0], device="cpu"))
     state.addTrainingTime(0.5)
     assert state.step == 2 and state.trainSeconds == 2.0 and state.secondsPerStep() == 1.0
     assert state.window["loss"].tolist() == [4.0, 6.0, 5.0] and state.window["count"].tolist() == [2.0, 2.0, 1.0]
@@ -204,12 +204,12 @@ def checkpointerOf(hp, seed, streams):
 def testACheckpointRestoresWeightsOptimizersStreamsAndRunState(tmp_path):
     hp = tinyHp(tmp_path)
     saving = checkpointerOf(hp, 0, [CountingStream(3), CountingStream(5)])
-    tokens = torch.randint(0, 128, (2, 1, hp.seqLength + 1))
+    tokens = torch.randint(0, 128, (2, 1, hp.seqLength + 1), device="cpu")
     losses, _ = saving.model(tokens[..., :-1], tokens[..., 1:])
     losses.sum().backward()
     saving.optimizer.step(2, [1e-3, 1e-3])
     saving.afOptimizer.step()
-    saving.state.recordStep(2, losses.detach(), torch.tensor([0.25, 0.5]))
+    saving.state.recordStep(2, losses.detach(), torch.tensor([0.25, 0.5], device="cpu"))
     saving.state.addTrainingTime(2.5)
     saving.state.history["val"].append((1, 4.0, 0.1))
     path = saving.save()
@@ -236,10 +236,10 @@ def testACheckpointRestoresWeightsOptimizersStreamsAndRunState(tmp_path):
 
 
 def testANonFiniteLossNamesItsStepAndModel():
-    assert stopping.nonFiniteLoss(torch.tensor([1.0, 2.0]), 4, firstModel=2) is None
-    failure = stopping.nonFiniteLoss(torch.tensor([1.0, math.nan, math.inf]), 4, firstModel=2)
+    assert stopping.nonFiniteLoss(torch.tensor([1.0, 2.0], device="cpu"), 4, firstModel=2) is None
+    failure = stopping.nonFiniteLoss(torch.tensor([1.0, math.nan, math.inf], device="cpu"), 4, firstModel=2)
     assert (failure.step, failure.modelIndex) == (5, 3) and "at step 5 in model 3" in str(failure)
-    received, failure = stopping.agreeAcrossProcesses(Distributed(), torch.tensor([math.inf]), None, 0, 0)
+    received, failure = stopping.agreeAcrossProcesses(Distributed(), torch.tensor([math.inf], device="cpu"), None, 0, 0)
     assert received is None and (failure.step, failure.modelIndex) == (1, 0)
 
 
@@ -291,10 +291,10 @@ def testPassesValidateAndMeasureTheAfInputs(tmp_path):
 
 
 def testAfGradientsAreAveragedAndOneNormIsClipped():
-    weights = [torch.nn.Parameter(torch.zeros(3, 2))]
-    afs = [torch.nn.Parameter(torch.zeros(4))]
-    weights[0].grad = torch.full((3, 2), 3.0)
-    afs[0].grad = torch.full((4,), 6.0)
+    weights = [torch.nn.Parameter(torch.zeros(3, 2, device="cpu"))]
+    afs = [torch.nn.Parameter(torch.zeros(4, device="cpu"))]
+    weights[0].grad = torch.full((3, 2), 3.0, device="cpu")
+    afs[0].grad = torch.full((4,), 6.0, device="cpu")
     averageGradients(afs, weights, 3, 3, Distributed(), False)
     assert afs[0].grad.tolist() == [2.0] * 4 and weights[0].grad.tolist() == [[3.0, 3.0]] * 3
     clipGlobalNorm(weights, afs, 2, 1.0, Distributed(), False, CPU)  # models 0 and 1 take part, model 2 does not
