@@ -268,14 +268,12 @@ def encodingOf(trained, vocabFile):
 
 def gpt2Encoding(vocabFile):
     """The GPT-2 tiktoken Encoding and where its vocabulary came from: vocabFile (a .tiktoken file) or, when None,
-    tiktoken's cache, the copy shipped in vocab/, or tiktoken's download (as preprocessFineweb.py finds it)."""
+    tiktoken's cache, the copy shipped in vocab/, or tiktoken's download (vocabulary.loadGpt2Vocabulary)."""
     import tiktoken
 
-    from preprocessFineweb import PreprocessError, loadVocabulary
-
     try:
-        params, source = loadVocabulary(vocabFile)
-    except PreprocessError as err:
+        params, source = vocabulary.loadGpt2Vocabulary(vocabFile)
+    except vocabulary.VocabularyError as err:
         raise LoadError(str(err)) from None
     return tiktoken.Encoding(**params), source
 

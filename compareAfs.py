@@ -8,11 +8,13 @@ steps and seeds are identical across AFs. A --variant LABEL=AFTYPE FLAGS... is o
 extra flags (e.g. the spline's --afInit or --afSmoothness), its runs named NAME-LABEL-sSEED.
 Each run is a trainLmAf.py subprocess (the training code itself, no second
 loop), so one AF that crashes does not stop the others. The results are read back from the runs' metrics-RUN.csv
-files (and the parameter count from their logs) and written to dirResults as compare-NAME.md (parameters, final validation loss and accuracy as mean ± std over seeds, tokens/s)
-and compare-NAME.png (validation curves). The exit status is 1 when any run failed (they are named), 2 for bad flags.
+files (and the parameter count from their logs) and written to dirResults as compare-NAME.md (parameters, final
+validation loss, bits per byte and accuracy as mean ± std over seeds, tokens/s) and compare-NAME.png (validation
+curves). The exit status is 1 when any run failed (they are named), 2 for bad flags.
 
 A run whose log already holds its final step is not trained again (trainLmAf.py's "already complete"), so a
-comparison that was stopped continues where it stopped; use another --name for new settings.
+comparison that was stopped continues where it stopped; use another --name for new settings (a finished run whose
+log names another seed or training data than the plan is refused).
 
 --jobs N trains N runs side by side (a phase II waits for its phase I). Each then gets CPU cores / N threads unless
 OMP_NUM_THREADS is set, and its progress lines go only to its log. Ctrl-C (or SIGTERM) reaches every running
@@ -20,23 +22,32 @@ trainLmAf.py once: it finishes its step, saves a resumable checkpoint and stops,
 Ctrl-C stops them at once.
 
 --splinePhases 2: an AF with a spline is first trained in phase I (--splineModels models sharing it, the given
---afLr), then in phase II from phase I's ptAf file with --afLr 0; the table reports phase II. A variant's own
---nModels sets its phase I's model count (--nModels 1: the single-model control; its phase II trains the common
---nModels). A spline variant whose own flags say --afLr 0 is a frozen-init control: one run, the spline frozen at its
---afInit shape, no phase I.
+--afLr), then in phase II from phase I's ptAf file with --afLr 0; the table reports phase II. Phase I of seed s
+trains with --seed (--phase1SeedOffset + s), 1234 + s by default as the original's phase I, so that no phase-I model
+starts from the weights or reads the data stream of a reported run. --phase1FilesTokensTr/--phase1FilesTokensVa
+(together, for every phase I, or in a variant's flags for its own) train phase I on another corpus, which may have
+another vocabulary: AFs do not depend on it. A variant's own --nModels sets its phase I's model count (--nModels 1:
+the single-model control; its phase II trains the common --nModels). A spline variant whose own flags say --afLr 0
+is a frozen-init control: one run, the spline frozen at its --afInit shape, no phase I. A variant with
+--afFileToLoad FILE (FILE may hold {seed}, replaced by each seed) is a loaded row: the file's AFs, frozen unless the
+variant gives --afLr, no phase I; e.g. the original authors' published AFs, or AFs from another study.
 
---baseline LABEL adds a table of paired differences: every other row's final validation loss minus the baseline's on
-the same seed (same data order and initialisation), their mean ± standard error (sample std / sqrt(n)), the paired t
-test's 95% interval (mean ± t(0.975, n-1) s.e.; one that holds 0 is within the noise) and the seeds won (lower
-loss); --baseline best-fixed takes the row without learned AFs that has the lowest mean loss. --pairs
-LEARNED:CONTROL (repeatable) adds the same for chosen pairs, e.g. a phase-II row against its frozen-init control.
-Both go into the table and into a lower row of the plot.
+--metric loss|bpb: what the paired statistics, the best fixed AF and the plot compare (bpb, bits per UTF-8 byte of
+the validation text, compares runs of different vocabularies). --baseline LABEL adds a table of paired differences:
+every other row's final validation value minus the baseline's on the same seed (same data order and
+initialisation), their mean ± standard error (sample std / sqrt(n)), the paired t test's 95% interval and p value,
+whether it stays below 0.05 after Holm's adjustment over every comparison of the study, the seeds won, and the
+seeds a paired t test (two-sided, 5%) would need for 80% power at the observed mean and spread;
+--baseline best-fixed takes the row without learned AFs that has the lowest mean. --pairs LEARNED:CONTROL
+(repeatable) adds the same for chosen pairs, e.g. a phase-II row against its frozen-init control. Both go into the
+table and into a lower row of the plot.
 
 Every learnable AF gets the same --afLr. The spline's default 0.1 bends `rational` into spikes within a few hundred
 steps (its coefficients multiply x^5); about 0.01 keeps it smooth.
 """
 import argparse
 import csv
+import math
 import os
 import re
 import shlex
@@ -48,19 +59,27 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import torch
 
 import runPlan
 import trainLmAf
-from activationFunctions import LEARNABLE_TYPES, MLP_INPUT_TYPES, SPLINE_TYPES
-from afFiles import atomicWrite
+import vocabulary
+from activationFunctions import LEARNABLE_TYPES, MLP_INPUT_TYPES, SPLINE_TYPES, AfFileError
+from afFiles import atomicWrite, loadAfsIntoModel
 from plotting import parseLog
 from runFiles import RunFiles
+from runOutputs import finalLineWritten, originalValueText
+from tokenShards import ShardError, listShards
 
 TRAINER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "trainLmAf.py")
 # Flags the comparison sets per run; given by the user they would make the runs differ or collide.
-PER_RUN_FLAGS = ("afType", "seed", "runName", "resumeFrom", "afFileToLoad")
-# --baseline's word for the fixed-AF row (nothing learned in its AFs) with the lowest mean final validation loss.
+PER_RUN_FLAGS = ("afType", "seed", "runName", "resumeFrom")
+# Flags of compareAfs.py that a variant may give too (for its own phase I); the trainer never sees them.
+PHASE1_DATA_FLAGS = ("phase1FilesTokensTr", "phase1FilesTokensVa")
+# --baseline's word for the fixed-AF row (nothing learned in its AFs) with the lowest mean final validation value.
 BEST_FIXED = "best-fixed"
+METRICS = {"loss": "val loss", "bpb": "val bpb"}
+SEED_FIELD = "{seed}"  # in a loaded row's --afFileToLoad: replaced by each seed
 
 
 class CompareError(Exception):
@@ -80,15 +99,28 @@ def parseArgs(argv):
                         help="comma-separated afType values, e.g. gelu,relu,prelu,swiglu,'spline;att-spline'")
     parser.add_argument("--variant", action="append", default=[], metavar="LABEL=AFTYPE [FLAGS]",
                         help="one more row: AFTYPE with extra trainLmAf.py flags, labelled LABEL (repeatable), e.g. "
-                             "'spline-relu2=spline;att-spline --afInit relu2;att-linear'")
+                             "'spline-relu2=spline;att-spline --afInit relu2;att-linear'; with --afFileToLoad FILE "
+                             "(FILE may hold {seed}) the row loads that file's AFs, frozen")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds; every AF is trained once per seed")
     parser.add_argument("--name", default="cmp", help="comparison name: runs NAME-AF-sSEED, outputs compare-NAME.*")
     parser.add_argument("--splinePhases", type=int, choices=(1, 2), default=1,
                         help="2: spline AFs are learned in phase I, then frozen in phase II (reported)")
     parser.add_argument("--splineModels", type=int, default=4, help="--splinePhases 2: models in phase I")
+    parser.add_argument("--phase1SeedOffset", type=int, default=1234,
+                        help="--splinePhases 2: phase I of seed s trains with --seed OFFSET+s (the original's phase I: "
+                             "1234), so it shares no initial weights or data stream with a reported run")
+    parser.add_argument("--phase1FilesTokensTr", default="", metavar="GLOB",
+                        help="--splinePhases 2: phase I's training shards, another corpus than the reported runs' "
+                             "(with --phase1FilesTokensVa); a variant may give its own")
+    parser.add_argument("--phase1FilesTokensVa", default="", metavar="GLOB",
+                        help="phase I's validation shards, of the same corpus as --phase1FilesTokensTr")
+    parser.add_argument("--metric", choices=tuple(METRICS), default="loss",
+                        help="what the paired statistics, the best fixed AF and the plot compare: the final "
+                             "validation loss per token, or bits per byte of the validation text (bpb, comparable "
+                             "across vocabularies)")
     parser.add_argument("--baseline", default="", metavar="LABEL",
                         help="paired per-seed differences of every other row from this row (an AF or variant label; "
-                             f"{BEST_FIXED}: the fixed-AF row with the lowest mean final validation loss)")
+                             f"{BEST_FIXED}: the fixed-AF row with the lowest mean --metric)")
     parser.add_argument("--pairs", action="append", default=[], metavar="LEARNED:CONTROL",
                         help="paired per-seed differences LEARNED - CONTROL of two rows (repeatable)")
     parser.add_argument("--jobs", type=int, default=1,
@@ -101,9 +133,12 @@ def parseArgs(argv):
     clash = [name for name in PER_RUN_FLAGS if name in given]
     if clash:
         raise CompareError(f"--{clash[0]} is set per run by compareAfs.py; use --afTypes, --seeds or --name instead")
+    if "afFileToLoad" in given:
+        raise CompareError("--afFileToLoad is set per row: give it in a --variant, e.g. --variant "
+                           "'loaded=spline;att-spline --afFileToLoad FILE'")
     args.afTypes = [af.strip() for af in args.afTypes.split(",") if af.strip()]
-    args.entries = [{"label": af, "af": af, "slug": afTypeSlug(af), "flags": [], "frozen": False, "phase1Models": None}
-                    for af in args.afTypes]
+    args.entries = [{"label": af, "af": af, "slug": afTypeSlug(af), "flags": [], "frozen": False, "phase1Models": None,
+                     "loaded": None, "phase1Data": None} for af in args.afTypes]
     args.entries += [parseVariant(text) for text in args.variant]
     labels = [entry["label"] for entry in args.entries]
     if not args.entries or len(set(labels)) != len(labels) or len({e["slug"] for e in args.entries}) != len(labels):
@@ -122,6 +157,7 @@ def parseArgs(argv):
         raise CompareError(f"--jobs must be >= 1, got {args.jobs}")
     if not hp.filesTokensVa or hp.valEvery < 0:
         raise CompareError("the comparison reports validation loss: give --filesTokensVa and --valEvery >= 0")
+    args.phase1Data = phase1Data(args.phase1FilesTokensTr, args.phase1FilesTokensVa, "")
     args.bestFixed = args.baseline == BEST_FIXED
     if args.bestFixed:
         if not any(isFixedAf(entry["af"]) for entry in args.entries):
@@ -133,6 +169,16 @@ def parseArgs(argv):
     return args, trainerArgv, hp
 
 
+def phase1Data(trainGlob, validationGlob, where):
+    """(training glob, validation glob) of phase I's own corpus, or None when neither is given."""
+    if not trainGlob and not validationGlob:
+        return None
+    if not (trainGlob and validationGlob):
+        raise CompareError(f"{where}--phase1FilesTokensTr and --phase1FilesTokensVa go together (phase I's training "
+                           "and validation shards of one corpus)")
+    return trainGlob, validationGlob
+
+
 def parsePair(text, labels):
     """'LEARNED:CONTROL' -> (LEARNED, CONTROL), both row labels."""
     learned, sep, control = (part.strip() for part in text.partition(":"))
@@ -141,18 +187,43 @@ def parsePair(text, labels):
     return learned, control
 
 
+def takeFlags(words, names):
+    """(words without the flags `names` and their values, {name: value} of those given)."""
+    kept, taken, index = [], {}, 0
+    while index < len(words):
+        name, equals, value = words[index].partition("=")
+        if name.startswith("--") and name[2:] in names:
+            if not equals:
+                index += 1
+                value = words[index] if index < len(words) else ""
+            taken[name[2:]] = value
+        else:
+            kept.append(words[index])
+        index += 1
+    return kept, taken
+
+
 def parseVariant(text):
     """'LABEL=AFTYPE --flag value ...' -> a comparison entry."""
     label, _, rest = text.partition("=")
     label, words = label.strip(), shlex.split(rest)
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", label) or not words:
         raise CompareError(f"--variant {text!r} must look like LABEL=AFTYPE [FLAGS], LABEL of letters, digits, _ . -")
-    own, given = trainLmAf.parseArgs(words[1:])
+    flags, ownData = takeFlags(words[1:], PHASE1_DATA_FLAGS)
+    own, given = trainLmAf.parseArgs(flags)
     clash = [name for name in PER_RUN_FLAGS if name in given]
     if clash:
         raise CompareError(f"--variant {label}: --{clash[0]} is set per run by compareAfs.py")
-    return {"label": label, "af": words[0], "slug": label, "flags": words[1:],
-            "frozen": "afLr" in given and own.afLr == 0, "phase1Models": own.nModels if "nModels" in given else None}
+    data = phase1Data(ownData.get("phase1FilesTokensTr"), ownData.get("phase1FilesTokensVa"), f"--variant {label}: ")
+    loaded = None
+    if "afFileToLoad" in given:
+        if data:
+            raise CompareError(f"--variant {label}: a row loading --afFileToLoad has no phase I, so no phase-I corpus")
+        loaded = os.path.abspath(own.afFileToLoad)
+        flags = withoutFlag(flags, "--afFileToLoad") + ([] if "afLr" in given else ["--afLr", "0"])
+    return {"label": label, "af": words[0], "slug": label, "flags": flags,
+            "frozen": not loaded and "afLr" in given and own.afLr == 0,
+            "phase1Models": own.nModels if "nModels" in given else None, "loaded": loaded, "phase1Data": data}
 
 
 def afParts(afType):
@@ -169,14 +240,17 @@ def isFixedAf(afType):
     return not any(part in SPLINE_TYPES + LEARNABLE_TYPES + MLP_INPUT_TYPES for part in afParts(afType))
 
 
-def resolveBaseline(rows, args):
-    """The baseline row's label: --baseline's, or for best-fixed the finished fixed-AF row with the lowest mean final
-    validation loss ('' when none finished)."""
-    if args.baseline != BEST_FIXED:
-        return args.baseline
+def bestFixedRow(rows, args):
+    """The label of the finished fixed-AF row with the lowest mean final validation value of --metric ('' when
+    none finished)."""
     fixed = {entry["label"] for entry in args.entries if isFixedAf(entry["af"])}
-    finished = [row for row in rows if row["af"] in fixed and row["nDone"]]
-    return min(finished, key=lambda row: meanStd(row["loss"])[0])["af"] if finished else ""
+    finished = [row for row in rows if row["af"] in fixed and row["nDone"] and row[args.metric] is not None]
+    return min(finished, key=lambda row: float(np.mean(row[args.metric])))["af"] if finished else ""
+
+
+def resolveBaseline(rows, args):
+    """The baseline row's label: --baseline's, or for best-fixed bestFixedRow's."""
+    return bestFixedRow(rows, args) if args.baseline == BEST_FIXED else args.baseline
 
 
 def afTypeSlug(afType):
@@ -186,8 +260,9 @@ def afTypeSlug(afType):
 
 
 def hasPhaseOne(entry, splinePhases):
-    """Whether the entry's reported runs load splines learned in a phase I (a frozen-init control has none)."""
-    return splinePhases == 2 and isSplineAf(entry["af"]) and not entry["frozen"]
+    """Whether the entry's reported runs load splines learned in a phase I (a frozen-init control and a loaded row
+    have none)."""
+    return splinePhases == 2 and isSplineAf(entry["af"]) and not entry["frozen"] and not entry["loaded"]
 
 
 def withoutFlag(flags, name):
@@ -203,34 +278,46 @@ def withoutFlag(flags, name):
     return kept
 
 
+def seededPath(template, seed):
+    return template.replace(SEED_FIELD, str(seed))
+
+
 def planRuns(args, trainerArgv, hp):
-    """One dict per trainLmAf.py run, in order; a phase-II run names the phase-I run it loads."""
+    """One dict per trainLmAf.py run, in order; a phase-II run names the phase-I run it loads. 'seed' is the study's
+    seed a run belongs to, 'trainSeed' the --seed it trains with."""
     runs = []
     for entry in args.entries:
         af = entry["label"]
         for seed in args.seeds:
             runName = f"{args.name}-{entry['slug']}-s{seed}"
-            argv = trainerArgv + entry["flags"] + ["--afType", entry["af"], "--seed", str(seed)]
+            flags = entry["flags"] + (["--afFileToLoad", seededPath(entry["loaded"], seed)] if entry["loaded"] else [])
+            argv = trainerArgv + flags + ["--afType", entry["af"], "--seed", str(seed)]
             if hasPhaseOne(entry, args.splinePhases):
                 # The variant's --nModels is its phase I's, given there once; phase II trains as many models as
                 # every other row.
-                argv = trainerArgv + withoutFlag(entry["flags"], "--nModels") + ["--afType", entry["af"], "--seed",
-                                                                                 str(seed)]
-                phase1 = {"af": af, "seed": seed, "runName": runName + "-phase1", "phase": 1, "reported": False,
-                          "argv": argv + ["--runName", runName + "-phase1", "--nModels",
-                                          str(entry["phase1Models"] or args.splineModels), "--saveAfEvery", "0"]}
+                common = trainerArgv + withoutFlag(flags, "--nModels") + ["--afType", entry["af"]]
+                data = entry["phase1Data"] or args.phase1Data
+                phase1Seed = args.phase1SeedOffset + seed
+                phase1 = {"af": af, "seed": seed, "trainSeed": phase1Seed, "runName": runName + "-phase1", "phase": 1,
+                          "reported": False, "otherCorpus": data is not None,
+                          "argv": common + (["--filesTokensTr", data[0], "--filesTokensVa", data[1]] if data else [])
+                          + ["--seed", str(phase1Seed), "--runName", runName + "-phase1", "--nModels",
+                             str(entry["phase1Models"] or args.splineModels), "--saveAfEvery", "0"]}
                 afFile = RunFiles(hp.dirResults, phase1["runName"]).afFile(hp.nSteps)
                 runs.append(phase1)
-                runs.append({"af": af, "seed": seed, "runName": runName, "phase": 2, "reported": True, "after": phase1,
-                             "argv": argv + ["--runName", runName, "--afLr", "0", "--afFileToLoad", afFile]})
+                runs.append({"af": af, "seed": seed, "trainSeed": seed, "runName": runName, "phase": 2,
+                             "reported": True, "after": phase1,
+                             "argv": common + ["--seed", str(seed), "--runName", runName, "--afLr", "0",
+                                               "--afFileToLoad", afFile]})
             else:
-                runs.append({"af": af, "seed": seed, "runName": runName, "phase": None, "reported": True,
-                             "argv": argv + ["--runName", runName]})
+                runs.append({"af": af, "seed": seed, "trainSeed": seed, "runName": runName, "phase": None,
+                             "reported": True, "argv": argv + ["--runName", runName]})
     return runs
 
 
 def checkRuns(runs, args):
-    """Validate every run's flags before any training starts, so a typo costs seconds, not hours."""
+    """Validate every run's flags, the phase-I seeds and corpora, the loaded AF files and the runs finished before,
+    before any training starts, so that a typo costs seconds, not hours."""
     for run in runs:
         hp, _ = trainLmAf.parseArgs(run["argv"])
         if run["phase"] == 2:
@@ -241,6 +328,91 @@ def checkRuns(runs, args):
             raise CompareError(f"{run['runName']}: {err}") from None
         if run["phase"] == 1 and hp.afLr == 0:
             raise CompareError("--splinePhases 2 learns the splines in phase I: --afLr must not be 0")
+    checkPhaseOneSeeds(runs)
+    for run in runs:
+        if run["phase"] == 1 and run["otherCorpus"]:
+            checkCorpus(run)
+    checkLoadedFiles(runs, args)
+    checkFinishedRuns(runs, args)
+
+
+def checkPhaseOneSeeds(runs):
+    """No phase-I model may start from the weights or read the data stream of a reported run: a model's data stream
+    is TokenStream(seed, model index) and its initial weights come from the seed, so their seeds must differ."""
+    reported = {}
+    for run in runs:
+        if run["reported"]:
+            reported.setdefault(run["trainSeed"], run["runName"])
+    for run in runs:
+        if run["phase"] == 1 and run["trainSeed"] in reported:
+            raise CompareError(f"{run['runName']} would train with --seed {run['trainSeed']}, the seed (initial "
+                               f"weights and data stream) of {reported[run['trainSeed']]}; choose another "
+                               "--phase1SeedOffset")
+
+
+def checkCorpus(run):
+    """A phase I on another corpus: its shards exist and hold one vocabulary."""
+    hp, _ = trainLmAf.parseArgs(run["argv"])
+    try:
+        files = listShards(hp.filesTokensTr, "--phase1FilesTokensTr") + listShards(hp.filesTokensVa,
+                                                                                    "--phase1FilesTokensVa")
+        vocabulary.ofShards(files)
+    except ShardError as err:
+        raise CompareError(f"{run['runName']}: {err}") from None
+
+
+def corpusName(trainGlob):
+    """Which vocabulary a corpus's shards were made with, for the table's header ('' when unreadable)."""
+    try:
+        found = vocabulary.ofShards(listShards(trainGlob))
+    except ShardError:
+        return ""
+    return found.name if found else vocabulary.GPT2_NAME
+
+
+def checkLoadedFiles(runs, args):
+    """Every loaded row's file exists and fits the row's afType and layers (loaded into a model of the run's size)."""
+    loaded = {entry["label"] for entry in args.entries if entry["loaded"]}
+    checked = set()
+    for run in runs:
+        if run["af"] not in loaded:
+            continue
+        hp, _ = trainLmAf.parseArgs(run["argv"])
+        runPlan.checkFlags(hp)
+        key = (hp.afFileToLoad, hp.afType, hp.nLayers, hp.afLayerSpecific, hp.dimEmb)
+        if key in checked:
+            continue
+        checked.add(key)
+        if not os.path.isfile(hp.afFileToLoad):
+            raise CompareError(f"--variant {run['af']}: --afFileToLoad {hp.afFileToLoad} does not exist"
+                               + (f" (seed {run['seed']})" if SEED_FIELD in next(e["loaded"] for e in args.entries
+                                                                                  if e["label"] == run["af"]) else ""))
+        model = runPlan.buildModel(hp, 128, torch.device("cpu"))  # the AFs do not depend on the vocabulary
+        try:
+            loadAfsIntoModel(model, hp.afFileToLoad, freeze=True)
+        except AfFileError as err:
+            raise CompareError(f"--variant {run['af']}: {err}") from None
+
+
+def checkFinishedRuns(runs, args):
+    """A run already complete counts only when it was trained with the planned seed and data (an earlier tool or
+    study in the same folder may have trained another), and, for --metric bpb, when its metrics hold bits per byte."""
+    for run in runs:
+        hp, _ = trainLmAf.parseArgs(run["argv"])
+        files = RunFiles(hp.dirResults, run["runName"])
+        if not finalLineWritten(files.log, hp.nSteps):
+            continue
+        logged = parseLog(files.log)["hyperparameters"]
+        for name in ("seed", "filesTokensTr"):
+            planned = originalValueText(name, getattr(hp, name))
+            if name in logged and logged[name] != planned:
+                raise CompareError(f"{run['runName']} in {hp.dirResults} was trained with {name} = {logged[name]}, "
+                                   f"but this study plans {planned}; use another --name or --dirResults")
+        if args.metric == "bpb" and run["reported"]:
+            result = readRun(hp.dirResults, run["runName"], hp.nSteps)
+            if result and result["val"] and result["val"][-1][3] is None:
+                raise CompareError(f"--metric bpb: {files.metrics} holds no bits per byte (written before "
+                                   "trainLmAf.py reported them); use --metric loss, or train it again")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -253,8 +425,8 @@ def trainedTokens(hp):
 
 
 def readRun(dirResults, runName, nSteps):
-    """Parameters (from the log's last run), validation curve of model 0 and training seconds (from the metrics
-    CSV) of a run; None when it wrote no metrics."""
+    """Parameters (from the log's last run), validation curve of model 0 as (step, loss, accuracy, bits per byte or
+    None) and training seconds (from the metrics CSV) of a run; None when it wrote no metrics."""
     files = RunFiles(dirResults, runName)
     metricsPath, logPath = files.metrics, files.log
     if not os.path.isfile(metricsPath):
@@ -262,7 +434,8 @@ def readRun(dirResults, runName, nSteps):
     with open(metricsPath, newline="") as f:
         rows = list(csv.DictReader(f))
     result = {"params": None, "complete": any(int(r["step"]) == nSteps for r in rows),
-              "val": [(int(r["step"]), float(r["loss"]), float(r["accuracy"])) for r in rows
+              "val": [(int(r["step"]), float(r["loss"]), float(r["accuracy"]),
+                       float(r["bpb"]) if r.get("bpb") else None) for r in rows
                       if r["split"] == "val" and r["model"] == "0"],
               "trainSeconds": max((float(r["trainSeconds"]) for r in rows), default=None)}
     if os.path.isfile(logPath):
@@ -404,7 +577,8 @@ def runOne(run, index, total, workers):
     else:
         result["tokensPerSecond"] = trainedTokens(runHp) / max(result["trainSeconds"] or 0.0, 1e-9)
         run["result"] = result
-    status = run.get("failure") or f"val loss {run['result']['val'][-1][1]:.4f}"
+    status = run.get("failure") or f"val loss {run['result']['val'][-1][1]:.4f}" + (
+        f", bpb {run['result']['val'][-1][3]:.4f}" if run["result"]["val"][-1][3] is not None else "")
     print(f"[{index}/{total}] {run['runName']}: {'FAILED, ' if 'failure' in run else ''}{status} ({wall:.0f} s)",
           flush=True)
     estimate = workers.timeLeft(run, wall, trained=not alreadyDone and "failure" not in run)
@@ -427,54 +601,98 @@ def formatMeanStd(values, digits):
     return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
 
 
-def summarize(runs, entries, splinePhases):
-    """One row per entry (AF or variant) over its reported runs that succeeded."""
+def summarize(runs, entries, splinePhases, metric="loss"):
+    """One row per entry (AF or variant) over its reported runs that succeeded; seedValue: the final validation
+    value of --metric per seed."""
     rows = []
     for entry in entries:
         af = entry["label"]
         mine = [r for r in runs if r["af"] == af and r["reported"]]
         done = [r["result"] for r in mine if "result" in r]
         suffix = " (frozen init)" if entry["frozen"] and isSplineAf(entry["af"]) else \
-            " (phase II)" if hasPhaseOne(entry, splinePhases) else ""
+            " (loaded)" if entry["loaded"] else " (phase II)" if hasPhaseOne(entry, splinePhases) else ""
+        column = {"loss": 1, "bpb": 3}[metric]
         row = {"af": af, "label": af + suffix, "nRuns": len(mine), "nDone": len(done), "runs": done,
-               "seedLoss": {r["seed"]: r["result"]["val"][-1][1] for r in mine if "result" in r}}
+               "seedValue": {r["seed"]: r["result"]["val"][-1][column] for r in mine
+                             if "result" in r and r["result"]["val"][-1][column] is not None}}
         if done:
+            bpb = [d["val"][-1][3] for d in done]
             row.update(params=done[0]["params"], loss=[d["val"][-1][1] for d in done],
+                       bpb=bpb if None not in bpb else None,
                        acc=[100 * d["val"][-1][2] for d in done], speed=[d["tokensPerSecond"] for d in done])
         rows.append(row)
     return rows
 
 
-# Student's t, 97.5% quantile, by degrees of freedom (two-sided 95% intervals of a mean over few seeds).
-_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
-
-
-def t975(dof):
-    """t(0.975, dof): the table up to 30, then the Cornish-Fisher expansion around the normal's 1.96 (within 1e-4)."""
-    if dof <= len(_T975):
-        return _T975[dof - 1]
-    z = 1.959964
-    return z + (z ** 3 + z) / (4 * dof) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * dof ** 2)
+ALPHA, POWER = 0.05, 0.8  # two-sided paired t tests at 5%; the seeds for 80% power
+MAX_SEEDS = 100_000  # "seeds for 80% power" beyond this reads "> 100,000"
 
 
 def pairedDifference(row, control):
-    """row's final validation loss minus control's, seed by seed over the seeds both finished: {'seeds', 'deltas',
-    'mean', 'se' (sample std / sqrt(n)), 'ci' (the paired t test's 95% interval, mean ± t(0.975, n-1) se), 'won'
-    (seeds where row's loss is lower)}, se and ci None for one seed; None when they share no finished seed."""
-    seeds = sorted(set(row["seedLoss"]) & set(control["seedLoss"]))
+    """row's final validation value minus control's, seed by seed over the seeds both finished: {'seeds', 'deltas',
+    'mean', 'sd' (sample std), 'se' (sd / sqrt(n)), 'ci' (the paired t test's 95% interval, mean ± t(0.975, n-1)
+    se), 'p' (its two-sided p value), 'seedsFor80' (seedsForPower), 'won' (seeds where row's value is lower)}; sd,
+    se, ci, p and seedsFor80 None for one seed; None when they share no finished seed."""
+    from scipy import stats
+
+    seeds = sorted(set(row["seedValue"]) & set(control["seedValue"]))
     if not seeds:
         return None
-    deltas = np.array([row["seedLoss"][s] - control["seedLoss"][s] for s in seeds])
-    mean = float(deltas.mean())
-    se = float(deltas.std(ddof=1) / np.sqrt(len(deltas))) if len(deltas) > 1 else None
-    ci = (mean - t975(len(deltas) - 1) * se, mean + t975(len(deltas) - 1) * se) if se is not None else None
-    return {"seeds": seeds, "deltas": deltas.tolist(), "mean": mean, "se": se, "ci": ci,
-            "won": int((deltas < 0).sum())}
+    deltas = np.array([row["seedValue"][s] - control["seedValue"][s] for s in seeds])
+    n, mean = len(deltas), float(deltas.mean())
+    paired = {"seeds": seeds, "deltas": deltas.tolist(), "mean": mean, "sd": None, "se": None, "ci": None, "p": None,
+              "seedsFor80": None, "won": int((deltas < 0).sum())}
+    if n > 1:
+        sd = float(deltas.std(ddof=1))
+        se = sd / math.sqrt(n)
+        half = float(stats.t.ppf(1 - ALPHA / 2, n - 1)) * se
+        p = float(2 * stats.t.sf(abs(mean) / se, n - 1)) if se > 0 else float(mean == 0)
+        paired.update(sd=sd, se=se, ci=(mean - half, mean + half), p=p, seedsFor80=seedsForPower(mean, sd))
+    return paired
+
+
+def tTestPower(n, effect):
+    """Power of the two-sided paired t test at ALPHA with n seeds when the true mean difference is `effect` standard
+    deviations: P(|T| > t(1 - ALPHA/2, n-1)) for T noncentral t with n-1 degrees of freedom and noncentrality
+    effect * sqrt(n)."""
+    from scipy import stats
+
+    critical = stats.t.ppf(1 - ALPHA / 2, n - 1)
+    shift = effect * math.sqrt(n)
+    return float(stats.nct.sf(critical, n - 1, shift) + stats.nct.cdf(-critical, n - 1, shift))
+
+
+def seedsForPower(mean, sd):
+    """The fewest seeds (>= 2) at which the two-sided paired t test at 5% has 80% power, if the true mean difference
+    and its spread were the observed ones; None beyond MAX_SEEDS (or for a mean of 0)."""
+    if sd == 0:
+        return 2 if mean != 0 else None
+    effect = abs(mean) / sd
+    if effect == 0 or tTestPower(MAX_SEEDS, effect) < POWER:
+        return None
+    low, high = 1, 2  # power grows with n: double until it is reached, then bisect
+    while tTestPower(high, effect) < POWER:
+        low, high = high, high * 2
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if tTestPower(middle, effect) < POWER else (low, middle)
+    return high
+
+
+def holmAdjusted(pValues):
+    """Holm's step-down adjustment of the p values (None stays None) for testing them all at once: the k-th smallest
+    of m becomes max over j <= k of min(1, (m - j + 1) p_(j))."""
+    present = sorted((p, i) for i, p in enumerate(pValues) if p is not None)
+    adjusted, running = [None] * len(pValues), 0.0
+    for rank, (p, index) in enumerate(present):
+        running = max(running, min(1.0, (len(present) - rank) * p))
+        adjusted[index] = running
+    return adjusted
 
 
 def pairedComparisons(rows, args):
-    """(baseline comparisons, --pairs comparisons): lists of (label, paired difference or None)."""
+    """(baseline comparisons, --pairs comparisons): lists of (label, paired difference or None); every distinct
+    comparison of the two gets its Holm-adjusted p value ('pHolm') over all of them."""
     byLabel = {row["af"]: row for row in rows}
     againstBaseline = []
     if args.baseline:
@@ -483,6 +701,15 @@ def pairedComparisons(rows, args):
                            for row in rows if row is not base]
     pairs = [(f"{byLabel[a]['label']} − {byLabel[b]['label']}", pairedDifference(byLabel[a], byLabel[b]))
              for a, b in args.pairs]
+    distinct = {}
+    for label, paired in againstBaseline + pairs:
+        if paired is not None:
+            distinct.setdefault(label, paired)
+    for paired, adjusted in zip(distinct.values(), holmAdjusted([p["p"] for p in distinct.values()])):
+        paired["pHolm"] = adjusted
+    for label, paired in againstBaseline + pairs:
+        if paired is not None:
+            paired["pHolm"] = distinct[label]["pHolm"]
     return againstBaseline, pairs
 
 
@@ -492,64 +719,116 @@ def formatPaired(paired):
     return f"{paired['mean']:+.4f} ± {paired['se']:.4f}"
 
 
+def formatP(p):
+    return "–" if p is None else f"{p:.2g}" if p >= 0.001 else "<0.001"
+
+
+def formatSeeds(paired):
+    if paired["sd"] is None:
+        return "–"
+    return f"{paired['seedsFor80']:,}" if paired["seedsFor80"] is not None else f"> {MAX_SEEDS:,}"
+
+
+def verdict(paired):
+    """'resolved' (95% interval excludes 0), and whether it survives Holm's adjustment."""
+    if paired["p"] is None:
+        return "–"
+    if paired["p"] >= ALPHA:
+        return "not resolved"
+    return "resolved, holds after Holm" if paired["pHolm"] < ALPHA else "resolved, not after Holm"
+
+
 def pairedTable(title, comparisons, seeds):
-    """Markdown lines: one row per comparison, its Δ per seed, mean ± s.e., 95% interval and seeds won."""
+    """Markdown lines: one row per comparison, its Δ per seed, mean ± s.e., 95% interval, p, Holm's verdict, seeds
+    won and the seeds 80% power would need."""
     lines = ["", title, "",
-             "| difference | " + " | ".join(f"Δ seed {s}" for s in seeds) + " | mean Δ ± s.e. | 95% CI | won |",
-             "|---|" + "---:|" * (len(seeds) + 3)]
+             "| difference | " + " | ".join(f"Δ seed {s}" for s in seeds)
+             + " | mean Δ ± s.e. | 95% CI | p | verdict (Holm) | won | seeds for 80% power |",
+             "|---|" + "---:|" * (len(seeds) + 6)]
     for label, paired in comparisons:
         if paired is None:
-            lines.append(f"| {label} | " + " | ".join("–" for _ in seeds) + " | – | – | – |")
+            lines.append(f"| {label} | " + " | ".join("–" for _ in seeds) + " | – | – | – | – | – | – |")
             continue
         perSeed = dict(zip(paired["seeds"], paired["deltas"]))
         cells = [f"{perSeed[s]:+.4f}" if s in perSeed else "–" for s in seeds]
         ci = "[{:+.4f}, {:+.4f}]".format(*paired["ci"]) if paired["ci"] else "–"
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {formatPaired(paired)} | {ci} | "
-                     f"{paired['won']}/{len(paired['seeds'])} |")
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {formatPaired(paired)} | {ci} | {formatP(paired['p'])} "
+                     f"| {verdict(paired)} | {paired['won']}/{len(paired['seeds'])} | {formatSeeds(paired)} |")
+    return lines
+
+
+def phaseOneLines(args, trainerArgv, hp):
+    """Which seeds and corpora phase I trains on, for the table's header."""
+    if args.splinePhases != 2 or not any(hasPhaseOne(entry, 2) for entry in args.entries):
+        return []
+    seeds = [args.phase1SeedOffset + s for s in args.seeds]
+    lines = ["", f"Phase I of seed s trains with --seed {args.phase1SeedOffset} + s ({', '.join(map(str, seeds))}): "
+                 "no phase-I model starts from the weights or reads the data stream of a reported run."]
+    reportedCorpus = f"`{hp.filesTokensTr}` ({corpusName(hp.filesTokensTr) or 'unreadable'})"
+    corpora = {}
+    for entry in args.entries:
+        if hasPhaseOne(entry, 2):
+            data = entry["phase1Data"] or args.phase1Data
+            corpora.setdefault(data[0] if data else hp.filesTokensTr, []).append(entry["label"])
+    if len(corpora) > 1 or hp.filesTokensTr not in corpora:
+        lines += ["", f"Corpora: every reported run trains on {reportedCorpus}; phase I of "
+                  + "; of ".join(f"{', '.join(labels)} on `{glob}` ({corpusName(glob) or 'unreadable'})"
+                                 for glob, labels in corpora.items()) + "."]
     return lines
 
 
 def markdownTable(rows, args, trainerArgv, hp, failures):
-    finished = [row for row in rows if row["nDone"]]
-    best = min((meanStd(row["loss"])[0] for row in finished), default=None)
+    metric, finished = args.metric, [row for row in rows if row["nDone"]]
+    best = min((float(np.mean(row[metric])) for row in finished if row[metric] is not None), default=None)
     reference = next(row for row in rows if row["af"] == args.baseline) if args.baseline else rows[0]
-    baseline = meanStd(reference["loss"])[0] if reference["nDone"] else None
+    baseline = float(np.mean(reference[metric])) if reference["nDone"] and reference[metric] is not None else None
     lines = [f"# Activation-function comparison `{args.name}`", "",
              f"Every run: `trainLmAf.py {shlex.join(trainerArgv)}` plus its `--afType`, `--seed` and `--runName`; "
-             f"seeds {', '.join(map(str, args.seeds))}; {hp.nSteps} steps. Validation loss and accuracy of model 0 "
-             f"at the last step, mean ± std over seeds; Δ loss against {reference['label']}"
+             f"seeds {', '.join(map(str, args.seeds))}; {hp.nSteps} steps. Validation loss (nats per token), bits "
+             f"per byte of the validation text and accuracy of model 0 at the last step, mean ± std over seeds; "
+             f"Δ {METRICS[metric]} against {reference['label']}"
              + (" (the best fixed AF, --baseline best-fixed)" if args.bestFixed and args.baseline else "")
              + "; parameters per model "
              "(embeddings included)." + (f" Tokens/s with up to {args.jobs} runs side by side (--jobs)."
                                            if args.jobs > 1 else ""), "",
-             "| AF | params | val loss | Δ loss | val acc (%) | tokens/s | seeds |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             f"| AF | params | val loss | val bpb | Δ {METRICS[metric]} | val acc (%) | tokens/s | seeds |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         if not row["nDone"]:
-            lines.append(f"| {row['label']} | – | failed | – | – | – | 0/{row['nRuns']} |")
+            lines.append(f"| {row['label']} | – | failed | – | – | – | – | 0/{row['nRuns']} |")
             continue
-        loss = formatMeanStd(row["loss"], 4)
-        meanLoss = meanStd(row["loss"])[0]
-        if meanLoss == best and len(finished) > 1:
-            loss = f"**{loss}**"
-        delta = f"{meanLoss - baseline:+.4f}" if baseline is not None else "–"
+        cells = {name: formatMeanStd(row[name], 4) if row[name] is not None else "–" for name in METRICS}
+        value = float(np.mean(row[metric])) if row[metric] is not None else None
+        if value is not None and value == best and len(finished) > 1:
+            cells[metric] = f"**{cells[metric]}**"
+        delta = f"{value - baseline:+.4f}" if baseline is not None and value is not None else "–"
         speed = f"{meanStd(row['speed'])[0]:,.0f}"
-        lines.append(f"| {row['label']} | {row['params']:,} | {loss} | {delta} | {formatMeanStd(row['acc'], 2)} | "
-                     f"{speed} | {row['nDone']}/{row['nRuns']} |")
-    variants = [entry for entry in args.entries if entry["flags"] or entry["label"] != entry["af"]]
+        lines.append(f"| {row['label']} | {row['params']:,} | {cells['loss']} | {cells['bpb']} | {delta} | "
+                     f"{formatMeanStd(row['acc'], 2)} | {speed} | {row['nDone']}/{row['nRuns']} |")
+    variants = [entry for entry in args.entries if entry["flags"] or entry["label"] != entry["af"] or entry["loaded"]]
     if variants:
-        lines += ["", "Variants: " + "; ".join(f"`{e['label']}` = `{shlex.join(['--afType', e['af']] + e['flags'])}`"
-                                                 for e in variants) + "."]
+        lines += ["", "Variants: " + "; ".join(
+            f"`{e['label']}` = `{shlex.join(['--afType', e['af']] + e['flags'] + variantExtras(e))}`"
+            for e in variants) + "."]
     if args.splinePhases == 2:
         lines += ["", f"Phase II rows: splines learned by {args.splineModels} models in phase I (unless the variant "
                       "sets its own --nModels; runs NAME-AF-sSEED-phase1), then loaded frozen (--afLr 0)."]
+    lines += phaseOneLines(args, trainerArgv, hp)
     if any(entry["frozen"] and isSplineAf(entry["af"]) for entry in args.entries):
         lines += ["", "Frozen-init rows: the spline frozen at its --afInit shape from step 0 (--afLr 0, no phase I)."]
+    if any(entry["loaded"] for entry in args.entries):
+        lines += ["", "Loaded rows: the AFs of the variant's --afFileToLoad (each seed's own where it holds {seed}), "
+                      "frozen unless the variant gives --afLr, no phase I."]
     againstBaseline, pairs = pairedComparisons(rows, args)
-    pairedNote = ("Δ: final validation loss of the first row minus the second's on the same seed (same data order "
-                  "and initialisation); mean over seeds ± standard error (sample std / √n); 95% CI: the paired t "
-                  "test's interval, mean ± t(0.975, n−1) · s.e. (one that holds 0: the difference is within the "
-                  "seed-to-seed noise); won: seeds where the first row's loss is lower.")
+    pairedNote = (f"Δ: final {METRICS[metric]} of the first row minus the second's on the same seed (same data "
+                  "order and initialisation); mean over seeds ± standard error (sample std / √n); 95% CI: the "
+                  "paired t test's interval, mean ± t(0.975, n−1) · s.e., and p its two-sided p value (an interval "
+                  "that holds 0, p ≥ 0.05: not resolved, within the seed-to-seed noise); verdict (Holm): a resolved "
+                  f"difference that stays below 0.05 after Holm's adjustment for all {countComparisons(againstBaseline, pairs)} "
+                  "comparisons of this study holds after Holm, one that does not may be chance among many; won: "
+                  "seeds where the first row's value is lower; seeds for 80% power: the fewest seeds at which a "
+                  "paired t test (two-sided, 5%) detects a true difference of the observed mean and spread 4 times "
+                  "in 5 (noncentral t; the observed mean is itself uncertain, so read it as an order of magnitude).")
     if againstBaseline:
         bestFixed = ", the best fixed AF" if args.bestFixed else ""
         lines += pairedTable(f"Paired against {reference['label']}{bestFixed} (per seed). {pairedNote}",
@@ -562,14 +841,47 @@ def markdownTable(rows, args, trainerArgv, hp, failures):
     return "\n".join(lines) + "\n"
 
 
-def drawPaired(ax, comparisons, title):
-    """Paired differences as a dot plot: a row per comparison, each seed a dot, the mean a bar ± s.e. (grey when the
-    95% interval holds 0), 0 dashed; the right margin names mean ± s.e., the interval and the seeds won."""
+def variantExtras(entry):
+    """What a variant gives besides trainer flags: its loaded file, its phase-I corpus."""
+    extras = ["--afFileToLoad", entry["loaded"]] if entry["loaded"] else []
+    if entry["phase1Data"]:
+        extras += ["--phase1FilesTokensTr", entry["phase1Data"][0], "--phase1FilesTokensVa", entry["phase1Data"][1]]
+    return extras
+
+
+def countComparisons(againstBaseline, pairs):
+    return len({label for label, paired in againstBaseline + pairs if paired is not None and paired["p"] is not None})
+
+
+def splitOutliers(shown):
+    """(the comparisons at the scale of most, those far larger): a comparison whose largest |value| (seeds and
+    interval) is more than 4 times the 75th percentile of the others' goes to a panel of its own, so that it does
+    not squeeze the differences of interest."""
+    def extent(paired):
+        return max([abs(d) for d in paired["deltas"]] + ([abs(c) for c in paired["ci"]] if paired["ci"] else []))
+
+    near, far = list(shown), []
+    while len(near) > 2:
+        largest = max(near, key=lambda item: extent(item[1]))
+        others = [extent(item[1]) for item in near if item is not largest]
+        if extent(largest[1]) <= 4 * max(float(np.percentile(others, 75)), 1e-12):
+            break
+        near.remove(largest)
+        far.append(largest)
+    order = {id(item): i for i, item in enumerate(shown)}
+    return near, sorted(far, key=lambda item: order[id(item)])
+
+
+def drawPaired(ax, comparisons, title, metric="loss"):
+    """Paired differences as a dot plot: a row per comparison, each seed a dot, the mean a bar with the 95% interval
+    as whiskers (green or red when it excludes 0, grey when it holds 0; hatched marker when it does not survive
+    Holm), 0 dashed; the right margin names mean ± s.e., the interval, p after Holm and the seeds won."""
     shown = [(label, paired) for label, paired in comparisons if paired is not None]
     ax.set_title(title, fontsize=10)
     ax.axvline(0.0, color="grey", linestyle="--", linewidth=0.9)
     ax.grid(True, axis="x", alpha=0.3)
-    ax.set_xlabel("Δ final val loss (first − second, same seed); left of 0: the first is better")
+    ax.set_xlabel(f"Δ final {METRICS[metric]} (first − second, same seed; whiskers: 95% CI); left of 0: the first "
+                  "is better")
     if not shown:
         ax.text(0.5, 0.5, "no seed finished in both rows", transform=ax.transAxes, ha="center", va="center",
                 color="grey")
@@ -580,67 +892,98 @@ def drawPaired(ax, comparisons, title):
         color = "grey" if withinNoise else "tab:green" if paired["mean"] < 0 else "tab:red"
         ax.plot(paired["deltas"], [y] * len(paired["deltas"]), linestyle="none", marker="o", markersize=4,
                 color="dimgrey", alpha=0.7)
-        ax.errorbar(paired["mean"], y, xerr=paired["se"], fmt="|", markersize=14, markeredgewidth=2.2, color=color,
-                    ecolor=color, elinewidth=1.6, capsize=4)
+        if paired["ci"]:
+            ax.plot(paired["ci"], [y, y], color=color, linewidth=1.6)
+            ax.plot(paired["ci"], [y, y], color=color, linestyle="none", marker="|", markersize=8)
+        holds = paired.get("pHolm") is not None and paired["pHolm"] < ALPHA
+        ax.plot([paired["mean"]], [y], marker="D", markersize=6, color=color,
+                markerfacecolor=color if holds or withinNoise else "white", markeredgewidth=1.6)
         ci = "   95% CI [{:+.3f}, {:+.3f}]".format(*paired["ci"]) if paired["ci"] else ""
-        ax.annotate(f"{formatPaired(paired)}{ci}   won {paired['won']}/{len(paired['seeds'])}", (1.0, y),
+        holm = f"   p(Holm) {formatP(paired.get('pHolm'))}" if paired["p"] is not None else ""
+        ax.annotate(f"{formatPaired(paired)}{ci}{holm}   won {paired['won']}/{len(paired['seeds'])}", (1.0, y),
                     xycoords=("axes fraction", "data"), xytext=(6, 0), textcoords="offset points", va="center",
                     fontsize=8)
     ax.set_yticks(range(len(shown)), [label for label, _ in shown], fontsize=8)
     ax.set_ylim(len(shown) - 0.5, -0.5)
-    low = min(min(p["deltas"]) for _, p in shown)
-    high = max(max(p["deltas"]) for _, p in shown)
-    pad = 0.1 * max(high - low, 1e-3)
-    ax.set_xlim(min(low, 0.0) - pad, max(high, 0.0) + pad)
+    values = [v for _, p in shown for v in p["deltas"] + (list(p["ci"]) if p["ci"] else [])]
+    low, high = min(values + [0.0]), max(values + [0.0])
+    pad = 0.08 * max(high - low, 1e-3)
+    ax.set_xlim(low - pad, high + pad)
 
 
-def plotAfStudy(path, rows, title, pairedPanels=()):
-    """Validation loss over steps, one colour per AF: each seed thin, the mean over seeds thick; right panel
-    zooms on the last third of training, where the AFs' differences are small next to the early drop. Each of
-    pairedPanels, (comparisons, title) with paired comparisons (--baseline, --pairs), adds a full-width panel below
-    with their per-seed differences."""
+def rowStyles(rows, bestLabel):
+    """{label: (colour, linestyle)}: a colour each (tab10, tab20, then tab20 dashed), the best fixed AF black."""
     from matplotlib import colormaps
+
+    done = [row for row in rows if row["nDone"] and row["af"] != bestLabel]
+    colors = colormaps["tab10" if len(done) <= 10 else "tab20"].colors
+    styles = {row["af"]: (colors[i % len(colors)], "-" if i < len(colors) else "--") for i, row in enumerate(done)}
+    styles[bestLabel] = ("black", "-")
+    return styles
+
+
+def plotAfStudy(path, rows, title, pairedPanels=(), metric="loss", bestLabel=None):
+    """Validation curves of --metric, one colour per row: the mean over seeds, a band of ± one standard error
+    around it; right panel zooms on the last third of training, where the AFs' differences are small next to the
+    early drop; bestLabel (the best fixed AF) is drawn in black, in front. Each of pairedPanels, (comparisons,
+    title) with paired comparisons (--baseline, --pairs), adds a full-width panel below with their per-seed
+    differences; comparisons far larger than the rest get a panel of their own."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    panels = [(c, name) for c, name in pairedPanels if c]
-    heights = [0.9 + 0.32 * len(c) for c, _ in panels]
-    fig = Figure(figsize=(13, 5.4 + sum(heights)), layout="constrained")
+    panels = []
+    for comparisons, name in pairedPanels:
+        if not comparisons:
+            continue
+        near, far = splitOutliers([c for c in comparisons if c[1] is not None])
+        panels.append((near, name))
+        if far:
+            panels.append((far, f"{name}: the large differences, on their own scale"))
+    heights = [0.9 + 0.32 * max(len(c), 1) for c, _ in panels]
+    fig = Figure(figsize=(14, 5.6 + sum(heights)), layout="constrained")
     FigureCanvasAgg(fig)
     top = fig
     if panels:  # subfigures, so the paired panels' long labels do not narrow the curves above them
-        top, bottom = fig.subfigures(2, 1, height_ratios=[5.4, sum(heights)])
+        top, bottom = fig.subfigures(2, 1, height_ratios=[5.6, sum(heights)])
         for ax, (comparisons, name) in zip(np.atleast_1d(bottom.subplots(len(panels), 1, height_ratios=heights)),
                                            panels):
-            drawPaired(ax, comparisons, name)
+            drawPaired(ax, comparisons, name, metric)
     axFull, axZoom = top.subplots(1, 2)
-    colors = colormaps["tab10" if len(rows) <= 10 else "tab20"].colors
-    lastStep = max((d["val"][-1][0] for row in rows for d in row["runs"]), default=1)
+    column = {"loss": 1, "bpb": 3}[metric]
+    styles = rowStyles(rows, bestLabel)
+    curvesOf = {}
+    for row in rows:
+        curves = [np.asarray([(v[0], v[column]) for v in d["val"] if v[column] is not None], dtype=float)
+                  for d in row["runs"]]
+        curves = [c for c in curves if len(c)]
+        if row["nDone"] and curves:
+            curvesOf[row["af"]] = curves
+    lastStep = max((c[-1, 0] for curves in curvesOf.values() for c in curves), default=1)
     zoomFrom = lastStep * 2 / 3
     bounds = {"full": [], "zoom": []}
-    for i, row in enumerate(rows):
-        if not row["nDone"]:
-            continue
-        color = colors[i % len(colors)]
-        curves = [np.asarray([(s, loss) for s, loss, _ in d["val"]]) for d in row["runs"]]
+    for row in sorted((r for r in rows if r["af"] in curvesOf), key=lambda r: r["af"] == bestLabel):
+        curves, (color, linestyle) = curvesOf[row["af"]], styles[row["af"]]
         length = min(len(c) for c in curves)
         steps = curves[0][:length, 0]
-        mean = np.mean([c[:length, 1] for c in curves], axis=0)
-        marker = "o" if length <= 30 else None
-        label = f"{row['label']}: {formatMeanStd(row['loss'], 4)}"
+        values = np.array([c[:length, 1] for c in curves])
+        mean = values.mean(axis=0)
+        se = values.std(axis=0, ddof=1) / np.sqrt(len(values)) if len(values) > 1 else np.zeros_like(mean)
+        isBest = row["af"] == bestLabel
+        label = f"{row['label']}: {formatMeanStd(row[metric], 4)}" + (" (best fixed AF)" if isBest else "")
         for ax in (axFull, axZoom):
-            if len(curves) > 1:
-                for c in curves:
-                    ax.plot(c[:, 0], c[:, 1], color=color, linewidth=0.8, alpha=0.45)
-            ax.plot(steps, mean, color=color, linewidth=2.2, marker=marker, markersize=3.5,
+            ax.fill_between(steps, mean - se, mean + se, color=color, alpha=0.18, linewidth=0,
+                            zorder=3 if isBest else 1)
+            ax.plot(steps, mean, color=color, linestyle=linestyle, linewidth=2.6 if isBest else 1.6,
+                    marker="o" if length <= 30 else None, markersize=3, zorder=4 if isBest else 2,
                     label=label if ax is axFull else None)
         # The first evaluation (step 1, near log(vocab)) would squash everything else, so it sets no limits.
-        later = np.concatenate([c[1:, 1] if len(c) > 2 else c[:, 1] for c in curves])
+        later = mean[1:] if len(mean) > 2 else mean
         bounds["full"].append((later.min(), later.max()))
-        tail = np.concatenate([c[c[:, 0] >= zoomFrom, 1] for c in curves])
+        tail = mean[steps >= zoomFrom]
         bounds["zoom"].append((tail.min(), tail.max()) if tail.size else (later.min(), later.max()))
-    for ax, key, name in ((axFull, "full", "validation loss"),
-                          (axZoom, "zoom", "validation loss, last third of training")):
+    unit = {"loss": "loss (nats per token)", "bpb": "bits per byte"}[metric]
+    for ax, key, name in ((axFull, "full", f"validation {METRICS[metric][4:]}"),
+                          (axZoom, "zoom", f"validation {METRICS[metric][4:]}, last third of training")):
         if bounds[key]:
             low, high = min(b[0] for b in bounds[key]), max(b[1] for b in bounds[key])
             pad = 0.08 * (high - low) if high > low else 0.05
@@ -649,23 +992,15 @@ def plotAfStudy(path, rows, title, pairedPanels=()):
             ax.text(0.5, 0.5, "no finished runs", transform=ax.transAxes, ha="center", va="center", color="grey")
         ax.set_title(name)
         ax.set_xlabel("step")
-        ax.set_ylabel("loss")
+        ax.set_ylabel(unit)
         ax.grid(True, alpha=0.3)
     axZoom.set_xlim(zoomFrom - 0.02 * lastStep, lastStep * 1.02)
     if axFull.get_legend_handles_labels()[0]:
-        longest = max(len(r["label"]) for r in rows if r["nDone"])
-        top.legend(loc="outside lower center", ncols=min(4 if longest < 28 else 3, sum(1 for r in rows if r["nDone"])),
-                   frameon=False,
-                   title="AF: final val loss (mean ± std over seeds); thin lines: single seeds")
+        longest = max(len(r["label"]) for r in rows if r["af"] in curvesOf)
+        top.legend(loc="outside lower center", ncols=min(4 if longest < 28 else 3, len(curvesOf)), frameon=False,
+                   title=f"final {METRICS[metric]} (mean ± std over seeds); lines: mean over seeds, bands: ± s.e.")
     fig.suptitle(title, fontweight="bold")
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            fig.savefig(f, format="png", dpi=110)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomicWrite(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
 
 
 def writeText(path, text):
@@ -703,7 +1038,7 @@ def main(argv=None):
         print("interrupted: run the same command again to continue (finished runs are kept)", file=sys.stderr)
         return 130
     failures = [(run["runName"], run["failure"]) for run in runs if "failure" in run]
-    rows = summarize(runs, args.entries, args.splinePhases)
+    rows = summarize(runs, args.entries, args.splinePhases, args.metric)
     args.baseline = resolveBaseline(rows, args)
     stem = os.path.join(hp.dirResults, f"compare-{args.name}")
     table = markdownTable(rows, args, trainerArgv, hp, failures)
@@ -711,7 +1046,8 @@ def main(argv=None):
     againstBaseline, pairs = pairedComparisons(rows, args)
     baselineTitle = f"paired against {args.baseline}" + (", the best fixed AF" if args.bestFixed else "")
     plotAfStudy(stem + ".png", rows, f"{args.name}: {len(args.entries)} AFs x {len(args.seeds)} seeds",
-                   [(againstBaseline, baselineTitle), (pairs, "chosen pairs (--pairs)")])
+                [(againstBaseline, baselineTitle), (pairs, "chosen pairs (--pairs)")], args.metric,
+                bestFixedRow(rows, args))
     print(table)
     print(f"wrote {stem}.md and {stem}.png")
     if failures:

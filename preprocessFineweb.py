@@ -17,10 +17,8 @@ shard's text never shapes the vocabulary: the BPE learns from the text after a h
 and is trained again with a longer one until that beginning covers the whole validation shard.
 """
 import argparse
-import base64
 import collections
 import glob
-import hashlib
 import json
 import multiprocessing
 import os
@@ -28,27 +26,21 @@ import random
 import re
 import signal
 import sys
-import tempfile
 import time
 
 import numpy as np
 import tiktoken
-import tiktoken_ext.openai_public as openaiPublic
 from tqdm import tqdm
 
 import tokenShards
 import vocabulary
+from cliErrors import describeError
 
 FINEWEB_DATASET = "HuggingFaceFW/fineweb"
 FINEWEB_CONFIG = "sample-10BT"
 HUB_SHARDS_REPO = "kjj0/fineweb10B-gpt2"
 DEFAULT_SHARD_SIZE = 10**8
-EOT_ID = 50256  # <|endoftext|>, the document separator
-# tiktoken downloads r50k_base (the GPT-2 vocabulary) from this address and caches it under the sha1 of it
-R50K_URL = "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken"
-R50K_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
-# The same file, committed with the code (vocab/README.md: origin, licence), so that no network is needed
-SHIPPED_VOCAB_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "vocab", "r50k_base.tiktoken")
+EOT_ID = vocabulary.GPT2_EOT_ID  # <|endoftext|>, the document separator
 INPUT_TYPES = (".txt", ".jsonl", ".json", ".parquet")
 # Text per worker task: large enough that inter-process traffic is small next to tokenizing,
 # small enough that all workers stay busy and the last task does not dominate.
@@ -66,83 +58,11 @@ class PreprocessError(Exception):
     """A problem with the input, the vocabulary or the network; the message says what to do."""
 
 
-def describe(error, limit=120):
-    """The error's type and the start of its message, short enough for a one-line report."""
-    text = str(error).strip()
-    text = text.splitlines()[0] if text else ""
-    if len(text) > limit:
-        text = text[:limit].rstrip() + "..."
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
-
-
 def quietHubClients():
     # the hub client's retry warnings would bury the one error line
     from huggingface_hub.utils import logging as hubLogging
 
     hubLogging.set_verbosity_error()
-
-
-# ---------------------------------------------------------------- GPT-2 vocabulary
-
-def tiktokenCachePath():
-    """Where tiktoken caches its download of r50k_base, computed as tiktoken.load does; None when its cache is off."""
-    cacheDir = os.environ.get("TIKTOKEN_CACHE_DIR", os.environ.get("DATA_GYM_CACHE_DIR"))
-    if cacheDir == "":  # tiktoken reads "" as "no cache"
-        return None
-    return os.path.join(cacheDir or os.path.join(tempfile.gettempdir(), "data-gym-cache"), hashlib.sha1(R50K_URL.encode()).hexdigest())
-
-
-def isGpt2Vocabulary(path):
-    try:
-        with open(path, "rb") as f:
-            return hashlib.sha256(f.read()).hexdigest() == R50K_SHA256
-    except OSError:
-        return False
-
-
-def vocabularyFromFile(path, origin):
-    """Encoding arguments from a .tiktoken file, refused unless it is byte for byte GPT-2's."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise PreprocessError(f"cannot read {origin} {path} ({e.strerror})") from None
-    if hashlib.sha256(data).hexdigest() != R50K_SHA256:
-        raise PreprocessError(f"{origin} {path} is not the GPT-2 vocabulary (its sha256 is not r50k_base's {R50K_SHA256[:8]}...)")
-    # the .tiktoken format: one "base64(token bytes) rank" per line
-    ranks = {}
-    for line in data.splitlines():
-        if line:
-            token, rank = line.split()
-            ranks[base64.b64decode(token)] = int(rank)
-    return {"name": "r50k_base", "pat_str": openaiPublic.r50k_pat_str, "mergeable_ranks": ranks,
-            "special_tokens": {"<|endoftext|>": EOT_ID}, "explicit_n_vocab": EOT_ID + 1}
-
-
-def loadVocabulary(vocabFile):
-    """Constructor arguments of the GPT-2 tiktoken Encoding and a line saying where the vocabulary came from.
-
-    In order: --vocab_file; tiktoken's cache; the copy shipped in vocab/ (no network needed); tiktoken's
-    download, the last resort for a checkout whose copy is missing or damaged.
-    """
-    if vocabFile:
-        try:
-            return vocabularyFromFile(vocabFile, "--vocab_file"), f"--vocab_file {vocabFile}"
-        except PreprocessError as e:
-            raise PreprocessError(f"{e}; give a copy of r50k_base.tiktoken (gpt2.tiktoken), or leave out --vocab_file to use {SHIPPED_VOCAB_FILE}") from None
-    cachePath = tiktokenCachePath()
-    # only a correct cache entry: tiktoken would delete a damaged one and download, which needs the network
-    if cachePath and isGpt2Vocabulary(cachePath):
-        return openaiPublic.r50k_base(), f"tiktoken cache {cachePath}"
-    try:
-        return vocabularyFromFile(SHIPPED_VOCAB_FILE, "shipped copy"), f"shipped copy {SHIPPED_VOCAB_FILE}"
-    except PreprocessError as e:
-        shippedProblem = e
-    try:
-        params = openaiPublic.r50k_base()
-    except Exception as e:
-        raise PreprocessError(f"cannot get the GPT-2 vocabulary: {shippedProblem}, and tiktoken cannot download it ({describe(e)}); restore the shipped copy (git checkout -- vocab/r50k_base.tiktoken) or pass --vocab_file PATH to a copy of r50k_base.tiktoken") from None
-    return params, f"downloaded by tiktoken from {R50K_URL} (the shipped copy is unusable: {shippedProblem})"
 
 
 # One tokenizer per process: set by initWorker (called directly when --num_proc 1, else via initPoolWorker).
@@ -229,14 +149,14 @@ def fineWebDocuments():
     try:
         dataset = datasets.load_dataset(FINEWEB_DATASET, name=FINEWEB_CONFIG, split="train", streaming=True)
     except Exception as e:
-        raise PreprocessError(f"cannot open {where} on the Hugging Face hub ({describe(e)}); check the network, or use --from_hub or --input") from None
+        raise PreprocessError(f"cannot open {where} on the Hugging Face hub ({describeError(e)}); check the network, or use --from_hub or --input") from None
 
     def texts():
         try:
             for row in dataset:
                 yield row["text"]
         except Exception as e:
-            raise PreprocessError(f"streaming {where} from the Hugging Face hub failed ({describe(e)}); check the network and re-run (complete shards are kept)") from None
+            raise PreprocessError(f"streaming {where} from the Hugging Face hub failed ({describeError(e)}); check the network and re-run (complete shards are kept)") from None
 
     return texts()
 
@@ -507,7 +427,7 @@ def preprocess(args):
         trained = trainCorpusVocabulary(openDocuments, args)
         encoder, mark = ("bpe", trained), (trained.size, trained.fingerprint)
     else:
-        encodingParams, source = loadVocabulary(args.vocab_file)
+        encodingParams, source = vocabulary.loadGpt2Vocabulary(args.vocab_file)
         print(f"GPT-2 vocabulary: {source}")
         encoder, mark = ("gpt2", encodingParams), None
     os.makedirs(args.outDir, exist_ok=True)
@@ -552,7 +472,7 @@ def downloadFromHub(args):
         try:
             files = list_repo_files(HUB_SHARDS_REPO, repo_type="dataset")
         except Exception as e:
-            raise PreprocessError(f"cannot list {where} ({describe(e)}); check the network") from None
+            raise PreprocessError(f"cannot list {where} ({describeError(e)}); check the network") from None
         # val (index 0) first, then training shards by index
         names = sorted((f for f in files if re.fullmatch(r"fineweb_(val|train)_\d{6}\.bin", f)), key=lambda f: f[-10:])
     os.makedirs(args.outDir, exist_ok=True)
@@ -569,10 +489,10 @@ def downloadFromHub(args):
             path = hf_hub_download(HUB_SHARDS_REPO, name, repo_type="dataset", local_dir=args.outDir, force_download=args.overwrite)
         except EntryNotFoundError as e:
             if isinstance(e, LocalEntryNotFoundError):  # raised when the hub cannot be reached
-                raise PreprocessError(f"cannot download {name} from {where} ({describe(e)}); check the network") from None
+                raise PreprocessError(f"cannot download {name} from {where} ({describeError(e)}); check the network") from None
             raise PreprocessError(f"{where} has no file {name}; lower --n_shards") from None
         except Exception as e:
-            raise PreprocessError(f"cannot download {name} from {where} ({describe(e)}); check the network") from None
+            raise PreprocessError(f"cannot download {name} from {where} ({describeError(e)}); check the network") from None
         print(f"downloaded {path} ({tokenShards.readShardHeader(path):,} tokens)")
 
 

@@ -19,6 +19,7 @@ from afFiles import atomicWrite
 from attention import FLEX_MASK_BLOCK
 from runPlan import ConfigError, compileBackend, splitAfType, splitScoreType
 from tokenShards import readShardHeader
+from vocabulary import GPT2_NAME
 
 PLOT_LABELS = {"tr": "loss/acc", "af": "AF", "act": "act"}  # in the original's 'Saving plot (...)' lines
 
@@ -94,11 +95,11 @@ class RunLog:
 
 
 class MetricsFile:
-    """metrics-RUN.csv: one row per report (step, model, split, loss, accuracy, lr, trainSeconds, tokens), for
-    pandas rather than parsing logs. A resumed run first drops the rows after its checkpoint's step (they are
+    """metrics-RUN.csv: one row per report (step, model, split, loss, accuracy, lr, trainSeconds, tokens, and bpb:
+    validation bits per byte, empty in training rows), for pandas rather than parsing logs. A resumed run first drops the rows after its checkpoint's step (they are
     trained again), then appends; MetricsFile(None) (a non-main torchrun process) writes nothing."""
 
-    COLUMNS = ("step", "model", "split", "loss", "accuracy", "lr", "trainSeconds", "tokens")
+    COLUMNS = ("step", "model", "split", "loss", "accuracy", "lr", "trainSeconds", "tokens", "bpb")
 
     def __init__(self, path, resumeStep, tracker=None):
         self.file, self.tracker = None, tracker or trackers.NoTracker()  # every row also goes to the tracker
@@ -118,10 +119,10 @@ class MetricsFile:
             writer.writeheader()
             writer.writerows(rows)
 
-    def write(self, step, model, split, loss, accuracy, lr, trainSeconds, tokens):
+    def write(self, step, model, split, loss, accuracy, lr, trainSeconds, tokens, bpb=None):
         if self.file is not None:
             self.writer.writerow([step, model, split, f"{loss:.6f}", f"{accuracy:.6f}", f"{lr:.6g}",
-                                  f"{trainSeconds:.3f}", tokens])
+                                  f"{trainSeconds:.3f}", tokens, "" if bpb is None else f"{bpb:.6f}"])
             self.file.flush()
         self.tracker.write(step, model, split, loss, accuracy, lr, trainSeconds, tokens)
 
@@ -177,8 +178,8 @@ def parameterReport(model, nModels):
     return lines, trainable, frozen
 
 
-def headerLines(hp, printedAs, forced, device, trFiles, vaFiles, nValidationSequences, vocabulary, vocabSize, model,
-                optimizer, afOptimizer, afNotes, kernelLines, startSteps, modelsPerPass, modelsPerPassNote):
+def headerLines(hp, printedAs, forced, device, trFiles, vaFiles, nValidationSequences, vaBytes, vocabulary, vocabSize,
+                model, optimizer, afOptimizer, afNotes, kernelLines, startSteps, modelsPerPass, modelsPerPassNote):
     """The log's header after the hyperparameters' block, as (line, shown on the terminal too)."""
     lines = [(line, True) for line in hyperparameterLines(hp, printedAs)]
     lines += [(SEPARATOR, True), (f"==== trainLmAf.py  {datetime.datetime.now():%Y-%m-%d %H:%M:%S}  run '{hp.runName}'",
@@ -190,6 +191,9 @@ def headerLines(hp, printedAs, forced, device, trFiles, vaFiles, nValidationSequ
     if vaFiles:
         text.append(f"Validation data: {len(vaFiles)} files, {nValidationSequences * hp.seqLength:,} tokens used per "
                     f"evaluation ({nValidationSequences} sequences; {hp.filesTokensVa})")
+        text.append(f"Validation bytes: {vaBytes:,} UTF-8 bytes of text in the {nValidationSequences * hp.seqLength:,} "
+                    f"predicted tokens ({vocabulary.name if vocabulary else GPT2_NAME}; <|endoftext|> 0 bytes): "
+                    "bpbVa = lossVa x tokens / (bytes x ln 2)")
     else:
         text.append("Validation data: none (--filesTokensVa is empty)")
     if vocabulary:
@@ -379,9 +383,13 @@ class Outputs:
         for name, value in magnitudes:
             self.log(self.prefix(step) + f"|{name}| mean {value:.4f}", terminal=False)
 
-    def validationReport(self, step, loss, accuracy, lr, trainSeconds, tokens):
-        self.metrics.write(step, 0, "val", loss, accuracy, lr, trainSeconds, tokens)
+    def validationReport(self, step, loss, accuracy, bpb, lr, trainSeconds, tokens):
+        """The original's validation line, then bits per byte (bpb: None when the validation tokens hold no text)."""
+        self.metrics.write(step, 0, "val", loss, accuracy, lr, trainSeconds, tokens, bpb)
         self.log(self.prefix(step) + f"lossVa {loss:.4f}   accVa {100 * accuracy:.1f}")
+        if bpb is not None:
+            self.log(self.prefix(step) + f"bpbVa {bpb:.4f}")
+            self.tracker.scalars(step, {"val/bpb": bpb})
 
     def peakMemory(self, step, peakBytes):
         """The peak CUDA memory since the last such line, in GiB, as the original prints it."""

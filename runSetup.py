@@ -30,6 +30,7 @@ class RunData:
     vocabSize: int
     streams: list  # this process's TokenStreams: one per model, or one shared
     vaSequences: object  # [n, seqLength+1] numpy, or None without validation
+    vaBytes: int  # UTF-8 bytes of the text the validation targets stand for (0 without validation)
     forced: list  # forced-value notes for the header
 
 
@@ -47,7 +48,8 @@ def loadData(hp, given, modelRange, dataParallel, resume):
     streamIndices = [0] if hp.sameDataAcrossModels or dataParallel else range(*modelRange)
     streams = [TokenStream(trFiles, hp.seqLength, hp.seed, i, hp.shuffleTrData) for i in streamIndices]
     vaSequences = validationSequences(vaFiles, hp.seqLength, hp.nTokensVa) if vaFiles else None
-    return RunData(trFiles, vaFiles, corpusVocabulary, vocabSize, streams, vaSequences, forced)
+    vaBytes = int(vocabulary.tokenByteCounts(corpusVocabulary)[vaSequences[:, 1:]].sum()) if vaFiles else 0
+    return RunData(trFiles, vaFiles, corpusVocabulary, vocabSize, streams, vaSequences, vaBytes, forced)
 
 
 def adoptCorpusVocabulary(hp, given, corpusVocabulary):

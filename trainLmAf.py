@@ -34,6 +34,7 @@ from runSetup import buildOptimizers, buildRunModel, loadData, seedEverything
 from runState import RunState
 from stopping import StopSignals, agreeAcrossProcesses, releaseGradients
 from tokenShards import ShardError
+from vocabulary import bitsPerByte
 
 
 # ----------------------------------------------------------------------------------------------
@@ -213,8 +214,8 @@ class Trainer:
         seedEverything(hp.seed)
         data = loadData(hp, self.given, (self.firstModel, self.stopModel), self.dataParallel, resume)
         self.forced += data.forced
-        self.trFiles, self.vaFiles, self.vaSequences, self.streams = data.trFiles, data.vaFiles, data.vaSequences, \
-            data.streams
+        self.trFiles, self.vaFiles, self.vaSequences, self.vaBytes, self.streams = data.trFiles, data.vaFiles, \
+            data.vaSequences, data.vaBytes, data.streams
         self.vocabulary, self.vocabSize = data.corpusVocabulary, data.vocabSize
         built = buildRunModel(hp, self.vocabSize, self.device, (self.firstModel, self.stopModel), resume)
         self.model, self.startValues, self.afNotes, self.afInputRange = built.model, built.startValues, \
@@ -372,8 +373,10 @@ class Trainer:
         hp, state = self.hp, self.state
         loss, accuracy = self.passes.validation(self.vaSequences)
         state.history["val"].append((state.step, loss, accuracy))
-        self.outputs.validationReport(state.step, loss, accuracy, learningRate(hp, 0, state.step - 1, self.startSteps),
-                                      state.trainSeconds, self.tokensOf(0))
+        bpb = bitsPerByte(loss, self.vaSequences[:, 1:].size, self.vaBytes) if self.vaBytes else None
+        self.outputs.validationReport(state.step, loss, accuracy, bpb,
+                                      learningRate(hp, 0, state.step - 1, self.startSteps), state.trainSeconds,
+                                      self.tokensOf(0))
 
     def tokensOf(self, model):
         return tokensSeen(self.hp, model, self.state.step, self.startSteps, self.processesSharingData)
@@ -470,7 +473,8 @@ class Trainer:
         kernel = kernelLines(self.model, self.device, self.hp, passes.attentionNotes, passes.compiledVariants)
         return runOutputs.headerLines(
             self.hp, self.printedAs, self.forced, self.device, self.trFiles, self.vaFiles,
-            len(self.vaSequences) if self.vaSequences is not None else 0, self.vocabulary, self.vocabSize, self.model,
+            len(self.vaSequences) if self.vaSequences is not None else 0, self.vaBytes, self.vocabulary, self.vocabSize,
+            self.model,
             self.optimizer, self.afOptimizer, self.afNotes, kernel, self.startSteps, self.modelsPerPass,
             self.modelsPerPassNote)
 

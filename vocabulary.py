@@ -7,12 +7,19 @@ GPT-2's pre-tokenizing regex, <|endoftext|> a special token (id 0) that separate
 first 16 bytes of the SHA-256 of what decides the ids (normalizer, pre-tokenizer, model, added tokens), so the same
 vocabulary saved with other formatting keeps its fingerprint.
 """
+import base64
 import hashlib
 import json
+import math
 import os
+import tempfile
 from dataclasses import dataclass
 
+import numpy as np
+import tiktoken_ext.openai_public as openaiPublic
+
 import tokenShards
+from cliErrors import describeError
 
 TOKENIZER_FILE = "tokenizer.json"
 EOT_TEXT = "<|endoftext|>"
@@ -20,10 +27,85 @@ N_BYTES = 256
 MIN_VOCAB_SIZE = N_BYTES + 1  # every byte and <|endoftext|>
 MAX_VOCAB_SIZE = tokenShards.MAX_TOKEN_ID  # shards store ids as uint16
 GPT2_NAME = "GPT-2 (r50k_base)"
+GPT2_EOT_ID = 50256  # <|endoftext|>, the document separator
+# tiktoken downloads r50k_base (the GPT-2 vocabulary) from this address and caches it under the sha1 of it
+R50K_URL = "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken"
+R50K_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
+# The same file, committed with the code (vocab/README.md: origin, licence), so that no network is needed
+SHIPPED_VOCAB_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "vocab", "r50k_base.tiktoken")
 
 
 class VocabularyError(tokenShards.ShardError):
     """A missing, damaged or mismatched tokenizer.json, or shards of different vocabularies; one line."""
+
+
+# ----------------------------------------------------------------------------------------------
+# GPT-2's vocabulary (tiktoken r50k_base)
+
+
+def tiktokenCachePath():
+    """Where tiktoken caches its download of r50k_base, computed as tiktoken.load does; None when its cache is off."""
+    cacheDir = os.environ.get("TIKTOKEN_CACHE_DIR", os.environ.get("DATA_GYM_CACHE_DIR"))
+    if cacheDir == "":  # tiktoken reads "" as "no cache"
+        return None
+    return os.path.join(cacheDir or os.path.join(tempfile.gettempdir(), "data-gym-cache"), hashlib.sha1(R50K_URL.encode()).hexdigest())
+
+
+def isGpt2Vocabulary(path):
+    try:
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest() == R50K_SHA256
+    except OSError:
+        return False
+
+
+def gpt2VocabularyFromFile(path, origin):
+    """Encoding arguments from a .tiktoken file, refused unless it is byte for byte GPT-2's."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise VocabularyError(f"cannot read {origin} {path} ({e.strerror})") from None
+    if hashlib.sha256(data).hexdigest() != R50K_SHA256:
+        raise VocabularyError(f"{origin} {path} is not the GPT-2 vocabulary (its sha256 is not r50k_base's {R50K_SHA256[:8]}...)")
+    # the .tiktoken format: one "base64(token bytes) rank" per line
+    ranks = {}
+    for line in data.splitlines():
+        if line:
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+    return {"name": "r50k_base", "pat_str": openaiPublic.r50k_pat_str, "mergeable_ranks": ranks,
+            "special_tokens": {"<|endoftext|>": GPT2_EOT_ID}, "explicit_n_vocab": GPT2_EOT_ID + 1}
+
+
+def loadGpt2Vocabulary(vocabFile):
+    """Constructor arguments of the GPT-2 tiktoken Encoding and a line saying where the vocabulary came from.
+
+    In order: --vocab_file; tiktoken's cache; the copy shipped in vocab/ (no network needed); tiktoken's
+    download, the last resort for a checkout whose copy is missing or damaged.
+    """
+    if vocabFile:
+        try:
+            return gpt2VocabularyFromFile(vocabFile, "--vocab_file"), f"--vocab_file {vocabFile}"
+        except VocabularyError as e:
+            raise VocabularyError(f"{e}; give a copy of r50k_base.tiktoken (gpt2.tiktoken), or leave out --vocab_file to use {SHIPPED_VOCAB_FILE}") from None
+    cachePath = tiktokenCachePath()
+    # only a correct cache entry: tiktoken would delete a damaged one and download, which needs the network
+    if cachePath and isGpt2Vocabulary(cachePath):
+        return openaiPublic.r50k_base(), f"tiktoken cache {cachePath}"
+    try:
+        return gpt2VocabularyFromFile(SHIPPED_VOCAB_FILE, "shipped copy"), f"shipped copy {SHIPPED_VOCAB_FILE}"
+    except VocabularyError as e:
+        shippedProblem = e
+    try:
+        params = openaiPublic.r50k_base()
+    except Exception as e:
+        raise VocabularyError(f"cannot get the GPT-2 vocabulary: {shippedProblem}, and tiktoken cannot download it ({describeError(e)}); restore the shipped copy (git checkout -- vocab/r50k_base.tiktoken) or pass --vocab_file PATH to a copy of r50k_base.tiktoken") from None
+    return params, f"downloaded by tiktoken from {R50K_URL} (the shipped copy is unusable: {shippedProblem})"
+
+
+# ----------------------------------------------------------------------------------------------
+# A corpus BPE (tokenizer.json)
 
 
 def fingerprint(tokenizerJson):
@@ -144,3 +226,41 @@ def trainBpe(texts, vocabSize, showProgress):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tokenizer.train_from_iterator(texts, trainer)
     return tokenizer
+
+
+# ----------------------------------------------------------------------------------------------
+# Bytes per token: bits per byte, a loss that vocabularies share
+
+
+def byteLevelAlphabet():
+    """{character: byte} of the byte-level BPEs (GPT-2's and the corpus BPE): the printable bytes stand for
+    themselves, every other byte for the next unused character from U+0100 on."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    others = [b for b in range(N_BYTES) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(N_BYTES + i): b for i, b in enumerate(others)}}
+
+
+def tokenByteCounts(corpusVocabulary):
+    """UTF-8 bytes of the text each token id stands for, as an int64 array over every id a shard can hold (uint16):
+    a corpus BPE's from its tokenizer.json, GPT-2's from its .tiktoken file (corpusVocabulary None). Special tokens
+    (<|endoftext|>, put between documents by the preprocessing, no part of the text) count 0, as do ids no
+    vocabulary holds."""
+    counts = np.zeros(tokenShards.MAX_TOKEN_ID + 1, dtype=np.int64)
+    if corpusVocabulary is None:
+        params, _ = loadGpt2Vocabulary(None)
+        for token, rank in params["mergeable_ranks"].items():
+            counts[rank] = len(token)
+        return counts
+    alphabet = byteLevelAlphabet()
+    spec = json.loads(corpusVocabulary.json)
+    for token, tokenId in spec["model"]["vocab"].items():
+        counts[tokenId] = len(token) if all(c in alphabet for c in token) else len(token.encode("utf-8"))
+    for special in spec.get("added_tokens") or []:
+        counts[special["id"]] = 0
+    return counts
+
+
+def bitsPerByte(loss, nTokens, nBytes):
+    """Mean loss in nats per token over nTokens predicted tokens that decode to nBytes bytes, in bits per byte."""
+    return loss * nTokens / (nBytes * math.log(2))

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The learned-AF study: fixed ReLU², GELU and SwiGLU against phase-II splines from four phase-I recipes (the default
 # start; a start at ReLU²; a start at ReLU² with the smoothness prior, strong and weak), with controls: each start
-# frozen as it is (no phase I), phase I with a single model, and the ReLU² start with a knot at 0 (--afNAnchors 65)
-# and its frozen control; 3 seeds; a table of paired per-seed differences (against the best fixed AF, and each
-# recipe against its controls) and a plot.
+# frozen as it is (no phase I), phase I with a single model, the ReLU² start with a knot at 0 (--afNAnchors 65) and
+# its frozen control, and the default start with a spline in the MLP only (att-linear, as the fixed rows) and its
+# frozen control; 3 seeds (phase I of seed s on seed 1234 + s); a table of paired per-seed differences (against the
+# best fixed AF, and each recipe against its controls) and a plot.
 #
 #   bash recipes/studyLearnedAfs.sh CORPUS [OUTDIR] [--preset medium] [--vocabSize N] [--contiguousData]
 #                                   [more compareAfs.py / trainLmAf.py flags]
@@ -64,6 +65,8 @@ python "$repo/compareAfs.py" --name study --seeds 0,1,2 --splinePhases 2 --splin
     --variant "spline-relu2-smooth1e-5=spline;att-spline --afInit relu2;att-linear --afSmoothness 0.00001" \
     --variant "spline-relu2-knot0=spline;att-spline --afInit relu2;att-linear --afNAnchors 65" \
     --variant "spline-relu2-knot0-frozen=spline;att-spline --afInit relu2;att-linear --afNAnchors 65 --afLr 0" \
+    --variant "spline-mlp=spline;att-linear" \
+    --variant "spline-mlp-frozen=spline;att-linear --afLr 0" \
     --baseline best-fixed \
     --pairs spline:spline-frozen --pairs spline:spline-1model \
     --pairs spline-relu2:spline-relu2-frozen --pairs spline-relu2:spline-relu2-1model \
@@ -71,5 +74,6 @@ python "$repo/compareAfs.py" --name study --seeds 0,1,2 --splinePhases 2 --splin
     --pairs spline-relu2-knot0:spline-relu2-knot0-frozen --pairs spline-relu2-knot0:spline-relu2 \
     --pairs spline-relu2-knot0-frozen:spline-relu2-frozen \
     --pairs spline-relu2-frozen:relu2 --pairs spline-relu2-knot0-frozen:relu2 \
+    --pairs spline-mlp:spline-mlp-frozen --pairs spline:spline-mlp \
     --filesTokensTr "$out/data/fineweb_train_*.bin" --filesTokensVa "$out/data/fineweb_val_*.bin" --dirResults "$out" \
     "${size[@]}" --afLayerSpecific 0 --lr 0.002 --nTokensVa 16384 --plottingLevel 1 "${rest[@]}"

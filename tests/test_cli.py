@@ -44,9 +44,10 @@ def testPhase1Outputs(phase1):
     lines = (results / "log-p1.txt").read_text().splitlines()
     final = [line for line in lines if line.startswith("Step 9/9 ") and "   model " not in line]
     assert final[0].startswith("Step 9/9   lossVa ") and "accVa" in final[0]
-    assert final[1].startswith("Step 9/9   lossTr ") and "s/step" in final[1]
-    assert final[2].startswith("Step 9/9   Activation magnitudes (2): ") and len(final[2].split(":")[1].split()) == 4
-    assert final[3].startswith("Step 9/9   Activation magnitudes (3): ") and len(final[3].split(":")[1].split()) == 4
+    assert final[1].startswith("Step 9/9   bpbVa ")
+    assert final[2].startswith("Step 9/9   lossTr ") and "s/step" in final[2]
+    assert final[3].startswith("Step 9/9   Activation magnitudes (2): ") and len(final[3].split(":")[1].split()) == 4
+    assert final[4].startswith("Step 9/9   Activation magnitudes (3): ") and len(final[4].split(":")[1].split()) == 4
     assert any(line.startswith("Phase I: 3 models, start steps [0, 3, 6]; 3 models per pass") for line in lines)
     assert "Step 7/9   model 2   lossTr" in "\n".join(lines)  # model 2 started at step 6 (0-based)
     assert "\r" not in (results / "log-p1.txt").read_text()  # the progress bar stays out of the log

@@ -41,9 +41,10 @@ def testTwoAfsOneSeed(tinyData, tmp_path, capfd):
     assert [row.split("|")[1].strip() for row in rows] == ["gelu", "swiglu"]
     for row in rows:
         cells = [c.strip() for c in row.split("|")[1:-1]]
-        params, loss, acc, seeds = int(cells[1].replace(",", "")), float(cells[2].strip("*")), float(cells[4]), cells[6]
-        assert params > 0 and 0 < loss < 20 and 0 <= acc <= 100 and seeds == "1/1"
-        assert float(cells[5].replace(",", "")) > 0  # tokens/s
+        params, loss, bpb, acc, seeds = int(cells[1].replace(",", "")), float(cells[2].strip("*")), float(cells[3]), \
+            float(cells[5]), cells[7]
+        assert params > 0 and 0 < loss < 20 and 0 < bpb < loss and 0 <= acc <= 100 and seeds == "1/1"
+        assert float(cells[6].replace(",", "")) > 0  # tokens/s
     # gated MLP: 3*D*64 = 6,144 per layer instead of 8*D^2 = 8,192 at dimEmb 32, 2 layers
     gelu, swiglu = (int(row.split("|")[2].strip().replace(",", "")) for row in rows)
     assert gelu - swiglu == 2 * (8192 - 6144)
@@ -127,8 +128,14 @@ def testReadRunTakesTheMetricsCsvAndTheLogsLastParameterCount(tmp_path):
                                             "1,0,train,8.600000,0.010000,0.0003,1.250,32\n"
                                             "1,1,train,8.700000,0.010000,0.0003,1.250,32\n"
                                             "4,0,val,7.250000,0.040000,0.0001,4.500,128\n")
-    assert compareAfs.readRun(str(tmp_path), "x", 4) == {"params": 1239, "val": [(1, 8.5, 0.015), (4, 7.25, 0.04)],
+    assert compareAfs.readRun(str(tmp_path), "x", 4) == {"params": 1239, "val": [(1, 8.5, 0.015, None),
+                                                                                 (4, 7.25, 0.04, None)],
                                                         "trainSeconds": 4.5, "complete": True}
+    # the bits-per-byte column of newer runs
+    (tmp_path / "metrics-y.csv").write_text("step,model,split,loss,accuracy,lr,trainSeconds,tokens,bpb\n"
+                                            "4,0,val,7.250000,0.040000,0.0001,4.500,128,2.500000\n"
+                                            "4,0,train,7.300000,0.040000,0.0001,4.500,128,\n")
+    assert compareAfs.readRun(str(tmp_path), "y", 4)["val"] == [(4, 7.25, 0.04, 2.5)]
     assert compareAfs.readRun(str(tmp_path), "x", 5)["complete"] is False
     assert compareAfs.readRun(str(tmp_path), "missing", 4) is None
 
@@ -226,22 +233,44 @@ def testPairedStatisticsMatchAHandComputation(tmp_path, capsys, monkeypatch):
     # sp-frozen - relu2 (seeds 0, 1): -0.2, -0.25: mean -0.225, std 0.035355, s.e. 0.025
     # sp - sp-frozen (seeds 0, 1): -0.1, +0.05: mean -0.025, std 0.106066, s.e. 0.075
     # gelu - sp-frozen (seeds 0, 1): +0.1, +0.35: mean +0.225, std 0.176777, s.e. 0.125
-    # 95% CI: mean ± t(0.975, n-1) s.e., t = 4.303 for 3 seeds, 12.706 for 2: gelu - relu2 -0.0333 ± 0.2869;
+    # 95% CI: mean ± t(0.975, n-1) s.e., t = 4.3027 for 3 seeds, 12.7062 for 2: gelu - relu2 -0.0333 ± 0.2868;
     # sp - relu2 -0.1833 ± 0.3126; sp-frozen - relu2 -0.225 ± 0.3177; sp - sp-frozen -0.025 ± 0.9530;
     # gelu - sp-frozen +0.225 ± 1.5883
-    for line in ("| gelu − relu2 | -0.1000 | +0.1000 | -0.1000 | -0.0333 ± 0.0667 | [-0.3202, +0.2535] | 2/3 |",
-                 "| sp (phase II) − relu2 | -0.3000 | -0.2000 | -0.0500 | -0.1833 ± 0.0726 | [-0.4959, +0.1293] "
-                 "| 3/3 |",
-                 "| sp-frozen (frozen init) − relu2 | -0.2000 | -0.2500 | – | -0.2250 ± 0.0250 "
-                 "| [-0.5426, +0.0926] | 2/2 |",
-                 "| sp (phase II) − sp-frozen (frozen init) | -0.1000 | +0.0500 | – | -0.0250 ± 0.0750 "
-                 "| [-0.9779, +0.9279] | 1/2 |",
-                 "| gelu − sp-frozen (frozen init) | +0.1000 | +0.3500 | – | +0.2250 ± 0.1250 "
-                 "| [-1.3632, +1.8132] | 0/2 |"):
-        assert line in table
+    from scipy import stats
+
+    def p(deltas):  # scipy's own one-sample t test of the per-seed differences
+        return stats.ttest_1samp(deltas, 0.0).pvalue
+
+    # Holm over the 5 distinct comparisons: p values sorted, the k-th smallest times (5 - k + 1), running maximum
+    pValues = {"gelu − relu2": p([-0.1, 0.1, -0.1]), "sp (phase II) − relu2": p([-0.3, -0.2, -0.05]),
+               "sp-frozen (frozen init) − relu2": p([-0.2, -0.25]),
+               "sp (phase II) − sp-frozen (frozen init)": p([-0.1, 0.05]),
+               "gelu − sp-frozen (frozen init)": p([0.1, 0.35])}
+    ordered = sorted(pValues, key=pValues.get)
+    holm, running = {}, 0.0
+    for k, label in enumerate(ordered):
+        running = max(running, min(1.0, (5 - k) * pValues[label]))
+        holm[label] = running
+    assert min(holm.values()) > 0.05  # nothing survives here: the verdicts read "not resolved"
+    cells = {line.split(" | ")[0][2:]: [c.strip() for c in line.split("|")[1:-1]] for line in table.splitlines()
+             if " − " in line and line.startswith("| ")}
+    for label, perSeed, meanSe, ci, won in (
+            ("gelu − relu2", ["-0.1000", "+0.1000", "-0.1000"], "-0.0333 ± 0.0667", "[-0.3202, +0.2535]", "2/3"),
+            ("sp (phase II) − relu2", ["-0.3000", "-0.2000", "-0.0500"], "-0.1833 ± 0.0726", "[-0.4959, +0.1292]",
+             "3/3"),
+            ("sp-frozen (frozen init) − relu2", ["-0.2000", "-0.2500", "–"], "-0.2250 ± 0.0250", "[-0.5427, +0.0927]",
+             "2/2"),
+            ("sp (phase II) − sp-frozen (frozen init)", ["-0.1000", "+0.0500", "–"], "-0.0250 ± 0.0750",
+             "[-0.9780, +0.9280]", "1/2"),
+            ("gelu − sp-frozen (frozen init)", ["+0.1000", "+0.3500", "–"], "+0.2250 ± 0.1250", "[-1.3633, +1.8133]",
+             "0/2")):
+        row = cells[label]
+        assert row[1:4] == perSeed and row[4:6] == [meanSe, ci] and row[8] == won, row
+        assert float(row[6]) == pytest.approx(pValues[label], abs=0.006), row  # printed with 2 significant digits
+        assert row[7] == "not resolved"
     assert table.index("Paired against relu2") < table.index("| gelu − relu2 |") < table.index("Chosen pairs") \
         < table.index("| sp (phase II) − sp-frozen (frozen init) |")
-    assert "Frozen-init rows" in table and "| relu2 | 10 | 6.0333 ± 0.1528 | +0.0000 |" in table
+    assert "Frozen-init rows" in table and "| relu2 | 10 | 6.0333 ± 0.1528 | – | +0.0000 |" in table
     assert not (tmp_path / "metrics-p-sp-frozen-s0-phase1.csv").exists()  # a frozen-init control has no phase I
     checkPng(tmp_path / "compare-p.png")
     args, _, _ = compareAfs.parseArgs(argv)
@@ -260,12 +289,12 @@ def testBestFixedBaselineIsTheFixedAfWithTheLowestMeanLoss(tmp_path, capsys, mon
     assert compareAfs.main(argv) == 0, capsys.readouterr().err
     with open(tmp_path / "compare-b.md") as f:
         table = f.read()
-    assert "Δ loss against gelu (the best fixed AF, --baseline best-fixed)" in table
+    assert "Δ val loss against gelu (the best fixed AF, --baseline best-fixed)" in table
     assert "Paired against gelu, the best fixed AF (per seed)" in table
-    # sp - gelu: -0.2, -0.3, +0.05: mean -0.15, sample std 0.180278, s.e. 0.104083, ± 4.303 s.e. = ± 0.447870
-    assert "| sp (phase II) − gelu | -0.2000 | -0.3000 | +0.0500 | -0.1500 ± 0.1041 | [-0.5979, +0.2979] | 2/3 |" \
-        in table
-    assert "| prelu − gelu | -0.9000 | -1.3000 | -0.8000 |" in table and "| gelu | 10 | 6.0000 ± 0.2646 | +0.0000 |" \
+    # sp - gelu: -0.2, -0.3, +0.05: mean -0.15, sample std 0.180278, s.e. 0.104083, ± 4.3027 s.e. = ± 0.447833
+    assert "| sp (phase II) − gelu | -0.2000 | -0.3000 | +0.0500 | -0.1500 ± 0.1041 | [-0.5978, +0.2978] | 0.29 " \
+           "| not resolved | 2/3 |" in table
+    assert "| prelu − gelu | -0.9000 | -1.3000 | -0.8000 |" in table and "| gelu | 10 | 6.0000 ± 0.2646 | – | +0.0000 |" \
         in table
     assert compareAfs.main(["--afTypes", "prelu", "--variant", "sp=spline", "--baseline", "best-fixed"]
                            + trainerFlags(str(tmp_path), tmp_path / "none")) == 2
@@ -273,19 +302,33 @@ def testBestFixedBaselineIsTheFixedAfWithTheLowestMeanLoss(tmp_path, capsys, mon
 
 
 def testPairedDifferenceOfOneSeedHasNoStandardError():
-    one = compareAfs.pairedDifference({"seedLoss": {3: 5.0, 4: 6.0}}, {"seedLoss": {3: 5.5}})
-    assert one == {"seeds": [3], "deltas": [-0.5], "mean": -0.5, "se": None, "ci": None, "won": 1}
-    assert compareAfs.formatPaired(one) == "-0.5000"
-    tie = compareAfs.pairedDifference({"seedLoss": {0: 5.0, 1: 6.0}}, {"seedLoss": {0: 5.0, 1: 6.5}})
+    one = compareAfs.pairedDifference({"seedValue": {3: 5.0, 4: 6.0}}, {"seedValue": {3: 5.5}})
+    assert one == {"seeds": [3], "deltas": [-0.5], "mean": -0.5, "sd": None, "se": None, "ci": None, "p": None,
+                   "seedsFor80": None, "won": 1}
+    assert compareAfs.formatPaired(one) == "-0.5000" and compareAfs.verdict(one) == "–"
+    tie = compareAfs.pairedDifference({"seedValue": {0: 5.0, 1: 6.0}}, {"seedValue": {0: 5.0, 1: 6.5}})
     assert tie["won"] == 1 and tie["se"] == pytest.approx(0.25)
-    assert tie["ci"] == pytest.approx((-0.25 - 12.706 * 0.25, -0.25 + 12.706 * 0.25))
+    assert tie["ci"] == pytest.approx((-0.25 - 12.706 * 0.25, -0.25 + 12.706 * 0.25), abs=1e-3)
+    assert tie["p"] == pytest.approx(0.5, abs=1e-9)  # t = -1 with 1 degree of freedom: a Cauchy, P(|T| > 1) = 1/2
 
 
-def testTQuantilesAreStudentsT():
-    from scipy import stats
+def testSeedsForPowerAreThoseOfThePairedTTestTables():
+    """The fewest seeds for 80% power of a two-sided paired t test at 5%, as G*Power and Cohen's tables give them
+    for standardized differences d = mean / sd: 0.5 -> 34, 0.8 -> 15, 1.0 -> 10, 0.2 -> 199."""
+    for d, n in ((0.5, 34), (0.8, 15), (1.0, 10), (0.2, 199)):
+        assert compareAfs.seedsForPower(d * 0.02, 0.02) == n, d
+        assert compareAfs.tTestPower(n, d) >= 0.8 > compareAfs.tTestPower(n - 1, d)
+    assert compareAfs.seedsForPower(0.0, 0.02) is None and compareAfs.seedsForPower(1e-6, 1.0) is None  # > 100,000
+    # the README's old "~46 seeds" for the default start's -0.006 at a std of 0.021 was the count at which the
+    # expected interval just touches 0 (power about one half); 80% power needs about twice as many
+    assert compareAfs.seedsForPower(-0.006, 0.021) == 99
 
-    for dof in range(1, 200):
-        assert compareAfs.t975(dof) == pytest.approx(stats.t.ppf(0.975, dof), abs=1e-3 if dof <= 30 else 1e-4), dof
+
+def testHolmAdjustment():
+    # Holm (1979): 0.01, 0.02, 0.03, 0.04 of four become 4 x 0.01, 3 x 0.02, max(0.06, 2 x 0.03), max(0.06, 0.04)
+    adjusted = compareAfs.holmAdjusted([0.03, 0.01, None, 0.04, 0.02])
+    assert adjusted[2] is None and [adjusted[i] for i in (1, 4, 0, 3)] == pytest.approx([0.04, 0.06, 0.06, 0.06])
+    assert compareAfs.holmAdjusted([0.5, 0.9]) == pytest.approx([1.0, 1.0])
 
 
 def testFrozenAndSingleModelVariantsAreControls(tinyData, tmp_path):

@@ -15,7 +15,7 @@ import checkpoints
 import evalBlimp
 import trainLmAf
 from model import GPT
-from preprocessFineweb import SHIPPED_VOCAB_FILE
+from vocabulary import SHIPPED_VOCAB_FILE
 
 BLIMP_SAMPLE = os.path.join(REPO, "tests", "data", "blimp-sample")
 SAMPLE_UIDS = ["anaphor_gender_agreement", "determiner_noun_agreement_1", "regular_plural_subject_verb_agreement_1"]

@@ -9,7 +9,7 @@ from test_evalBlimp import badModelFiles, trainTinyRun
 
 import generate
 from checkpoints import LoadError, checkTokensFit
-from preprocessFineweb import SHIPPED_VOCAB_FILE
+from vocabulary import SHIPPED_VOCAB_FILE
 
 
 @pytest.fixture(scope="module")

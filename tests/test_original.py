@@ -151,6 +151,7 @@ def testAFrozenUntiedHeadIsTheEmbeddingShuffled():
 
 STEP = r"^Step (\d+)/13   "
 PATTERNS = {"val": STEP + r"lossVa \d+\.\d{4}   accVa \d+\.\d$",
+            "bpb": STEP + r"bpbVa \d+\.\d{4}$",  # ours, right after the original's validation line
             "train": STEP + r"lossTr \d+\.\d{4}   accTr \d+\.\d   \d+s = \d+\.\d\ds/step$",
             "act2": STEP + r"Activation magnitudes \(2\):( \d+\.\d\d){8}$",
             "act3": STEP + r"Activation magnitudes \(3\):( \d+\.\d\d){8}$",
@@ -183,9 +184,9 @@ def testLogLinesComeInTheOriginalsOrderAndCadence(tinyData, tmp_path, monkeypatc
         if line.startswith("Step ") and " model " not in line:
             assert any(re.match(p, line) for p in PATTERNS.values()), line
     report = ["train", "act2", "act3", "inputs"]
-    assert kinds == ([(1, k) for k in ["val"] + report] + [(5, k) for k in report]
-                     + [(6, k) for k in ["memory"] + report] + [(7, "val")] + [(9, k) for k in report]
-                     + [(11, "memory")] + [(13, k) for k in ["val", "memory"] + report])
+    assert kinds == ([(1, k) for k in ["val", "bpb"] + report] + [(5, k) for k in report]
+                     + [(6, k) for k in ["memory"] + report] + [(7, "val"), (7, "bpb")] + [(9, k) for k in report]
+                     + [(11, "memory")] + [(13, k) for k in ["val", "bpb", "memory"] + report])
     assert "Step 6/13   Peak CUDA memory usage: 1.500 GB" in (tmp_path / "log-cadence.txt").read_text()
     assert trainer.state.trainSeconds < 2.5  # three one-second validations happened while training ran
     # The attention site comes first in each layer: it reads the RMS-normalised stream (mean |x| ~ 0.8 at init).

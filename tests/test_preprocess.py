@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 import preprocessFineweb
-from preprocessFineweb import SHIPPED_VOCAB_FILE
+import vocabulary
+from vocabulary import SHIPPED_VOCAB_FILE
 from tokenShards import HEADER_INTS, MAGIC, VERSION, TokenStream, listShards, loadShard, validationSequences
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -119,7 +120,7 @@ def testShippedVocabularyIsR50kBase():
     with open(SHIPPED_VOCAB_FILE, "rb") as f:
         data = f.read()
     assert len(data) == 835554 and hashlib.sha256(data).hexdigest() == R50K_SHA256
-    assert preprocessFineweb.R50K_SHA256 == R50K_SHA256
+    assert vocabulary.R50K_SHA256 == R50K_SHA256
     assert os.path.dirname(SHIPPED_VOCAB_FILE) == os.path.join(REPO, "vocab")
 
 
@@ -203,9 +204,9 @@ def testUnusableShippedCopyWithoutNetworkIsAnError(case, fragment, offline, monk
     shipped = tmp_path / "r50k_base.tiktoken"
     if case == "damaged":  # e.g. a checkout that converted its line endings
         shipped.write_bytes(open(SHIPPED_VOCAB_FILE, "rb").read().replace(b"\n", b"\r\n"))
-    monkeypatch.setattr(preprocessFineweb, "SHIPPED_VOCAB_FILE", str(shipped))
-    with pytest.raises(preprocessFineweb.PreprocessError) as caught:
-        preprocessFineweb.loadVocabulary(None)
+    monkeypatch.setattr(vocabulary, "SHIPPED_VOCAB_FILE", str(shipped))
+    with pytest.raises(vocabulary.VocabularyError) as caught:
+        vocabulary.loadGpt2Vocabulary(None)
     message = str(caught.value)
     assert message.startswith("cannot get the GPT-2 vocabulary: ") and f"shipped copy {shipped}" in message
     assert fragment in message and "tiktoken cannot download it" in message and "--vocab_file" in message

@@ -56,7 +56,7 @@ def testMetricsCsvHasARowPerReportAndSurvivesAResume(tinyData, tmp_path):
     full = runTrainer(phase1Flags(tinyData, tmp_path / "full", saveModelEvery=20))
     assert full.returncode == 0, full.stderr
     rows = metricRows(tmp_path / "full" / "metrics-long.csv")
-    assert list(rows[0]) == ["step", "model", "split", "loss", "accuracy", "lr", "trainSeconds", "tokens"]
+    assert list(rows[0]) == ["step", "model", "split", "loss", "accuracy", "lr", "trainSeconds", "tokens", "bpb"]
     val = [r for r in rows if r["split"] == "val"]
     assert [int(r["step"]) for r in val] == [1, 11, 21, 31, 40] and {r["model"] for r in val} == {"0"}
     # validated after the update, as the original: Step k is the model after k steps (k x 32 tokens), whose last

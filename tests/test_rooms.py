@@ -114,7 +114,7 @@ def testOutputsWriteTheReportLinesAndRowsTheyAreGiven(tmp_path):
     hp = tinyHp(tmp_path, plottingLevel=2)
     outputs = Outputs(hp, RunFiles(hp.dirResults, hp.runName), isMain=True, resumeStep=0)
     outputs.trainingReport(5, [3.25, 4.5], [0.125, 0.25], [True, True], 12.4, 0.5, [1e-3, 2e-3], [80, 64])
-    outputs.validationReport(5, 3.5, 0.1, 1e-3, 12.4, 80)
+    outputs.validationReport(5, 3.5, 0.1, 1.25, 1e-3, 12.4, 80)
     stats = {"mean": [0.5, 1.25], "max": [2.0, 3.0], "outside": [0.0, 0.02]}
     outputs.afInputReport(5, stats, ["MLP 0", "att 0"], 4.0)
     outputs.afInputReport(6, stats, ["MLP 0", "att 0"], 4.0)  # the same sites: no second warning
@@ -126,6 +126,7 @@ def testOutputsWriteTheReportLinesAndRowsTheyAreGiven(tmp_path):
         "Step 5/8   lossTr 3.2500   accTr 12.5   12s = 0.50s/step",
         "Step 5/8   model 1   lossTr 4.5000   accTr 25.0",
         "Step 5/8   lossVa 3.5000   accVa 10.0",
+        "Step 5/8   bpbVa 1.2500",
         "Step 5/8   Activation magnitudes (2): 0.50 1.25",
         "Step 5/8   Activation magnitudes (3): 2.00 3.00",
         "Step 5/8   AF inputs out of range: 0.00% 2.00%",
@@ -140,9 +141,9 @@ def testOutputsWriteTheReportLinesAndRowsTheyAreGiven(tmp_path):
         "Resume with: python trainLmAf.py --resumeFrom pt-r-step0006.pt"]
     with open(tmp_path / "metrics-r.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert [(r["step"], r["model"], r["split"], r["loss"], r["lr"], r["tokens"]) for r in rows] == [
-        ("5", "0", "train", "3.250000", "0.001", "80"), ("5", "1", "train", "4.500000", "0.002", "64"),
-        ("5", "0", "val", "3.500000", "0.001", "80")]
+    assert [(r["step"], r["model"], r["split"], r["loss"], r["lr"], r["tokens"], r["bpb"]) for r in rows] == [
+        ("5", "0", "train", "3.250000", "0.001", "80", ""), ("5", "1", "train", "4.500000", "0.002", "64", ""),
+        ("5", "0", "val", "3.500000", "0.001", "80", "1.250000")]
 
 
 def testOutputsOfAResumedRunAndOfOtherProcesses(tmp_path):

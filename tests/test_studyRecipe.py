@@ -1,5 +1,5 @@
-"""recipes/studyLearnedAfs.sh: a corpus in, its tokens and the study's 60 runs with their flags, controls and paired
-comparisons included, at the default size and with --preset medium (checked, not trained: compareAfs.py's variants
+"""recipes/studyLearnedAfs.sh: a corpus in, its tokens and the study's 69 runs with their flags, controls and paired
+comparisons included (phase I on seeds of its own), at the default size and with --preset medium (checked, not trained: compareAfs.py's variants
 and paired statistics and the afInit/afSmoothness runs have their own tests)."""
 import os
 import shlex
@@ -13,8 +13,8 @@ from conftest import REPO
 
 SCRIPT = os.path.join(REPO, "recipes", "studyLearnedAfs.sh")
 PHASE_TWO = ("spline", "spline-1model", "spline-relu2", "spline-relu2-1model", "spline-relu2-smooth",
-             "spline-relu2-smooth1e-5", "spline-relu2-knot0")
-FROZEN = ("spline-frozen", "spline-relu2-frozen", "spline-relu2-knot0-frozen")
+             "spline-relu2-smooth1e-5", "spline-relu2-knot0", "spline-mlp")
+FROZEN = ("spline-frozen", "spline-relu2-frozen", "spline-relu2-knot0-frozen", "spline-mlp-frozen")
 
 
 def planStudy(tmp_path, *flags):
@@ -38,13 +38,20 @@ def testStudyRecipePlansEveryRunAndControl(tmp_path):
     expected = [f"study-{af}-s{seed}" for af in ("relu2", "gelu", "swiglu") + FROZEN for seed in range(3)]
     expected += [f"study-{variant}-s{seed}{phase}" for variant in PHASE_TWO for seed in range(3)
                  for phase in ("-phase1", "")]
-    assert sorted(hps) == sorted(expected) and len(hps) == 60
+    assert sorted(hps) == sorted(expected) and len(hps) == 69
     for name, hp in hps.items():
         assert (hp.nLayers, hp.dimEmb, hp.seqLength, hp.nSteps, hp.dirResults) == (2, 64, 256, 600, str(out)), name
     phase1 = {name: hp for name, hp in hps.items() if name.endswith("-phase1")}
-    assert {(hp.afType, hp.afLayerSpecific) for hp in phase1.values()} == {("spline;att-spline", 0)}
+    assert {(hp.afType, hp.afLayerSpecific) for hp in phase1.values()} == {("spline;att-spline", 0),
+                                                                           ("spline;att-linear", 0)}
     for name, hp in phase1.items():
         assert hp.afLr > 0 and hp.nModels == (1 if "-1model-" in name else 8), name
+    # phase I of seed s trains on seed 1234 + s: no phase-I model shares its initial weights or data stream (both
+    # from its seed) with a reported run
+    reported = {hp.seed for name, hp in hps.items() if not name.endswith("-phase1")}
+    assert reported == {0, 1, 2}
+    for name, hp in phase1.items():
+        assert hp.seed == 1234 + int(name.split("-s")[-1].split("-")[0]) and hp.seed not in reported, name
     assert hps["study-spline-s1-phase1"].afInit == 0.01 and hps["study-spline-s1-phase1"].afSmoothness == 0
     assert (hps["study-spline-relu2-s2-phase1"].afInit, hps["study-spline-relu2-s2-phase1"].afSmoothness) == (
         "relu2;att-linear", 0)
@@ -56,11 +63,14 @@ def testStudyRecipePlansEveryRunAndControl(tmp_path):
             assert (hp.afLr, hp.nModels, hp.seed) == (0, 1, seed)
             assert hp.afFileToLoad == os.path.join(str(out), f"ptAf-study-{variant}-s{seed}-phase1-step0600.pt")
     # frozen-init controls: the recipe's start, no phase I, nothing learned, nothing loaded
-    for variant, init, anchors in zip(FROZEN, (0.01, "relu2;att-linear", "relu2;att-linear"), (64, 64, 65)):
+    for variant, init, anchors, afType in zip(FROZEN, (0.01, "relu2;att-linear", "relu2;att-linear", 0.01),
+                                              (64, 64, 65, 64), ("spline;att-spline",) * 3 + ("spline;att-linear",)):
         for seed in range(3):
             hp = hps[f"study-{variant}-s{seed}"]
             assert (hp.afType, hp.afInit, hp.afNAnchors, hp.afLr, hp.afFileToLoad, hp.nModels, hp.seed) == (
-                "spline;att-spline", init, anchors, 0, "", 1, seed)
+                afType, init, anchors, 0, "", 1, seed)
+    # the MLP-only row: a spline in the MLP, the attention site as the fixed rows' (att-linear)
+    assert hps["study-spline-mlp-s0-phase1"].afType == hps["study-spline-mlp-s0"].afType == "spline;att-linear"
     # the knot at 0: 65 knots on ±15 in phase I and phase II (a knot every 30/64, the middle one at 0)
     for name in ("study-spline-relu2-knot0-s0-phase1", "study-spline-relu2-knot0-s0"):
         assert (hps[name].afNAnchors, hps[name].afRange, hps[name].afInit) == (65, 15.0, "relu2;att-linear")
@@ -79,13 +89,14 @@ def testStudyRecipeAsksForThePairedComparisons():
                      ("spline-relu2-smooth", "spline-relu2-frozen"), ("spline-relu2-smooth1e-5", "spline-relu2-frozen"),
                      ("spline-relu2-knot0", "spline-relu2-knot0-frozen"), ("spline-relu2-knot0", "spline-relu2"),
                      ("spline-relu2-knot0-frozen", "spline-relu2-frozen"), ("spline-relu2-frozen", "relu2"),
-                     ("spline-relu2-knot0-frozen", "relu2")}
+                     ("spline-relu2-knot0-frozen", "relu2"), ("spline-mlp", "spline-mlp-frozen"),
+                     ("spline", "spline-mlp")}
     assert "--baseline best-fixed" in script
 
 
 def testMediumPreset(tmp_path):
     hps, out = planStudy(tmp_path, "--preset", "medium", "--seeds", "0")
-    assert len(hps) == 20
+    assert len(hps) == 23
     for name, hp in hps.items():
         assert (hp.nLayers, hp.dimEmb, hp.nHeads, hp.seqLength, hp.contextSize, hp.nSteps, hp.nStepsWarmup,
                 hp.nStepsCooldown) == (4, 128, 4, 512, 512, 1000, 100, 500), name
@@ -124,7 +135,7 @@ def testStudyDataSamplesTheWholeCorpusWithItsOwnVocabulary(tmp_path, layout):
     start, kept with --contiguousData); --vocabSize reaches the preprocessing."""
     flags = ["--vocabSize", "300", "--seeds", "0"] + (["--contiguousData"] if layout == "contiguous" else [])
     hps, out = planStudy(tmp_path, *flags)
-    assert len(hps) == 20
+    assert len(hps) == 23
     paragraphs = validationParagraphs(out)
     assert paragraphs
     if layout == "spread":
