@@ -103,6 +103,10 @@ def parseArgs(argv):
                              "(FILE may hold {seed}) the row loads that file's AFs, frozen")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds; every AF is trained once per seed")
     parser.add_argument("--name", default="cmp", help="comparison name: runs NAME-AF-sSEED, outputs compare-NAME.*")
+    parser.add_argument("--table", default="", metavar="TABLE",
+                        help="write the table and plot as compare-TABLE.md/.png instead of compare-NAME.*: another "
+                             "table over rows of the same runs (finished ones are reused), e.g. a follow-up with rows "
+                             "of its own")
     parser.add_argument("--splinePhases", type=int, choices=(1, 2), default=1,
                         help="2: spline AFs are learned in phase I, then frozen in phase II (reported)")
     parser.add_argument("--splineModels", type=int, default=4, help="--splinePhases 2: models in phase I")
@@ -149,8 +153,9 @@ def parseArgs(argv):
         raise CompareError(f"--seeds must be integers separated by commas, got {args.seeds!r}") from None
     if len(set(args.seeds)) != len(args.seeds):
         raise CompareError(f"--seeds must be distinct, got {args.seeds}")
-    if not re.fullmatch(r"[A-Za-z0-9_.-]+", args.name):
-        raise CompareError(f"--name {args.name!r} may hold only letters, digits and _ . -")
+    for flag in ("name", "table"):
+        if getattr(args, flag) and not re.fullmatch(r"[A-Za-z0-9_.-]+", getattr(args, flag)):
+            raise CompareError(f"--{flag} {getattr(args, flag)!r} may hold only letters, digits and _ . -")
     if args.splineModels < 1:
         raise CompareError(f"--splineModels must be >= 1, got {args.splineModels}")
     if args.jobs < 1:
@@ -782,7 +787,7 @@ def markdownTable(rows, args, trainerArgv, hp, failures):
     best = min((float(np.mean(row[metric])) for row in finished if row[metric] is not None), default=None)
     reference = next(row for row in rows if row["af"] == args.baseline) if args.baseline else rows[0]
     baseline = float(np.mean(reference[metric])) if reference["nDone"] and reference[metric] is not None else None
-    lines = [f"# Activation-function comparison `{args.name}`", "",
+    lines = [f"# Activation-function comparison `{args.table or args.name}`", "",
              f"Every run: `trainLmAf.py {shlex.join(trainerArgv)}` plus its `--afType`, `--seed` and `--runName`; "
              f"seeds {', '.join(map(str, args.seeds))}; {hp.nSteps} steps. Validation loss (nats per token), bits "
              f"per byte of the validation text and accuracy of model 0 at the last step, mean ± std over seeds; "
@@ -1040,12 +1045,12 @@ def main(argv=None):
     failures = [(run["runName"], run["failure"]) for run in runs if "failure" in run]
     rows = summarize(runs, args.entries, args.splinePhases, args.metric)
     args.baseline = resolveBaseline(rows, args)
-    stem = os.path.join(hp.dirResults, f"compare-{args.name}")
+    stem = os.path.join(hp.dirResults, f"compare-{args.table or args.name}")
     table = markdownTable(rows, args, trainerArgv, hp, failures)
     atomicWrite(stem + ".md", lambda tmp: writeText(tmp, table))
     againstBaseline, pairs = pairedComparisons(rows, args)
     baselineTitle = f"paired against {args.baseline}" + (", the best fixed AF" if args.bestFixed else "")
-    plotAfStudy(stem + ".png", rows, f"{args.name}: {len(args.entries)} AFs x {len(args.seeds)} seeds",
+    plotAfStudy(stem + ".png", rows, f"{args.table or args.name}: {len(args.entries)} AFs x {len(args.seeds)} seeds",
                 [(againstBaseline, baselineTitle), (pairs, "chosen pairs (--pairs)")], args.metric,
                 bestFixedRow(rows, args))
     print(table)

@@ -206,6 +206,15 @@ def testTwoSeedStudyWithALoadedRowAndPhaseOneOnAnotherCorpus(tinyData, bpeCorpus
         assert 0 < bpb < loss and cells[-1] == "2/2"
     assert "Δ val bpb against relu2" in table and "| sp-code (phase II) − sp (phase II) |" in table
     assert "Δ: final val bpb of the first row" in table
+    # another table over some of the same runs: nothing is trained again, compare-b.md stays
+    before = {path: os.path.getmtime(path) for path in glob.glob(str(out / "metrics-*"))}
+    assert compareAfs.main(["--afTypes", "relu2", "--variant", "sp=spline;att-spline", "--name", "b",
+                            "--table", "b-two"] + flags) == 0
+    assert {path: os.path.getmtime(path) for path in glob.glob(str(out / "metrics-*"))} == before
+    with open(out / "compare-b-two.md") as f:
+        two = f.read()
+    assert two.startswith("# Activation-function comparison `b-two`") and "| sp (phase II) |" in two
+    assert "sp-code" not in two and open(out / "compare-b.md").read() == table
 
 
 def testBitsPerByteAreTheLossOverTheDecodedBytes(tinyData, bpeCorpus, tmp_path):
