@@ -7,7 +7,7 @@
 # best fixed AF, and each recipe against its controls) and a plot.
 #
 #   bash recipes/studyLearnedAfs.sh CORPUS [OUTDIR] [--preset medium] [--vocabSize N] [--contiguousData]
-#                                   [more compareAfs.py / trainLmAf.py flags]
+#                                   [--rows transfer] [more compareAfs.py / trainLmAf.py flags]
 #
 # CORPUS: text files (a glob in quotes works), cut into documents of about 2,000 characters (at blank lines), put in
 # an order drawn with seed 0 and tokenized into OUTDIR/data, the first 50,000 tokens the validation shard: so the
@@ -16,10 +16,12 @@
 # CPU). Results: OUTDIR/compare-study.md and OUTDIR/compare-study.png (and every run's log, metrics and plots in
 # OUTDIR). Flags given after OUTDIR override the ones below (later flags win), e.g. --nSteps 1200 --seeds 0,1;
 # --jobs 2 trains two runs side by side (one core each on a 2-core CPU). --preset medium: 4 layers x 128, seqLength
-# 512 (see the README for its cost). Stopped? Run the same command again: finished runs are kept.
+# 512 (see the README for its cost). --rows transfer: only the fixed rows and the default spline (phase I on this
+# corpus), for a corpus whose AFs from elsewhere come as loaded rows (--variant "LABEL=spline;att-spline
+# --afFileToLoad FILE"). Stopped? Run the same command again: finished runs are kept.
 set -euo pipefail
 if [[ $# -lt 1 || $1 == -h || $1 == --help ]]; then
-    sed -n 2,18p "$0" | sed 's/^# \{0,1\}//'
+    sed -n 2,22p "$0" | sed 's/^# \{0,1\}//'
     exit 2
 fi
 corpus=$1
@@ -33,11 +35,15 @@ size=(--nLayers 2 --dimEmb 64 --nHeads 2 --seqLength 256 --contextSize 256
 rest=()
 layout=(--txtDocChars 2000 --shuffleDocs 0)
 vocab=()
+rowSet=all
 while (( $# )); do
     case $1 in
         --vocabSize|--vocabSize=*)
             if [[ $1 == --vocabSize ]]; then vocab=(--vocabSize "${2:-}"); shift; else vocab=("$1"); fi ;;
         --contiguousData) layout=() ;;
+        --rows|--rows=*)
+            if [[ $1 == --rows ]]; then rowSet=${2:-}; shift; else rowSet=${1#--rows=}; fi
+            [[ $rowSet == all || $rowSet == transfer ]] || { echo "error: --rows must be all or transfer, got '$rowSet'" >&2; exit 2; } ;;
         --preset|--preset=*)
             if [[ $1 == --preset ]]; then preset=${2:-}; shift; else preset=${1#--preset=}; fi
             case $preset in
@@ -53,27 +59,29 @@ while (( $# )); do
 done
 
 python "$repo/preprocessFineweb.py" "$out/data" --input "$corpus" --shard_size 50000 ${layout[@]+"${layout[@]}"} ${vocab[@]+"${vocab[@]}"}
+rows=(--variant "spline=spline;att-spline")
+if [[ $rowSet == all ]]; then
+    rows+=(
+    --variant "spline-frozen=spline;att-spline --afLr 0"
+    --variant "spline-1model=spline;att-spline --nModels 1"
+    --variant "spline-relu2=spline;att-spline --afInit relu2;att-linear"
+    --variant "spline-relu2-frozen=spline;att-spline --afInit relu2;att-linear --afLr 0"
+    --variant "spline-relu2-1model=spline;att-spline --afInit relu2;att-linear --nModels 1"
+    --variant "spline-relu2-smooth=spline;att-spline --afInit relu2;att-linear --afSmoothness 0.001"
+    --variant "spline-relu2-smooth1e-5=spline;att-spline --afInit relu2;att-linear --afSmoothness 0.00001"
+    --variant "spline-relu2-knot0=spline;att-spline --afInit relu2;att-linear --afNAnchors 65"
+    --variant "spline-relu2-knot0-frozen=spline;att-spline --afInit relu2;att-linear --afNAnchors 65 --afLr 0"
+    --variant "spline-mlp=spline;att-linear"
+    --variant "spline-mlp-frozen=spline;att-linear --afLr 0"
+    --pairs spline:spline-frozen --pairs spline:spline-1model
+    --pairs spline-relu2:spline-relu2-frozen --pairs spline-relu2:spline-relu2-1model
+    --pairs spline-relu2-smooth:spline-relu2-frozen --pairs spline-relu2-smooth1e-5:spline-relu2-frozen
+    --pairs spline-relu2-knot0:spline-relu2-knot0-frozen --pairs spline-relu2-knot0:spline-relu2
+    --pairs spline-relu2-knot0-frozen:spline-relu2-frozen
+    --pairs spline-relu2-frozen:relu2 --pairs spline-relu2-knot0-frozen:relu2
+    --pairs spline-mlp:spline-mlp-frozen --pairs spline:spline-mlp)
+fi
 python "$repo/compareAfs.py" --name study --seeds 0,1,2 --splinePhases 2 --splineModels 8 \
-    --afTypes "relu2,gelu,swiglu" \
-    --variant "spline=spline;att-spline" \
-    --variant "spline-frozen=spline;att-spline --afLr 0" \
-    --variant "spline-1model=spline;att-spline --nModels 1" \
-    --variant "spline-relu2=spline;att-spline --afInit relu2;att-linear" \
-    --variant "spline-relu2-frozen=spline;att-spline --afInit relu2;att-linear --afLr 0" \
-    --variant "spline-relu2-1model=spline;att-spline --afInit relu2;att-linear --nModels 1" \
-    --variant "spline-relu2-smooth=spline;att-spline --afInit relu2;att-linear --afSmoothness 0.001" \
-    --variant "spline-relu2-smooth1e-5=spline;att-spline --afInit relu2;att-linear --afSmoothness 0.00001" \
-    --variant "spline-relu2-knot0=spline;att-spline --afInit relu2;att-linear --afNAnchors 65" \
-    --variant "spline-relu2-knot0-frozen=spline;att-spline --afInit relu2;att-linear --afNAnchors 65 --afLr 0" \
-    --variant "spline-mlp=spline;att-linear" \
-    --variant "spline-mlp-frozen=spline;att-linear --afLr 0" \
-    --baseline best-fixed \
-    --pairs spline:spline-frozen --pairs spline:spline-1model \
-    --pairs spline-relu2:spline-relu2-frozen --pairs spline-relu2:spline-relu2-1model \
-    --pairs spline-relu2-smooth:spline-relu2-frozen --pairs spline-relu2-smooth1e-5:spline-relu2-frozen \
-    --pairs spline-relu2-knot0:spline-relu2-knot0-frozen --pairs spline-relu2-knot0:spline-relu2 \
-    --pairs spline-relu2-knot0-frozen:spline-relu2-frozen \
-    --pairs spline-relu2-frozen:relu2 --pairs spline-relu2-knot0-frozen:relu2 \
-    --pairs spline-mlp:spline-mlp-frozen --pairs spline:spline-mlp \
+    --afTypes "relu2,gelu,swiglu" "${rows[@]}" --baseline best-fixed \
     --filesTokensTr "$out/data/fineweb_train_*.bin" --filesTokensVa "$out/data/fineweb_val_*.bin" --dirResults "$out" \
-    "${size[@]}" --afLayerSpecific 0 --lr 0.002 --nTokensVa 16384 --plottingLevel 1 "${rest[@]}"
+    "${size[@]}" --afLayerSpecific 0 --lr 0.002 --nTokensVa 16384 --plottingLevel 1 ${rest[@]+"${rest[@]}"}

@@ -83,7 +83,7 @@ def testStudyRecipePlansEveryRunAndControl(tmp_path):
 def testStudyRecipeAsksForThePairedComparisons():
     with open(SCRIPT) as f:
         script = f.read()
-    pairs = {tuple(p.split(":")) for p in script.split("--pairs ")[1:] for p in [p.split()[0]]}
+    pairs = {tuple(p.split(":")) for p in script.split("--pairs ")[1:] for p in [p.split()[0].rstrip(")")]}
     assert pairs == {("spline", "spline-frozen"), ("spline", "spline-1model"),
                      ("spline-relu2", "spline-relu2-frozen"), ("spline-relu2", "spline-relu2-1model"),
                      ("spline-relu2-smooth", "spline-relu2-frozen"), ("spline-relu2-smooth1e-5", "spline-relu2-frozen"),
@@ -106,6 +106,17 @@ def testMediumPreset(tmp_path):
     (tmp_path / "later").mkdir()
     hps, _ = planStudy(tmp_path / "later", "--preset=medium", "--seeds", "0", "--nSteps", "2000")
     assert {hp.nSteps for hp in hps.values()} == {2000} and {hp.dimEmb for hp in hps.values()} == {128}
+
+
+def testTransferRows(tmp_path):
+    """--rows transfer: the fixed rows and the default spline only (the AFs from elsewhere come as loaded rows)."""
+    hps, _ = planStudy(tmp_path, "--rows", "transfer", "--seeds", "0")
+    assert sorted(hps) == ["study-gelu-s0", "study-relu2-s0", "study-spline-s0", "study-spline-s0-phase1",
+                           "study-swiglu-s0"]
+    proc = subprocess.run(["bash", SCRIPT, str(tmp_path / "c.txt"), str(tmp_path / "o"), "--rows", "some"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr == "error: --rows must be all or transfer, got 'some'\n"
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("preset", ["large", ""])
