@@ -7,7 +7,7 @@
 # best fixed AF, and each recipe against its controls) and a plot.
 #
 #   bash recipes/studyLearnedAfs.sh CORPUS [OUTDIR] [--preset medium] [--vocabSize N] [--contiguousData]
-#                                   [--rows transfer] [more compareAfs.py / trainLmAf.py flags]
+#                                   [--rows fixed] [more compareAfs.py / trainLmAf.py flags]
 #
 # CORPUS: text files (a glob in quotes works), cut into documents of about 2,000 characters (at blank lines), put in
 # an order drawn with seed 0 and tokenized into OUTDIR/data, the first 50,000 tokens the validation shard: so the
@@ -16,9 +16,9 @@
 # CPU). Results: OUTDIR/compare-study.md and OUTDIR/compare-study.png (and every run's log, metrics and plots in
 # OUTDIR). Flags given after OUTDIR override the ones below (later flags win), e.g. --nSteps 1200 --seeds 0,1;
 # --jobs 2 trains two runs side by side (one core each on a 2-core CPU). --preset medium: 4 layers x 128, seqLength
-# 512 (see the README for its cost). --rows transfer: only the fixed rows and the default spline (phase I on this
-# corpus), for a corpus whose AFs from elsewhere come as loaded rows (--variant "LABEL=spline;att-spline
-# --afFileToLoad FILE"). Stopped? Run the same command again: finished runs are kept.
+# 512 (see the README for its cost). --rows fixed: only the three fixed rows; the rows of a smaller or follow-up
+# study come as --variant flags after OUTDIR (with the recipe's labels, finished runs of the full study are reused).
+# Stopped? Run the same command again: finished runs are kept.
 set -euo pipefail
 if [[ $# -lt 1 || $1 == -h || $1 == --help ]]; then
     sed -n 2,22p "$0" | sed 's/^# \{0,1\}//'
@@ -43,7 +43,7 @@ while (( $# )); do
         --contiguousData) layout=() ;;
         --rows|--rows=*)
             if [[ $1 == --rows ]]; then rowSet=${2:-}; shift; else rowSet=${1#--rows=}; fi
-            [[ $rowSet == all || $rowSet == transfer ]] || { echo "error: --rows must be all or transfer, got '$rowSet'" >&2; exit 2; } ;;
+            [[ $rowSet == all || $rowSet == fixed ]] || { echo "error: --rows must be all or fixed, got '$rowSet'" >&2; exit 2; } ;;
         --preset|--preset=*)
             if [[ $1 == --preset ]]; then preset=${2:-}; shift; else preset=${1#--preset=}; fi
             case $preset in
@@ -59,9 +59,9 @@ while (( $# )); do
 done
 
 python "$repo/preprocessFineweb.py" "$out/data" --input "$corpus" --shard_size 50000 ${layout[@]+"${layout[@]}"} ${vocab[@]+"${vocab[@]}"}
-rows=(--variant "spline=spline;att-spline")
+rows=()
 if [[ $rowSet == all ]]; then
-    rows+=(
+    rows=(--variant "spline=spline;att-spline"
     --variant "spline-frozen=spline;att-spline --afLr 0"
     --variant "spline-1model=spline;att-spline --nModels 1"
     --variant "spline-relu2=spline;att-spline --afInit relu2;att-linear"
@@ -82,6 +82,6 @@ if [[ $rowSet == all ]]; then
     --pairs spline-mlp:spline-mlp-frozen --pairs spline:spline-mlp)
 fi
 python "$repo/compareAfs.py" --name study --seeds 0,1,2 --splinePhases 2 --splineModels 8 \
-    --afTypes "relu2,gelu,swiglu" "${rows[@]}" --baseline best-fixed \
+    --afTypes "relu2,gelu,swiglu" ${rows[@]+"${rows[@]}"} --baseline best-fixed \
     --filesTokensTr "$out/data/fineweb_train_*.bin" --filesTokensVa "$out/data/fineweb_val_*.bin" --dirResults "$out" \
     "${size[@]}" --afLayerSpecific 0 --lr 0.002 --nTokensVa 16384 --plottingLevel 1 ${rest[@]+"${rest[@]}"}

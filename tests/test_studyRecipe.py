@@ -108,14 +108,14 @@ def testMediumPreset(tmp_path):
     assert {hp.nSteps for hp in hps.values()} == {2000} and {hp.dimEmb for hp in hps.values()} == {128}
 
 
-def testTransferRows(tmp_path):
-    """--rows transfer: the fixed rows and the default spline only (the AFs from elsewhere come as loaded rows)."""
-    hps, _ = planStudy(tmp_path, "--rows", "transfer", "--seeds", "0")
+def testFixedRowsAndRowsOfItsOwn(tmp_path):
+    """--rows fixed: the fixed rows, and the rows given after OUTDIR (here the default spline)."""
+    hps, _ = planStudy(tmp_path, "--rows", "fixed", "--seeds", "0", "--variant", "spline=spline;att-spline")
     assert sorted(hps) == ["study-gelu-s0", "study-relu2-s0", "study-spline-s0", "study-spline-s0-phase1",
                            "study-swiglu-s0"]
     proc = subprocess.run(["bash", SCRIPT, str(tmp_path / "c.txt"), str(tmp_path / "o"), "--rows", "some"],
                           capture_output=True, text=True)
-    assert proc.returncode == 2 and proc.stderr == "error: --rows must be all or transfer, got 'some'\n"
+    assert proc.returncode == 2 and proc.stderr == "error: --rows must be all or fixed, got 'some'\n"
     assert not (tmp_path / "o").exists()
 
 
