@@ -16,10 +16,14 @@ A run whose log already holds its final step is not trained again (trainLmAf.py'
 comparison that was stopped continues where it stopped; use another --name for new settings (a finished run whose
 log names another seed or training data than the plan is refused).
 
---jobs N trains N runs side by side (a phase II waits for its phase I). Each then gets CPU cores / N threads unless
-OMP_NUM_THREADS is set, and its progress lines go only to its log. Ctrl-C (or SIGTERM) reaches every running
-trainLmAf.py once: it finishes its step, saves a resumable checkpoint and stops, and no new run starts; a second
-Ctrl-C stops them at once.
+--jobs N trains N runs side by side on the CPU (a phase II waits for its phase I); each then gets CPU cores / N threads
+unless OMP_NUM_THREADS is set, and its progress lines go only to its log, its errors to stderr-RUN.txt. --gpus 0,1,2,3
+(or all) trains one run per GPU at a time, each with CUDA_VISIBLE_DEVICES of its own (scheduler.py). --launcher slurm
+submits every run as a Slurm job through submitit instead (slurmJobs.py): it returns once they are submitted, and the
+same command writes the table when they are done (--wait: it waits); --status says where each run stands. Ctrl-C (or
+SIGTERM) reaches every running trainLmAf.py once: it finishes its step, saves a resumable checkpoint and stops, and
+no new run starts; a second Ctrl-C stops them at once. A run stopped so (or by a time limit) resumes from its newest
+checkpoint when the study runs again.
 
 --splinePhases 2: an AF with a spline is first trained in phase I (--splineModels models sharing it, the given
 --afLr), then in phase II from phase I's ptAf file with --afLr 0; the table reports phase II. Phase I of seed s
@@ -47,28 +51,27 @@ steps (its coefficients multiply x^5); about 0.01 keeps it smooth.
 """
 import argparse
 import csv
+import fcntl
 import math
 import os
 import re
 import shlex
 import signal
-import subprocess
 import sys
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 
 import runPlan
+import scheduler
 import trainLmAf
 import vocabulary
 from activationFunctions import LEARNABLE_TYPES, MLP_INPUT_TYPES, SPLINE_TYPES, AfFileError
 from afFiles import atomicWrite, loadAfsIntoModel
 from plotting import parseLog
 from runFiles import RunFiles
-from runOutputs import finalLineWritten, originalValueText
+from runOutputs import originalValueText
 from tokenShards import ShardError, listShards
 
 TRAINER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "trainLmAf.py")
@@ -130,6 +133,28 @@ def parseArgs(argv):
     parser.add_argument("--jobs", type=int, default=1,
                         help="runs trained side by side, each with CPU cores / JOBS threads unless OMP_NUM_THREADS "
                              "is set; their progress goes to their logs only")
+    parser.add_argument("--gpus", default="", metavar="IDS",
+                        help="train one run per GPU at a time on these GPUs of this machine ('all' or indices, e.g. "
+                             "0,1,2,3), each run with CUDA_VISIBLE_DEVICES of its own")
+    parser.add_argument("--launcher", choices=("local", "slurm"), default="local",
+                        help="local: this machine (--jobs, --gpus); slurm: every run a Slurm job, submitted through "
+                             "submitit (--slurm* flags), its output in DIRRESULTS/submitit/")
+    parser.add_argument("--slurmPartition", default="", help="--launcher slurm: the partition (default: Slurm's)")
+    parser.add_argument("--slurmTime", default="60", metavar="TIME",
+                        help="--launcher slurm: each job's time limit (MINUTES, HH:MM:SS or D-HH:MM); a run that "
+                             "needs longer saves before the limit, is requeued and resumes from its checkpoint")
+    parser.add_argument("--slurmGpusPerRun", type=int, default=0, help="--launcher slurm: GPUs per run")
+    parser.add_argument("--slurmCpusPerRun", type=int, default=1,
+                        help="--launcher slurm: CPU cores per run (also its OMP_NUM_THREADS)")
+    parser.add_argument("--slurmAccount", default="", help="--launcher slurm: the account to charge")
+    parser.add_argument("--slurmExtra", action="append", default=[], metavar="KEY=VALUE",
+                        help="--launcher slurm: any other sbatch option (repeatable), e.g. qos=high, constraint=a100")
+    parser.add_argument("--wait", action="store_true",
+                        help="--launcher slurm: wait for the jobs, then write the table (else: submit and return; the "
+                             "same command writes the table once they are done)")
+    parser.add_argument("--status", action="store_true",
+                        help="say which runs of the study are done, queued, running, stopped or failed (with the "
+                             "last lines of their output), without training or submitting")
     parser.add_argument("--dryRun", action="store_true",
                         help="check every run's flags and print the trainLmAf.py commands, without training")
     args, trainerArgv = parser.parse_known_args(argv)
@@ -160,6 +185,7 @@ def parseArgs(argv):
         raise CompareError(f"--splineModels must be >= 1, got {args.splineModels}")
     if args.jobs < 1:
         raise CompareError(f"--jobs must be >= 1, got {args.jobs}")
+    checkLauncherFlags(args, argv)
     if not hp.filesTokensVa or hp.valEvery < 0:
         raise CompareError("the comparison reports validation loss: give --filesTokensVa and --valEvery >= 0")
     args.phase1Data = phase1Data(args.phase1FilesTokensTr, args.phase1FilesTokensVa, "")
@@ -172,6 +198,45 @@ def parseArgs(argv):
                            f"{BEST_FIXED}")
     args.pairs = [parsePair(text, labels) for text in args.pairs]
     return args, trainerArgv, hp
+
+
+def checkLauncherFlags(args, argv):
+    """--jobs for a CPU, --gpus for this machine's GPUs, the --slurm* flags for --launcher slurm; args.slurm: the
+    slurmJobs.SlurmSettings (None for a local study)."""
+    given = {word.split("=")[0][2:] for word in argv if word.startswith("--")}
+    if args.gpus and args.jobs > 1:
+        raise CompareError("--jobs counts runs side by side on a CPU; with --gpus each GPU trains one run at a time: "
+                           "drop one of them")
+    slurmFlags = sorted(name for name in given if name.startswith("slurm") or name == "wait")
+    args.slurm = None
+    if args.launcher == "local":
+        if slurmFlags:
+            raise CompareError(f"--{slurmFlags[0]} is for --launcher slurm")
+        return
+    if args.gpus or "jobs" in given:
+        raise CompareError(f"--{'gpus' if args.gpus else 'jobs'} is for --launcher local; on Slurm each run is a job "
+                           "of its own (--slurmGpusPerRun, --slurmCpusPerRun)")
+    import slurmJobs
+
+    if args.slurmGpusPerRun < 0 or args.slurmCpusPerRun < 1:
+        raise CompareError(f"--slurmGpusPerRun must be >= 0 and --slurmCpusPerRun >= 1, got {args.slurmGpusPerRun} "
+                           f"and {args.slurmCpusPerRun}")
+    try:
+        args.slurm = slurmJobs.SlurmSettings(args.slurmPartition, slurmJobs.parseTime(args.slurmTime),
+                                             args.slurmGpusPerRun, args.slurmCpusPerRun, args.slurmAccount,
+                                             slurmJobs.parseExtra(args.slurmExtra))
+    except slurmJobs.SlurmError as err:
+        raise CompareError(str(err)) from None
+
+
+def localSlots(args):
+    """The scheduler's slots: one per GPU of --gpus, else --jobs on the CPU; CompareError for a GPU not there."""
+    if not args.gpus:
+        return scheduler.cpuSlots(args.jobs)
+    try:
+        return scheduler.gpuSlots(args.gpus, torch.cuda.device_count())
+    except scheduler.SlotError as err:
+        raise CompareError(str(err)) from None
 
 
 def phase1Data(trainGlob, validationGlob, where):
@@ -405,7 +470,7 @@ def checkFinishedRuns(runs, args):
     for run in runs:
         hp, _ = trainLmAf.parseArgs(run["argv"])
         files = RunFiles(hp.dirResults, run["runName"])
-        if not finalLineWritten(files.log, hp.nSteps):
+        if not files.complete(hp.nSteps):
             continue
         logged = parseLog(files.log)["hyperparameters"]
         for name in ("seed", "filesTokensTr"):
@@ -448,92 +513,6 @@ def readRun(dirResults, runName, nSteps):
     return result
 
 
-class SideBySide:
-    """Trains the planned runs `jobs` at a time. Each trainLmAf.py runs in a session of its own, so that a Ctrl-C
-    reaches it once, from here (interrupt): a second signal from the terminal would make it stop without saving."""
-
-    def __init__(self, jobs, hp):
-        self.jobs, self.hp = jobs, hp
-        self.env = dict(os.environ)
-        if jobs > 1 and "OMP_NUM_THREADS" not in os.environ:
-            self.env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
-        self.lock = threading.Lock()
-        self.running = set()
-        self.stopping = False
-        self.left = {kind: 0 for kind in RUN_KINDS}  # runs not yet finished, by kind
-        self.seconds = {kind: [] for kind in RUN_KINDS}  # wall times of the runs trained here, by kind
-
-    def train(self, runs):
-        """Every run, a phase II in the same worker right after its phase I; False when interrupted."""
-        for run in runs:
-            self.left[runKind(run)] += 1
-        chains, chainOf = [], {}
-        for index, run in enumerate(runs, 1):
-            chain = chainOf[id(run["after"])] if run["phase"] == 2 else []
-            if not chain:
-                chains.append(chain)
-            chain.append((index, run))
-            chainOf[id(run)] = chain
-        with ThreadPoolExecutor(self.jobs) as pool:
-            futures = [pool.submit(self.trainChain, chain, len(runs)) for chain in chains]
-            while True:
-                try:
-                    for future in futures:
-                        future.result()
-                    break
-                except KeyboardInterrupt:
-                    self.interrupt()
-        return not self.stopping
-
-    def trainChain(self, chain, total):
-        for index, run in chain:
-            if not runOne(run, index, total, self):
-                return
-
-    def start(self, argv):
-        """The trainLmAf.py process of argv, or None once interrupted."""
-        with self.lock:
-            if self.stopping:
-                return None
-            proc = subprocess.Popen([sys.executable, TRAINER] + argv, env=self.env, start_new_session=True,
-                                    stdout=subprocess.DEVNULL if self.jobs > 1 else None, stderr=subprocess.PIPE,
-                                    text=True)
-            self.running.add(proc)
-            return proc
-
-    def finished(self, proc):
-        with self.lock:
-            self.running.discard(proc)
-
-    def timeLeft(self, run, wall, trained):
-        """After a run: the estimated time until the last run ends (the mean wall time of each kind so far, times
-        the runs of that kind left, `jobs` at a time), as a line; None before a kind left to run has a time."""
-        kind = runKind(run)
-        with self.lock:
-            self.left[kind] -= 1
-            if trained:
-                self.seconds[kind].append(wall)
-            left = {k: n for k, n in self.left.items() if n}
-            if not left:
-                return None
-            if any(not self.seconds[k] for k in left):
-                return None
-            means = {k: float(np.mean(self.seconds[k])) for k in left}
-        total = sum(left[k] * means[k] for k in left) / min(self.jobs, sum(left.values()))
-        parts = ", ".join(f"{left[k]} {k} run(s) at {means[k]:.0f} s" for k in RUN_KINDS if k in left)
-        return f"estimated time left: {formatDuration(total)} ({parts}, {self.jobs} at a time)"
-
-    def interrupt(self):
-        """Start no new run; send each running one SIGINT (the first: finish the step and save; again: stop now)."""
-        with self.lock:
-            if not self.stopping:
-                print("interrupted: the running runs finish their step and save (Ctrl-C again stops them at once)",
-                      file=sys.stderr, flush=True)
-            self.stopping = True
-            for proc in self.running:
-                proc.send_signal(signal.SIGINT)
-
-
 RUN_KINDS = ("phase-I", "other")
 
 
@@ -547,49 +526,206 @@ def formatDuration(seconds):
     return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{max(minutes, 1)} min"
 
 
-def runOne(run, index, total, workers):
-    """Train one run in a subprocess; fills run['result'] or run['failure']. False when it did not start."""
-    hp = workers.hp
-    if run["phase"] == 2 and "failure" in run["after"]:
-        run["failure"] = f"its phase I {run['after']['runName']} failed"
-        print(f"[{index}/{total}] {run['runName']}: skipped, {run['failure']}", flush=True)
-        workers.timeLeft(run, 0.0, trained=False)
-        return True
-    runHp, _ = trainLmAf.parseArgs(run["argv"])
-    # a run finished earlier only reports itself; its seconds would make the estimate of the others too short
-    alreadyDone = (readRun(hp.dirResults, run["runName"], runHp.nSteps) or {}).get("complete", False)
-    start = time.perf_counter()
-    proc = workers.start(run["argv"])
-    if proc is None:
-        return False
-    print(f"[{index}/{total}] {run['runName']}: trainLmAf.py {shlex.join(run['argv'])}", flush=True)
-    # stderr is kept to name the cause of a failure; stdout (the run's progress lines, also in its log) goes to the
-    # terminal for one job at a time.
-    _, stderr = proc.communicate()
-    workers.finished(proc)
-    wall = time.perf_counter() - start
-    if stderr:
-        sys.stderr.write(stderr)
-    result = readRun(hp.dirResults, run["runName"], runHp.nSteps)
+class StudyProgress:
+    """The scheduler's events for a study's runs: a line when a run starts (and on which GPU) and when it ends, with
+    its result read back from its files, and the estimated time left; fills each run's 'result' or 'failure'."""
+
+    def __init__(self, runs, slots):
+        self.byName = {run["runName"]: run for run in runs}
+        self.index = {run["runName"]: index for index, run in enumerate(runs, 1)}
+        self.total, self.slots = len(runs), slots
+        self.left = {kind: 0 for kind in RUN_KINDS}  # runs not yet finished, by kind
+        self.seconds = {kind: [] for kind in RUN_KINDS}  # wall times of the runs trained here, by kind
+        for run in runs:
+            self.left[runKind(run)] += 1
+        self.interruptSaid = False
+
+    def say(self, run, text):
+        print(f"[{self.index[run['runName']]}/{self.total}] {run['runName']}: {text}", flush=True)
+
+    def onStart(self, task, slot):
+        run = self.byName[task.name]
+        where = f" (on {slot.name})" if slot.name.startswith("GPU") else ""
+        self.say(run, f"trainLmAf.py {shlex.join(task.argv[2:])}{where}")
+
+    def onFinish(self, task, outcome):
+        run = self.byName[task.name]
+        if outcome.skipped:
+            run["failure"] = f"its phase I {run['after']['runName']} failed"
+            self.say(run, f"skipped, {run['failure']}")
+            self.report(run, 0.0, trained=False)
+            return False
+        runHp, _ = trainLmAf.parseArgs(run["argv"])
+        files = RunFiles(runHp.dirResults, run["runName"])
+        stderr = ""
+        if os.path.isfile(files.stderr):
+            with open(files.stderr, errors="replace") as f:
+                stderr = f.read()
+        if stderr:
+            sys.stderr.write(stderr)
+        fillResult(run, runHp, outcome.returncode, stderr)
+        status = run.get("failure") or f"val loss {run['result']['val'][-1][1]:.4f}" + (
+            f", bpb {run['result']['val'][-1][3]:.4f}" if run["result"]["val"][-1][3] is not None else "")
+        self.say(run, f"{'FAILED, ' if 'failure' in run else ''}{status} ({outcome.seconds:.0f} s)")
+        self.report(run, outcome.seconds, trained=not run["alreadyDone"] and "failure" not in run)
+        return "failure" not in run
+
+    def onInterrupt(self, running):
+        if not self.interruptSaid:
+            print("interrupted: the running runs finish their step and save (Ctrl-C again stops them at once)",
+                  file=sys.stderr, flush=True)
+        self.interruptSaid = True
+
+    def report(self, run, wall, trained):
+        estimate = self.timeLeft(run, wall, trained)
+        if estimate:
+            print(f"[{self.index[run['runName']]}/{self.total}] {estimate}", flush=True)
+
+    def timeLeft(self, run, wall, trained):
+        """After a run: the estimated time until the last run ends (the mean wall time of each kind so far, times
+        the runs of that kind left, as many at a time as there are slots), as a line; None before a kind left to run
+        has a time."""
+        kind = runKind(run)
+        self.left[kind] -= 1
+        if trained:
+            self.seconds[kind].append(wall)
+        left = {k: n for k, n in self.left.items() if n}
+        if not left or any(not self.seconds[k] for k in left):
+            return None
+        means = {k: float(np.mean(self.seconds[k])) for k in left}
+        slots = len(self.slots)
+        total = sum(left[k] * means[k] for k in left) / min(slots, sum(left.values()))
+        parts = ", ".join(f"{left[k]} {k} run(s) at {means[k]:.0f} s" for k in RUN_KINDS if k in left)
+        where = f"{slots} GPUs" if self.slots[0].name.startswith("GPU") else f"{slots} at a time"
+        return f"estimated time left: {formatDuration(total)} ({parts}, {where})"
+
+
+def fillResult(run, runHp, returncode, stderr):
+    """run['result'] (its final validation and tokens/s) when it finished, else run['failure'] (why, in a line)."""
+    result = readRun(runHp.dirResults, run["runName"], runHp.nSteps)
     lastError = next((line for line in reversed(stderr.splitlines()) if line.strip()), "")
-    if proc.returncode != 0:
+    if returncode:
         # trainLmAf.py exits 128 + N after saving on signal N; subprocess reports a signal that killed it as -N.
-        signalNumber = proc.returncode - 128 if proc.returncode > 128 else -proc.returncode
+        signalNumber = returncode - 128 if returncode > 128 else -returncode
         killedBy = f" ({signal.Signals(signalNumber).name})" if signalNumber in set(signal.Signals) else ""
-        run["failure"] = f"exit code {proc.returncode}{killedBy}" + (f": {lastError}" if lastError else "")
+        run["failure"] = f"exit code {returncode}{killedBy}" + (f": {lastError}" if lastError else "")
     elif result is None or not result["complete"] or not result["val"]:
         run["failure"] = "its metrics hold no final step or no validation result"
     else:
         result["tokensPerSecond"] = trainedTokens(runHp) / max(result["trainSeconds"] or 0.0, 1e-9)
         run["result"] = result
-    status = run.get("failure") or f"val loss {run['result']['val'][-1][1]:.4f}" + (
-        f", bpb {run['result']['val'][-1][3]:.4f}" if run["result"]["val"][-1][3] is not None else "")
-    print(f"[{index}/{total}] {run['runName']}: {'FAILED, ' if 'failure' in run else ''}{status} ({wall:.0f} s)",
-          flush=True)
-    estimate = workers.timeLeft(run, wall, trained=not alreadyDone and "failure" not in run)
-    if estimate:
-        print(f"[{index}/{total}] {estimate}", flush=True)
+
+
+def runLocally(runs, slots):
+    """Train every run on this machine's slots, a phase II after its own phase I, each from its newest checkpoint
+    when an earlier study stopped it; False when interrupted."""
+    tasks = []
+    for run in runs:
+        runHp, _ = trainLmAf.parseArgs(run["argv"])
+        files = RunFiles(runHp.dirResults, run["runName"])
+        run["alreadyDone"] = files.complete(runHp.nSteps)  # it only reports itself: no time for the estimate
+        tasks.append(scheduler.Task(
+            run["runName"], [sys.executable, TRAINER] + run["argv"] + files.resumeArguments(runHp.nSteps),
+            after=(run["after"]["runName"],) if run["phase"] == 2 else (),
+            # progress lines (also in each run's log) on the terminal for one run at a time; errors kept per run
+            stdout=scheduler.TERMINAL if len(slots) == 1 else None, stderr=files.stderr, kind=runKind(run)))
+    localScheduler = scheduler.LocalScheduler(slots, StudyProgress(runs, slots), interrupt="forward")
+    previous = signal.signal(signal.SIGTERM, raiseKeyboardInterrupt)
+    try:
+        localScheduler.run(tasks)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return not localScheduler.interrupted
+
+
+def slurmRuns(runs):
+    """The runs as slurmJobs.SlurmStudy takes them."""
+    described = []
+    for run in runs:
+        runHp, _ = trainLmAf.parseArgs(run["argv"])
+        described.append({"runName": run["runName"], "argv": run["argv"], "dirResults": runHp.dirResults,
+                          "nSteps": runHp.nSteps, "after": run["after"]["runName"] if run["phase"] == 2 else None})
+    return described
+
+
+def runOnSlurm(runs, args, hp, settings):
+    """Submit what is missing; with --wait, wait until no job of the study is queued or running. True when every
+    run has ended (the table can be made), False when jobs are still queued or running."""
+    import slurmJobs
+
+    study = slurmJobs.SlurmStudy(hp.dirResults, args.name, settings)
+    described = slurmRuns(runs)
+    submitted = study.submit(described, jobName=f"{args.name}")
+    if submitted:
+        arrays = sorted({jobId.split("_")[0] for jobId in submitted.values()})
+        print(f"submitted {len(submitted)} run(s) to Slurm (job{'s' if len(arrays) > 1 else ''} {', '.join(arrays)}); "
+              f"their output: {study.folder}", flush=True)
+    said = {}
+    while True:
+        rows = study.status(described)
+        for name, state, jobId, _ in rows:
+            if said.get(name) != state:
+                said[name] = state
+                if state in ("running", "done", "failed") and args.wait:
+                    print(f"{name}: {state}" + (f" (job {jobId})" if jobId else ""), flush=True)
+        active = [row for row in rows if row[1] in ("queued", "running")]
+        if not active:
+            break
+        if not args.wait:
+            print(f"{len(active)} of {len(rows)} runs queued or running; `compareAfs.py ... --status` shows them, and "
+                  "this command writes the table once they are done (--wait: wait for them)", flush=True)
+            return False
+        time.sleep(SLURM_POLL_SECONDS)
+    failed = {name: detail for name, state, _, detail in rows if state in ("failed", "not submitted")}
+    for run in runs:
+        runHp, _ = trainLmAf.parseArgs(run["argv"])
+        fillResult(run, runHp, 0, "")
+        if "failure" in run and run["runName"] in failed:
+            run["failure"] = f"its Slurm job failed: {failed[run['runName']].splitlines()[-1]}"
     return True
+
+
+SLURM_POLL_SECONDS = 10  # --wait asks Slurm this often
+
+
+def printStatus(runs, args, hp):
+    """Which runs are done, queued, running or failed (with the last lines of their output), and not started."""
+    import slurmJobs
+
+    study = slurmJobs.SlurmStudy(hp.dirResults, args.name)
+    onSlurm = bool(study.load())
+    rows = study.status(slurmRuns(runs)) if onSlurm else [localStatus(run) for run in runs]
+    counts = {}
+    for name, state, jobId, detail in rows:
+        counts[state] = counts.get(state, 0) + 1
+        print(f"{name}: {state}" + (f" (job {jobId})" if jobId else ""))
+        for line in detail.splitlines():
+            print(f"    {line}")
+    print(", ".join(f"{n} {state}" for state, n in sorted(counts.items())) + (" (Slurm)" if onSlurm else ""))
+
+
+def localStatus(run):
+    """(run name, state, '', detail) of a run trained on this machine: done, running (its log is locked by the
+    trainer), stopped (a checkpoint to resume from), failed (what it wrote to stderr) or not started."""
+    runHp, _ = trainLmAf.parseArgs(run["argv"])
+    files = RunFiles(runHp.dirResults, run["runName"])
+    if files.complete(runHp.nSteps):
+        return run["runName"], "done", "", ""
+    if os.path.isfile(files.log):
+        with open(files.log, "a") as log:
+            try:
+                fcntl.flock(log, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return run["runName"], "running", "", ""
+    checkpoint = files.newestCheckpoint()
+    if checkpoint:
+        return run["runName"], "stopped", "", f"resumes from {checkpoint}"
+    if os.path.isfile(files.stderr) and os.path.getsize(files.stderr):
+        import slurmJobs
+
+        return run["runName"], "failed", "", slurmJobs.lastLines(files.stderr)
+    return run["runName"], "not started", "", ""
+
 
 
 # ----------------------------------------------------------------------------------------------
@@ -795,7 +931,8 @@ def markdownTable(rows, args, trainerArgv, hp, failures):
              + (" (the best fixed AF, --baseline best-fixed)" if args.bestFixed and args.baseline else "")
              + "; parameters per model "
              "(embeddings included)." + (f" Tokens/s with up to {args.jobs} runs side by side (--jobs)."
-                                           if args.jobs > 1 else ""), "",
+                                           if args.jobs > 1 else " Tokens/s with one run per GPU (--gpus)."
+                                           if args.gpus else ""), "",
              f"| AF | params | val loss | val bpb | Δ {METRICS[metric]} | val acc (%) | tokens/s | seeds |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
@@ -1026,6 +1163,17 @@ def main(argv=None):
         args, trainerArgv, hp = parseArgs(sys.argv[1:] if argv is None else argv)
         runs = planRuns(args, trainerArgv, hp)
         checkRuns(runs, args)
+        if args.status:
+            printStatus(runs, args, hp)
+            return 0
+        slots = localSlots(args) if args.launcher == "local" else None
+        if args.slurm and not args.dryRun:
+            import slurmJobs
+
+            try:
+                slurmJobs.checkCluster(args.slurm)
+            except slurmJobs.SlurmError as err:
+                raise CompareError(str(err)) from None
     except CompareError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -1034,13 +1182,12 @@ def main(argv=None):
             print(f"[{index}/{len(runs)}] {run['runName']}: trainLmAf.py {shlex.join(run['argv'])}")
         return 0
     os.makedirs(hp.dirResults, exist_ok=True)
-    previousTermHandler = signal.signal(signal.SIGTERM, raiseKeyboardInterrupt)
-    try:
-        completed = SideBySide(args.jobs, hp).train(runs)
-    finally:
-        signal.signal(signal.SIGTERM, previousTermHandler)
-    if not completed:
-        print("interrupted: run the same command again to continue (finished runs are kept)", file=sys.stderr)
+    if args.slurm:
+        if not runOnSlurm(runs, args, hp, args.slurm):
+            return 0
+    elif not runLocally(runs, slots):
+        print("interrupted: run the same command again to continue (finished runs are kept, stopped ones resume "
+              "from their checkpoints)", file=sys.stderr)
         return 130
     failures = [(run["runName"], run["failure"]) for run in runs if "failure" in run]
     rows = summarize(runs, args.entries, args.splinePhases, args.metric)

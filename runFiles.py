@@ -23,6 +23,33 @@ class RunFiles:
         return self.path(f"metrics-{self.runName}.csv")
 
     @property
+    def stderr(self):
+        """What a run launched by compareAfs.py wrote to stderr (its errors; its progress lines are in the log)."""
+        return self.path(f"stderr-{self.runName}.txt")
+
+    def complete(self, nSteps):
+        """Whether the log holds the final step's line (trainLmAf.py then stops at once: "already complete")."""
+        if not os.path.isfile(self.log):
+            return False
+        prefix = f"Step {nSteps}/{nSteps} "
+        with open(self.log, errors="replace") as f:
+            return any(line.startswith(prefix) for line in f)
+
+    def newestCheckpoint(self):
+        """The model checkpoint of the most steps in the folder (saved on an interrupt, or by --saveModelEvery), or
+        None."""
+        pattern = re.compile(rf"^pt-{re.escape(self.runName)}-step(\d+)\.pt$")
+        found = [(int(match.group(1)), name) for name in os.listdir(self.folder) if (match := pattern.match(name))] \
+            if os.path.isdir(self.folder) else []
+        return self.path(max(found)[1]) if found else None
+
+    def resumeArguments(self, nSteps):
+        """--resumeFrom the newest checkpoint when the run has one and is not complete, else nothing: a run stopped
+        by an interrupt, a time limit or a preemption continues where it saved."""
+        newest = None if self.complete(nSteps) else self.newestCheckpoint()
+        return ["--resumeFrom", newest] if newest else []
+
+    @property
     def trackerFolder(self):
         return os.path.join(self.folder, "tensorboard", self.runName)
 

@@ -132,14 +132,6 @@ class MetricsFile:
         self.tracker.close()
 
 
-def finalLineWritten(logPath, nSteps):
-    if not os.path.isfile(logPath):
-        return False
-    prefix = f"Step {nSteps}/{nSteps} "
-    with open(logPath, errors="replace") as f:
-        return any(line.startswith(prefix) for line in f)
-
-
 # ----------------------------------------------------------------------------------------------
 # The header
 

@@ -25,7 +25,7 @@ from distributed import Distributed
 from forwardPasses import Passes, fallbackProblem, statisticsTokens
 from gradients import averageGradients, clipGlobalNorm
 from runFiles import RunFiles
-from runOutputs import Outputs, afTiles, finalLineWritten, kernelLines, parameterMagnitudes
+from runOutputs import Outputs, afTiles, kernelLines, parameterMagnitudes
 from runPlan import (ConfigError, activeModels, checkFlags, compileBackend, everyDue, learningRate,
                      localActiveModels, lrFactor, modelLrFactors, modelPasses, modelStartSteps,
                      parseAfInit, parseNumber, peakMemoryDue, pickDevice, plotDue, reportDue, runPasses, shapeVariants,
@@ -195,7 +195,7 @@ class Trainer:
         self.printedAs = {"afLayerSpecific": hp.afLayerSpecific}
         self.forced = checkFlags(hp)
         self.files = RunFiles(hp.dirResults, hp.runName)
-        self.alreadyComplete = finalLineWritten(self.files.log, hp.nSteps)  # also after a resume's checkpoint
+        self.alreadyComplete = self.files.complete(hp.nSteps)  # also after a resume's checkpoint
         if self.alreadyComplete:
             return self
         self.dist = Distributed()

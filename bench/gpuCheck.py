@@ -37,6 +37,7 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+import scheduler  # noqa: E402
 from cliErrors import OneLineErrorParser  # noqa: E402
 from plotting import parseLog  # noqa: E402
 from runFiles import RunFiles  # noqa: E402
@@ -586,118 +587,67 @@ def evaluateBenchSpline(check, run):
 
 
 class Runner:
-    """Starts checks as processes, each in its own session (torchrun and pytest start children of their own), with
-    its output in WORKDIR/NAME.out; alone checks wait for an idle GPU and keep it idle."""
+    """The checks on the scheduler compareAfs.py's studies use too (scheduler.py): each a process in its own session
+    (torchrun and pytest start children of their own) with its output in WORKDIR/NAME.out, --jobs side by side on
+    the GPU, alone checks with the GPU to themselves; a check's result comes from its output when it ends."""
 
     def __init__(self, settings, checks, say=print, minimumStart=20, onResult=None):
         self.settings, self.checks, self.say = settings, checks, say
         self.onResult = onResult  # called with the results so far after every check, so a report keeps them
         self.minimumStart = minimumStart  # seconds of budget below which no check starts: none would finish
         self.results = {}
+        self.byName = {check.name: check for check in checks}
 
-    def start(self, check, limit):
+    def outPath(self, check):
+        return os.path.join(self.settings.workDir, f"{check.name}.out")
+
+    def runAll(self):
         os.makedirs(self.settings.workDir, exist_ok=True)
-        outPath = os.path.join(self.settings.workDir, f"{check.name}.out")
-        out = open(outPath, "w")
         # inductor's caches (on by default; a user's setting wins) let a check reuse the graphs an earlier one compiled
-        env = {"TORCHINDUCTOR_FX_GRAPH_CACHE": "1", "TORCHINDUCTOR_AUTOGRAD_CACHE": "1", **os.environ,
-               "PYTHONUNBUFFERED": "1"}
-        process = subprocess.Popen(check.command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                   start_new_session=True)
-        self.say(f"[{self.elapsed():5.0f}s] start {check.name}: {shlex.join(check.command)}")
-        return {"check": check, "process": process, "out": out, "outPath": outPath, "start": time.monotonic(),
-                "limit": limit}
+        env = {name: "1" for name in ("TORCHINDUCTOR_FX_GRAPH_CACHE", "TORCHINDUCTOR_AUTOGRAD_CACHE")
+               if name not in os.environ}
+        tasks = [scheduler.Task(check.name, check.command, after=check.needs, alone=check.alone,
+                                timeout=check.timeout, stdout=self.outPath(check), stderr=scheduler.STDOUT,
+                                env={**env, "PYTHONUNBUFFERED": "1"}, cwd=REPO) for check in self.checks]
+        slots = [scheduler.Slot(f"slot {index + 1}", {}) for index in range(self.settings.jobs)]
+        self.local = scheduler.LocalScheduler(slots, self, interrupt="stop", budget=self.settings.budget,
+                                              minimumStart=self.minimumStart, poll=0.5)
+        self.local.run(tasks)
+        return self.results
 
-    def stop(self, job):
-        """SIGTERM to the whole process group, SIGKILL after 3 s: the trainer's save on SIGTERM (checkpoint, AF
-        files, plots) is not needed here, and the budget is."""
-        for sig, wait in ((signal.SIGTERM, 3), (signal.SIGKILL, 5)):
-            try:
-                os.killpg(job["process"].pid, sig)
-            except ProcessLookupError:
-                return
-            try:
-                job["process"].wait(wait)
-                return
-            except subprocess.TimeoutExpired:
-                continue
+    def onStart(self, task, slot):
+        self.say(f"[{self.local.elapsed():5.0f}s] start {task.name}: {shlex.join(task.argv)}")
 
-    def finish(self, job, stopped=""):
-        job["out"].close()
-        with open(job["outPath"], errors="replace") as f:
+    def onFinish(self, task, outcome):
+        """The check's Result; True when it passed (the checks that need it may start)."""
+        check = self.byName[task.name]
+        budget = f"the --budget of {self.settings.budget:g} s"
+        if outcome.skipped == "budget":
+            self.results[check.name] = Result("not run (time)", [f"{budget} ran out before it started"])
+            return False
+        if outcome.skipped == "after":
+            failed = outcome.failedBefore
+            timeOnly = all(self.results[name].status == "not run (time)" for name in failed)
+            self.results[check.name] = Result("not run (time)" if timeOnly else "skipped",
+                                              [f"needs {', '.join(failed)}, which did not pass"])
+            return False
+        with open(self.outPath(check), errors="replace") as f:
             output = f.read()
-        seconds = time.monotonic() - job["start"]
-        check = job["check"]
-        run = Run(job["process"].returncode, output, seconds, stopped)
-        if stopped == "budget":
-            result = Result("not run (time)", [f"stopped after {seconds:.0f} s: the --budget of "
-                                               f"{self.settings.budget:g} s ran out"])
+        run = Run(outcome.returncode, output, outcome.seconds, outcome.stopped)
+        if outcome.stopped == "budget":
+            result = Result("not run (time)", [f"stopped after {outcome.seconds:.0f} s: {budget} ran out"])
         else:
             try:
                 result = check.evaluate(check, run)
             except Exception as err:  # a parser meeting output it does not know must not lose the other results
                 result = Result("FAIL", [f"its output could not be read: {type(err).__name__}: {err}"])
-        result.seconds, result.output = seconds, output
+        result.seconds, result.output = outcome.seconds, output
         self.results[check.name] = result
-        self.say(f"[{self.elapsed():5.0f}s] {result.status:<4} {check.name} ({seconds:.0f} s)"
+        self.say(f"[{self.local.elapsed():5.0f}s] {result.status:<4} {check.name} ({outcome.seconds:.0f} s)"
                  + (f": {result.problems[0]}" if result.problems else ""))
         if self.onResult:
             self.onResult(self.results)
-
-    def elapsed(self):
-        return time.monotonic() - self.began
-
-    def runAll(self):
-        self.began = time.monotonic()
-        running = []
-        try:
-            self.schedule(running)
-        finally:  # an interrupt: the checks run in sessions of their own, so Ctrl-C did not reach them
-            for job in running:
-                self.stop(job)
-                job["out"].close()
-        return self.results
-
-    def schedule(self, running):
-        deadline = self.began + self.settings.budget
-        pending = list(self.checks)
-        while pending or running:
-            for job in list(running):
-                overdue = time.monotonic() - job["start"] > job["limit"]
-                if job["process"].poll() is None and not overdue:
-                    continue
-                running.remove(job)
-                if job["process"].poll() is None:
-                    self.stop(job)
-                    self.finish(job, "budget" if job["budgetBound"] else "timeout")
-                else:
-                    self.finish(job)
-            remaining = deadline - time.monotonic()
-            for check in list(pending):
-                states = [self.results[name].status if name in self.results else None for name in check.needs]
-                if any(state not in (None, "PASS") for state in states):
-                    pending.remove(check)
-                    failed = [n for n, s in zip(check.needs, states) if s not in (None, "PASS")]
-                    timeOnly = all(self.results[n].status == "not run (time)" for n in failed)
-                    self.results[check.name] = Result("not run (time)" if timeOnly else "skipped",
-                                                      [f"needs {', '.join(failed)}, which did not pass"])
-                    continue
-                if None in states:
-                    continue  # its prerequisite is still running or waiting
-                if remaining < self.minimumStart:
-                    pending.remove(check)
-                    self.results[check.name] = Result("not run (time)", [f"the --budget of {self.settings.budget:g} "
-                                                                         "s ran out before it started"])
-                    continue
-                if check.alone and running:
-                    break  # an idle GPU first; later checks wait too, so nothing joins it
-                if running and (running[0]["check"].alone or len(running) >= self.settings.jobs):
-                    break
-                pending.remove(check)
-                job = self.start(check, min(check.timeout, remaining))
-                job["budgetBound"] = remaining < check.timeout
-                running.append(job)
-            time.sleep(0.5)
+        return result.status == "PASS"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -397,7 +397,8 @@ def writeWaitingTrainer(path, events):
         "    note(f'saving {run}')\n"
         "    sys.exit(130)\n"
         "signal.signal(signal.SIGINT, onSigint)\n"
-        "note(f'start {run} threads {os.environ.get(\"OMP_NUM_THREADS\")}')\n"
+        "gpu = os.environ.get('CUDA_VISIBLE_DEVICES')\n"
+        "note(f'start {run} threads {os.environ.get(\"OMP_NUM_THREADS\")}' + (f' gpu {gpu}' if gpu else ''))\n"
         "deadline = time.time() + 60\n"
         "while sum(line.startswith('start') for line in open(events)) < 2 or 'hold' in run:\n"
         "    if time.time() > deadline:\n"
@@ -425,6 +426,75 @@ def testJobsRunSideBySideAndPhaseTwoWaitsForItsPhaseOne(tinyData, tmp_path, monk
     assert sorted(lines[:2]) == [f"start w-gelu-s0 threads {threads}", f"start w-spline-s0-phase1 threads {threads}"]
     assert lines.index("end w-spline-s0-phase1") < lines.index(f"start w-spline-s0 threads {threads}")
     assert len(lines) == 8  # 4 runs, each started and ended once
+
+
+def testGpusTrainOneRunPerGpuEachWithItsOwnDevice(tinyData, tmp_path, monkeypatch, capsys):
+    fake, events = tmp_path / "fakeTrainer.py", tmp_path / "events.txt"
+    writeWaitingTrainer(fake, events)
+    monkeypatch.setattr(compareAfs, "TRAINER", str(fake))
+    monkeypatch.setattr(compareAfs.torch.cuda, "device_count", lambda: 4)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    argv = ["--afTypes", "spline,gelu,relu", "--splinePhases", "2", "--name", "g", "--gpus", "1,2"] \
+        + trainerFlags(tinyData, tmp_path)
+    assert compareAfs.main(argv) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    starts = [line.split() for line in open(events).read().splitlines() if line.startswith("start")]
+    assert sorted(words[1] for words in starts) == ["g-gelu-s0", "g-relu-s0", "g-spline-s0", "g-spline-s0-phase1"]
+    assert all(words[-2:][0] == "gpu" and words[-1] in ("1", "2") for words in starts), starts
+    assert {words[-1] for words in starts[:2]} == {"1", "2"}  # the first two side by side, on the two GPUs
+    for words in starts:  # the device each run was given is named when it starts
+        assert f"{words[1]}: trainLmAf.py" in out and f"(on GPU {words[-1]})" in out.split(f"{words[1]}: trainLmAf.py")[1].splitlines()[0]
+    assert "Tokens/s with one run per GPU (--gpus)." in open(tmp_path / "compare-g.md").read()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--gpus", "2"], "--gpus 2 names GPU 2, but this machine has GPUs 0-1"),
+    (["--gpus", "0", "--jobs", "2"], "--jobs counts runs side by side on a CPU; with --gpus each GPU"),
+    (["--slurmPartition", "x"], "--slurmPartition is for --launcher slurm"),
+    (["--launcher", "slurm", "--gpus", "0"], "--gpus is for --launcher local"),
+    (["--launcher", "slurm", "--slurmTime", "soon"], "--slurmTime 'soon' is not a Slurm time"),
+    (["--launcher", "slurm", "--slurmExtra", "qos"], "--slurmExtra 'qos' must be KEY=VALUE"),
+])
+def testBadLauncherFlagsStopWithOneLine(extra, message, tinyData, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(compareAfs.torch.cuda, "device_count", lambda: 2)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert compareAfs.main(["--afTypes", "gelu"] + trainerFlags(tinyData, tmp_path / "out") + extra) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def testSlurmWithoutSubmititOrSlurmctldIsOneLine(tinyData, tmp_path, capsys, monkeypatch):
+    import slurmJobs
+
+    argv = ["--afTypes", "gelu", "--launcher", "slurm"] + trainerFlags(tinyData, tmp_path / "out")
+    monkeypatch.setattr(slurmJobs.importlib.util, "find_spec", lambda name: None)
+    assert compareAfs.main(argv) == 2
+    assert capsys.readouterr().err == ("error: --launcher slurm submits through submitit, which is not installed: "
+                                       "pip install submitit\n")
+    monkeypatch.undo()
+    monkeypatch.setenv("PATH", str(tmp_path))  # no Slurm client commands
+    (tmp_path / "scontrol").write_text("#!/bin/sh\necho 'Slurmctld(primary) at nowhere is DOWN'\n")
+    (tmp_path / "scontrol").chmod(0o755)
+    assert compareAfs.main(argv) == 2
+    assert capsys.readouterr().err == "error: no reachable slurmctld: scontrol ping says Slurmctld(primary) at " \
+                                      "nowhere is DOWN\n"
+    assert not (tmp_path / "out").exists()
+
+
+def testStatusOfALocalStudy(tinyData, tmp_path, capsys):
+    """--status: done, stopped (a checkpoint to resume from), failed (its stderr's last lines), not started."""
+    argv = ["--afTypes", "gelu,relu,swiglu,prelu", "--name", "st", "--status"] + trainerFlags(tinyData, tmp_path)
+    (tmp_path / "log-st-gelu-s0.txt").write_text("Step 6/6   lossVa 5.0000   accVa 20.0\n")
+    (tmp_path / "pt-st-relu-s0-step0003.pt").write_text("")
+    (tmp_path / "stderr-st-swiglu-s0.txt").write_text("warning: something\nerror: boom in swiglu\n")
+    assert compareAfs.main(argv) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "st-gelu-s0: done"
+    assert out[1] == "st-relu-s0: stopped" and out[2] == f"    resumes from {tmp_path}/pt-st-relu-s0-step0003.pt"
+    assert out[3:6] == ["st-swiglu-s0: failed", "    warning: something", "    error: boom in swiglu"]
+    assert out[6:] == ["st-prelu-s0: not started", "1 done, 1 failed, 1 not started, 1 stopped"]
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
@@ -455,7 +525,7 @@ def testInterruptReachesEachRunningRunOnceAndStartsNoOther(signum, tinyData, tmp
 
 
 def testTimeLeftFromTheRunsTrainedSoFarByKind():
-    workers = compareAfs.SideBySide(2, None)
+    workers = compareAfs.StudyProgress([], compareAfs.scheduler.cpuSlots(2))
     phase1, other = {"phase": 1}, {"phase": 2}
     workers.left = {"phase-I": 3, "other": 4}
     assert workers.timeLeft(phase1, 600.0, trained=True) is None  # no other run has a time yet
@@ -470,3 +540,9 @@ def testTimeLeftFromTheRunsTrainedSoFarByKind():
         "estimated time left: 12 min (1 phase-I run(s) at 700 s, 2 at a time)")
     assert workers.timeLeft(phase1, 700.0, trained=True) is None  # nothing left
     assert compareAfs.formatDuration(3720) == "1 h 02 min" and compareAfs.formatDuration(20) == "1 min"
+    # on 4 GPUs the runs left go 4 at a time
+    gpus = compareAfs.StudyProgress([], [compareAfs.scheduler.Slot(f"GPU {i}", {}) for i in range(4)])
+    gpus.left = {"phase-I": 1, "other": 9}
+    gpus.seconds = {"phase-I": [400.0], "other": []}
+    assert gpus.timeLeft(other, 40.0, trained=True) == (
+        "estimated time left: 3 min (1 phase-I run(s) at 400 s, 8 other run(s) at 40 s, 4 GPUs)")

@@ -481,14 +481,14 @@ def testTheReportIsWrittenAfterEveryCheckAndKeepsItsFiguresOnAnInterrupt(tmp_pat
     written = []
     writeReport = gpuCheck.writeReport
     monkeypatch.setattr(gpuCheck, "writeReport", lambda *args: written.append(sorted(args[2])) or writeReport(*args))
-    start = gpuCheck.Runner.start
+    onStart = gpuCheck.Runner.onStart
 
-    def interruptedAtTheSecond(self, check, limit):  # Ctrl-C after the first check finished
-        if check.name == "benchB":
+    def interruptedAtTheSecond(self, task, slot):  # Ctrl-C after the first check finished
+        if task.name == "benchB":
             raise KeyboardInterrupt
-        return start(self, check, limit)
+        return onStart(self, task, slot)
 
-    monkeypatch.setattr(gpuCheck.Runner, "start", interruptedAtTheSecond)
+    monkeypatch.setattr(gpuCheck.Runner, "onStart", interruptedAtTheSecond)
     out = tmp_path / "r.md"
     with pytest.raises(KeyboardInterrupt):
         gpuCheck.main(["--out", str(out), "--quick", "--budget", "60"])
