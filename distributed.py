@@ -57,6 +57,10 @@ class Distributed:
         dist.gather_object(obj, parts, dst=0)
         return parts
 
-    def close(self):
+    def close(self, together=False):
+        """Leave the process group. together: the processes stop at a point they agreed on; each waits here until all
+        have saved and said why they stop, as torchrun ends the others when one exits with an error."""
         if self.enabled and dist.is_initialized():
+            if together:
+                dist.barrier(device_ids=[self.localRank] if dist.get_backend() == "nccl" else None)
             dist.destroy_process_group()

@@ -8,6 +8,7 @@ import torch
 import preflight
 from model import AfInputStatistics
 from runPlan import ConfigError, compileBackend, validationBatchSize
+from stopping import agreeOnFailure
 from tokenShards import TokenStream
 
 
@@ -59,27 +60,41 @@ class Passes:
         """Run, before step 1, every graph a compiled run will need (variants: runPlan.shapeVariants), or, eagerly,
         one pass when FlexAttention is in use: a failure of FlexAttention here (a compile error, too little shared
         memory at the first launch) switches every process to SDPA with one printed line instead of stopping the
-        run. fallbackProblem(): why a pass with the fallback would not fit the free memory, or None."""
+        run. fallbackProblem(): why a pass with the fallback would not fit the free memory, or None. Under torchrun
+        the processes agree after each part that may fail in one of them alone: all stop, or all go on (what this
+        raises, every process raises)."""
         compiled, kernel = self.backend is not None, self.model.kernel
         if not compiled and kernel.implementation != "flex":
             return
-        failure = None
+        failure = outOfMemory = None
         try:
             self.runVariants(variants if compiled else variants[:1])
-        except torch.OutOfMemoryError:  # too little memory, not a FlexAttention defect: SDPA would need more
-            raise
+        except torch.OutOfMemoryError as err:  # too little memory, not a FlexAttention defect: SDPA would need more
+            outOfMemory = err
         except Exception as err:  # compile and launch errors of other GPUs and library versions have many types
             failure = err
-        anyFailed = dist.maxInPlace(torch.tensor([failure is not None], dtype=torch.int32, device=self.device))
-        if anyFailed[0]:
+        stop, (anyFailed,) = agreeOnFailure(dist, outOfMemory, self.device, [failure is not None])
+        if stop:
+            raise stop
+        if anyFailed:
             line = kernel.fallBackToSdpa(failure or RuntimeError("FlexAttention failed in another process"))
-            problem = fallbackProblem()
-            if problem:
-                raise ConfigError(f"FlexAttention failed on this GPU ({kernel.flexFailure}); {problem}")
+            problem = fallbackProblem()  # of this process's GPU: the others may have more free memory
+            tooBig = ConfigError(f"FlexAttention failed on this GPU ({kernel.flexFailure}); {problem}") if problem \
+                else None
+            stop, _ = agreeOnFailure(dist, tooBig, self.device)
+            if stop:
+                raise stop
             print(line, file=sys.stderr, flush=True)  # the header's kernel lines repeat it in the log
             self.attentionNotes.append(line)
             if compiled:
-                self.runVariants(variants)
+                sdpaFailure = None
+                try:
+                    self.runVariants(variants)
+                except Exception as err:  # out of memory, or SDPA failing too
+                    sdpaFailure = err
+                stop, _ = agreeOnFailure(dist, sdpaFailure, self.device)
+                if stop:
+                    raise stop
         self.compiledVariants = variants if compiled else []
 
     def runVariants(self, variants):

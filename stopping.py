@@ -1,6 +1,8 @@
 """How a run stops before its last step, as decisions the training loop acts on: SIGINT/SIGTERM (finish the step,
 then save a resumable checkpoint and exit 128+N), a non-finite loss (save the AF values before that step), out of
-memory (the advice: the --modelsPerPass to try); under torchrun all processes agree on the step."""
+memory (the advice: the --modelsPerPass to try). Under torchrun all processes stop together: they agree on the step
+(a signal is acted on once all have learned of it at an agreement; one that comes later waits for the next), and
+where one process may fail alone (out of memory, FlexAttention's fallback) all learn of it and stop with it."""
 import gc
 import os
 import signal
@@ -8,6 +10,7 @@ import signal
 import torch
 
 import preflight
+from runPlan import ConfigError
 
 
 class NonFiniteLoss(Exception):
@@ -18,9 +21,21 @@ class NonFiniteLoss(Exception):
         self.afFile = None
 
 
+class AnotherProcessFailed(Exception):
+    """Under torchrun, another process failed alone (its own line says how): this one stops too, with its status."""
+
+    def __init__(self, status):
+        super().__init__(f"another process failed (exit status {status}; its own error line says why), "
+                         "so this one stopped too")
+        self.status = status
+        self.checkpoint = None
+
+
 class StopSignals:
     """SIGINT and SIGTERM while the loop runs: the first sets `received` (the loop saves and stops after the step
-    it is in), a second stops at once. say: where the line saying so goes; state: the run state (its step)."""
+    it is in; under torchrun after the step all processes agree on it), a second stops at once. Only the handler sets
+    `received`, so that a signal is never lost, whenever it comes. say: where the line saying so goes; state: the run
+    state (its step)."""
 
     def __init__(self, say, state):
         self.say, self.state = say, state
@@ -51,12 +66,34 @@ def nonFiniteLoss(losses, step, firstModel):
 
 
 def agreeAcrossProcesses(dist, losses, received, firstModel, step):
-    """Under torchrun every process must stop at the same step: (the stop signal any process received, or None;
-    NonFiniteLoss when any process's losses at 0-based step `step` are not finite, or None)."""
+    """Under torchrun every process must stop at the same step: (the stop signal any process had received when it
+    came to this agreement, or None; NonFiniteLoss when any process's losses at 0-based step `step` are not finite,
+    or None). received: this process's StopSignals.received."""
     bad = (~torch.isfinite(losses)).nonzero().flatten().tolist()
     flags = torch.tensor([received or 0, firstModel + bad[0] + 1 if bad else 0], device=losses.device)
     dist.maxInPlace(flags)
-    return int(flags[0]) or received, NonFiniteLoss(step + 1, int(flags[1]) - 1) if flags[1] else None
+    return int(flags[0]) or None, NonFiniteLoss(step + 1, int(flags[1]) - 1) if flags[1] else None
+
+
+def exitStatus(error):
+    """The exit status the run ends with on an error one process may meet alone: 4 out of memory, 2 a configuration
+    error, 1 another error (its traceback); 0 without one."""
+    if error is None:
+        return 0
+    if isinstance(error, torch.OutOfMemoryError):
+        return 4
+    return 2 if isinstance(error, ConfigError) else 1
+
+
+def agreeOnFailure(dist, error, device, flags=()):
+    """Where one process may fail alone under torchrun (error: its failure there, or None), every process learns
+    whether any did, with the maxima of `flags` (ints) in the same all_reduce, so that all stop or none goes on.
+    Returns (what to raise: error where it happened, AnotherProcessFailed elsewhere, None when none failed; the flags'
+    maxima). Without torchrun (dist.maxInPlace does nothing), error itself and the flags."""
+    values = dist.maxInPlace(torch.tensor([exitStatus(error), *flags], dtype=torch.int32, device=device)).tolist()
+    if values[0] == 0:
+        return None, values[1:]
+    return error or AnotherProcessFailed(values[0]), values[1:]
 
 
 def releaseGradients(model, device):

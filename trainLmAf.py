@@ -183,6 +183,8 @@ class Trainer:
     def __init__(self, hp, given=frozenset()):
         self.hp, self.given = hp, given
         self.dist = self.device = self.model = self.vocabSize = self.nLocal = self.modelsPerPass = None
+        # set where the processes agreed to stop: each stops at that same point, and they leave together (main)
+        self.stopsTogether = False
 
     # -- setup -------------------------------------------------------------------------------
 
@@ -233,8 +235,14 @@ class Trainer:
         self.modelsPerPass, self.modelsPerPassNote = preflight.chooseModelsPerPass(hp, self.device, self.vocabSize,
                                                                                    self.nLocal)
         self.passes = Passes(self.model, hp, self.device, self.afInputRange)
-        self.passes.compileBeforeStepOne(self.shapeVariants(), self.dist, functools.partial(
-            fallbackProblem, hp, self.vocabSize, self.nLocal, self.modelsPerPass, self.device))
+        variants = self.shapeVariants()
+        fallbackCheck = functools.partial(fallbackProblem, hp, self.vocabSize, self.nLocal, self.modelsPerPass,
+                                          self.device)
+        try:
+            self.passes.compileBeforeStepOne(variants, self.dist, fallbackCheck)
+        except Exception:
+            self.stopsTogether = True  # what it raises, the processes agreed on
+            raise
         return self
 
     def localActive(self, nActiveAll):
@@ -268,15 +276,14 @@ class Trainer:
         hp, step = self.hp, self.state.step
         nActiveAll = activeModels(step, self.startSteps)
         nActive = self.localActive(nActiveAll)
-        lossSum = torch.zeros(nActive, device=self.device)
-        accSum = torch.zeros(nActive, device=self.device)
-        for _ in range(hp.batchSize if nActive else 0):
-            tokens = self.nextBatch(nActive)
-            for first, n in modelPasses(nActive, self.modelsPerPass):  # each pass's activations are freed by its backward
-                losses, accuracies = self.passes.forward(tokens[first:first + n], first)
-                (losses.sum() / hp.batchSize).backward()
-                lossSum[first:first + n] += losses.detach()
-                accSum[first:first + n] += accuracies.detach()
+        try:
+            lossSum, accSum = self.forwardAndBackward(nActive)
+        except torch.OutOfMemoryError as err:
+            if self.dist.enabled:  # the other processes learn of it in their agreement below, and all stop
+                self.agreeOnPasses(err)
+            raise
+        if self.dist.enabled:
+            self.agreeOnPasses(None)
         afParams = [p for p in self.model.afParameters() if p.requires_grad]
         averageGradients(afParams, self.optimizer.params, nActive, nActiveAll, self.dist, self.dataParallel)
         if hp.afSmoothness > 0:
@@ -299,6 +306,30 @@ class Trainer:
         self.updating = False
         return nActive, lossSum / hp.batchSize, accSum / hp.batchSize
 
+    def forwardAndBackward(self, nActive):
+        """The step's passes, their gradients accumulated; returns the losses and accuracies [nActive] summed over
+        the accumulation steps."""
+        hp = self.hp
+        lossSum = torch.zeros(nActive, device=self.device)
+        accSum = torch.zeros(nActive, device=self.device)
+        for _ in range(hp.batchSize if nActive else 0):
+            tokens = self.nextBatch(nActive)
+            for first, n in modelPasses(nActive, self.modelsPerPass):  # each pass's activations are freed by its backward
+                losses, accuracies = self.passes.forward(tokens[first:first + n], first)
+                (losses.sum() / hp.batchSize).backward()
+                lossSum[first:first + n] += losses.detach()
+                accSum[first:first + n] += accuracies.detach()
+        return lossSum, accSum
+
+    def agreeOnPasses(self, outOfMemory):
+        """Under torchrun, after the passes of a step, in which one process may run out of memory alone: every
+        process learns of it before any gradient crosses processes, so that all stop with the weights of the last step
+        (and save them, saveAfterOutOfMemory), or none."""
+        stop, _ = stopping.agreeOnFailure(self.dist, outOfMemory, self.device)
+        if stop:
+            self.stopsTogether = True
+            raise stop
+
     # -- the loop ----------------------------------------------------------------------------
 
     def train(self):
@@ -317,9 +348,10 @@ class Trainer:
                 if pending is not None:
                     self.stopIfNotFinite(*pending[:2])
                 pending = (losses, state.step, afBefore)
+                agreedSignal = None
                 if self.dist.enabled:
-                    signals.received, failure = agreeAcrossProcesses(self.dist, losses, signals.received,
-                                                                     self.firstModel, state.step)
+                    agreedSignal, failure = agreeAcrossProcesses(self.dist, losses, signals.received, self.firstModel,
+                                                                 state.step)
                     if failure:
                         raise failure
                 state.recordStep(nActive, losses, accs)
@@ -329,15 +361,20 @@ class Trainer:
                 state.addTrainingTime(time.perf_counter() - t0)
                 self.outputs.advance()
                 self.reportsAndSaves(pending)
-                if signals.received is not None:
+                # under torchrun only the signal all processes agreed on stops them: one that reached a process after
+                # the agreement (while it plotted or saved, say) would take it alone into the collectives of saving
+                stopSignal = agreedSignal if self.dist.enabled else signals.received
+                if stopSignal is not None:
+                    self.stopsTogether = True
                     self.outputs.endProgress()
                     self.saveOnInterrupt()
-                    return 128 + signals.received
+                    return 128 + stopSignal
         except stopping.NonFiniteLoss as err:
+            self.stopsTogether = True  # under torchrun it comes from the agreement
             self.outputs.endProgress()
             err.afFile = self.saveLastGoodAfs(pending)
             raise
-        except torch.OutOfMemoryError as err:
+        except (torch.OutOfMemoryError, stopping.AnotherProcessFailed) as err:
             self.outputs.endProgress()
             err.checkpoint = self.saveAfterOutOfMemory()
             raise
@@ -453,10 +490,12 @@ class Trainer:
         return self.saveAfs(failedStep)
 
     def saveAfterOutOfMemory(self):
-        """After an out-of-memory error in a forward or backward pass the weights are those after the last step:
-        save them, so that the run resumes with a smaller --modelsPerPass. Returns the checkpoint's path, or None
-        when the error came during the update (half-updated weights are not worth keeping)."""
-        if self.updating:
+        """After an out-of-memory error in a forward or backward pass (under torchrun: of any process; the others
+        have AnotherProcessFailed) the weights are those after the last step: save them, so that the run resumes with
+        a smaller --modelsPerPass. Returns the checkpoint's path, or None when the error came during the update
+        (half-updated weights are not worth keeping) or, under torchrun, outside the passes in one process: saving is
+        a collective, which that process would wait in alone."""
+        if self.updating or self.dist.enabled and not self.stopsTogether:
             return None
         releaseGradients(self.model, self.device)
         path = self.saveModel()
@@ -494,6 +533,16 @@ def main(argv=None):
         return preflight.runPreflight(hp, forced)
     trainer = Trainer(hp, given)
     try:
+        return trainAndSayHowItEnded(trainer)
+    finally:
+        if trainer.dist is not None:  # after the last line: processes that stop together wait there for each other
+            trainer.dist.close(together=trainer.stopsTogether)
+
+
+def trainAndSayHowItEnded(trainer):
+    """The run's exit status, its error in one line on stderr first."""
+    hp = trainer.hp
+    try:
         trainer.setup()
         if trainer.alreadyComplete:
             print(f"Run '{hp.runName}' already complete ({trainer.files.log} holds its final step); nothing to do.")
@@ -506,6 +555,10 @@ def main(argv=None):
         saved = f"; AF values before that step saved in {err.afFile}" if err.afFile else ""
         print(f"error: {err}{saved}", file=sys.stderr)
         return 3
+    except stopping.AnotherProcessFailed as err:
+        saved = f"; resume from {err.checkpoint} with --resumeFrom" if err.checkpoint else ""
+        print(f"error: {err}{saved}", file=sys.stderr)
+        return err.status
     except torch.OutOfMemoryError as err:
         # the advice measures free memory after this block: its live traceback holds the failed pass's frames and,
         # in them, its activations
@@ -513,9 +566,6 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("error: interrupted before training started; nothing was written", file=sys.stderr)
         return 130
-    finally:
-        if trainer.dist is not None:
-            trainer.dist.close()
     saved = f"; resume from {checkpoint} with --resumeFrom" if checkpoint else ""
     print(f"error: {trainer.outOfMemoryAdvice()}{saved}", file=sys.stderr)
     return 4
