@@ -101,7 +101,9 @@ class Checkpointer:
         self.optimizer.load_state_dict(ckpt["optimizer"], models=slice(None) if self.dataParallel else self.mine)
         if self.afOptimizer and ckpt["afOptimizer"]:
             self.afOptimizer.load_state_dict(ckpt["afOptimizer"])
-        positions = ckpt["dataPositions"] if len(self.streams) == 1 else ckpt["dataPositions"][self.mine]
+        # one stream for every model of a process (data parallel, or the same data for all models), else one per model
+        shared = self.dataParallel or self.hp.sameDataAcrossModels
+        positions = ckpt["dataPositions"][:1] if shared else ckpt["dataPositions"][self.mine]
         for stream, state in zip(self.streams, positions):
             stream.load_state_dict(state)
         self.state.load_state_dict(ckpt, models=slice(None, self.nLocal) if self.dataParallel else self.mine)
