@@ -12,22 +12,11 @@ values, as published by the original authors (whose files have no score rows).
 """
 import csv
 import itertools
-import os
 
 import torch
 
 from activationFunctions import FORMAT, SPLINE_TYPES, AfFileError, readAfFile
-
-
-def atomicWrite(path, writeTo):
-    """Call writeTo(temporaryPath), then rename it to path, so a crash never leaves a half-written file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        writeTo(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+from atomicFiles import atomicWrite
 
 
 def perLayerValues(model, kind):

@@ -10,8 +10,10 @@ import torch
 
 import vocabulary
 from activationFunctions import FORMAT as AF_FILE_FORMAT, AfFileError, safeTorchLoad
-from afFiles import atomicWrite, perLayerValues, scoreSplineKnots, splineKnots
-from runPlan import ConfigError, buildModel
+from afFiles import perLayerValues, scoreSplineKnots, splineKnots
+from atomicFiles import atomicWrite
+from flagChecks import ConfigError
+from runSetup import buildModel
 
 CHECKPOINT_FORMAT = "lm-afs checkpoint 1"
 
@@ -102,7 +104,7 @@ class Checkpointer:
         if self.afOptimizer and ckpt["afOptimizer"]:
             self.afOptimizer.load_state_dict(ckpt["afOptimizer"])
         # one stream for every model of a process (data parallel, or the same data for all models), else one per model
-        shared = self.dataParallel or self.hp.sameDataAcrossModels
+        shared = self.dataParallel or len(self.streams) < self.nLocal
         positions = ckpt["dataPositions"][:1] if shared else ckpt["dataPositions"][self.mine]
         for stream, state in zip(self.streams, positions):
             stream.load_state_dict(state)
@@ -112,32 +114,15 @@ class Checkpointer:
             restoreCudaRngStates(ckpt["rng"]["cuda"])
 
 
-def loadResumeCheckpoint(hp, given):
-    """The checkpoint --resumeFrom names; its hyperparameters replace hp's, except the flags given on the command
-    line."""
-    path = hp.resumeFrom
+def loadResumeCheckpoint(path):
+    """The checkpoint --resumeFrom names (its hyperparameters supply the flags not given: flagChecks.settle)."""
     try:
         ckpt = safeTorchLoad(path, "--resumeFrom")
     except AfFileError as err:
         raise ConfigError(str(err)) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ConfigError(f"--resumeFrom {path!r} is not a model checkpoint (pt-RUN-stepNNNN.pt) of trainLmAf.py")
-    saved = ckpt["hyperparameters"]
-    for name, value in saved.items():
-        if name != "resumeFrom" and name not in given and hasattr(hp, name):
-            setattr(hp, name, value)
     return ckpt
-
-
-def checkResumeVocabulary(path, ckpt, shardsVocabulary):
-    """ConfigError unless the shards were made with the vocabulary the checkpoint was trained with."""
-    saved = ckpt.get("tokenizer")
-    savedPrint = vocabulary.fingerprint(saved) if saved else None
-    if savedPrint != (shardsVocabulary.fingerprint if shardsVocabulary else None):
-        trainedWith = vocabulary.fromJson(saved, path).name if saved else vocabulary.GPT2_NAME
-        dataWith = shardsVocabulary.name if shardsVocabulary else vocabulary.GPT2_NAME
-        raise ConfigError(f"--resumeFrom {path!r} was trained with {trainedWith}, but the shards are {dataWith}; "
-                          "resume on the data the run was trained on")
 
 
 def restoreCudaRngStates(states):

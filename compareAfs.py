@@ -51,6 +51,7 @@ steps (its coefficients multiply x^5); about 0.01 keeps it smooth.
 """
 import argparse
 import csv
+import dataclasses
 import fcntl
 import math
 import os
@@ -63,12 +64,15 @@ import time
 import numpy as np
 import torch
 
+import flagChecks
 import runPlan
+import runSetup
 import scheduler
 import trainLmAf
 import vocabulary
 from activationFunctions import LEARNABLE_TYPES, MLP_INPUT_TYPES, SPLINE_TYPES, AfFileError
-from afFiles import atomicWrite, loadAfsIntoModel
+from afFiles import loadAfsIntoModel
+from atomicFiles import atomicWrite, atomicWriteText
 from plotting import parseLog
 from runFiles import RunFiles
 from runOutputs import originalValueText
@@ -185,7 +189,7 @@ def parseArgs(argv):
         raise CompareError(f"--splineModels must be >= 1, got {args.splineModels}")
     if args.jobs < 1:
         raise CompareError(f"--jobs must be >= 1, got {args.jobs}")
-    checkLauncherFlags(args, argv)
+    args.slurm = launcherSettings(args, argv)
     if not hp.filesTokensVa or hp.valEvery < 0:
         raise CompareError("the comparison reports validation loss: give --filesTokensVa and --valEvery >= 0")
     args.phase1Data = phase1Data(args.phase1FilesTokensTr, args.phase1FilesTokensVa, "")
@@ -200,19 +204,18 @@ def parseArgs(argv):
     return args, trainerArgv, hp
 
 
-def checkLauncherFlags(args, argv):
-    """--jobs for a CPU, --gpus for this machine's GPUs, the --slurm* flags for --launcher slurm; args.slurm: the
-    slurmJobs.SlurmSettings (None for a local study)."""
+def launcherSettings(args, argv):
+    """The slurmJobs.SlurmSettings of --launcher slurm, None for a local study; checks that --jobs is for a CPU,
+    --gpus for this machine's GPUs, the --slurm* flags for --launcher slurm."""
     given = {word.split("=")[0][2:] for word in argv if word.startswith("--")}
     if args.gpus and args.jobs > 1:
         raise CompareError("--jobs counts runs side by side on a CPU; with --gpus each GPU trains one run at a time: "
                            "drop one of them")
     slurmFlags = sorted(name for name in given if name.startswith("slurm") or name == "wait")
-    args.slurm = None
     if args.launcher == "local":
         if slurmFlags:
             raise CompareError(f"--{slurmFlags[0]} is for --launcher slurm")
-        return
+        return None
     if args.gpus or "jobs" in given:
         raise CompareError(f"--{'gpus' if args.gpus else 'jobs'} is for --launcher local; on Slurm each run is a job "
                            "of its own (--slurmGpusPerRun, --slurmCpusPerRun)")
@@ -222,9 +225,8 @@ def checkLauncherFlags(args, argv):
         raise CompareError(f"--slurmGpusPerRun must be >= 0 and --slurmCpusPerRun >= 1, got {args.slurmGpusPerRun} "
                            f"and {args.slurmCpusPerRun}")
     try:
-        args.slurm = slurmJobs.SlurmSettings(args.slurmPartition, slurmJobs.parseTime(args.slurmTime),
-                                             args.slurmGpusPerRun, args.slurmCpusPerRun, args.slurmAccount,
-                                             slurmJobs.parseExtra(args.slurmExtra))
+        return slurmJobs.SlurmSettings(args.slurmPartition, slurmJobs.parseTime(args.slurmTime), args.slurmGpusPerRun,
+                                       args.slurmCpusPerRun, args.slurmAccount, slurmJobs.parseExtra(args.slurmExtra))
     except slurmJobs.SlurmError as err:
         raise CompareError(str(err)) from None
 
@@ -298,7 +300,7 @@ def parseVariant(text):
 
 def afParts(afType):
     """The MLP, attention and score AFs an afType names."""
-    return runPlan.splitAfType(afType) + (runPlan.splitScoreType(afType)[1],)
+    return flagChecks.splitAfType(afType) + (flagChecks.splitScoreType(afType)[1],)
 
 
 def isSplineAf(afType):
@@ -391,10 +393,10 @@ def checkRuns(runs, args):
     for run in runs:
         hp, _ = trainLmAf.parseArgs(run["argv"])
         if run["phase"] == 2:
-            hp.afFileToLoad = ""  # the file appears only once phase I has run
+            hp = dataclasses.replace(hp, afFileToLoad="")  # the file appears only once phase I has run
         try:
-            runPlan.checkFlags(hp)
-        except runPlan.ConfigError as err:
+            hp, _ = flagChecks.checkFlags(hp)
+        except flagChecks.ConfigError as err:
             raise CompareError(f"{run['runName']}: {err}") from None
         if run["phase"] == 1 and hp.afLr == 0:
             raise CompareError("--splinePhases 2 learns the splines in phase I: --afLr must not be 0")
@@ -447,8 +449,7 @@ def checkLoadedFiles(runs, args):
     for run in runs:
         if run["af"] not in loaded:
             continue
-        hp, _ = trainLmAf.parseArgs(run["argv"])
-        runPlan.checkFlags(hp)
+        hp, _ = flagChecks.checkFlags(trainLmAf.parseArgs(run["argv"])[0])
         key = (hp.afFileToLoad, hp.afType, hp.nLayers, hp.afLayerSpecific, hp.dimEmb)
         if key in checked:
             continue
@@ -457,7 +458,7 @@ def checkLoadedFiles(runs, args):
             raise CompareError(f"--variant {run['af']}: --afFileToLoad {hp.afFileToLoad} does not exist"
                                + (f" (seed {run['seed']})" if SEED_FIELD in next(e["loaded"] for e in args.entries
                                                                                   if e["label"] == run["af"]) else ""))
-        model = runPlan.buildModel(hp, 128, torch.device("cpu"))  # the AFs do not depend on the vocabulary
+        model = runSetup.buildModel(hp, 128, torch.device("cpu"))  # the AFs do not depend on the vocabulary
         try:
             loadAfsIntoModel(model, hp.afFileToLoad, freeze=True)
         except AfFileError as err:
@@ -1145,11 +1146,6 @@ def plotAfStudy(path, rows, title, pairedPanels=(), metric="loss", bestLabel=Non
     atomicWrite(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
 
 
-def writeText(path, text):
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
-
-
 # ----------------------------------------------------------------------------------------------
 # Entry point
 
@@ -1194,7 +1190,7 @@ def main(argv=None):
     args.baseline = resolveBaseline(rows, args)
     stem = os.path.join(hp.dirResults, f"compare-{args.table or args.name}")
     table = markdownTable(rows, args, trainerArgv, hp, failures)
-    atomicWrite(stem + ".md", lambda tmp: writeText(tmp, table))
+    atomicWriteText(stem + ".md", table)
     againstBaseline, pairs = pairedComparisons(rows, args)
     baselineTitle = f"paired against {args.baseline}" + (", the best fixed AF" if args.bestFixed else "")
     plotAfStudy(stem + ".png", rows, f"{args.table or args.name}: {len(args.entries)} AFs x {len(args.seeds)} seeds",

@@ -22,7 +22,7 @@ import torch
 from checkpoints import LoadError, addModelArguments, checkModelArguments, encodingOf, exitCode, loadModel
 from cliErrors import OneLineErrorParser
 from generate import pickToken
-from runPlan import pickDevice
+from runSetup import pickDevice
 
 try:
     from lm_eval.api.model import TemplateLM

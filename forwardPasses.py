@@ -7,7 +7,9 @@ import torch
 
 import preflight
 from model import AfInputStatistics
-from runPlan import ConfigError, compileBackend, validationBatchSize
+from flagChecks import ConfigError
+from runPlan import validationBatchSize
+from runSetup import compileBackend
 from stopping import agreeOnFailure
 from tokenShards import TokenStream
 
@@ -56,11 +58,11 @@ class Passes:
             table = self.afInputTable(tokens[..., :-1], self.afInputRange)
         return AfInputStatistics.results(table, self.afInputRange)
 
-    def compileBeforeStepOne(self, variants, dist, fallbackProblem):
+    def compileBeforeStepOne(self, variants, dist, fallbackCheck):
         """Run, before step 1, every graph a compiled run will need (variants: runPlan.shapeVariants), or, eagerly,
         one pass when FlexAttention is in use: a failure of FlexAttention here (a compile error, too little shared
         memory at the first launch) switches every process to SDPA with one printed line instead of stopping the
-        run. fallbackProblem(): why a pass with the fallback would not fit the free memory, or None. Under torchrun
+        run. fallbackCheck(): why a pass with the fallback would not fit the free memory, or None. Under torchrun
         the processes agree after each part that may fail in one of them alone: all stop, or all go on (what this
         raises, every process raises)."""
         compiled, kernel = self.backend is not None, self.model.kernel
@@ -78,7 +80,7 @@ class Passes:
             raise stop
         if anyFailed:
             line = kernel.fallBackToSdpa(failure or RuntimeError("FlexAttention failed in another process"))
-            problem = fallbackProblem()  # of this process's GPU: the others may have more free memory
+            problem = fallbackCheck()  # of this process's GPU: the others may have more free memory
             tooBig = ConfigError(f"FlexAttention failed on this GPU ({kernel.flexFailure}); {problem}") if problem \
                 else None
             stop, _ = agreeOnFailure(dist, tooBig, self.device)
@@ -116,13 +118,12 @@ class Passes:
                 p.grad = None
 
 
-def fallbackProblem(hp, vocabSize, nLocal, modelsPerPass, device):
+def fallbackProblemHere(hp, vocabSize, nLocal, modelsPerPass, device):
     """Why a pass with FlexAttention's fallback (explicit [T, T] scores) will not fit the free GPU memory, or None
 (also off CUDA): a stop before step 1 instead of an out-of-memory error in it."""
     if device.type != "cuda":
         return None
-    free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)
-    return preflight.fallbackProblem(hp, vocabSize, nLocal, modelsPerPass, free)
+    return preflight.fallbackProblem(hp, vocabSize, nLocal, modelsPerPass, preflight.freeForRun(device))
 
 
 def statisticsTokens(vaSequences, trFiles, hp, device):

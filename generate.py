@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from checkpoints import addModelArguments, checkModelArguments, checkTokensFit, encodingOf, exitCode, loadModel
 from cliErrors import OneLineErrorParser
-from runPlan import pickDevice
+from runSetup import pickDevice
 
 
 def pickToken(logits, temperature, topK, generator):

@@ -5,11 +5,12 @@ several runs' validation curves in one figure."""
 import argparse
 import math
 import os
-import re
 import sys
-import uuid
 
 import numpy as np
+
+import logLines
+from atomicFiles import atomicWrite
 
 # Above this many models, one legend row per model is unreadable, so the colour is explained by a colorbar instead.
 maxLegendModels = 6
@@ -17,21 +18,12 @@ valColor = "blue"
 
 
 def _atomicSave(fig, path):
-    """Render fig as PNG next to path, then os.replace it, so readers never see a half-written file."""
+    """Render fig as PNG (atomicFiles: readers never see a half-written file)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    folder = os.path.dirname(os.path.abspath(path))
-    tmpPath = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     # An explicit Agg canvas renders files without ever selecting a global (possibly GUI) backend.
     FigureCanvasAgg(fig)
-    try:
-        with open(tmpPath, "xb") as f:
-            fig.savefig(f, format="png", dpi=110)
-        os.replace(tmpPath, path)
-    except BaseException:
-        if os.path.exists(tmpPath):
-            os.remove(tmpPath)
-        raise
+    atomicWrite(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
 
 
 def _makeFigure(figsize):
@@ -447,29 +439,6 @@ def plotActivations(path, history, layerNames):
     _atomicSave(_activationsFigure(history, layerNames, _makeFigure), path)
 
 
-_number = r"([-+]?(?:\d+\.?\d*(?:[eE][-+]?\d+)?|nan|inf))"
-_count = r"([\d,]+)"
-_stepPrefix = r"^\s*Step\s+(\d+)/\d+\s+"
-_valLine = re.compile(_stepPrefix + r"lossVa\s+" + _number + r"\s+accVa\s+" + _number)
-_modelLine = re.compile(_stepPrefix + r"model\s+(\d+)\s+lossTr\s+" + _number + r"\s+accTr\s+" + _number)
-# model 0's line, with the s/step of its report window where the log has it (the original's and ours do)
-_trainLine = re.compile(_stepPrefix + r"lossTr\s+" + _number + r"\s+accTr\s+" + _number
-                        + r"(?:\s+\d+s = " + _number + r"s/step)?")
-_actLine = re.compile(_stepPrefix + r"Activation magnitudes \(([23])\):\s*(.*)$")
-_peakLine = re.compile(_stepPrefix + r"Peak CUDA memory usage: " + _number + r" GB")
-_hyperparameterLine = re.compile(r"^  (\w+) = (.*)$")
-_parameterLine = re.compile(r"^  (\S+)\s+\(([\d, ]*)\)\s+" + _count + r" (trainable|frozen)")
-_parametersTotalLine = re.compile(r"^Parameters per model: " + _count + r" trainable, " + _count + r" frozen, "
-                                  + _count + r" total")
-_vocabularyLine = re.compile(r"^Vocabulary size: " + _count)
-_modelsPerPassLine = re.compile(r"^Phase I: \d+ models, start steps \[[\d, ]*\]; (\d+) models per pass")
-_kernelLinePrefixes = ("Spline kernels:", "Attention:", "Attention weights:", "Compiled before step 1")
-
-
-def _integer(text):
-    return int(text.replace(",", ""))
-
-
 def parseLog(path):
     """Rebuild a history from a training log (ours or the original code's): {'train': [(step, model, loss, acc)],
     'val': [(step, loss, acc)], 'actMean'/'actMax': [(step, values per site)]} (accuracy back to fractions), as
@@ -485,40 +454,35 @@ def parseLog(path):
     with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
             line = line.rstrip("\r\n")
-            if match := _valLine.match(line):
-                step, loss, acc = match.groups()
-                val[int(step)] = (float(loss), float(acc) / 100.0)
-            elif match := _modelLine.match(line):
-                step, model, loss, acc = match.groups()
-                train[(int(step), int(model))] = (float(loss), float(acc) / 100.0)
-            elif match := _trainLine.match(line):
-                step, loss, acc, secondsPerStep = match.groups()
-                train[(int(step), 0)] = (float(loss), float(acc) / 100.0)
-                if secondsPerStep is not None:
-                    seconds[int(step)] = float(secondsPerStep)
-            elif match := _actLine.match(line):
-                step, kind, numbers = match.groups()
+            if found := logLines.VALIDATION.parse(line):
+                val[found["step"]] = (found["loss"], found["accuracy"] / 100.0)
+            elif found := logLines.MODEL_TRAINING.parse(line):
+                train[(found["step"], found["model"])] = (found["loss"], found["accuracy"] / 100.0)
+            elif found := logLines.TRAINING.parse(line):
+                train[(found["step"], 0)] = (found["loss"], found["accuracy"] / 100.0)
+                if found["secondsPerStep"] is not None:
+                    seconds[found["step"]] = found["secondsPerStep"]
+            elif found := logLines.ACTIVATIONS.parse(line):
                 try:
-                    values = [float(v) for v in numbers.split()]
+                    values = [float(v) for v in found["values"].split()]
                 except ValueError:
                     continue
-                history["actMean" if kind == "2" else "actMax"].append((int(step), values))
-            elif match := _peakLine.match(line):
-                step, gigabytes = match.groups()
-                peaks[int(step)] = float(gigabytes)
-            elif match := _hyperparameterLine.match(line):
-                history["hyperparameters"][match.group(1)] = match.group(2).strip("'")
-            elif match := _parameterLine.match(line):
-                history["parameters"][match.group(1)] = _integer(match.group(3))
-            elif match := _parametersTotalLine.match(line):
-                history["parametersTotal"] = _integer(match.group(3))
-            elif match := _vocabularyLine.match(line):
-                history["vocabSize"] = _integer(match.group(1))
-            elif match := _modelsPerPassLine.match(line):
-                history["modelsPerPass"] = int(match.group(1))
-            elif line.startswith(_kernelLinePrefixes):
+                history["actMean" if found["kind"] == 2 else "actMax"].append((found["step"], values))
+            elif found := logLines.PEAK_MEMORY.parse(line):
+                peaks[found["step"]] = found["gigabytes"]
+            elif found := logLines.HYPERPARAMETER.parse(line):
+                history["hyperparameters"][found["name"]] = found["value"].strip("'")
+            elif found := logLines.PARAMETER.parse(line):
+                history["parameters"][found["name"]] = found["count"]
+            elif found := logLines.PARAMETER_TOTALS.parse(line):
+                history["parametersTotal"] = found["total"]
+            elif found := logLines.VOCABULARY.parse(line):
+                history["vocabSize"] = found["size"]
+            elif found := logLines.MODELS_PER_PASS.parse(line):
+                history["modelsPerPass"] = found["modelsPerPass"]
+            elif line.startswith(logLines.KERNEL_PREFIXES):
                 history["kernels"].append(line)
-            elif line.startswith("FlexAttention failed"):  # the trainer's line when it switches to SDPA
+            elif line.startswith(logLines.FALLBACK_PREFIX):
                 history["fallbacks"].append(line)
     history["train"] = [(step, model, loss, acc) for (step, model), (loss, acc) in train.items()]
     history["val"] = [(step, loss, acc) for step, (loss, acc) in sorted(val.items())]

@@ -6,8 +6,9 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed._tools.mem_tracker import MemTracker
 
 from model import GPT
-from runPlan import (ConfigError, compileBackend, modelArguments, modelStartSteps, modelVocabSize, pickDevice, runPasses,
-                     shapeVariants, splitAfType)
+from flagChecks import ConfigError, splitAfType
+from runPlan import modelStartSteps, runPasses, shapeVariants
+from runSetup import compileBackend, modelArguments, modelVocabSize, pickDevice
 
 # What the CUDA context, cuBLAS workspaces and the caching allocator's fragmentation take beyond the tensors
 # themselves: a pass is planned to use at most this share of the free memory.
@@ -99,6 +100,12 @@ def fittingModelsPerPass(hp, vocabSize, nModels, freeBytes, fused=True):
     return balanced, estimatePeakMemory(hp, vocabSize, nModels, balanced, fused)[0]
 
 
+def freeForRun(device):
+    """The CUDA memory a run on device can still use: what the GPU has free, plus what the caching allocator holds
+    in reserve for this process."""
+    return torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)
+
+
 def fallbackProblem(hp, vocabSize, nModels, modelsPerPass, freeBytes):
     """None when a pass of modelsPerPass models fits USABLE_SHARE of freeBytes with FlexAttention's fallback (SDPA,
     explicit [T, T] scores), else what does not fit and the flag to change."""
@@ -121,7 +128,7 @@ def chooseModelsPerPass(hp, device, vocabSize, nLocal):
     if device.type != "cuda" or nLocal == 1:
         return nLocal, "all models in one pass"
     # the weights and optimizer states are already allocated, and counted in the estimate
-    free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)
+    free = freeForRun(device)
     perPass, peak = fittingModelsPerPass(hp, vocabSize, nLocal, free)
     return perPass, f"chosen from the free GPU memory, {free / 2**30:.1f} GiB; estimated peak {peak / 2**30:.1f} GiB"
 
@@ -303,7 +310,7 @@ def checkFlexAttention(hp, capability, report):
 
 
 def runPreflight(hp, forced):
-    """Check a configured run, whose flags passed runPlan.checkFlags (forced: the values it forced), without training
+    """Check a configured run, whose flags passed flagChecks.checkFlags (forced: the values it forced), without training
     and print one table; returns the exit code (0: it will fit and compile), after one line on stderr naming what
     will not."""
     import sys

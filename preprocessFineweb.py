@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 import tokenShards
 import vocabulary
+from atomicFiles import atomicWriteText
 from cliErrors import describeError
 
 FINEWEB_DATASET = "HuggingFaceFW/fineweb"
@@ -396,10 +397,7 @@ def trainCorpusVocabulary(openDocuments, args):
 
 def writeTokenizerFile(outDir, trained):
     path = os.path.join(outDir, vocabulary.TOKENIZER_FILE)
-    tmpPath = f"{path}.{os.getpid()}.tmp"
-    with open(tmpPath, "w", encoding="utf-8") as f:
-        f.write(trained.json)
-    os.replace(tmpPath, path)
+    atomicWriteText(path, trained.json)
     print(f"wrote {path}")
 
 

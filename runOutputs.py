@@ -13,11 +13,13 @@ import sys
 import numpy as np
 import torch
 
+import logLines
 import trackers
 from activationFunctions import MLP_INPUT_TYPES, Spline, evaluateOnGrid, isLearnable, splineBackends
-from afFiles import atomicWrite
+from atomicFiles import atomicWrite
 from attention import FLEX_MASK_BLOCK
-from runPlan import ConfigError, compileBackend, splitAfType, splitScoreType
+from flagChecks import ConfigError, splitAfType, splitScoreType
+from runSetup import compileBackend
 from tokenShards import readShardHeader
 from vocabulary import GPT2_NAME
 
@@ -54,13 +56,15 @@ def originalValueText(name, value):
     return str(value)
 
 
-def hyperparameterLines(hp, printedAs=None):
-    """The 'Hyperparameters:' block of the log: the original's flags in its order and form, then ours; printedAs:
-    values shown instead of hp's (those the original prints before forcing them)."""
-    values = {**dataclasses.asdict(hp), **(printedAs or {})}
+def hyperparameterLines(hp, asGiven=None):
+    """The 'Hyperparameters:' block of the log: the original's flags in its order and form, then ours; asGiven: the
+    hyperparameters before their forced values, of which the original prints afLayerSpecific (its GELU baseline log:
+    1, with afLr 0)."""
+    values = {**dataclasses.asdict(hp), **({"afLayerSpecific": asGiven.afLayerSpecific} if asGiven else {})}
     names = [f.name for f in dataclasses.fields(hp)]
     ordered = [n for n in ORIGINAL_FLAG_ORDER if n in names] + [n for n in names if n not in ORIGINAL_FLAG_ORDER]
-    return ["Hyperparameters:"] + [f"  {n} = {originalValueText(n, values[n])}" for n in ordered]
+    return ["Hyperparameters:"] + [logLines.HYPERPARAMETER.format(name=n, value=originalValueText(n, values[n]))
+                                   for n in ordered]
 
 
 class RunLog:
@@ -162,7 +166,8 @@ def parameterReport(model, nModels):
         perModel = p.numel() if id(p) in afIds else p.numel() // nModels
         shape = tuple(p.shape) if id(p) in afIds else tuple(p.shape[1:])
         state = "trainable" if p.requires_grad else "frozen"
-        lines.append(f"  {name:40s} {str(shape):20s} {perModel:>12,} {state}{' (AF, shared)' if id(p) in afIds else ''}")
+        lines.append(logLines.PARAMETER.format(name=name, shape=str(shape), count=perModel, state=state,
+                                               shared=" (AF, shared)" if id(p) in afIds else ""))
         if p.requires_grad:
             trainable += perModel
         else:
@@ -170,10 +175,12 @@ def parameterReport(model, nModels):
     return lines, trainable, frozen
 
 
-def headerLines(hp, printedAs, forced, device, trFiles, vaFiles, nValidationSequences, vaBytes, vocabulary, vocabSize,
-                model, optimizer, afOptimizer, afNotes, kernelLines, startSteps, modelsPerPass, modelsPerPassNote):
-    """The log's header after the hyperparameters' block, as (line, shown on the terminal too)."""
-    lines = [(line, True) for line in hyperparameterLines(hp, printedAs)]
+def headerLines(settled, device, trFiles, vaFiles, nValidationSequences, vaBytes, vocabulary, vocabSize, model,
+                optimizer, afOptimizer, afNotes, kernelLines, startSteps, modelsPerPass, modelsPerPassNote):
+    """The log's header, from the hyperparameters' block on (settled: flagChecks.settle's), as (line, shown on the
+    terminal too)."""
+    hp, forced = settled.hp, settled.forced
+    lines = [(line, True) for line in hyperparameterLines(hp, settled.asGiven)]
     lines += [(SEPARATOR, True), (f"==== trainLmAf.py  {datetime.datetime.now():%Y-%m-%d %H:%M:%S}  run '{hp.runName}'",
                                   True), ("command: " + " ".join(sys.argv), True)]
     lines += [(f"Forced: {note}", True) for note in forced]
@@ -190,17 +197,18 @@ def headerLines(hp, printedAs, forced, device, trFiles, vaFiles, nValidationSequ
         text.append("Validation data: none (--filesTokensVa is empty)")
     if vocabulary:
         text.append(f"Tokenizer: {vocabulary.name} ({vocabulary.origin}), <|endoftext|> = {vocabulary.eotId}")
-        text.append(f"Vocabulary size: {vocabSize:,} (the tokenizer's {vocabulary.size:,} ids, rounded up to a "
-                    "multiple of 128)")
+        text.append(logLines.VOCABULARY.format(size=vocabSize, source=f"the tokenizer's {vocabulary.size:,} ids, "
+                                                                       "rounded up to a multiple of 128"))
     else:
-        text.append(f"Vocabulary size: {vocabSize:,} (max token id + 1, rounded up to a multiple of 128)")
+        text.append(logLines.VOCABULARY.format(size=vocabSize, source="max token id + 1, rounded up to a multiple "
+                                                                      "of 128"))
     tokensPerModel = hp.nSteps * hp.batchSize * hp.seqLength
     text.append(f"Projected training tokens per model: {tokensPerModel:,} = {tokensPerModel / max(1, nTr):.2f} epochs")
     text.append("Parameters per model (AF parameters are shared by all models):")
     lines += [(line, True) for line in text]
     parameterLines, trainable, frozen = parameterReport(model, hp.nModels)
     lines += [(line, hp.plottingLevel >= 3) for line in parameterLines]
-    text = [f"Parameters per model: {trainable:,} trainable, {frozen:,} frozen, {trainable + frozen:,} total",
+    text = [logLines.PARAMETER_TOTALS.format(trainable=trainable, frozen=frozen, total=trainable + frozen),
             f"Tokens per parameter: {tokensPerModel / max(1, trainable + frozen):.2f}",
             f"Optimizer (weights): {optimizer.describe()}, lr={hp.lr}, schedule {hp.lrSchedule}"]
     if afOptimizer:
@@ -211,8 +219,8 @@ def headerLines(hp, printedAs, forced, device, trFiles, vaFiles, nValidationSequ
         text.append("Optimizer (AFs): none (AFs fixed or frozen)")
     text += afNotes + kernelLines
     if hp.nModels > 1:
-        text.append(f"Phase I: {hp.nModels} models, start steps {startSteps}; {modelsPerPass} models per pass "
-                    f"({modelsPerPassNote})")
+        text.append(logLines.MODELS_PER_PASS.format(nModels=hp.nModels, starts=startSteps, modelsPerPass=modelsPerPass,
+                                                    why=modelsPerPassNote))
     text.append(SEPARATOR)
     return lines + [(line, True) for line in text]
 
@@ -337,13 +345,13 @@ class Outputs:
     def trainingReport(self, step, losses, accuracies, reported, trainSeconds, secondsPerStep, lrs, tokens):
         """Model 0's training loss/accuracy since the last report (and every reported model's to the log and the
         metrics file); losses, accuracies, lrs, tokens: per model of the run, reported: which models trained."""
-        self.log(self.prefix(step) + f"lossTr {losses[0]:.4f}   accTr {100 * accuracies[0]:.1f}   "
-                 f"{trainSeconds:.0f}s = {secondsPerStep:.2f}s/step")
+        self.log(logLines.TRAINING.format(step=step, nSteps=self.hp.nSteps, loss=losses[0], accuracy=100 * accuracies[0],
+                                          seconds=trainSeconds, secondsPerStep=secondsPerStep))
         for m in (m for m in range(len(losses)) if reported[m]):
             self.metrics.write(step, m, "train", losses[m], accuracies[m], lrs[m], trainSeconds, tokens[m])
             if m > 0:
-                self.log(self.prefix(step) + f"model {m}   lossTr {losses[m]:.4f}   accTr {100 * accuracies[m]:.1f}",
-                         terminal=False)
+                self.log(logLines.MODEL_TRAINING.format(step=step, nSteps=self.hp.nSteps, model=m, loss=losses[m],
+                                                        accuracy=100 * accuracies[m]), terminal=False)
         if self.progressBar is not None:
             self.progressBar.set_postfix(lossTr=f"{losses[0]:.3f}")
 
@@ -357,8 +365,9 @@ class Outputs:
         knot range, with a warning when a site passes 1% (once, and again when the sites change)."""
         prefix = self.prefix(step)
         if self.hp.plottingLevel >= 2:
-            self.log(prefix + "Activation magnitudes (2): " + " ".join(f"{v:.2f}" for v in stats["mean"]))
-            self.log(prefix + "Activation magnitudes (3): " + " ".join(f"{v:.2f}" for v in stats["max"]))
+            for kind, key in ((2, "mean"), (3, "max")):
+                self.log(logLines.ACTIVATIONS.format(step=step, nSteps=self.hp.nSteps, kind=kind,
+                                                     values=" ".join(f"{v:.2f}" for v in stats[key])))
         self.log(prefix + "AF inputs out of range: " + " ".join(f"{100 * v:.2f}%" for v in stats["outside"]))
         self.tracker.scalars(step, {f"afInputsOutOfRange/{name}": share
                                     for name, share in zip(siteNames, stats["outside"])})
@@ -378,14 +387,14 @@ class Outputs:
     def validationReport(self, step, loss, accuracy, bpb, lr, trainSeconds, tokens):
         """The original's validation line, then bits per byte (bpb: None when the validation tokens hold no text)."""
         self.metrics.write(step, 0, "val", loss, accuracy, lr, trainSeconds, tokens, bpb)
-        self.log(self.prefix(step) + f"lossVa {loss:.4f}   accVa {100 * accuracy:.1f}")
+        self.log(logLines.VALIDATION.format(step=step, nSteps=self.hp.nSteps, loss=loss, accuracy=100 * accuracy))
         if bpb is not None:
-            self.log(self.prefix(step) + f"bpbVa {bpb:.4f}")
+            self.log(logLines.BITS_PER_BYTE.format(step=step, nSteps=self.hp.nSteps, bpb=bpb))
             self.tracker.scalars(step, {"val/bpb": bpb})
 
     def peakMemory(self, step, peakBytes):
         """The peak CUDA memory since the last such line, in GiB, as the original prints it."""
-        self.log(self.prefix(step) + f"Peak CUDA memory usage: {peakBytes / 2**30:.3f} GB")
+        self.log(logLines.PEAK_MEMORY.format(step=step, nSteps=self.hp.nSteps, gigabytes=peakBytes / 2**30))
 
     def savedModel(self, path):
         self.log(f"Saving model: {path}")

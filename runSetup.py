@@ -1,19 +1,81 @@
-"""What a run is built from: its token shards, their vocabulary and the data streams; the stacked model with its AFs
-(from the flags, a phase-I ptAf file or a checkpoint), its frozen parts and its two optimizers. Functions of the
-hyperparameters and this process's block of models (first, stop), for trainLmAf.py's Trainer."""
+"""What a run is built from: the device and the compile backend; its token shards, their vocabulary and the data
+streams; the stacked model with its AFs (from the flags, a phase-I ptAf file or a checkpoint; the flags' afType and
+afInit as GPT's constructor arguments), its frozen parts and its two optimizers. Functions of the settled
+hyperparameters and this process's block of models (first, stop), for trainLmAf.py's Trainer and the scripts that
+load a model."""
 import random
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-import checkpoints
 import vocabulary
 from afFiles import loadAfsIntoModel, splineKnots
-from model import copyInitAcrossModels, permuteInitAcrossModels
-from runPlan import ConfigError, buildModel, modelVocabSize
+from flagChecks import ConfigError, splitAfInit, splitAfType, splitScoreType
+from model import GPT, copyInitAcrossModels, permuteInitAcrossModels
 from stackedAdam import StackedAdam
-from tokenShards import TokenStream, listShards, readShardHeader, validationSequences
+from tokenShards import ShardError, TokenStream, listShards, maxTokenId, readShardHeader, validationSequences
+
+
+# ----------------------------------------------------------------------------------------------
+# Device, vocabulary size, model and compile backend
+
+
+def pickDevice(name="auto"):
+    """The device --device names; auto: CUDA if present, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def roundUpVocab(maxId):
+    return (maxId + 1 + 127) // 128 * 128
+
+
+def modelVocabSize(files, corpusVocabulary):
+    """The model's vocabulary: GPT-2 shards (corpusVocabulary None) the largest id in them + 1, a corpus vocabulary
+    its size, each rounded up to a multiple of 128. ShardError when the shards hold an id the vocabulary lacks."""
+    largest = maxTokenId(files)
+    if corpusVocabulary is None:
+        return roundUpVocab(largest)
+    if largest >= corpusVocabulary.size:
+        raise ShardError(f"the shards hold token id {largest}, but {corpusVocabulary.origin} has only "
+                         f"{corpusVocabulary.size:,} ids; re-run preprocessFineweb.py --vocabSize N")
+    return roundUpVocab(corpusVocabulary.size - 1)
+
+
+
+def modelArguments(hp, vocabSize, device, nModels=None):
+    """GPT's constructor arguments for these hyperparameters (a dict or Hyperparameters) on device."""
+    get = hp.get if isinstance(hp, dict) else lambda name, default=None: getattr(hp, name, default)
+    mlp, att = splitAfType(get("afType"))
+    mlpInit, attInit = splitAfInit(get("afInit"))
+    return dict(vocabSize=vocabSize, nLayers=get("nLayers"), nHeads=get("nHeads"), dimEmb=get("dimEmb"),
+                nModels=nModels or get("nModels"), afMlp=mlp, afAtt=att, afLayerSpecific=get("afLayerSpecific"),
+                afRange=get("afRange"), afNAnchors=get("afNAnchors"), afInit=mlpInit, afInitAtt=attInit,
+                tieEmbeddings=get("tieEmbeddings"), freezeEmbeddings=get("freezeEmbeddings"),
+                contextSize=get("contextSize"), tokenDocSep=get("tokenDocSep"),
+                attention="flex" if torch.device(device).type == "cuda" else "sdpa", device=str(device),
+                flexBlockSize=get("flexBlockSize"), kanGridSize=get("kanGridSize", 5),
+                kanSplineOrder=get("kanSplineOrder", 3), afScore=splitScoreType(get("afType"))[1])
+
+
+def buildModel(hp, vocabSize, device, nModels=None):
+    """The stacked GPT for these hyperparameters (a dict or Hyperparameters), on device."""
+    return GPT(**modelArguments(hp, vocabSize, device, nModels)).to(device)
+
+
+def compileBackend(hp, device):
+    """The torch.compile backend of the run, or None for eager; raises ConfigError for a backend that cannot train
+    this model on device."""
+    if hp.compileBackend == "auto":
+        return "inductor" if device.type == "cuda" else None
+    if hp.compileBackend == "aot_eager" and device.type == "cuda" and splitScoreType(hp.afType)[1] == "spline":
+        # under aot_autograd, FlexAttention's dense backward returns None for the spline's captured knot values:
+        # the first backward fails, and the fallback to explicit [T, T] scores does not fit at the default size
+        raise ConfigError("--compileBackend aot_eager cannot train score-spline on CUDA (FlexAttention's backward "
+                          "under aot_eager gives the score spline no gradient); use inductor (auto) or none")
+    return None if hp.compileBackend == "none" else hp.compileBackend
 
 
 def seedEverything(seed):
@@ -31,38 +93,21 @@ class RunData:
     streams: list  # this process's TokenStreams: one per model, or one shared
     vaSequences: object  # [n, seqLength+1] numpy, or None without validation
     vaBytes: int  # UTF-8 bytes of the text the validation targets stand for (0 without validation)
-    forced: list  # forced-value notes for the header
 
 
-def loadData(hp, given, modelRange, dataParallel, resume):
+def loadData(hp, modelRange, dataParallel, resume):
     """The shards, their vocabulary and this process's streams; resume: the checkpoint a run continues, or None."""
     trFiles = listShards(hp.filesTokensTr, "--filesTokensTr")
     vaFiles = listShards(hp.filesTokensVa, "--filesTokensVa") if hp.filesTokensVa else []
     for path in trFiles + vaFiles:
         readShardHeader(path)
     corpusVocabulary = vocabulary.ofShards(trFiles + vaFiles)
-    forced = adoptCorpusVocabulary(hp, given, corpusVocabulary) if corpusVocabulary else []
-    if resume:
-        checkpoints.checkResumeVocabulary(hp.resumeFrom, resume, corpusVocabulary)
     vocabSize = resume["vocabSize"] if resume else modelVocabSize(trFiles + vaFiles, corpusVocabulary)
     streamIndices = [0] if hp.sameDataAcrossModels or dataParallel else range(*modelRange)
     streams = [TokenStream(trFiles, hp.seqLength, hp.seed, i, hp.shuffleTrData) for i in streamIndices]
     vaSequences = validationSequences(vaFiles, hp.seqLength, hp.nTokensVa) if vaFiles else None
     vaBytes = int(vocabulary.tokenByteCounts(corpusVocabulary)[vaSequences[:, 1:]].sum()) if vaFiles else 0
-    return RunData(trFiles, vaFiles, corpusVocabulary, vocabSize, streams, vaSequences, vaBytes, forced)
-
-
-def adoptCorpusVocabulary(hp, given, corpusVocabulary):
-    """Documents of a corpus vocabulary's shards are separated by its own <|endoftext|>; the forced-value note."""
-    eot = corpusVocabulary.eotId
-    if "tokenDocSep" in given and hp.tokenDocSep not in (eot, -1):
-        raise ConfigError(f"--tokenDocSep {hp.tokenDocSep} contradicts the shards' vocabulary "
-                          f"({corpusVocabulary.origin}), whose <|endoftext|> is id {eot}; drop the flag or give "
-                          f"--tokenDocSep {eot} (-1: no separator)")
-    if hp.tokenDocSep in (eot, -1):
-        return []
-    hp.tokenDocSep = eot
-    return [f"tokenDocSep={eot} (<|endoftext|> of the shards' vocabulary)"]
+    return RunData(trFiles, vaFiles, corpusVocabulary, vocabSize, streams, vaSequences, vaBytes)
 
 
 def splineValues(model):

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 
+from atomicFiles import atomicWriteText
 from runFiles import RunFiles
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -168,10 +169,7 @@ class SlurmStudy:
 
     def save(self, jobs):
         os.makedirs(self.folder, exist_ok=True)
-        tmp = f"{self.stateFile}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(jobs, f, indent=1, sort_keys=True)
-        os.replace(tmp, self.stateFile)
+        atomicWriteText(self.stateFile, json.dumps(jobs, indent=1, sort_keys=True))
 
     def queueStates(self, jobIds):
         """{job id: (state, reason)} of those jobs Slurm still knows (pending, running and recently ended)."""

@@ -10,7 +10,7 @@ import signal
 import torch
 
 import preflight
-from runPlan import ConfigError
+from flagChecks import ConfigError
 
 
 class NonFiniteLoss(Exception):
@@ -115,7 +115,7 @@ def outOfMemoryAdvice(hp, device, vocabSize, nLocal, modelsPerPass, model):
     if device.type == "cuda":
         gc.collect()  # the failed pass's autograd graph may hold reference cycles
         releaseGradients(model, device)
-        free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)
+        free = preflight.freeForRun(device)
         line += f", {free / 2**30:.2f} GiB free for this run"
         smaller = min(smaller, preflight.fittingModelsPerPass(hp, vocabSize, nLocal, free)[0])
     if modelsPerPass > 1:

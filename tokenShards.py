@@ -17,6 +17,8 @@ import os
 
 import numpy as np
 
+from atomicFiles import atomicWrite
+
 MAGIC = 20240520
 VERSION = 1
 HEADER_INTS = 256
@@ -39,7 +41,7 @@ class ShardError(Exception):
 
 
 def writeShard(path, tokens, vocabulary=None):
-    """Write tokens as a shard at path, atomically (temporary file in the same folder, then os.replace);
+    """Write tokens as a shard at path, atomically (atomicFiles);
     vocabulary: None (GPT-2) or the (size, 16-byte fingerprint) of the corpus vocabulary that made them."""
     tokens = np.asarray(tokens)
     if tokens.ndim != 1 or tokens.size == 0:
@@ -59,19 +61,12 @@ def writeShard(path, tokens, vocabulary=None):
         size, print16 = vocabulary
         header[VOCAB_SIZE_SLOT] = size
         header[FINGERPRINT_SLOTS] = np.frombuffer(print16, dtype=HEADER_DTYPE)
-    # the pid keeps two concurrent writers apart; the suffix keeps '*.bin' globs from matching a partial file
-    tmpPath = f"{path}.{os.getpid()}.tmp"
-    try:
-        with open(tmpPath, "wb") as f:
+    def write(tmp):
+        with open(tmp, "wb") as f:
             f.write(header.tobytes())
             f.write(tokens.tobytes())
-            f.flush()
-            # without fsync a crash right after the rename could leave an empty file under the final name
-            os.fsync(f.fileno())
-        os.replace(tmpPath, path)
-    finally:
-        if os.path.exists(tmpPath):
-            os.remove(tmpPath)
+
+    atomicWrite(path, write)
 
 
 def readShardHeader(path):

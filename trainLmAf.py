@@ -22,15 +22,15 @@ import trackers
 from afFiles import AfFileError, saveAfFiles, scoreSplineKnots, splineKnots
 from cliErrors import OneLineErrorParser
 from distributed import Distributed
-from forwardPasses import Passes, fallbackProblem, statisticsTokens
+from forwardPasses import Passes, fallbackProblemHere, statisticsTokens
 from gradients import averageGradients, clipGlobalNorm
 from runFiles import RunFiles
 from runOutputs import Outputs, afTiles, kernelLines, parameterMagnitudes
-from runPlan import (ConfigError, activeModels, checkFlags, compileBackend, everyDue, learningRate,
-                     localActiveModels, lrFactor, modelLrFactors, modelPasses, modelStartSteps,
-                     parseAfInit, parseNumber, peakMemoryDue, pickDevice, plotDue, reportDue, runPasses, shapeVariants,
-                     tokensSeen, validationDue)
-from runSetup import buildOptimizers, buildRunModel, loadData, seedEverything
+from flagChecks import ConfigError, checkFlags, parseAfInit, parseNumber, settle
+from runPlan import (activeModels, everyDue, learningRate, localActiveModels, lrFactor, modelLrFactors, modelPasses,
+                     modelStartSteps, peakMemoryDue, plotDue, reportDue, runPasses, shapeVariants, tokensSeen,
+                     validationDue)
+from runSetup import buildOptimizers, buildRunModel, compileBackend, loadData, pickDevice, seedEverything
 from runState import RunState
 from stopping import StopSignals, agreeAcrossProcesses, releaseGradients
 from tokenShards import ShardError
@@ -46,7 +46,7 @@ def flag(default, help, choices=None, parse=None):
     return field(default=default, metadata={"help": help, "choices": choices, "parse": parse})
 
 
-@dataclass
+@dataclass(frozen=True)
 class Hyperparameters:
     runName: str = flag("", "file-name stem of every output; empty: the current time yymmddHHMM")
     seed: int = flag(0, "seeds python, numpy and torch (CPU and CUDA)")
@@ -189,15 +189,11 @@ class Trainer:
     # -- setup -------------------------------------------------------------------------------
 
     def setup(self):
-        hp = self.hp
-        resume = None
-        if hp.resumeFrom:
-            resume = checkpoints.loadResumeCheckpoint(hp, self.given)
-        # the original prints afLayerSpecific as given, not as forced (its GELU baseline log: 1, with afLr 0)
-        self.printedAs = {"afLayerSpecific": hp.afLayerSpecific}
-        self.forced = checkFlags(hp)
+        resume = checkpoints.loadResumeCheckpoint(self.hp.resumeFrom) if self.hp.resumeFrom else None
+        self.settled = settle(self.hp, self.given, resume)
+        self.hp = hp = self.settled.hp  # settled once: nothing assigns to it from here on
         self.files = RunFiles(hp.dirResults, hp.runName)
-        self.alreadyComplete = self.files.complete(hp.nSteps)  # also after a resume's checkpoint
+        self.alreadyComplete = self.settled.alreadyComplete  # also after a resume's checkpoint
         if self.alreadyComplete:
             return self
         self.dist = Distributed()
@@ -214,8 +210,7 @@ class Trainer:
         self.firstModel, self.stopModel = self.dist.modelRange(hp.nModels)
         self.nLocal = self.stopModel - self.firstModel
         seedEverything(hp.seed)
-        data = loadData(hp, self.given, (self.firstModel, self.stopModel), self.dataParallel, resume)
-        self.forced += data.forced
+        data = loadData(hp, (self.firstModel, self.stopModel), self.dataParallel, resume)
         self.trFiles, self.vaFiles, self.vaSequences, self.vaBytes, self.streams = data.trFiles, data.vaFiles, \
             data.vaSequences, data.vaBytes, data.streams
         self.vocabulary, self.vocabSize = data.corpusVocabulary, data.vocabSize
@@ -236,7 +231,7 @@ class Trainer:
                                                                                    self.nLocal)
         self.passes = Passes(self.model, hp, self.device, self.afInputRange)
         variants = self.shapeVariants()
-        fallbackCheck = functools.partial(fallbackProblem, hp, self.vocabSize, self.nLocal, self.modelsPerPass,
+        fallbackCheck = functools.partial(fallbackProblemHere, hp, self.vocabSize, self.nLocal, self.modelsPerPass,
                                           self.device)
         try:
             self.passes.compileBeforeStepOne(variants, self.dist, fallbackCheck)
@@ -511,7 +506,7 @@ class Trainer:
         passes = self.passes
         kernel = kernelLines(self.model, self.device, self.hp, passes.attentionNotes, passes.compiledVariants)
         return runOutputs.headerLines(
-            self.hp, self.printedAs, self.forced, self.device, self.trFiles, self.vaFiles,
+            self.settled, self.device, self.trFiles, self.vaFiles,
             len(self.vaSequences) if self.vaSequences is not None else 0, self.vaBytes, self.vocabulary, self.vocabSize,
             self.model,
             self.optimizer, self.afOptimizer, self.afNotes, kernel, self.startSteps, self.modelsPerPass,
@@ -526,7 +521,7 @@ def main(argv=None):
     hp, given = parseArgs(argv)
     if hp.preflight:
         try:
-            forced = checkFlags(hp)
+            hp, forced = checkFlags(hp)
         except ConfigError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2

@@ -38,6 +38,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import scheduler  # noqa: E402
+from atomicFiles import atomicWriteText  # noqa: E402
 from cliErrors import OneLineErrorParser  # noqa: E402
 from plotting import parseLog  # noqa: E402
 from runFiles import RunFiles  # noqa: E402
@@ -770,10 +771,7 @@ def writeReport(settings, checks, results, wallSeconds):
         if r.status == "FAIL" and r.output:
             lines += ["Last lines of its output:", "", "```", tail(r.output), "```", ""]
     text = "\n".join(lines).rstrip() + "\n"
-    temporary = settings.out + ".tmp"
-    with open(temporary, "w") as f:
-        f.write(text)
-    os.replace(temporary, settings.out)
+    atomicWriteText(settings.out, text)
     return outcome, failed, missing
 
 

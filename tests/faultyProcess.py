@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import forwardPasses  # noqa: E402
-import runPlan  # noqa: E402
+import runSetup  # noqa: E402
 import trainLmAf  # noqa: E402
 
 
@@ -44,8 +44,8 @@ def injectFault(fault, faulty, step):
 
         forwardPasses.Passes.forward = runsOut
     elif fault in ("outOfMemoryBeforeStepOne", "fallbackTooBig"):
-        arguments = runPlan.modelArguments
-        runPlan.modelArguments = lambda *a, **k: {**arguments(*a, **k), "attention": "flex"}
+        arguments = runSetup.modelArguments
+        runSetup.modelArguments = lambda *a, **k: {**arguments(*a, **k), "attention": "flex"}
 
         def runVariants(self, variants):  # the other processes' passes succeed
             if faulty and fault == "outOfMemoryBeforeStepOne":
@@ -55,7 +55,7 @@ def injectFault(fault, faulty, step):
 
         forwardPasses.Passes.runVariants = runVariants
         if faulty and fault == "fallbackTooBig":
-            trainLmAf.fallbackProblem = lambda *args: "the SDPA fallback needs an estimated 64.0 GiB per pass"
+            trainLmAf.fallbackProblemHere = lambda *args: "the SDPA fallback needs an estimated 64.0 GiB per pass"
     else:
         raise ValueError(f"unknown fault {fault!r}")
 

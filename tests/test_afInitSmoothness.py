@@ -5,8 +5,11 @@ import os
 import pytest
 import torch
 
+import dataclasses
+
+import flagChecks
 import runOutputs
-import runPlan
+import runSetup
 import trainLmAf
 from activationFunctions import FIXED_TYPES, Spline, makeActivation, splineSmoothness
 from afFiles import readAfFile
@@ -33,27 +36,27 @@ def testNumericInitsKeepTheirMeaning():
 
 
 def testSplitAfInit():
-    assert runPlan.splitAfInit(0.01) == (0.01, 0.01)
-    assert runPlan.splitAfInit("relu2") == ("relu2", "relu2")
-    assert runPlan.splitAfInit("relu2;att-0.01") == ("relu2", 0.01)
-    assert runPlan.splitAfInit("-1;att-gelu") == (-1.0, "gelu")
+    assert flagChecks.splitAfInit(0.01) == (0.01, 0.01)
+    assert flagChecks.splitAfInit("relu2") == ("relu2", "relu2")
+    assert flagChecks.splitAfInit("relu2;att-0.01") == ("relu2", 0.01)
+    assert flagChecks.splitAfInit("-1;att-gelu") == (-1.0, "gelu")
     for bad in ("relu3", "relu2;0.01", "relu2;att-swiglu", "a;att-b;att-c"):
-        with pytest.raises(runPlan.ConfigError):
-            runPlan.splitAfInit(bad)
+        with pytest.raises(flagChecks.ConfigError):
+            flagChecks.splitAfInit(bad)
 
 
 def testPerSiteInitInTheModel():
     hp, _ = trainLmAf.parseArgs(["--filesTokensTr", "x", "--afType", "spline;att-spline", "--afInit", "relu2;att-0.01",
                                  "--nLayers", "2", "--dimEmb", "32", "--nHeads", "2", "--afNAnchors", "9",
                                  "--afRange", "2"])
-    model = runPlan.buildModel(hp, 128, "cpu")
+    model = runSetup.buildModel(hp, 128, "cpu")
     knots = torch.linspace(-2.0, 2.0, 9)
     for spline in model.mlpAfs:
         assert torch.equal(spline.values.detach(), torch.relu(knots) ** 2)
     for spline in model.attAfs:
         assert torch.equal(spline.values.detach(), torch.full((9,), 0.01))
-    hp.afInit = runPlan.parseAfInit("-1")  # a number stays a number: the original's float flag
-    assert hp.afInit == -1.0 and torch.equal(runPlan.buildModel(hp, 128, "cpu").attAfs[0].values.detach(), knots)
+    hp = dataclasses.replace(hp, afInit=flagChecks.parseAfInit("-1"))  # a number stays a number: the original's float flag
+    assert hp.afInit == -1.0 and torch.equal(runSetup.buildModel(hp, 128, "cpu").attAfs[0].values.detach(), knots)
 
 
 def testBadInitIsOneLineError(tinyData, tmp_path):
@@ -123,7 +126,8 @@ def testNoPenaltyAtLambdaZero(tinyData, tmp_path, monkeypatch):
             results.append([line.split(",")[3:5] for line in f])
     assert results[0] == results[1] and len(results[0]) > 4
     hp = trainLmAf.parseArgs(tinyFlags(tinyData, tmp_path, afType="gelu", afSmoothness=0.1))[0]
-    assert "afSmoothness=0 (no spline is learned)" in " ".join(runPlan.checkFlags(hp)) and hp.afSmoothness == 0
+    settledHp, forced = flagChecks.checkFlags(hp)
+    assert "afSmoothness=0 (no spline is learned)" in " ".join(forced) and settledHp.afSmoothness == 0
 
 
 def testAfPlotShowsTheStart(tinyData, tmp_path):

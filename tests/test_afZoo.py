@@ -13,8 +13,7 @@ import activationFunctions as afs
 from conftest import tinyFlags
 from model import GPT, GatedMlp, KanLayer, KanMlp, bSplineBasis, gatedHiddenWidth, kanHiddenWidth
 import runOutputs
-from runPlan import ConfigError
-from runPlan import checkFlags, isLearnableAf
+from flagChecks import ConfigError, checkFlags, isLearnableAf
 from trainLmAf import Hyperparameters, Trainer, main, parseArgs
 
 ELEMENTWISE = afs.FIXED_TYPES + afs.LEARNABLE_TYPES + afs.SPLINE_TYPES
@@ -280,12 +279,11 @@ def testValidateAfTypes():
         checkFlags(hp("bogus"))
     with pytest.raises(ConfigError, match="--kanGridSize"):
         checkFlags(hp("kan", kanGridSize=0))
-    learnable = hp("prelu;att-linear")
-    checkFlags(learnable)
+    learnable, _ = checkFlags(hp("prelu;att-linear"))
     assert learnable.afLr == 0.1 and learnable.afLayerSpecific == 1
     assert learnable.saveAfEvery == -1  # ptAf files hold splines only
-    gated = hp("swiglu")
-    assert "afLr=0 and afLayerSpecific=0 (no learnable AF)" in checkFlags(gated)
+    gated, forced = checkFlags(hp("swiglu"))
+    assert "afLr=0 and afLayerSpecific=0 (no learnable AF)" in forced
     assert gated.afLr == 0
 
 

@@ -61,13 +61,13 @@ def testSeveralPassesGiveTheResultsOfOnePass(tinyData, tmp_path):
 
 @pytest.mark.parametrize("compileBackend", ["none", "aot_eager"])
 def testAFailingFlexAttentionFallsBackToSdpaBeforeStepOne(tinyData, tmp_path, monkeypatch, compileBackend):
-    import runPlan
+    import runSetup
 
     torch._dynamo.reset()
-    arguments = runPlan.modelArguments
+    arguments = runSetup.modelArguments
     # FlexAttention on a CPU has no backward: it fails in the first backward, as a GPU without the shared
     # memory the kernel needs would fail at its first launch
-    monkeypatch.setattr(runPlan, "modelArguments", lambda *a, **k: {**arguments(*a, **k), "attention": "flex"})
+    monkeypatch.setattr(runSetup, "modelArguments", lambda *a, **k: {**arguments(*a, **k), "attention": "flex"})
     hp, given = parseArgs(tinyFlags(tinyData, tmp_path, runName="fallback", nSteps=3, nStepsWarmup=1,
                                     nStepsCooldown=1, compileBackend=compileBackend))
     trainer = Trainer(hp, given).setup()

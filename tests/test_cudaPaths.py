@@ -134,12 +134,12 @@ def testAotEagerWithScoreSplineOnCudaIsRefusedBeforeAnythingIsWritten(tinyData, 
 
 
 def testAFlexAttentionFallbackIsStatedOnStderr(tinyData, tmp_path, monkeypatch, capsys):
-    import runPlan
+    import runSetup
     import trainLmAf
     torch._dynamo.reset()
-    arguments = runPlan.modelArguments
+    arguments = runSetup.modelArguments
     # FlexAttention on a CPU has no backward: the first backward before step 1 fails, as on a GPU it cannot serve
-    monkeypatch.setattr(runPlan, "modelArguments", lambda *a, **k: {**arguments(*a, **k), "attention": "flex"})
+    monkeypatch.setattr(runSetup, "modelArguments", lambda *a, **k: {**arguments(*a, **k), "attention": "flex"})
     hp, given = trainLmAf.parseArgs(tinyFlags(tinyData, tmp_path, runName="fallback", compileBackend="none"))
     trainer = trainLmAf.Trainer(hp, given).setup()
     assert trainer.model.kernel.implementation == "sdpa"
@@ -152,22 +152,25 @@ def testAFlexAttentionFallbackIsStatedOnStderr(tinyData, tmp_path, monkeypatch, 
 def testAFallbackThatWillNotFitStopsWithOneLine(monkeypatch, gpuGiB, fits):
     """The default phase I with spline scores: 14.0 GiB per pass of 20 models with FlexAttention, an estimated
     63.9 GiB with SDPA and explicit [T, T] scores."""
+    import dataclasses
+
+    import flagChecks
     import forwardPasses
-    import runPlan
     import trainLmAf
     hp, _ = trainLmAf.parseArgs(["--nModels", "20", "--afLayerSpecific", "0", "--afType",
                                  "spline;att-spline;score-spline"])
-    runPlan.checkFlags(hp)
+    hp, _ = flagChecks.checkFlags(hp)
     kernel = types.SimpleNamespace(flexFailure="NotImplementedError: no kernel fits", implementation="flex",
                                    fallBackToSdpa=lambda failure: "FlexAttention failed on this GPU (...)")
     model = types.SimpleNamespace(kernel=kernel, afInputTable=None)
-    hp.compileBackend = "none"  # eager: the one pass before step 1 fails; the passes' own device does not matter
+    # eager: the one pass before step 1 fails; the passes' own device does not matter
+    hp = dataclasses.replace(hp, compileBackend="none")
     passes = forwardPasses.Passes(model, hp, torch.device("cpu"), 15.0)
     monkeypatch.setattr(forwardPasses.Passes, "runVariants", lambda self, variants: 1 / 0)
     dist = types.SimpleNamespace(maxInPlace=lambda flags: flags)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (gpuGiB << 30, gpuGiB << 30))
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
-    problem = lambda: forwardPasses.fallbackProblem(hp, 50304, 20, 20 if fits else 10, torch.device("cuda"))  # noqa: E731
+    problem = lambda: forwardPasses.fallbackProblemHere(hp, 50304, 20, 20 if fits else 10, torch.device("cuda"))  # noqa: E731
     if fits:
         passes.compileBeforeStepOne([("train", 0, 20, 1)], dist, problem)
         assert passes.attentionNotes == ["FlexAttention failed on this GPU (...)"]

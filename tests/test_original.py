@@ -17,7 +17,9 @@ from tokenShards import validationSequences
 import forwardPasses
 from runOutputs import SEPARATOR, hyperparameterLines
 from gradients import clipGlobalNorm
-from runPlan import buildModel, checkFlags, lrFactor, modelLrFactors, modelStartSteps
+from flagChecks import checkFlags
+from runPlan import lrFactor, modelLrFactors, modelStartSteps
+from runSetup import buildModel
 from trainLmAf import Trainer, parseArgs
 
 GPT2_VOCAB = 50304  # GPT-2's 50,257 ids rounded up to a multiple of 128
@@ -231,9 +233,8 @@ def testHyperparametersPrintAsInTheAuthorsLog():
     original = [line for line in theirs[:theirs.index(SEPARATOR)]
                 if not line.startswith("  filesTokensTe = ")]  # a flag the original never reads; not one of ours
     hp, _ = parseArgs(["--seed", "0", "--afType", "gelu;att-linear", "--runName", "baseline-gelu"])  # README's
-    asGiven = {"afLayerSpecific": hp.afLayerSpecific}
-    checkFlags(hp)
-    ours = hyperparameterLines(hp, asGiven)
+    settled, _ = checkFlags(hp)
+    ours = hyperparameterLines(settled, hp)
     assert ours[:len(original)] == original
     assert [line.split(" = ")[0].strip() for line in ours[len(original):]] == [
         "afSmoothness", "kanGridSize", "kanSplineOrder", "plotAfZoom", "device", "modelsPerPass", "compileBackend",

@@ -1,6 +1,7 @@
 """Phase I: LR schedules, staggered starts, the AF gradient average, and the batched pass against a loop
 of single models with their own optimizers (identical math)."""
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -40,12 +41,11 @@ def testStaggeredStarts(tinyData, tmp_path):
     assert starts == [1000 * i for i in range(20)]
     assert activeModels(0, starts) == 1 and activeModels(999, starts) == 1 and activeModels(1000, starts) == 2
     assert modelLrFactors(hp, 5000, starts) == [lrFactor(5000, 20000, 2, 3, "trap")] * 20
-    hp.staggeredStarts = 2
+    hp = dataclasses.replace(hp, staggeredStarts=2)
     own = modelLrFactors(hp, 5000, starts)
     assert own[5] == pytest.approx(lrFactor(0, 20000, 2, 3, "trap"))  # model 5 starts at 5000: its first step
     assert own[0] == pytest.approx(lrFactor(5000, 20000, 2, 3, "trap"))
-    hp.staggeredStarts = 0
-    assert modelStartSteps(hp) == [0] * 20
+    assert modelStartSteps(dataclasses.replace(hp, staggeredStarts=0)) == [0] * 20
 
 
 def testAfGradientIsTheAverageOverModelsThatRan():

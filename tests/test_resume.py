@@ -152,10 +152,10 @@ def testOutOfMemoryStopsWithOneLineAndAResumableCheckpoint(tinyData, tmp_path, m
 
 def testOutOfMemoryBeforeStepOneIsNotAFlexAttentionFailure(tinyData, tmp_path, monkeypatch, capsys):
     import forwardPasses
-    import runPlan
+    import runSetup
     import trainLmAf
-    arguments = runPlan.modelArguments
-    monkeypatch.setattr(runPlan, "modelArguments", lambda *a, **k: {**arguments(*a, **k), "attention": "flex"})
+    arguments = runSetup.modelArguments
+    monkeypatch.setattr(runSetup, "modelArguments", lambda *a, **k: {**arguments(*a, **k), "attention": "flex"})
 
     def outOfMemory(self, variants):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")

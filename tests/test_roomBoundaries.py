@@ -7,9 +7,9 @@ import os
 
 from conftest import REPO
 
-# checkFlags and adoptCorpusVocabulary force flag values (SPEC §2), on the Hyperparameters they are given; autograd
-# Functions keep what the backward needs on the ctx they are given.
-MAY_SET_ATTRIBUTES_OF = {"hp", "ctx"}
+# autograd Functions keep what the backward needs on the ctx they are given (the hyperparameters are frozen: the
+# flags' checks return new ones, flagChecks.settle)
+MAY_SET_ATTRIBUTES_OF = {"ctx"}
 
 
 def sourceFiles():
@@ -79,7 +79,7 @@ def testTheCheckersFindWhatTheyLookFor():
                      "    mine = object()\n"
                      "    mine.x = 1\n"
                      "    return trainer._secret, torch._dynamo, self._own\n")
-    assert attributesSetOnArguments(tree) == [(3, "f", "trainer.step"), (4, "f", "trainer.window")]
+    assert attributesSetOnArguments(tree) == [(3, "f", "trainer.step"), (4, "f", "trainer.window"), (5, "f", "hp.lr")]
     assert privateAccesses(tree) == [(8, "trainer._secret")]
     assert [f.name for f in functions(tree) if "trainer" in parameterNames(f)] == ["f"]
 
@@ -106,3 +106,17 @@ def testNoFunctionSetsTheAttributesOfWhatItWasHanded():
     offenders = [f"{os.path.relpath(path, REPO)}:{line} {function}: {target}" for path in sourceFiles()
                  for line, function, target in attributesSetOnArguments(parse(path))]
     assert offenders == []
+
+
+def testTheHyperparametersAreFrozen():
+    """Settled once (flagChecks.settle returns new ones): nothing can assign to them after parsing."""
+    import dataclasses
+
+    import trainLmAf
+
+    hp, _ = trainLmAf.parseArgs(["--lr", "0.1"])
+    try:
+        hp.lr = 1.0
+    except dataclasses.FrozenInstanceError:
+        return
+    raise AssertionError("Hyperparameters accepted an assignment")

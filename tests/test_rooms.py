@@ -10,11 +10,13 @@ import numpy as np
 import pytest
 import torch
 
+import flagChecks
 import runPlan
+import runSetup
 import stopping
 from checkpoints import CHECKPOINT_FORMAT, Checkpointer
 from distributed import Distributed
-from forwardPasses import Passes, fallbackProblem
+from forwardPasses import Passes, fallbackProblemHere
 from gradients import averageGradients, clipGlobalNorm
 from runFiles import RunFiles
 from runOutputs import Outputs, afTiles
@@ -31,9 +33,7 @@ def tinyHp(tmp_path, **overrides):
                   plottingLevel=0, device="cpu", afType="spline;att-spline", afLayerSpecific=0, afNAnchors=9,
                   afRange=4, nModels=2, staggeredStarts=0, filesTokensTr="unused")
     values.update(overrides)
-    hp = Hyperparameters(**values)
-    runPlan.checkFlags(hp)
-    return hp
+    return flagChecks.checkFlags(Hyperparameters(**values))[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -161,7 +161,7 @@ def testOutputsOfAResumedRunAndOfOtherProcesses(tmp_path):
 def testPlotsAreDrawnFromTheGivenHistoryAndReplaceOlderOnes(tmp_path):
     hp = tinyHp(tmp_path, plottingLevel=2)
     files = RunFiles(hp.dirResults, hp.runName)
-    model = runPlan.buildModel(hp, 128, "cpu")
+    model = runSetup.buildModel(hp, 128, "cpu")
     history = {"train": [(1, 0, 5.0, 0.1), (5, 0, 4.0, 0.2)], "val": [(1, 5.1, 0.1), (5, 4.25, 0.2)],
                "actMean": [(5, [0.5, 0.6, 0.7, 0.8])], "actMax": [(5, [1.0, 1.1, 1.2, 1.3])]}
     outputs = Outputs(hp, files, isMain=True, resumeStep=0)
@@ -193,7 +193,7 @@ class CountingStream:
 
 def checkpointerOf(hp, seed, streams):
     torch.manual_seed(seed)
-    model = runPlan.buildModel(hp, 128, "cpu")
+    model = runSetup.buildModel(hp, 128, "cpu")
     optimizer = StackedAdam(list(model.weightParameters()), hp.nModels, betas=(hp.adamB1, hp.adamB2))
     afOptimizer = torch.optim.Adam(model.afParameters(), lr=hp.afLr)
     state = RunState(hp.nModels, CPU)
@@ -276,7 +276,7 @@ def testOutOfMemoryAdviceFromGivenNumbers(tmp_path):
 def testPassesValidateAndMeasureTheAfInputs(tmp_path):
     hp = tinyHp(tmp_path)
     torch.manual_seed(0)
-    model = runPlan.buildModel(hp, 128, "cpu")
+    model = runSetup.buildModel(hp, 128, "cpu")
     passes = Passes(model, hp, CPU, 4.0)
     passes.compileBeforeStepOne([("train", 0, 2, 1)], Distributed(), lambda: None)
     assert passes.compiled is model and passes.compiledVariants == []  # eager SDPA: nothing to run first
@@ -288,7 +288,7 @@ def testPassesValidateAndMeasureTheAfInputs(tmp_path):
     assert loss == pytest.approx(float(expected[0]), rel=1e-5) and accuracy == pytest.approx(float(expectedAccuracy[0]))
     stats = passes.afInputStatistics(tokens)
     assert len(stats["outside"]) == len(model.afSiteNames()) and all(0 <= v <= 1 for v in stats["outside"])
-    assert fallbackProblem(hp, 128, 2, 2, CPU) is None  # off CUDA the fallback has no memory to run out of
+    assert fallbackProblemHere(hp, 128, 2, 2, CPU) is None  # off CUDA the fallback has no memory to run out of
 
 
 def testAfGradientsAreAveragedAndOneNormIsClipped():

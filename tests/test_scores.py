@@ -15,8 +15,7 @@ from afFiles import AfFileError, loadAfsIntoModel, readAfFile, saveAfFiles
 from attention import AttentionKernel, denseAttentionMask, documentIds, explicitAttention, keyCounts, scoreModFor
 from conftest import runTrainer, tinyFlags
 from model import GPT
-from runPlan import ConfigError, splitAfType, splitScoreType
-from runPlan import checkFlags
+from flagChecks import ConfigError, checkFlags, splitAfType, splitScoreType
 from trainLmAf import Hyperparameters
 
 warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
@@ -85,11 +84,10 @@ def testAfTypeScorePart():
                          ("gelu;score-sigmoid;att-linear", "must look like")):
         with pytest.raises(ConfigError, match=message):
             checkFlags(Hyperparameters(afType=bad, filesTokensTr="x"))
-    hp = Hyperparameters(afType="gelu;att-linear;score-spline", filesTokensTr="x")
-    checkFlags(hp)
+    hp, _ = checkFlags(Hyperparameters(afType="gelu;att-linear;score-spline", filesTokensTr="x"))
     assert hp.afLr == 0.1 and hp.saveAfEvery == 0  # the score spline is learned and written like the others
     fixed = Hyperparameters(afType="gelu;att-linear;score-sigmoid", filesTokensTr="x")
-    assert "afLr=0 and afLayerSpecific=0 (no learnable AF)" in checkFlags(fixed)
+    assert "afLr=0 and afLayerSpecific=0 (no learnable AF)" in checkFlags(fixed)[1]
 
 
 # ----------------------------------------------------------------------------------------------
