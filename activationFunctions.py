@@ -22,7 +22,7 @@ or init = -1: values = knot positions, i.e. the identity on [-R, R], or init = t
 Smoothness (splineSmoothness): sum_k (v_{k+1} - 2 v_k + v_{k-1})^2 / h^3, the discretised integral of f''(x)^2 over
 [-R, R], so a curve scores the same whatever the knot count.
 The interpolation is computed in float32 whatever the input dtype; the output has the input's dtype.
-On CUDA the forward and backward run as Triton kernels (splineKernel.py), each chosen from what the installed
+On CUDA the forward and backward run as Triton kernels (lmafs/network/splineKernel.py), each chosen from what the installed
 Triton offers; elsewhere, and for any kernel that fails, as the PyTorch code below. splineBackends(device) tells
 which runs. Both are tested against splineReference.
 
@@ -36,6 +36,7 @@ Besides the spline: fixed AFs (FIXED_TYPES), elementwise AFs with a few trained 
 import csv
 import functools
 import glob
+import importlib
 import itertools
 import os
 import pickle
@@ -189,8 +190,8 @@ def _kernelCandidates(device):
     torchOnly = {kernel: ("torch",) for kernel in _KERNELS}, 0
     if device.type != "cuda":
         return torchOnly
-    try:
-        import splineKernel  # optional: Triton is only needed on CUDA
+    try:  # optional: Triton is only needed on CUDA, and a copy of this file alone runs without the kernels
+        splineKernel = importlib.import_module("lmafs.network.splineKernel")
     except ImportError:
         return torchOnly
     offered = splineKernel.kernelBackends(device)
@@ -207,7 +208,7 @@ def _backend(kernel, device, nKnots, perChannel, dtype):
 def splineBackends(device, nKnots=64, perChannel=False, dtype=torch.bfloat16):
     """Which implementation runs the spline's forward and backward on device: {"forward": name, "backward": name}.
 
-    Names: "triton-gluon" and "triton-tl" (the Triton kernels of splineKernel.py, offered by what the installed Triton
+    Names: "triton-gluon" and "triton-tl" (the Triton kernels of lmafs/network/splineKernel.py, offered by what the installed Triton
     supports) and "torch" (the PyTorch code above). Kernels serve a shared spline (perChannel=False) of at most
     splineKernel.MAX_KNOTS knots with float32, bfloat16 or float16 inputs (dtype) on CUDA; everything else, float64
     included, uses "torch". A kernel that raised earlier in this process is replaced by the next one.
@@ -236,7 +237,7 @@ def _backendFailed(kernel, x, values, backend, err):
 def _splineForwardOp(x: torch.Tensor, values: torch.Tensor, knotMin: float, invStep: float) -> torch.Tensor:
     backend = _callBackend("forward", x, values)
     while backend != "torch":
-        from splineKernel import splineForwardTriton
+        from lmafs.network.splineKernel import splineForwardTriton
         try:
             return splineForwardTriton(x, values, knotMin, invStep)
         except torch.OutOfMemoryError:  # the run's memory, not the kernel: the PyTorch path would need more
@@ -256,7 +257,7 @@ def _splineBackwardOp(gradOut: torch.Tensor, x: torch.Tensor, values: torch.Tens
                       invStep: float) -> tuple[torch.Tensor, torch.Tensor]:
     backend = _callBackend("backward", x, values)
     while backend != "torch":
-        from splineKernel import splineBackwardTriton
+        from lmafs.network.splineKernel import splineBackwardTriton
         try:
             gradX, gradValues = splineBackwardTriton(gradOut, x, values, knotMin, invStep, backend=backend)
             return gradX, gradValues.to(values.dtype)

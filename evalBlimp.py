@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from atomicFiles import atomicWrite
-from checkpoints import LoadError, addModelArguments, checkModelArguments, checkTokensFit, encodingOf, exitCode, loadModel
-from cliErrors import OneLineErrorParser
-from runSetup import pickDevice
+from lmafs.atomicFiles import atomicWrite
+from lmafs.run.checkpoints import LoadError, addModelArguments, checkModelArguments, checkTokensFit, encodingOf, exitCode, loadModel
+from lmafs.cliErrors import OneLineErrorParser
+from lmafs.run.runSetup import pickDevice
 
 HUB_DATASET = "nyu-mll/blimp"
 REQUIRED_KEYS = ("sentence_good", "sentence_bad", "UID", "field", "linguistics_term")

@@ -19,10 +19,10 @@ import sys
 
 import torch
 
-from checkpoints import LoadError, addModelArguments, checkModelArguments, encodingOf, exitCode, loadModel
-from cliErrors import OneLineErrorParser
+from lmafs.run.checkpoints import LoadError, addModelArguments, checkModelArguments, encodingOf, exitCode, loadModel
+from lmafs.cliErrors import OneLineErrorParser
 from generate import pickToken
-from runSetup import pickDevice
+from lmafs.run.runSetup import pickDevice
 
 try:
     from lm_eval.api.model import TemplateLM

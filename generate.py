@@ -13,9 +13,9 @@ import sys
 import torch
 from tqdm import tqdm
 
-from checkpoints import addModelArguments, checkModelArguments, checkTokensFit, encodingOf, exitCode, loadModel
-from cliErrors import OneLineErrorParser
-from runSetup import pickDevice
+from lmafs.run.checkpoints import addModelArguments, checkModelArguments, checkTokensFit, encodingOf, exitCode, loadModel
+from lmafs.cliErrors import OneLineErrorParser
+from lmafs.run.runSetup import pickDevice
 
 
 def pickToken(logits, temperature, topK, generator):

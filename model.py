@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from activationFunctions import MLP_INPUT_TYPES, Spline, makeActivation, splineSmoothness
-from attention import AttentionKernel, documentIds
+from lmafs.network.attention import AttentionKernel, documentIds
 
 # ----------------------------------------------------------------------------------------------
 # Stacked building blocks

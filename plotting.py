@@ -9,8 +9,8 @@ import sys
 
 import numpy as np
 
-import logLines
-from atomicFiles import atomicWrite
+from lmafs.run import logLines
+from lmafs.atomicFiles import atomicWrite
 
 # Above this many models, one legend row per model is unreadable, so the colour is explained by a colorbar instead.
 maxLegendModels = 6
@@ -515,7 +515,7 @@ def showFiles(paths):
     plt.pause(0.001)
 
 
-def main(argv=None):
+def parseArgs(argv=None):
     parser = argparse.ArgumentParser(
         description="Plot training curves and activation magnitudes from a training log (ours or the original "
                     "code's); with several logs or --out, overlay their validation curves in one figure.",
@@ -524,7 +524,11 @@ def main(argv=None):
     parser.add_argument("--out", default=None, help="PNG of the overlay (default with several logs: compare.png)")
     parser.add_argument("--outDir", default=None, help="folder for one log's PNGs (default: the log's folder)")
     parser.add_argument("--show", action="store_true", help="also open a live window if a display exists")
-    args = parser.parse_args(argv)
+    return parser, parser.parse_args(argv)
+
+
+def main(argv=None):
+    parser, args = parseArgs(argv)
     for path in args.logFiles:
         if not os.path.isfile(path):
             parser.exit(2, f"error: log file {path!r} does not exist\n")

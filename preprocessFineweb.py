@@ -32,10 +32,10 @@ import numpy as np
 import tiktoken
 from tqdm import tqdm
 
-import tokenShards
-import vocabulary
-from atomicFiles import atomicWriteText
-from cliErrors import describeError
+from lmafs.data import tokenShards
+from lmafs.data import vocabulary
+from lmafs.atomicFiles import atomicWriteText
+from lmafs.cliErrors import describeError
 
 FINEWEB_DATASET = "HuggingFaceFW/fineweb"
 FINEWEB_CONFIG = "sample-10BT"

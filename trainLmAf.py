@@ -14,27 +14,27 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-import checkpoints
-import preflight
-import runOutputs
-import stopping
-import trackers
-from afFiles import AfFileError, saveAfFiles, scoreSplineKnots, splineKnots
-from cliErrors import OneLineErrorParser
-from distributed import Distributed
-from forwardPasses import Passes, fallbackProblemHere, statisticsTokens
-from gradients import averageGradients, clipGlobalNorm
-from runFiles import RunFiles
-from runOutputs import Outputs, afTiles, kernelLines, parameterMagnitudes
-from flagChecks import ConfigError, checkFlags, parseAfInit, parseNumber, settle
-from runPlan import (activeModels, everyDue, learningRate, localActiveModels, lrFactor, modelLrFactors, modelPasses,
+from lmafs.run import checkpoints
+from lmafs.run import preflight
+from lmafs.run import runOutputs
+from lmafs.run import stopping
+from lmafs.run import trackers
+from lmafs.network.afFiles import AfFileError, saveAfFiles, scoreSplineKnots, splineKnots
+from lmafs.cliErrors import OneLineErrorParser
+from lmafs.run.distributed import Distributed
+from lmafs.run.forwardPasses import Passes, fallbackProblemHere, statisticsTokens
+from lmafs.run.gradients import averageGradients, clipGlobalNorm
+from lmafs.run.runFiles import RunFiles
+from lmafs.run.runOutputs import Outputs, afTiles, kernelLines, parameterMagnitudes
+from lmafs.run.flagChecks import ConfigError, checkFlags, parseAfInit, parseNumber, settle
+from lmafs.run.runPlan import (activeModels, everyDue, learningRate, localActiveModels, lrFactor, modelLrFactors, modelPasses,
                      modelStartSteps, peakMemoryDue, plotDue, reportDue, runPasses, shapeVariants, tokensSeen,
                      validationDue)
-from runSetup import buildOptimizers, buildRunModel, compileBackend, loadData, pickDevice, seedEverything
-from runState import RunState
-from stopping import StopSignals, agreeAcrossProcesses, releaseGradients
-from tokenShards import ShardError
-from vocabulary import bitsPerByte
+from lmafs.run.runSetup import buildOptimizers, buildRunModel, compileBackend, loadData, pickDevice, seedEverything
+from lmafs.run.runState import RunState
+from lmafs.run.stopping import StopSignals, agreeAcrossProcesses, releaseGradients
+from lmafs.data.tokenShards import ShardError
+from lmafs.data.vocabulary import bitsPerByte
 
 
 # ----------------------------------------------------------------------------------------------

@@ -24,8 +24,8 @@ from torch.func import functional_call
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tokenShards import TokenStream, writeShard  # noqa: E402
-from runPlan import activeModels, lrFactor, modelLrFactors  # noqa: E402
+from lmafs.data.tokenShards import TokenStream, writeShard  # noqa: E402
+from lmafs.run.runPlan import activeModels, lrFactor, modelLrFactors  # noqa: E402
 from trainLmAf import Trainer, parseArgs  # noqa: E402
 
 
@@ -137,7 +137,7 @@ def freeMemory(device):
 
 def memoryRow(args, folder, device, nModels):
     """(models, modelsPerPass chosen, estimated peak GiB, measured peak GiB or nan) of a fresh trainer's steps."""
-    import preflight
+    from lmafs.run import preflight
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

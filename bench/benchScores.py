@@ -30,7 +30,7 @@ def timeMs(step, device, repeats):
 def buildKernels(device, contextSize, headDim):
     """(score, kernel) for every score type, as a model on device builds its attention kernel: compiled
     FlexAttention on CUDA, SDPA / the explicit scores on a CPU."""
-    from attention import SCORE_TYPES, AttentionKernel
+    from lmafs.network.attention import SCORE_TYPES, AttentionKernel
     implementation = "flex" if device.type == "cuda" else "sdpa"
     return [(score, AttentionKernel(implementation, contextSize, 32, headDim, score, device=device))
             for score in SCORE_TYPES]
@@ -59,7 +59,7 @@ def main():
     args = parseArgs()
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from activationFunctions import Spline
-    from attention import documentIds
+    from lmafs.network.attention import documentIds
 
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     kernels = buildKernels(device, args.contextSize, args.headDim)

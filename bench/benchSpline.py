@@ -69,7 +69,7 @@ def splineImplementations(device):
         rows.append(("PyTorch path via autograd.Function", autogradPair(
             activationFunctions.splineForwardTorch, activationFunctions.splineBackwardTorch), ("torch", "torch")))
         try:
-            import splineKernel
+            from lmafs.network import splineKernel
         except ImportError as error:
             notes.append(f"splineKernel not importable ({error}): Triton rows are skipped")
         else:

@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchPhase1 import batchedStepper, timeSteps  # noqa: E402
-from tokenShards import writeShard  # noqa: E402
+from lmafs.data.tokenShards import writeShard  # noqa: E402
 from trainLmAf import Trainer, parseArgs  # noqa: E402
 
 SIZES = {"small": dict(nLayers=2, dimEmb=64, nHeads=2, seqLength=256),

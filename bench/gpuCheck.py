@@ -37,12 +37,12 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-import scheduler  # noqa: E402
-from atomicFiles import atomicWriteText  # noqa: E402
-from cliErrors import OneLineErrorParser  # noqa: E402
+from lmafs.study import scheduler  # noqa: E402
+from lmafs.atomicFiles import atomicWriteText  # noqa: E402
+from lmafs.cliErrors import OneLineErrorParser  # noqa: E402
 from plotting import parseLog  # noqa: E402
-from runFiles import RunFiles  # noqa: E402
-from tokenShards import writeShard  # noqa: E402
+from lmafs.run.runFiles import RunFiles  # noqa: E402
+from lmafs.data.tokenShards import writeShard  # noqa: E402
 
 SCORE_TYPES = ("softplus", "sigmoid", "spline")  # softmax is what the plain runs use
 DEFAULT_BUDGET = 460  # seconds: 8 minutes, less the data, the GPU probe and the report
@@ -279,7 +279,7 @@ def trainCheck(settings, name, what, flags, timeout, alone=False, needs=(), laun
 def trainGraphs(command):
     """Keys of the graphs a trainLmAf.py command compiles before step 1, as its preflight table counts them, on a GPU
     where one pass holds all models (an H100 holds the default 20)."""
-    from runPlan import modelStartSteps, runPasses, shapeVariants
+    from lmafs.run.runPlan import modelStartSteps, runPasses, shapeVariants
     from trainLmAf import parseArgs
     hp, _ = parseArgs(command[command.index("trainLmAf.py") + 1:])
     passes = runPasses(modelStartSteps(hp), 0, lambda n: n, hp.nModels)

@@ -15,7 +15,7 @@ import sys
 import sysconfig
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from cliErrors import OneLineErrorParser  # noqa: E402
+from lmafs.cliErrors import OneLineErrorParser  # noqa: E402
 
 
 def main(argv=None):

@@ -16,7 +16,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 UPSTREAM = os.path.join(REPO, "results-fineweb10B", "upstream")  # the original authors' files
 sys.path.insert(0, REPO)
 
-from tokenShards import writeShard  # noqa: E402
+from lmafs.data.tokenShards import writeShard  # noqa: E402
 
 SEP = 50256
 # tests/pretendCuda makes torch claim a GPU that is not there: the CUDA tests cannot run then

@@ -15,8 +15,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-import forwardPasses  # noqa: E402
-import runSetup  # noqa: E402
+from lmafs.run import forwardPasses  # noqa: E402
+from lmafs.run import runSetup  # noqa: E402
 import trainLmAf  # noqa: E402
 
 

@@ -7,12 +7,12 @@ import torch
 
 import dataclasses
 
-import flagChecks
-import runOutputs
-import runSetup
+from lmafs.run import flagChecks
+from lmafs.run import runOutputs
+from lmafs.run import runSetup
 import trainLmAf
 from activationFunctions import FIXED_TYPES, Spline, makeActivation, splineSmoothness
-from afFiles import readAfFile
+from lmafs.network.afFiles import readAfFile
 from conftest import runTrainer, tinyFlags
 from plotting import _afsFigure, _makeFigure
 

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 import activationFunctions as afs
 from conftest import tinyFlags
 from model import GPT, GatedMlp, KanLayer, KanMlp, bSplineBasis, gatedHiddenWidth, kanHiddenWidth
-import runOutputs
-from flagChecks import ConfigError, checkFlags, isLearnableAf
+from lmafs.run import runOutputs
+from lmafs.run.flagChecks import ConfigError, checkFlags, isLearnableAf
 from trainLmAf import Hyperparameters, Trainer, main, parseArgs
 
 ELEMENTWISE = afs.FIXED_TYPES + afs.LEARNABLE_TYPES + afs.SPLINE_TYPES

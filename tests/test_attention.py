@@ -7,7 +7,7 @@ import types
 import pytest
 import torch
 
-import attention
+from lmafs.network import attention
 from model import GPT
 
 # The GPUs users train on: compute capability and maximum shared memory of one thread block (opt-in), from the

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import UPSTREAM, runTrainer, tinyFlags
-from tokenShards import HEADER_INTS, MAGIC
+from lmafs.data.tokenShards import HEADER_INTS, MAGIC
 from trainLmAf import buildParser, main
 
 UPSTREAM_CSV = os.path.join(UPSTREAM, "ptAf-optimizedMlpAtt-layerShared-phase1-step20000.csv")

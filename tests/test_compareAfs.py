@@ -10,6 +10,7 @@ import time
 import pytest
 
 import compareAfs
+from lmafs.study import slurmJobs, studyPlan, studyReport, studyRuns, studyStatistics
 from conftest import tinyFlags
 
 pngSignature = b"\x89PNG\r\n\x1a\n"
@@ -62,10 +63,10 @@ def testFailedRunsAreNamedAndExitNonZero(tinyData, tmp_path, capsys, monkeypatch
     fake.write_text("import runpy, sys\n"
                     "if 'relu' in sys.argv or 'f-spline-s0-phase1' in sys.argv:\n"
                     "    sys.exit('error: boom in relu')\n"
-                    f"sys.argv[0] = {compareAfs.TRAINER!r}\n"
-                    f"sys.path.insert(0, {os.path.dirname(compareAfs.TRAINER)!r})\n"
-                    f"runpy.run_path({compareAfs.TRAINER!r}, run_name='__main__')\n")
-    monkeypatch.setattr(compareAfs, "TRAINER", str(fake))
+                    f"sys.argv[0] = {slurmJobs.TRAINER!r}\n"
+                    f"sys.path.insert(0, {os.path.dirname(slurmJobs.TRAINER)!r})\n"
+                    f"runpy.run_path({slurmJobs.TRAINER!r}, run_name='__main__')\n")
+    monkeypatch.setattr(slurmJobs, "TRAINER", str(fake))
     argv = ["--afTypes", "gelu,relu,spline", "--splinePhases", "2", "--name", "f"] + trainerFlags(tinyData, tmp_path)
     assert compareAfs.main(argv) == 1
     out, err = capsys.readouterr()
@@ -104,7 +105,7 @@ def testSplinePhasesRunPhaseOneThenTwo(tinyData, tmp_path, capsys):
     argv = ["--afTypes", "spline", "--splinePhases", "2", "--splineModels", "2", "--name", "s"] \
         + trainerFlags(tinyData, tmp_path)
     args, trainerArgv, hp = compareAfs.parseArgs(argv)
-    phase1, phase2 = compareAfs.planRuns(args, trainerArgv, hp)
+    phase1, phase2 = studyPlan.planRuns(args, trainerArgv, hp)
     assert phase1["runName"] == "s-spline-s0-phase1" and phase1["argv"][-6:] == [
         "--runName", "s-spline-s0-phase1", "--nModels", "2", "--saveAfEvery", "0"]
     assert phase2["argv"][-4:] == ["--afLr", "0", "--afFileToLoad",
@@ -128,33 +129,33 @@ def testReadRunTakesTheMetricsCsvAndTheLogsLastParameterCount(tmp_path):
                                             "1,0,train,8.600000,0.010000,0.0003,1.250,32\n"
                                             "1,1,train,8.700000,0.010000,0.0003,1.250,32\n"
                                             "4,0,val,7.250000,0.040000,0.0001,4.500,128\n")
-    assert compareAfs.readRun(str(tmp_path), "x", 4) == {"params": 1239, "val": [(1, 8.5, 0.015, None),
+    assert studyPlan.readRun(str(tmp_path), "x", 4) == {"params": 1239, "val": [(1, 8.5, 0.015, None),
                                                                                  (4, 7.25, 0.04, None)],
                                                         "trainSeconds": 4.5, "complete": True}
     # the bits-per-byte column of newer runs
     (tmp_path / "metrics-y.csv").write_text("step,model,split,loss,accuracy,lr,trainSeconds,tokens,bpb\n"
                                             "4,0,val,7.250000,0.040000,0.0001,4.500,128,2.500000\n"
                                             "4,0,train,7.300000,0.040000,0.0001,4.500,128,\n")
-    assert compareAfs.readRun(str(tmp_path), "y", 4)["val"] == [(4, 7.25, 0.04, 2.5)]
-    assert compareAfs.readRun(str(tmp_path), "x", 5)["complete"] is False
-    assert compareAfs.readRun(str(tmp_path), "missing", 4) is None
+    assert studyPlan.readRun(str(tmp_path), "y", 4)["val"] == [(4, 7.25, 0.04, 2.5)]
+    assert studyPlan.readRun(str(tmp_path), "x", 5)["complete"] is False
+    assert studyPlan.readRun(str(tmp_path), "missing", 4) is None
 
 
 def testAfTypeSlug():
-    assert compareAfs.afTypeSlug("spline;att-spline") == "spline_att-spline"
-    assert compareAfs.afTypeSlug("gelu") == "gelu"
-    assert compareAfs.isSplineAf("gelu;att-splinePerDim") and not compareAfs.isSplineAf("prelu")
+    assert studyPlan.afTypeSlug("spline;att-spline") == "spline_att-spline"
+    assert studyPlan.afTypeSlug("gelu") == "gelu"
+    assert studyPlan.isSplineAf("gelu;att-splinePerDim") and not studyPlan.isSplineAf("prelu")
 
 
 def testScoreAfTypes(tinyData, tmp_path):
-    assert compareAfs.afTypeSlug("gelu;att-linear;score-sigmoid") == "gelu_att-linear_score-sigmoid"
-    assert compareAfs.isSplineAf("gelu;att-linear;score-spline")
-    assert not compareAfs.isSplineAf("gelu;att-linear;score-softplus")
+    assert studyPlan.afTypeSlug("gelu;att-linear;score-sigmoid") == "gelu_att-linear_score-sigmoid"
+    assert studyPlan.isSplineAf("gelu;att-linear;score-spline")
+    assert not studyPlan.isSplineAf("gelu;att-linear;score-softplus")
     argv = ["--afTypes", "gelu;att-linear;score-sigmoid,gelu;att-linear;score-spline", "--splinePhases", "2",
             "--name", "s"] + trainerFlags(tinyData, tmp_path)
     args, trainerArgv, hp = compareAfs.parseArgs(argv)
-    runs = compareAfs.planRuns(args, trainerArgv, hp)
-    compareAfs.checkRuns(runs, args)
+    runs = studyPlan.planRuns(args, trainerArgv, hp)
+    studyPlan.checkRuns(runs, args)
     assert [(r["runName"], r["phase"]) for r in runs] == [
         ("s-gelu_att-linear_score-sigmoid-s0", None), ("s-gelu_att-linear_score-spline-s0-phase1", 1),
         ("s-gelu_att-linear_score-spline-s0", 2)]
@@ -164,11 +165,11 @@ def testVariantsCarryTheirOwnFlags(tinyData, tmp_path, capsys):
     argv = ["--afTypes", "relu2", "--variant", "sp-relu2=spline;att-spline --afInit relu2;att-linear --afSmoothness 0.01",
             "--splinePhases", "2", "--splineModels", "2", "--name", "v"] + trainerFlags(tinyData, tmp_path, afInit=0.5)
     args, trainerArgv, hp = compareAfs.parseArgs(argv)
-    fixed, phase1, phase2 = compareAfs.planRuns(args, trainerArgv, hp)
+    fixed, phase1, phase2 = studyPlan.planRuns(args, trainerArgv, hp)
     assert fixed["runName"] == "v-relu2-s0" and "--afSmoothness" not in fixed["argv"]
     assert phase1["runName"] == "v-sp-relu2-s0-phase1" and phase2["runName"] == "v-sp-relu2-s0"
     for run in (phase1, phase2):  # the variant's flags come after the common ones, so they win
-        hpRun, _ = compareAfs.trainLmAf.parseArgs(run["argv"])
+        hpRun, _ = studyPlan.trainLmAf.parseArgs(run["argv"])
         assert (hpRun.afType, hpRun.afInit, hpRun.afSmoothness) == ("spline;att-spline", "relu2;att-linear", 0.01)
     assert compareAfs.main(argv) == 0, capsys.readouterr().err
     rows = tableRows(tmp_path / "compare-v.md")
@@ -219,7 +220,7 @@ def testPairedStatisticsMatchAHandComputation(tmp_path, capsys, monkeypatch):
               "p-gelu-s0": 5.9, "p-gelu-s1": 6.3, "p-gelu-s2": 5.8,
               "p-sp-s0": 5.7, "p-sp-s1": 6.0, "p-sp-s2": 5.85,
               "p-sp-frozen-s0": 5.8, "p-sp-frozen-s1": 5.95}
-    monkeypatch.setattr(compareAfs, "TRAINER", str(writeLossTrainer(tmp_path, losses)))
+    monkeypatch.setattr(slurmJobs, "TRAINER", str(writeLossTrainer(tmp_path, losses)))
     argv = ["--afTypes", "relu2,gelu", "--variant", "sp=spline;att-spline", "--variant",
             "sp-frozen=spline;att-spline --afLr 0", "--splinePhases", "2", "--seeds", "0,1,2", "--name", "p",
             "--baseline", "relu2", "--pairs", "sp:sp-frozen", "--pairs", "gelu:sp-frozen"] \
@@ -274,8 +275,8 @@ def testPairedStatisticsMatchAHandComputation(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "metrics-p-sp-frozen-s0-phase1.csv").exists()  # a frozen-init control has no phase I
     checkPng(tmp_path / "compare-p.png")
     args, _, _ = compareAfs.parseArgs(argv)
-    rows = compareAfs.summarize([], args.entries, 2)
-    assert compareAfs.pairedDifference(rows[0], rows[1]) is None  # no finished seed in common
+    rows = studyReport.summarize([], args.entries, 2)
+    assert studyStatistics.pairedDifference(rows[0], rows[1]) is None  # no finished seed in common
 
 
 def testBestFixedBaselineIsTheFixedAfWithTheLowestMeanLoss(tmp_path, capsys, monkeypatch):
@@ -283,7 +284,7 @@ def testBestFixedBaselineIsTheFixedAfWithTheLowestMeanLoss(tmp_path, capsys, mon
     losses = {"b-relu2-s0": 6.0, "b-relu2-s1": 6.2, "b-relu2-s2": 5.9, "b-gelu-s0": 5.9, "b-gelu-s1": 6.3,
               "b-gelu-s2": 5.8, "b-swiglu-s0": 6.1, "b-swiglu-s1": 6.1, "b-swiglu-s2": 6.1,
               "b-prelu-s0": 5.0, "b-prelu-s1": 5.0, "b-prelu-s2": 5.0, "b-sp-s0": 5.7, "b-sp-s1": 6.0, "b-sp-s2": 5.85}
-    monkeypatch.setattr(compareAfs, "TRAINER", str(writeLossTrainer(tmp_path, losses)))
+    monkeypatch.setattr(slurmJobs, "TRAINER", str(writeLossTrainer(tmp_path, losses)))
     argv = ["--afTypes", "relu2,gelu,swiglu,prelu", "--variant", "sp=spline;att-spline", "--splinePhases", "2",
             "--seeds", "0,1,2", "--name", "b", "--baseline", "best-fixed"] + trainerFlags(str(tmp_path), tmp_path)
     assert compareAfs.main(argv) == 0, capsys.readouterr().err
@@ -302,11 +303,11 @@ def testBestFixedBaselineIsTheFixedAfWithTheLowestMeanLoss(tmp_path, capsys, mon
 
 
 def testPairedDifferenceOfOneSeedHasNoStandardError():
-    one = compareAfs.pairedDifference({"seedValue": {3: 5.0, 4: 6.0}}, {"seedValue": {3: 5.5}})
+    one = studyStatistics.pairedDifference({"seedValue": {3: 5.0, 4: 6.0}}, {"seedValue": {3: 5.5}})
     assert one == {"seeds": [3], "deltas": [-0.5], "mean": -0.5, "sd": None, "se": None, "ci": None, "p": None,
                    "seedsFor80": None, "won": 1}
-    assert compareAfs.formatPaired(one) == "-0.5000" and compareAfs.verdict(one) == "–"
-    tie = compareAfs.pairedDifference({"seedValue": {0: 5.0, 1: 6.0}}, {"seedValue": {0: 5.0, 1: 6.5}})
+    assert studyReport.formatPaired(one) == "-0.5000" and studyReport.verdict(one) == "–"
+    tie = studyStatistics.pairedDifference({"seedValue": {0: 5.0, 1: 6.0}}, {"seedValue": {0: 5.0, 1: 6.5}})
     assert tie["won"] == 1 and tie["se"] == pytest.approx(0.25)
     assert tie["ci"] == pytest.approx((-0.25 - 12.706 * 0.25, -0.25 + 12.706 * 0.25), abs=1e-3)
     assert tie["p"] == pytest.approx(0.5, abs=1e-9)  # t = -1 with 1 degree of freedom: a Cauchy, P(|T| > 1) = 1/2
@@ -316,19 +317,19 @@ def testSeedsForPowerAreThoseOfThePairedTTestTables():
     """The fewest seeds for 80% power of a two-sided paired t test at 5%, as G*Power and Cohen's tables give them
     for standardized differences d = mean / sd: 0.5 -> 34, 0.8 -> 15, 1.0 -> 10, 0.2 -> 199."""
     for d, n in ((0.5, 34), (0.8, 15), (1.0, 10), (0.2, 199)):
-        assert compareAfs.seedsForPower(d * 0.02, 0.02) == n, d
-        assert compareAfs.tTestPower(n, d) >= 0.8 > compareAfs.tTestPower(n - 1, d)
-    assert compareAfs.seedsForPower(0.0, 0.02) is None and compareAfs.seedsForPower(1e-6, 1.0) is None  # > 100,000
+        assert studyStatistics.seedsForPower(d * 0.02, 0.02) == n, d
+        assert studyStatistics.tTestPower(n, d) >= 0.8 > studyStatistics.tTestPower(n - 1, d)
+    assert studyStatistics.seedsForPower(0.0, 0.02) is None and studyStatistics.seedsForPower(1e-6, 1.0) is None  # > 100,000
     # the README's old "~46 seeds" for the default start's -0.006 at a std of 0.021 was the count at which the
     # expected interval just touches 0 (power about one half); 80% power needs about twice as many
-    assert compareAfs.seedsForPower(-0.006, 0.021) == 99
+    assert studyStatistics.seedsForPower(-0.006, 0.021) == 99
 
 
 def testHolmAdjustment():
     # Holm (1979): 0.01, 0.02, 0.03, 0.04 of four become 4 x 0.01, 3 x 0.02, max(0.06, 2 x 0.03), max(0.06, 0.04)
-    adjusted = compareAfs.holmAdjusted([0.03, 0.01, None, 0.04, 0.02])
+    adjusted = studyStatistics.holmAdjusted([0.03, 0.01, None, 0.04, 0.02])
     assert adjusted[2] is None and [adjusted[i] for i in (1, 4, 0, 3)] == pytest.approx([0.04, 0.06, 0.06, 0.06])
-    assert compareAfs.holmAdjusted([0.5, 0.9]) == pytest.approx([1.0, 1.0])
+    assert studyStatistics.holmAdjusted([0.5, 0.9]) == pytest.approx([1.0, 1.0])
 
 
 def testFrozenAndSingleModelVariantsAreControls(tinyData, tmp_path):
@@ -336,16 +337,16 @@ def testFrozenAndSingleModelVariantsAreControls(tinyData, tmp_path):
             "--variant", "sp-1=spline;att-spline --nModels 1", "--splinePhases", "2", "--splineModels", "3",
             "--name", "c"] + trainerFlags(tinyData, tmp_path)
     args, trainerArgv, hp = compareAfs.parseArgs(argv)
-    runs = compareAfs.planRuns(args, trainerArgv, hp)
-    compareAfs.checkRuns(runs, args)
+    runs = studyPlan.planRuns(args, trainerArgv, hp)
+    studyPlan.checkRuns(runs, args)
     assert [(r["runName"], r["phase"]) for r in runs] == [("c-sp-s0-phase1", 1), ("c-sp-s0", 2),
                                                           ("c-sp-frozen-s0", None), ("c-sp-1-s0-phase1", 1),
                                                           ("c-sp-1-s0", 2)]
-    parsed = {r["runName"]: compareAfs.trainLmAf.parseArgs(r["argv"])[0] for r in runs}
+    parsed = {r["runName"]: studyPlan.trainLmAf.parseArgs(r["argv"])[0] for r in runs}
     assert parsed["c-sp-s0-phase1"].nModels == 3 and parsed["c-sp-1-s0-phase1"].nModels == 1
     assert parsed["c-sp-1-s0"].nModels == 1
     assert all(r["argv"].count("--nModels") == (r["phase"] == 1) for r in runs)  # each phase I names it once
-    assert compareAfs.withoutFlag(["--a", "1", "--nModels", "4", "--nModels=2", "--b"], "--nModels") == ["--a", "1",
+    assert studyPlan.withoutFlag(["--a", "1", "--nModels", "4", "--nModels=2", "--b"], "--nModels") == ["--a", "1",
                                                                                                          "--b"]
     assert parsed["c-sp-1-s0"].afFileToLoad.endswith("ptAf-c-sp-1-s0-phase1-step0006.pt")
     assert (parsed["c-sp-frozen-s0"].afLr, parsed["c-sp-frozen-s0"].afFileToLoad) == (0, "")
@@ -416,7 +417,7 @@ def writeWaitingTrainer(path, events):
 def testJobsRunSideBySideAndPhaseTwoWaitsForItsPhaseOne(tinyData, tmp_path, monkeypatch, capsys):
     fake, events = tmp_path / "fakeTrainer.py", tmp_path / "events.txt"
     writeWaitingTrainer(fake, events)
-    monkeypatch.setattr(compareAfs, "TRAINER", str(fake))
+    monkeypatch.setattr(slurmJobs, "TRAINER", str(fake))
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     argv = ["--afTypes", "spline,gelu,relu", "--splinePhases", "2", "--name", "w", "--jobs", "2"] \
         + trainerFlags(tinyData, tmp_path)
@@ -431,8 +432,8 @@ def testJobsRunSideBySideAndPhaseTwoWaitsForItsPhaseOne(tinyData, tmp_path, monk
 def testGpusTrainOneRunPerGpuEachWithItsOwnDevice(tinyData, tmp_path, monkeypatch, capsys):
     fake, events = tmp_path / "fakeTrainer.py", tmp_path / "events.txt"
     writeWaitingTrainer(fake, events)
-    monkeypatch.setattr(compareAfs, "TRAINER", str(fake))
-    monkeypatch.setattr(compareAfs.torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(slurmJobs, "TRAINER", str(fake))
+    monkeypatch.setattr(studyRuns.torch.cuda, "device_count", lambda: 4)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     argv = ["--afTypes", "spline,gelu,relu", "--splinePhases", "2", "--name", "g", "--gpus", "1,2"] \
@@ -457,7 +458,7 @@ def testGpusTrainOneRunPerGpuEachWithItsOwnDevice(tinyData, tmp_path, monkeypatc
     (["--launcher", "slurm", "--slurmExtra", "qos"], "--slurmExtra 'qos' must be KEY=VALUE"),
 ])
 def testBadLauncherFlagsStopWithOneLine(extra, message, tinyData, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(compareAfs.torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(studyRuns.torch.cuda, "device_count", lambda: 2)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     assert compareAfs.main(["--afTypes", "gelu"] + trainerFlags(tinyData, tmp_path / "out") + extra) == 2
     err = capsys.readouterr().err
@@ -466,8 +467,6 @@ def testBadLauncherFlagsStopWithOneLine(extra, message, tinyData, tmp_path, caps
 
 
 def testSlurmWithoutSubmititOrSlurmctldIsOneLine(tinyData, tmp_path, capsys, monkeypatch):
-    import slurmJobs
-
     argv = ["--afTypes", "gelu", "--launcher", "slurm"] + trainerFlags(tinyData, tmp_path / "out")
     monkeypatch.setattr(slurmJobs.importlib.util, "find_spec", lambda name: None)
     assert compareAfs.main(argv) == 2
@@ -503,7 +502,8 @@ def testInterruptReachesEachRunningRunOnceAndStartsNoOther(signum, tinyData, tmp
     writeWaitingTrainer(fake, events)
     events.write_text("")
     script = (f"import sys; sys.path.insert(0, {os.path.dirname(compareAfs.__file__)!r}); import compareAfs; "
-              f"compareAfs.TRAINER = {str(fake)!r}; sys.exit(compareAfs.main(sys.argv[1:]))")
+              f"from lmafs.study import slurmJobs; slurmJobs.TRAINER = {str(fake)!r}; "
+              "sys.exit(compareAfs.main(sys.argv[1:]))")
     # The first two runs wait for each other and finish; the two 'hold' runs wait until interrupted, and swiglu
     # must never start.
     argv = ["--afTypes", "gelu,relu", "--variant", "hold=gelu", "--variant", "hold2=relu",
@@ -525,7 +525,7 @@ def testInterruptReachesEachRunningRunOnceAndStartsNoOther(signum, tinyData, tmp
 
 
 def testTimeLeftFromTheRunsTrainedSoFarByKind():
-    workers = compareAfs.StudyProgress([], compareAfs.scheduler.cpuSlots(2))
+    workers = studyRuns.StudyProgress([], studyRuns.scheduler.cpuSlots(2))
     phase1, other = {"phase": 1}, {"phase": 2}
     workers.left = {"phase-I": 3, "other": 4}
     assert workers.timeLeft(phase1, 600.0, trained=True) is None  # no other run has a time yet
@@ -539,9 +539,9 @@ def testTimeLeftFromTheRunsTrainedSoFarByKind():
     assert workers.timeLeft(other, 60.0, trained=True) == (
         "estimated time left: 12 min (1 phase-I run(s) at 700 s, 2 at a time)")
     assert workers.timeLeft(phase1, 700.0, trained=True) is None  # nothing left
-    assert compareAfs.formatDuration(3720) == "1 h 02 min" and compareAfs.formatDuration(20) == "1 min"
+    assert studyRuns.formatDuration(3720) == "1 h 02 min" and studyRuns.formatDuration(20) == "1 min"
     # on 4 GPUs the runs left go 4 at a time
-    gpus = compareAfs.StudyProgress([], [compareAfs.scheduler.Slot(f"GPU {i}", {}) for i in range(4)])
+    gpus = studyRuns.StudyProgress([], [studyRuns.scheduler.Slot(f"GPU {i}", {}) for i in range(4)])
     gpus.left = {"phase-I": 1, "other": 9}
     gpus.seconds = {"phase-I": [400.0], "other": []}
     assert gpus.timeLeft(other, 40.0, trained=True) == (

@@ -6,7 +6,7 @@ import torch._dynamo
 from torch._dynamo.utils import counters
 
 from conftest import tinyFlags
-from runPlan import modelPasses, representativePasses
+from lmafs.run.runPlan import modelPasses, representativePasses
 from trainLmAf import Trainer, parseArgs
 
 
@@ -61,7 +61,7 @@ def testSeveralPassesGiveTheResultsOfOnePass(tinyData, tmp_path):
 
 @pytest.mark.parametrize("compileBackend", ["none", "aot_eager"])
 def testAFailingFlexAttentionFallsBackToSdpaBeforeStepOne(tinyData, tmp_path, monkeypatch, compileBackend):
-    import runSetup
+    from lmafs.run import runSetup
 
     torch._dynamo.reset()
     arguments = runSetup.modelArguments

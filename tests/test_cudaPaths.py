@@ -65,7 +65,7 @@ def testTheStepClockStopsWhenTheDevicesWorkIsDone(tinyData, tmp_path, monkeypatc
 
 
 def testResumeOnFewerGpusRestoresTheStatesOfTheVisibleOnes(monkeypatch, capsys):
-    import checkpoints
+    from lmafs.run import checkpoints
     restored = []
 
     def setRngState(state, device="cuda"):  # as on a machine with one GPU
@@ -77,7 +77,7 @@ def testResumeOnFewerGpusRestoresTheStatesOfTheVisibleOnes(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "set_rng_state", setRngState)
     monkeypatch.setattr(torch.cuda.random, "set_rng_state", setRngState)
-    from runState import RunState
+    from lmafs.run.runState import RunState
     checkpointer = checkpoints.Checkpointer(None, None, None, mock.Mock(), None, [], RunState(1, "cpu"), None,
                                             False, (0, 1), 128, None, torch.device("cuda"))
     window = {"loss": mock.MagicMock(), "acc": mock.MagicMock(), "count": mock.MagicMock(), "steps": 0}
@@ -92,8 +92,8 @@ def testResumeOnFewerGpusRestoresTheStatesOfTheVisibleOnes(monkeypatch, capsys):
 
 
 def testOutOfMemoryAdviceIsMeasuredAfterTheFailedPassIsFreed(tinyData, tmp_path, monkeypatch, capsys):
-    import forwardPasses
-    import stopping
+    from lmafs.run import forwardPasses
+    from lmafs.run import stopping
     import trainLmAf
     made, alive = [], []
 
@@ -134,7 +134,7 @@ def testAotEagerWithScoreSplineOnCudaIsRefusedBeforeAnythingIsWritten(tinyData, 
 
 
 def testAFlexAttentionFallbackIsStatedOnStderr(tinyData, tmp_path, monkeypatch, capsys):
-    import runSetup
+    from lmafs.run import runSetup
     import trainLmAf
     torch._dynamo.reset()
     arguments = runSetup.modelArguments
@@ -154,8 +154,8 @@ def testAFallbackThatWillNotFitStopsWithOneLine(monkeypatch, gpuGiB, fits):
     63.9 GiB with SDPA and explicit [T, T] scores."""
     import dataclasses
 
-    import flagChecks
-    import forwardPasses
+    from lmafs.run import flagChecks
+    from lmafs.run import forwardPasses
     import trainLmAf
     hp, _ = trainLmAf.parseArgs(["--nModels", "20", "--afLayerSpecific", "0", "--afType",
                                  "spline;att-spline;score-spline"])

@@ -10,12 +10,12 @@ import torch
 
 from conftest import REPO, tinyFlags
 
-import afFiles
-import checkpoints
+from lmafs.network import afFiles
+from lmafs.run import checkpoints
 import evalBlimp
 import trainLmAf
 from model import GPT
-from vocabulary import SHIPPED_VOCAB_FILE
+from lmafs.data.vocabulary import SHIPPED_VOCAB_FILE
 
 BLIMP_SAMPLE = os.path.join(REPO, "tests", "data", "blimp-sample")
 SAMPLE_UIDS = ["anaphor_gender_agreement", "determiner_noun_agreement_1", "regular_plural_subject_verb_agreement_1"]

@@ -17,9 +17,9 @@ import evalBlimp  # noqa: E402
 import evalHarness  # noqa: E402
 import generate  # noqa: E402
 import trainLmAf  # noqa: E402
-from checkpoints import encodingOf, gpt2Encoding, loadModel  # noqa: E402
+from lmafs.run.checkpoints import encodingOf, gpt2Encoding, loadModel  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
-from tokenShards import writeShard  # noqa: E402
+from lmafs.data.tokenShards import writeShard  # noqa: E402
 
 BLIMP_SAMPLE = os.path.join(REPO, "tests", "data", "blimp-sample")
 SEQ_LENGTH = 32

@@ -8,8 +8,8 @@ import torch
 from test_evalBlimp import badModelFiles, trainTinyRun
 
 import generate
-from checkpoints import LoadError, checkTokensFit
-from vocabulary import SHIPPED_VOCAB_FILE
+from lmafs.run.checkpoints import LoadError, checkTokensFit
+from lmafs.data.vocabulary import SHIPPED_VOCAB_FILE
 
 
 @pytest.fixture(scope="module")

@@ -463,7 +463,7 @@ def testMainWritesDataRunsThePlanAndReportsItsVerdict(tmp_path, monkeypatch, cap
     printed = capsys.readouterr().out.splitlines()
     assert printed[0].startswith("gpuCheck on NVIDIA L40S: 2 checks") and printed[-2:] == [
         "FAIL: failed benchB", f"report: {out}"]
-    from tokenShards import readShardHeader
+    from lmafs.data.tokenShards import readShardHeader
     files = tmp_path / "r-files"
     assert readShardHeader(str(files / "data" / "fineweb_train_000001.bin")) == 20 * 12 * 4097 + 4096
     assert (files / "benchA.out").read_text() == "ratio 0.5\n"

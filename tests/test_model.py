@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from attention import denseAttentionMask, documentIds
+from lmafs.network.attention import denseAttentionMask, documentIds
 from model import GPT, AfInputStatistics, afLayerGroups, permuteInitAcrossModels
 
 

@@ -9,17 +9,17 @@ import numpy as np
 import pytest
 import torch
 
-from afFiles import loadAfsIntoModel, saveAfFiles
+from lmafs.network.afFiles import loadAfsIntoModel, saveAfFiles
 from conftest import UPSTREAM, randomDocuments, tinyFlags
 from model import GPT
-from tokenShards import TokenStream, writeShard
-from tokenShards import validationSequences
-import forwardPasses
-from runOutputs import SEPARATOR, hyperparameterLines
-from gradients import clipGlobalNorm
-from flagChecks import checkFlags
-from runPlan import lrFactor, modelLrFactors, modelStartSteps
-from runSetup import buildModel
+from lmafs.data.tokenShards import TokenStream, writeShard
+from lmafs.data.tokenShards import validationSequences
+from lmafs.run import forwardPasses
+from lmafs.run.runOutputs import SEPARATOR, hyperparameterLines
+from lmafs.run.gradients import clipGlobalNorm
+from lmafs.run.flagChecks import checkFlags
+from lmafs.run.runPlan import lrFactor, modelLrFactors, modelStartSteps
+from lmafs.run.runSetup import buildModel
 from trainLmAf import Trainer, parseArgs
 
 GPT2_VOCAB = 50304  # GPT-2's 50,257 ids rounded up to a multiple of 128

@@ -9,7 +9,7 @@ import tomllib
 
 import torch
 
-import afFiles
+from lmafs.network import afFiles
 from conftest import REPO
 from model import GPT
 
@@ -20,7 +20,7 @@ import torch
 import activationFunctions
 from activationFunctions import Spline, replaceActivations
 
-for module in ("activationFunctions", "afFiles", "splineKernel"):  # the kernel module is installed, not imported
+for module in ("activationFunctions", "lmafs.network.afFiles", "lmafs.network.splineKernel"):  # found, not imported
     origin = importlib.util.find_spec(module).origin
     assert os.path.dirname(origin) != REPO and origin.startswith(sys.prefix), origin
 data = torch.load(PTAF, weights_only=True)
@@ -42,8 +42,12 @@ def test_wheelInstallsIntoAFreshVenvAndWorksWithoutTheRepository(tmp_path):
     project = tomllib.load(open(os.path.join(REPO, "pyproject.toml"), "rb"))
     source = tmp_path / "source"
     source.mkdir()
+    packages = project["tool"]["setuptools"]["packages"]
     for name in ["pyproject.toml", project["project"]["readme"]] + project["project"]["license-files"] + \
-            [module + ".py" for module in project["tool"]["setuptools"]["py-modules"]]:
+            [module + ".py" for module in project["tool"]["setuptools"]["py-modules"]] + \
+            [os.path.join(package.replace(".", os.sep), name) for package in packages
+             for name in os.listdir(os.path.join(REPO, package.replace(".", os.sep))) if name.endswith(".py")]:
+        os.makedirs(os.path.dirname(source / name), exist_ok=True)
         shutil.copy(os.path.join(REPO, name), source / name)
     env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "PYTHONHOME")}
     subprocess.run([sys.executable, "-m", "pip", "wheel", ".", "--no-deps", "-q", "-w", str(tmp_path / "dist")],
@@ -95,7 +99,7 @@ for path in (PTAF, PTAF.replace(".pt", ".csv")):
     assert len(lines) == 2 and "per layer" in lines[0], lines
     for layer, index in enumerate((1, 3)):
         assert torch.allclose(model[index](data["knots"]), data["mlpValues"][layer], atol=1e-4), path
-assert not {"afFiles", "model", "triton"} & set(sys.modules), sorted({"afFiles", "model", "triton"} & set(sys.modules))
+assert not {"lmafs", "model", "triton"} & set(sys.modules), sorted({"lmafs", "model", "triton"} & set(sys.modules))
 print("ok")
 """
 

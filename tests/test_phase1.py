@@ -9,8 +9,8 @@ import torch
 
 from conftest import tinyFlags
 from model import GPT
-from tokenShards import TokenStream
-from runPlan import activeModels, lrFactor, modelLrFactors, modelStartSteps
+from lmafs.data.tokenShards import TokenStream
+from lmafs.run.runPlan import activeModels, lrFactor, modelLrFactors, modelStartSteps
 from trainLmAf import Trainer, parseArgs
 
 

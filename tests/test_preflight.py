@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 
 from conftest import randomDocuments, tinyFlags
-from preflight import USABLE_SHARE, estimatePeakMemory, fittingModelsPerPass, parseGpu, PreflightError
-from tokenShards import writeShard
+from lmafs.run.preflight import USABLE_SHARE, estimatePeakMemory, fittingModelsPerPass, parseGpu, PreflightError
+from lmafs.data.tokenShards import writeShard
 from trainLmAf import main, parseArgs
 
 PHASE1 = ["--seed", "1234", "--nModels", "20", "--staggeredStarts", "1", "--afLayerSpecific", "0",
@@ -37,7 +37,7 @@ def testDefaultPhaseOneFitsALaptopGpuInSeveralPasses(gpt2Data, capsys):
     assert 1 < perPass < 20 and "2 pass(es)" in rows["modelsPerPass"]
     assert "inductor" in rows["compiled graphs"]
     assert "ok" in rows["FlexAttention"] and rows["FlexAttention"].endswith("compiles")
-    import splineKernel
+    from lmafs.network import splineKernel
     backward = next(b for b in splineKernel.BACKWARD_KERNELS if not splineKernel.MISSING_FEATURES[b])
     assert f"forward triton-tl, backward {backward}, compiled here for sm_89" in rows["spline kernels"]
     assert "capability 8.9, float32, head size 64, flexBlockSize 32: mask block 128" in out

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 import preprocessFineweb
-import vocabulary
-from vocabulary import SHIPPED_VOCAB_FILE
-from tokenShards import HEADER_INTS, MAGIC, VERSION, TokenStream, listShards, loadShard, validationSequences
+from lmafs.data import vocabulary
+from lmafs.data.vocabulary import SHIPPED_VOCAB_FILE
+from lmafs.data.tokenShards import HEADER_INTS, MAGIC, VERSION, TokenStream, listShards, loadShard, validationSequences
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "preprocessFineweb.py")
@@ -312,7 +312,7 @@ def testFromHubDownloadsChecksAndSkips(tmp_path, monkeypatch):
     """--from_hub with the hub replaced by a local fake: file names, header checks, skipping complete files."""
     import huggingface_hub
 
-    from tokenShards import ShardError, writeShard
+    from lmafs.data.tokenShards import ShardError, writeShard
 
     calls = []
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-import afFiles
+from lmafs.network import afFiles
 from activationFunctions import Spline, replaceActivations, splineInitValues
 from model import GPT
 

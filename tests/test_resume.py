@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import REPO, runTrainer, tinyFlags
-from runPlan import lrFactor
+from lmafs.run.runPlan import lrFactor
 
 
 def phase1Flags(tinyData, results, **overrides):
@@ -126,7 +126,7 @@ def testNonFiniteLossStopsWithOneLine(tinyData, tmp_path):
 
 def testOutOfMemoryStopsWithOneLineAndAResumableCheckpoint(tinyData, tmp_path, monkeypatch, capsys):
     import trainLmAf
-    import forwardPasses
+    from lmafs.run import forwardPasses
     forward, trainingPasses = forwardPasses.Passes.forward, []
 
     def runsOutAtStepFive(self, tokens, first):  # one training pass per step: 4 models in a pass of 4
@@ -151,8 +151,8 @@ def testOutOfMemoryStopsWithOneLineAndAResumableCheckpoint(tinyData, tmp_path, m
 
 
 def testOutOfMemoryBeforeStepOneIsNotAFlexAttentionFailure(tinyData, tmp_path, monkeypatch, capsys):
-    import forwardPasses
-    import runSetup
+    from lmafs.run import forwardPasses
+    from lmafs.run import runSetup
     import trainLmAf
     arguments = runSetup.modelArguments
     monkeypatch.setattr(runSetup, "modelArguments", lambda *a, **k: {**arguments(*a, **k), "attention": "flex"})

@@ -10,18 +10,18 @@ import numpy as np
 import pytest
 import torch
 
-import flagChecks
-import runPlan
-import runSetup
-import stopping
-from checkpoints import CHECKPOINT_FORMAT, Checkpointer
-from distributed import Distributed
-from forwardPasses import Passes, fallbackProblemHere
-from gradients import averageGradients, clipGlobalNorm
-from runFiles import RunFiles
-from runOutputs import Outputs, afTiles
-from runState import RunState
-from stackedAdam import StackedAdam
+from lmafs.run import flagChecks
+from lmafs.run import runPlan
+from lmafs.run import runSetup
+from lmafs.run import stopping
+from lmafs.run.checkpoints import CHECKPOINT_FORMAT, Checkpointer
+from lmafs.run.distributed import Distributed
+from lmafs.run.forwardPasses import Passes, fallbackProblemHere
+from lmafs.run.gradients import averageGradients, clipGlobalNorm
+from lmafs.run.runFiles import RunFiles
+from lmafs.run.runOutputs import Outputs, afTiles
+from lmafs.run.runState import RunState
+from lmafs.network.stackedAdam import StackedAdam
 from trainLmAf import Hyperparameters
 
 CPU = torch.device("cpu")

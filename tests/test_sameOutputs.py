@@ -28,7 +28,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 from conftest import REPO, runTrainer  # noqa: E402
-from tokenShards import writeShard  # noqa: E402
+from lmafs.data.tokenShards import writeShard  # noqa: E402
 
 REFERENCE = os.path.join(HERE, "data", "sameOutputs")
 SEPARATOR = 255  # a 256-token vocabulary keeps the checkpoints small

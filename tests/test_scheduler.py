@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-import scheduler
-from runFiles import RunFiles
+from lmafs.study import scheduler
+from lmafs.run.runFiles import RunFiles
 
 
 class Recorder:

@@ -9,13 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import attention
+from lmafs.network import attention
 from activationFunctions import Spline, splineActivation
-from afFiles import AfFileError, loadAfsIntoModel, readAfFile, saveAfFiles
-from attention import AttentionKernel, denseAttentionMask, documentIds, explicitAttention, keyCounts, scoreModFor
+from lmafs.network.afFiles import AfFileError, loadAfsIntoModel, readAfFile, saveAfFiles
+from lmafs.network.attention import AttentionKernel, denseAttentionMask, documentIds, explicitAttention, keyCounts, scoreModFor
 from conftest import runTrainer, tinyFlags
 from model import GPT
-from flagChecks import ConfigError, checkFlags, splitAfType, splitScoreType
+from lmafs.run.flagChecks import ConfigError, checkFlags, splitAfType, splitScoreType
 from trainLmAf import Hyperparameters
 
 warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")

@@ -261,7 +261,7 @@ def fakeKernelsOnCpu(monkeypatch):
 
     def install(broken, outOfMemory=()):
         fake = FakeKernels(broken, outOfMemory)
-        monkeypatch.setitem(sys.modules, "splineKernel", fake)
+        monkeypatch.setitem(sys.modules, "lmafs.network.splineKernel", fake)
         return fake
 
     return install

@@ -15,10 +15,10 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 import activationFunctions  # noqa: E402
-import splineKernel  # noqa: E402
+from lmafs.network import splineKernel  # noqa: E402
 from activationFunctions import splineBackends, splineReference  # noqa: E402
 from conftest import requiresCuda  # noqa: E402
-from splineKernel import splineBackwardTriton, splineForwardTriton  # noqa: E402
+from lmafs.network.splineKernel import splineBackwardTriton, splineForwardTriton  # noqa: E402
 
 
 # name, knots, knotMin, knotMax, dtype, shape, layout of x and gradOut, whether x holds NaNs
@@ -37,7 +37,7 @@ CASES = [
 # loads the inputs, calls both kernels and saves the outputs (torch.save keeps the non-contiguous views).
 RUNNER = """
 import sys, torch
-from splineKernel import splineBackwardTriton, splineForwardTriton
+from lmafs.network.splineKernel import splineBackwardTriton, splineForwardTriton
 results = []
 for case in torch.load(sys.argv[1]):
     invStep = 1.0 / case["knotStep"]
@@ -181,7 +181,7 @@ import sys
 import torch
 import triton
 import triton.language as tl
-from splineKernel import _tileCount, _tileStart
+from lmafs.network.splineKernel import _tileCount, _tileStart
 
 
 @triton.jit

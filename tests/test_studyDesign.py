@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 
 import compareAfs
+from lmafs.study import studyPlan
 import trainLmAf
-import vocabulary
+from lmafs.data import vocabulary
 from conftest import REPO, runTrainer, tinyFlags
 
 UPSTREAM_CSV = glob.glob(os.path.join(REPO, "..", "shared", "data", "ptAf-upstream-*.csv")) or \
@@ -42,8 +43,8 @@ def bpeCorpus(tmp_path_factory):
 
 def plan(argv):
     args, trainerArgv, hp = compareAfs.parseArgs(argv)
-    runs = compareAfs.planRuns(args, trainerArgv, hp)
-    compareAfs.checkRuns(runs, args)
+    runs = studyPlan.planRuns(args, trainerArgv, hp)
+    studyPlan.checkRuns(runs, args)
     return runs
 
 
@@ -223,7 +224,7 @@ def testBitsPerByteAreTheLossOverTheDecodedBytes(tinyData, bpeCorpus, tmp_path):
     import tiktoken
     from tokenizers import Tokenizer
 
-    from tokenShards import validationSequences
+    from lmafs.data.tokenShards import validationSequences
 
     gpt2 = tiktoken.Encoding(**vocabulary.loadGpt2Vocabulary(None)[0])
     bpe = Tokenizer.from_file(str(bpeCorpus / "tokenizer.json"))

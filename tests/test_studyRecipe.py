@@ -133,7 +133,7 @@ def validationParagraphs(out):
 
     from tokenizers import Tokenizer
 
-    from tokenShards import loadShard
+    from lmafs.data.tokenShards import loadShard
 
     tokenizer = Tokenizer.from_file(str(out / "data" / "tokenizer.json"))
     text = tokenizer.decode(np.asarray(loadShard(str(out / "data" / "fineweb_val_000000.bin"))).tolist())

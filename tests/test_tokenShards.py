@@ -4,7 +4,7 @@ import os
 import numpy as np
 import pytest
 
-from tokenShards import (HEADER_INTS, MAGIC, VERSION, ShardError, TokenStream, listShards, loadShard, maxTokenId,
+from lmafs.data.tokenShards import (HEADER_INTS, MAGIC, VERSION, ShardError, TokenStream, listShards, loadShard, maxTokenId,
                          readShardHeader, validationSequences, writeShard)
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import REPO, runTrainer, tinyFlags
-from distributed import Distributed
+from lmafs.run.distributed import Distributed
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
 

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-import trackers
+from lmafs.run import trackers
 import trainLmAf
 from conftest import runTrainer, tinyFlags
 

@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 import torch
 
-import checkpoints
+from lmafs.run import checkpoints
 import evalBlimp
 import generate
 import trainLmAf
-import vocabulary
+from lmafs.data import vocabulary
 from conftest import REPO, tinyFlags
-from tokenShards import HEADER_BYTES, HEADER_DTYPE, MAGIC, VERSION, loadShard, readShardHeader, readShardVocabulary, writeShard
+from lmafs.data.tokenShards import HEADER_BYTES, HEADER_DTYPE, MAGIC, VERSION, loadShard, readShardHeader, readShardVocabulary, writeShard
 
 SCRIPT = os.path.join(REPO, "preprocessFineweb.py")
 BLIMP_SAMPLE = os.path.join(REPO, "tests", "data", "blimp-sample")

@@ -9,12 +9,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-import vocabulary
-from afFiles import loadAfsIntoModel, splineKnots
-from flagChecks import ConfigError, splitAfInit, splitAfType, splitScoreType
+from lmafs.data import vocabulary
+from lmafs.network.afFiles import loadAfsIntoModel, splineKnots
+from lmafs.run.flagChecks import ConfigError, splitAfInit, splitAfType, splitScoreType
 from model import GPT, copyInitAcrossModels, permuteInitAcrossModels
-from stackedAdam import StackedAdam
-from tokenShards import ShardError, TokenStream, listShards, maxTokenId, readShardHeader, validationSequences
+from lmafs.network.stackedAdam import StackedAdam
+from lmafs.data.tokenShards import ShardError, TokenStream, listShards, maxTokenId, readShardHeader, validationSequences
 
 
 # ----------------------------------------------------------------------------------------------

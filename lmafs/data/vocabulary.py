@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import tiktoken_ext.openai_public as openaiPublic
 
-import tokenShards
-from cliErrors import describeError
+from lmafs.data import tokenShards
+from lmafs.cliErrors import describeError
 
 TOKENIZER_FILE = "tokenizer.json"
 EOT_TEXT = "<|endoftext|>"
@@ -32,7 +32,8 @@ GPT2_EOT_ID = 50256  # <|endoftext|>, the document separator
 R50K_URL = "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken"
 R50K_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
 # The same file, committed with the code (vocab/README.md: origin, licence), so that no network is needed
-SHIPPED_VOCAB_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "vocab", "r50k_base.tiktoken")
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SHIPPED_VOCAB_FILE = os.path.join(REPO, "vocab", "r50k_base.tiktoken")
 
 
 class VocabularyError(tokenShards.ShardError):

@@ -6,9 +6,9 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed._tools.mem_tracker import MemTracker
 
 from model import GPT
-from flagChecks import ConfigError, splitAfType
-from runPlan import modelStartSteps, runPasses, shapeVariants
-from runSetup import compileBackend, modelArguments, modelVocabSize, pickDevice
+from lmafs.run.flagChecks import ConfigError, splitAfType
+from lmafs.run.runPlan import modelStartSteps, runPasses, shapeVariants
+from lmafs.run.runSetup import compileBackend, modelArguments, modelVocabSize, pickDevice
 
 # What the CUDA context, cuBLAS workspaces and the caching allocator's fragmentation take beyond the tensors
 # themselves: a pass is planned to use at most this share of the free memory.
@@ -201,8 +201,8 @@ class Report:
 
 def checkData(hp, report):
     """Rows for the token files; returns (vocabulary size, validation sequences) or None when they are unusable."""
-    from tokenShards import ShardError, listShards, readShardHeader, sequencesInShard
-    from vocabulary import ofShards
+    from lmafs.data.tokenShards import ShardError, listShards, readShardHeader, sequencesInShard
+    from lmafs.data.vocabulary import ofShards
 
     try:
         trFiles = listShards(hp.filesTokensTr, "--filesTokensTr")
@@ -220,7 +220,7 @@ def checkData(hp, report):
 
 
 def checkAfFile(hp, vocabSize, report):
-    from afFiles import AfFileError, loadAfsIntoModel
+    from lmafs.network.afFiles import AfFileError, loadAfsIntoModel
     with torch.device("meta"):  # the checks need the layers and AF types, not the weights
         model = GPT(**modelArguments(hp, vocabSize, "meta", nModels=1))
     try:
@@ -239,15 +239,15 @@ def compileSplineKernels(kernels, architecture, dtype, nKnots):
     import subprocess
     import sys
 
-    script = ("import json, sys, splineKernel\nfailed = {}\n"
+    script = ("import json, sys\nfrom lmafs.network import splineKernel\nfailed = {}\n"
               "for kernel, backend in json.loads(sys.argv[1]):\n"
               "    try:\n"
               f"        splineKernel.compileForTarget(kernel, backend, {architecture}, {dtype!r}, {nKnots})\n"
               "    except Exception as err:\n"
               "        failed[kernel + ' ' + backend] = type(err).__name__ + ': ' + str(err).strip()[:200]\n"
               "print(json.dumps(failed))\n")
-    here = os.path.dirname(os.path.abspath(__file__))
-    done = subprocess.run([sys.executable, "-c", script, json.dumps(kernels)], capture_output=True, text=True, cwd=here)
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    done = subprocess.run([sys.executable, "-c", script, json.dumps(kernels)], capture_output=True, text=True, cwd=repo)
     if done.returncode != 0 or not done.stdout.strip():
         lines = done.stderr.strip().splitlines()
         return {tuple(pair): f"the compile check crashed: {lines[-1] if lines else done.returncode}" for pair in kernels}
@@ -264,7 +264,7 @@ def checkSplineKernels(hp, capability, report):
     if "spline" not in kinds:
         return report.add("spline kernels", True, "PyTorch (the Triton kernels serve shared splines, not splinePerDim)")
     try:
-        import splineKernel
+        from lmafs.network import splineKernel
     except ImportError:
         return report.add("spline kernels", False, "Triton is not installed, so the spline would run on PyTorch's "
                                                    "slow path: pip install triton (CUDA builds of PyTorch bring it)")
@@ -296,7 +296,7 @@ def checkSplineKernels(hp, capability, report):
 
 
 def checkFlexAttention(hp, capability, report):
-    from attention import describeFlexAttention
+    from lmafs.network.attention import describeFlexAttention
 
     plan = describeFlexAttention(capability, torch.bfloat16 if hp.dtype == "bfloat16" else torch.float32,
                                  hp.dimEmb // hp.nHeads, hp.flexBlockSize)

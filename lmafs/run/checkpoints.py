@@ -8,12 +8,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-import vocabulary
+from lmafs.data import vocabulary
 from activationFunctions import FORMAT as AF_FILE_FORMAT, AfFileError, safeTorchLoad
-from afFiles import perLayerValues, scoreSplineKnots, splineKnots
-from atomicFiles import atomicWrite
-from flagChecks import ConfigError
-from runSetup import buildModel
+from lmafs.network.afFiles import perLayerValues, scoreSplineKnots, splineKnots
+from lmafs.atomicFiles import atomicWrite
+from lmafs.run.flagChecks import ConfigError
+from lmafs.run.runSetup import buildModel
 
 CHECKPOINT_FORMAT = "lm-afs checkpoint 1"
 

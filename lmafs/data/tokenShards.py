@@ -17,7 +17,7 @@ import os
 
 import numpy as np
 
-from atomicFiles import atomicWrite
+from lmafs.atomicFiles import atomicWrite
 
 MAGIC = 20240520
 VERSION = 1

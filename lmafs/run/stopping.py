@@ -9,8 +9,8 @@ import signal
 
 import torch
 
-import preflight
-from flagChecks import ConfigError
+from lmafs.run import preflight
+from lmafs.run.flagChecks import ConfigError
 
 
 class NonFiniteLoss(Exception):

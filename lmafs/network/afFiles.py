@@ -16,7 +16,7 @@ import itertools
 import torch
 
 from activationFunctions import FORMAT, SPLINE_TYPES, AfFileError, readAfFile
-from atomicFiles import atomicWrite
+from lmafs.atomicFiles import atomicWrite
 
 
 def perLayerValues(model, kind):

@@ -8,13 +8,13 @@ import os
 
 import torch
 
-import trackers
-import vocabulary
+from lmafs.run import trackers
+from lmafs.data import vocabulary
 from activationFunctions import FIXED_TYPES, LEARNABLE_TYPES, MLP_INPUT_TYPES, SPLINE_TYPES
-from attention import FLEX_MASK_BLOCK, FLEX_TILE_SIZES, SCORE_TYPES
+from lmafs.network.attention import FLEX_MASK_BLOCK, FLEX_TILE_SIZES, SCORE_TYPES
 from model import MLP_VARIANT_AFS
-from runFiles import RunFiles
-from tokenShards import listShards
+from lmafs.run.runFiles import RunFiles
+from lmafs.data.tokenShards import listShards
 
 
 class ConfigError(Exception):

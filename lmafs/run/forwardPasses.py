@@ -5,13 +5,13 @@ import sys
 
 import torch
 
-import preflight
+from lmafs.run import preflight
 from model import AfInputStatistics
-from flagChecks import ConfigError
-from runPlan import validationBatchSize
-from runSetup import compileBackend
-from stopping import agreeOnFailure
-from tokenShards import TokenStream
+from lmafs.run.flagChecks import ConfigError
+from lmafs.run.runPlan import validationBatchSize
+from lmafs.run.runSetup import compileBackend
+from lmafs.run.stopping import agreeOnFailure
+from lmafs.data.tokenShards import TokenStream
 
 
 class Passes:

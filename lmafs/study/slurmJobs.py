@@ -15,10 +15,10 @@ import subprocess
 import sys
 import time
 
-from atomicFiles import atomicWriteText
-from runFiles import RunFiles
+from lmafs.atomicFiles import atomicWriteText
+from lmafs.run.runFiles import RunFiles
 
-REPO = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TRAINER = os.path.join(REPO, "trainLmAf.py")
 FOLDER = "submitit"  # under dirResults
 ACTIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",

@@ -13,15 +13,15 @@ import sys
 import numpy as np
 import torch
 
-import logLines
-import trackers
+from lmafs.run import logLines
+from lmafs.run import trackers
 from activationFunctions import MLP_INPUT_TYPES, Spline, evaluateOnGrid, isLearnable, splineBackends
-from atomicFiles import atomicWrite
-from attention import FLEX_MASK_BLOCK
-from flagChecks import ConfigError, splitAfType, splitScoreType
-from runSetup import compileBackend
-from tokenShards import readShardHeader
-from vocabulary import GPT2_NAME
+from lmafs.atomicFiles import atomicWrite
+from lmafs.network.attention import FLEX_MASK_BLOCK
+from lmafs.run.flagChecks import ConfigError, splitAfType, splitScoreType
+from lmafs.run.runSetup import compileBackend
+from lmafs.data.tokenShards import readShardHeader
+from lmafs.data.vocabulary import GPT2_NAME
 
 PLOT_LABELS = {"tr": "loss/acc", "af": "AF", "act": "act"}  # in the original's 'Saving plot (...)' lines
 
