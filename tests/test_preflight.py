@@ -1,4 +1,6 @@
 """--preflight: the default phase I checked for GPUs that are not here, memory estimated on fake tensors."""
+import importlib
+
 import numpy as np
 import pytest
 
@@ -69,7 +71,7 @@ def testEstimateCountsWeightsGradientsAndAdamExactlyAndGrowsWithThePass(tinyData
     for perPass in (1, 3, 6):
         peak, parts = estimatePeakMemory(hp, 50304, 6, perPass)
         peaks.append(peak)
-    nWeights = sum(p.numel() for p in __import__("runSetup").buildModel(hp, 50304, "cpu").parameters())
+    nWeights = sum(p.numel() for p in importlib.import_module("lmafs.run.runSetup").buildModel(hp, 50304, "cpu").parameters())
     assert parts["weights"] == 4 * nWeights and parts["optimizer"] == 2 * parts["gradients"] == 2 * parts["weights"]
     assert peaks[0] < peaks[1] < peaks[2]
     perPass, peak = fittingModelsPerPass(hp, 50304, 6, peaks[1] / USABLE_SHARE)
