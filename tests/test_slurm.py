@@ -2,6 +2,7 @@
 two-seed study with phase I and phase II gives the local runner's table; a job signalled with SIGTERM mid-run is
 requeued and ends on the final line of an uninterrupted run; a run that fails is reported with its last lines.
 Skipped where no slurmctld answers (the README's test command then still passes on a laptop)."""
+import importlib.util
 import json
 import os
 import re
@@ -24,9 +25,7 @@ def slurmAnswers():
         return f"scontrol ping failed: {err}"
     if "UP" not in ping:
         return f"no slurmctld answers (scontrol ping: {ping.strip()}); start one with .ci/startSlurm.sh"
-    try:
-        import submitit  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("submitit") is None:
         return "submitit is not installed"
     return ""
 
@@ -125,3 +124,13 @@ def testAFailedRunIsReportedWithItsLastLines(tinyData, tmp_path, capsys):
     status = capsys.readouterr().out
     assert re.search(r"^f-boom-s0: failed \(job \d+_1\)$", status, re.M)
     assert "non-finite training loss" in status and status.strip().endswith("1 done, 1 failed (Slurm)")
+
+
+def testAPartitionSlurmDoesNotKnowIsOneLineBeforeAnySubmission(tinyData, tmp_path, capsys):
+    argv = ["--afTypes", "gelu", "--launcher", "slurm", "--slurmPartition", "nosuch"] + studyFlags(tinyData,
+                                                                                                     tmp_path / "out")
+    assert compareAfs.main(argv) == 2
+    err = capsys.readouterr().err
+    known = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True).stdout.split()
+    assert err == f"error: Slurm knows no partition 'nosuch' (sinfo: {', '.join(p.rstrip('*') for p in known)})\n"
+    assert not (tmp_path / "out").exists()
