@@ -70,6 +70,27 @@ def runQuietly(function, argv):
         return function(argv), out.getvalue()
 
 
+def standInAfFiles(argv, folder):
+    """The AF files a documented study loads, so that its plan-time check of each runs: the repository's
+    (results-fineweb10B/) linked, and each seed's file of an earlier study's phase I written as shared splines of
+    the study's layer count (that study is not run here)."""
+    import torch
+
+    from activationFunctions import FORMAT
+
+    os.symlink(os.path.join(REPO, "results-fineweb10B"), folder / "results-fineweb10B")
+    seeds = argv[argv.index("--seeds") + 1].split(",") if "--seeds" in argv else ["0"]
+    nLayers = 4 if "medium" in argv else 2
+    variants = [shlex.split(argv[i + 1]) for i, word in enumerate(argv[:-1]) if word == "--variant"]
+    files = [words[i + 1] for words in variants for i, word in enumerate(words[:-1]) if word == "--afFileToLoad"]
+    for seed, pattern in ((seed, f) for seed in seeds for f in files if "{seed}" in f):
+        path = folder / pattern.replace("{seed}", seed)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        knots = torch.linspace(-15, 15, 64, device="cpu")
+        torch.save({"format": FORMAT, "knots": knots, "nLayers": nLayers, "afTypeMlp": "spline", "afTypeAtt": "spline",
+                    "mlpValues": [torch.relu(knots) ** 2] * nLayers, "attValues": [knots] * nLayers}, path)
+
+
 COMMANDS = documentedCommands()
 
 
@@ -93,6 +114,7 @@ def testEveryDocumentedCommand(where, words, tmp_path, monkeypatch):
         vocabulary = [f"w{i}x{i * 7919 % 1000}" for i in range(6000)]
         corpus.write_text("\n\n".join(" ".join(vocabulary[(j * 37 + k) % 6000] for k in range(60))
                                        for j in range(4000)))
+        standInAfFiles(argv, tmp_path)
         proc = subprocess.run(["bash", os.path.join(REPO, argv[0])] + argv[1:] + ["--dryRun", "--device", "cpu"],
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-2000:]
@@ -122,6 +144,10 @@ def testEveryDocumentedCommand(where, words, tmp_path, monkeypatch):
         {"generate.py": generate, "evalBlimp.py": evalBlimp, "evalHarness.py": evalHarness}[script].parseArgs(argv)
     elif script == "plotting.py":
         plotting.parseArgs(argv)
+    elif script == "recipes/pythonCorpus.py":
+        proc = subprocess.run([sys.executable, os.path.join(REPO, script)] + argv + ["--chars", "20000"],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0 and os.path.getsize(tmp_path / argv[0]) >= 20000, proc.stderr[-2000:]
     elif script == "bench/gpuCheck.py":
         proc = subprocess.run([sys.executable, os.path.join(REPO, script)] + argv
                               + ([] if "--dryRun" in argv else ["--dryRun"]), capture_output=True, text=True,

@@ -153,3 +153,33 @@ def testStudyDataSamplesTheWholeCorpusWithItsOwnVocabulary(tmp_path, layout):
         assert min(paragraphs) < 100 and max(paragraphs) > 1000  # of 1100 paragraphs
     else:
         assert paragraphs == set(range(len(paragraphs)))  # the corpus's first paragraphs, in order
+
+
+def testPlotAfFilesDrawsEachFilesSplinesWithTheirRoughness(tmp_path):
+    """recipes/plotAfFiles.py: S of ReLU² on the default 64 knots on ±15 is ∫ f''² ≈ 59 (the docs' scale); a .csv in
+    the original's layout (MLP rows, then attention rows) gives its first row of each half; a PNG is written."""
+    import sys
+
+    import torch
+
+    sys.path.insert(0, os.path.join(REPO, "recipes"))
+    import plotAfFiles
+
+    knots = torch.linspace(-15, 15, 64, device="cpu")
+    relu2 = torch.relu(knots) ** 2
+    assert plotAfFiles.roughness(knots, relu2) == pytest.approx(59.0, abs=1.0)
+    assert plotAfFiles.roughness(knots, 0.5 * knots) == pytest.approx(0.0, abs=1e-9)
+    rows = [knots, relu2, knots, relu2 + 1, knots, knots, knots, 2 * knots]  # 2 layers: MLP, MLP, att, att
+    csvPath = tmp_path / "afs.csv"
+    csvPath.write_text("".join(",".join(f"{v:.6f}" for v in row.tolist()) + "\n" for row in rows))
+    fileKnots, mlp, attention = plotAfFiles.firstSplines(str(csvPath))
+    assert torch.allclose(mlp, relu2, atol=1e-4) and torch.allclose(attention, knots, atol=1e-4)
+    out = tmp_path / "afs.png"
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "recipes", "plotAfFiles.py"), str(out),
+                           f"learned={csvPath}"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "recipes", "plotAfFiles.py"), str(tmp_path / "x.png"),
+                           str(tmp_path / "missing.csv")], capture_output=True, text=True)
+    assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1 and "does not exist" in proc.stderr
+    assert not (tmp_path / "x.png").exists()
