@@ -451,11 +451,16 @@ def splineInitValues(init, knots):
 
 
 def splineSmoothness(spline):
-    """sum_k (v_{k+1} - 2 v_k + v_{k-1})^2 / h^3 of a Spline (the mean over channels of a per-channel one): the
-    integral of f''^2 over the knot range, discretised, so that its scale does not depend on the knot count."""
-    v = spline.values
-    secondDifferences = v[..., 2:] - 2 * v[..., 1:-1] + v[..., :-2]
-    return secondDifferences.pow(2).sum(-1).mean() / spline.knotStep ** 3
+    """The roughness S of a Spline (splineRoughness of its values)."""
+    return splineRoughness(spline.values, spline.knotStep)
+
+
+def splineRoughness(values, knotStep):
+    """sum_k (v_{k+1} - 2 v_k + v_{k-1})^2 / h^3 of spline values on knots h apart (the mean over channels of
+    per-channel ones): the integral of f''^2 over the knot range, discretised, so that its scale does not depend on
+    the knot count."""
+    secondDifferences = values[..., 2:] - 2 * values[..., 1:-1] + values[..., :-2]
+    return secondDifferences.pow(2).sum(-1).mean() / knotStep ** 3
 
 
 def checkUniformKnots(knots):
@@ -1001,6 +1006,6 @@ def _hasSubmodule(model, name):
 __all__ = ["Spline", "SplinePerDim", "ReLU2", "SiLU", "Tanh", "ELU", "SELU", "Softplus", "PReLU", "Swish", "LGELU",
            "CRReLU", "Rational", "PolyReLU", "PolyNorm", "LearnableActivation", "MixtureOfActivations",
            "makeActivation", "splineActivation", "splineBackends", "splineReference", "uniformKnots",
-           "splineInitValues", "splineSmoothness", "replaceActivations", "readAfFile", "AfFileError",
-           "checkUniformKnots", "isLearnable", "evaluateOnGrid", "dictionaryActivations", "SPLINE_TYPES", "FIXED_TYPES",
-           "LEARNABLE_TYPES", "MLP_INPUT_TYPES", "MIX_DICTIONARY"]
+           "splineInitValues", "splineSmoothness", "splineRoughness", "replaceActivations", "readAfFile",
+           "AfFileError", "checkUniformKnots", "isLearnable", "evaluateOnGrid", "dictionaryActivations", "SPLINE_TYPES",
+           "FIXED_TYPES", "LEARNABLE_TYPES", "MLP_INPUT_TYPES", "MIX_DICTIONARY"]

@@ -33,12 +33,8 @@ def firstSplines(path):
 
 
 def roughness(knots, values):
-    """sum_k (v_{k+1} - 2 v_k + v_{k-1})^2 / h^3, the smoothness prior's S (activationFunctions.splineSmoothness)."""
-    values = values.double()
-    if values.dim() == 2:
-        values = values.mean(0)
-    step = float(knots[1] - knots[0])
-    return float(((values[2:] - 2 * values[1:-1] + values[:-2]) ** 2).sum() / step ** 3)
+    """The smoothness prior's S of values on these knots."""
+    return float(afs.splineRoughness(values.double(), float(knots[1] - knots[0])))
 
 
 def main(argv=None):
