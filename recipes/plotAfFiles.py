@@ -6,7 +6,7 @@ from its start, and how smooth it left it (docs/studies.md, "Why phase I hurts a
 
 A .pt file's first MLP and attention spline are drawn (layer 0; shared splines are the same in every layer); a .csv
 is read as the original writes it for MLP and attention splines (the MLP layers' rows first, then as many attention
-rows), so its first row and the first of its second half.
+rows; afFiles.splitCsvRows).
 """
 import os
 import sys
@@ -17,15 +17,17 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import activationFunctions as afs  # noqa: E402
 from lmafs.atomicFiles import atomicWrite  # noqa: E402
 from lmafs.cliErrors import OneLineErrorParser  # noqa: E402
+from lmafs.network.afFiles import splitCsvRows  # noqa: E402
 
 
 def firstSplines(path):
     """(knots, MLP values, attention values or None) of an AF file's first layer."""
     data = afs.readAfFile(path)
     if data["rows"] is not None:
-        rows, rowKnots = data["rows"], data["rowKnots"]
-        attention = rows[len(rows) // 2] if len(rows) > 1 else None
-        return rowKnots[0], rows[0], attention
+        rows = data["rows"]
+        attention = "spline" if len(rows) > 1 else "linear"
+        split = splitCsvRows(rows, data["rowKnots"], path, max(1, len(rows) // 2), "spline", attention, "softmax", 1, 1)
+        data = {"knots": split["knots"], "mlpValues": split["mlpValues"], "attValues": split["attValues"]}
     if not data["mlpValues"]:
         raise afs.AfFileError(f"{path!r} holds no MLP spline")
     attention = data["attValues"][0] if data["attValues"] else None
@@ -61,18 +63,19 @@ def main(argv=None):
     axes = fig.subplots(1, 2)
     x = torch.linspace(-args.xRange, args.xRange, 601, device="cpu")
     if args.start != "none":
-        reference = afs.splineInitValues(args.start, x)
-        axes[0].plot(x, reference, "k--", lw=1, label=f"{args.start} (S of its 64-knot spline ≈ 59)"
-                     if args.start == "relu2" else args.start)
+        knots = curves[0][1]
+        startS = roughness(knots, afs.splineInitValues(args.start, knots))
+        axes[0].plot(x, afs.splineInitValues(args.start, x), "k--", lw=1,
+                     label=f"{args.start} (S {startS:,.0f} as a spline on these knots)")
     for site, ax in enumerate(axes):
         for label, knots, mlp, attention in curves:
             values = (mlp, attention)[site]
             if values is None:
                 continue
-            values = values.float().mean(0) if values.dim() == 2 else values.float()
+            S = roughness(knots, values)
+            values = values.float().mean(0) if values.dim() == 2 else values.float()  # a per-channel one: the mean
             inside = (knots >= -args.xRange) & (knots <= args.xRange)
-            ax.plot(knots[inside], values[inside], marker=".", ms=3, lw=1,
-                    label=f"{label} (S {roughness(knots, values):,.0f})")
+            ax.plot(knots[inside], values[inside], marker=".", ms=3, lw=1, label=f"{label} (S {S:,.0f})")
         ax.set_title(("MLP spline", "attention (pre-QKV) spline")[site])
         ax.set_xlabel("input")
         ax.grid(alpha=0.3)
