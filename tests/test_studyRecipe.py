@@ -168,7 +168,7 @@ def testPlotAfFilesDrawsEachFilesSplinesWithTheirRoughness(tmp_path):
     knots = torch.linspace(-15, 15, 64, device="cpu")
     relu2 = torch.relu(knots) ** 2
     assert plotAfFiles.roughness(knots, relu2) == pytest.approx(59.0, abs=1.0)
-    assert plotAfFiles.roughness(knots, 0.5 * knots) == pytest.approx(0.0, abs=1e-9)
+    assert plotAfFiles.roughness(knots, 0.5 * knots) == pytest.approx(0.0, abs=1e-6)  # a line: float32 knots only
     rows = [knots, relu2, knots, relu2 + 1, knots, knots, knots, 2 * knots]  # 2 layers: MLP, MLP, att, att
     csvPath = tmp_path / "afs.csv"
     csvPath.write_text("".join(",".join(f"{v:.6f}" for v in row.tolist()) + "\n" for row in rows))
